@@ -1,0 +1,1 @@
+"""The lab's own starter data (prompts and demonstrations), shipped with the package."""
