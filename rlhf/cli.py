@@ -78,7 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     only = command if command in COMMANDS else None
     try:
         parser = build_parser(only)
-        args = parser.parse_args(argv)
+        # Unknown --options go to the config resolver, which names the bad key and the valid ones
+        # (argparse would only print usage); subcommands without config fields reject them as usual.
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            if not hasattr(args, "overrides"):
+                parser.parse_args(argv)  # prints argparse's own error, exit 2
+            args.overrides = list(args.overrides or []) + extra
         if not getattr(args, "command", None):
             parser.print_help()
             return 0

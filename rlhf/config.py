@@ -308,7 +308,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             default=argparse.SUPPRESS,
             help=f"{help_text}{extra} [default: {_default_repr(f)}]".replace("%", "%%"),
         )
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of any config field")
+    # Bare key=value overrides (and misspelt --options) are not declared here: the `rlhf` entry point
+    # collects whatever argparse does not recognise, in order, into ``overrides``, so a typo is reported
+    # by the config resolver with the valid keys instead of argparse's bare usage line.
+    parser.set_defaults(overrides=[])
 
 
 def config_from_args(args: argparse.Namespace, cls: type[T], base: dict[str, Any] | None = None) -> T:

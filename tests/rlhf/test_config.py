@@ -81,7 +81,8 @@ def test_bad_yaml_file(tmp_path):
 def test_argparse_glue_and_help():
     p = argparse.ArgumentParser()
     add_config_arguments(p, Outer)
-    args = p.parse_args(["--inner.lr", "0.5", "steps=7"])
+    args, extra = p.parse_known_args(["--inner.lr", "0.5", "steps=7"])
+    args.overrides = extra  # what the `rlhf` entry point does with what argparse does not know
     cfg = config_from_args(args, Outer)
     assert cfg.inner.lr == 0.5 and cfg.steps == 7
     text = p.format_help()
