@@ -1,0 +1,386 @@
+"""The rollout sampler and ``rlhf generate`` on the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rlhf.generation import (
+    Samples,
+    filter_logits,
+    generate_candidates,
+    sample_from_logits,
+    sample_responses,
+)
+from rlhf.models import format_prompt, load_policy
+
+PROMPTS = [
+    {"prompt_id": "p1", "prompt": "Hi"},
+    {"prompt_id": "p2", "prompt": "Tell me something nice about the weather today."},
+    {
+        "prompt_id": "p3",
+        "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why?"}],
+    },
+]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_policy("tiny")
+
+
+def _batch(tok, texts):
+    enc = tok(
+        [format_prompt(tok, t) for t in texts], return_tensors="pt", padding=True, add_special_tokens=False
+    )
+    return enc.input_ids, enc.attention_mask
+
+
+def _forward_logprobs(model, query, qmask, s: Samples, temperature: float) -> torch.Tensor:
+    """Log-probs of the sampled tokens from one full forward over query + response."""
+    ids = torch.cat([query, s.tokens], dim=1)
+    mask = torch.cat([qmask, s.mask.long()], dim=1)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    logits = logits[:, query.shape[1] - 1 : -1] / temperature
+    return logits.log_softmax(-1).gather(2, s.tokens[..., None]).squeeze(2) * s.mask
+
+
+# ----------------------------------------------------------------------------- pure sampling pieces
+
+
+def test_filter_logits_by_hand():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    assert torch.equal(filter_logits(logits), logits)
+    k2 = filter_logits(logits, top_k=2)
+    assert torch.isinf(k2[0, [0, 3]]).all() and torch.equal(k2[0, [1, 2]], logits[0, [1, 2]])
+    # probs ≈ [0.087, 0.644, 0.237, 0.032]: top_p=0.7 keeps the 2 tokens whose prefix mass < 0.7
+    p = filter_logits(logits, top_p=0.7)
+    assert torch.isfinite(p[0, [1, 2]]).all() and torch.isinf(p[0, [0, 3]]).all()
+    assert torch.isfinite(filter_logits(logits, top_p=0.5)[0, 1]) and torch.isinf(
+        filter_logits(logits, top_p=0.5)[0, 2]
+    )
+
+
+def test_sample_from_logits_matches_the_softmax_distribution():
+    logits = torch.tensor([0.5, -1.0, 2.0, 0.0, -3.0]).repeat(40_000, 1)
+    gen = torch.Generator().manual_seed(0)
+    tok, logp = sample_from_logits(logits, temperature=1.5, generator=gen)
+    want = torch.softmax(logits[0] / 1.5, -1)
+    freq = torch.bincount(tok, minlength=5).float() / len(tok)
+    assert torch.allclose(freq, want, atol=0.01)
+    assert torch.allclose(logp, torch.log_softmax(logits[0] / 1.5, -1)[tok], atol=1e-6)
+    tok1, _ = sample_from_logits(logits[:100], top_k=1, generator=gen)
+    assert torch.all(tok1 == 2)
+    tok2, lp2 = sample_from_logits(logits[:2000], top_k=2, generator=gen)
+    assert set(tok2.tolist()) == {0, 2}
+    # the returned log-prob is of the unfiltered distribution (what a training pass computes)
+    assert torch.allclose(lp2, torch.log_softmax(logits[0], -1)[tok2], atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the sampler
+
+
+def test_sampler_logprobs_equal_a_full_forward(tiny):
+    model, tok = tiny
+    query, qmask = _batch(tok, ["a", "a much longer prompt than the others", "mid length"])
+    for temperature in (1.0, 0.7):
+        s = sample_responses(
+            model,
+            query,
+            qmask,
+            max_new_tokens=24,
+            temperature=temperature,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            generator=torch.Generator().manual_seed(1),
+        )
+        assert s.tokens.shape == s.logprobs.shape == (3, s.tokens.shape[1])
+        ref = _forward_logprobs(model, query, qmask, s, temperature)
+        assert torch.allclose(s.logprobs, ref, atol=1e-4)
+        assert torch.all(s.logprobs[~s.mask] == 0)
+
+
+def test_near_greedy_sampling_equals_greedy_generate(tiny):
+    model, tok = tiny
+    query, qmask = _batch(tok, ["x", "hello world, longer", "abc"])
+    s = sample_responses(
+        model,
+        query,
+        qmask,
+        max_new_tokens=16,
+        temperature=1e-5,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        generator=torch.Generator().manual_seed(0),
+    )
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=query,
+            attention_mask=qmask,
+            do_sample=False,
+            max_new_tokens=16,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+    greedy = out[:, query.shape[1] :]
+    assert torch.equal(s.tokens, greedy[:, : s.tokens.shape[1]])
+
+
+def test_truncation_after_eos_and_batch_shrinking(tiny):
+    model, tok = tiny
+    query, qmask = _batch(tok, ["x", "hello world, longer", "abc"])
+    kw = dict(max_new_tokens=16, temperature=1e-5, pad_token_id=tok.pad_token_id)
+    # Greedy continuation with an EOS that never occurs, then declare row 0's 4th token the EOS.
+    free = sample_responses(model, query, qmask, eos_token_id=-1, **kw)
+    stop = int(free.tokens[0, 3])
+    s = sample_responses(model, query, qmask, eos_token_id=stop, **kw)
+    first = [(row == stop).nonzero()[0].item() + 1 if (row == stop).any() else 16 for row in free.tokens]
+    assert s.lengths.tolist() == first
+    assert int(s.lengths[0]) <= 4
+    for i, n in enumerate(first):
+        assert torch.equal(s.tokens[i, :n], free.tokens[i, :n]), "shrinking the batch must not change rows"
+        assert torch.all(s.tokens[i, n:] == tok.pad_token_id)
+        assert torch.all(s.logprobs[i, n:] == 0)
+        assert bool(s.finished[i]) == (n < 16 or bool(free.tokens[i, 15] == stop))
+    assert torch.equal(s.mask, torch.arange(s.tokens.shape[1])[None] < s.lengths[:, None])
+
+
+def test_stops_when_every_row_has_ended(tiny):
+    model, tok = tiny
+    query, qmask = _batch(tok, ["x", "x"])
+    free = sample_responses(
+        model,
+        query,
+        qmask,
+        max_new_tokens=3,
+        temperature=1e-5,
+        eos_token_id=-1,
+        pad_token_id=tok.pad_token_id,
+    )
+    # both rows' first greedy token is the stop token: the loop ends after one step
+    stop = int(free.tokens[0, 0])
+    s = sample_responses(
+        model,
+        query,
+        qmask,
+        max_new_tokens=10,
+        temperature=1e-5,
+        eos_token_id=stop,
+        pad_token_id=tok.pad_token_id,
+    )
+    assert s.tokens.shape == (2, 1) and s.finished.all() and s.lengths.tolist() == [1, 1]
+
+
+def test_sampler_first_token_distribution_matches_the_model(tiny):
+    model, tok = tiny
+    query, qmask = _batch(tok, ["Hi"])
+    n = 4000
+    s = sample_responses(
+        model,
+        query,
+        qmask,
+        max_new_tokens=1,
+        temperature=1.0,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        generator=torch.Generator().manual_seed(0),
+        num_samples=n,
+    )
+    with torch.no_grad():
+        probs = model(input_ids=query, attention_mask=qmask).logits[0, -1].softmax(-1)
+    freq = torch.bincount(s.tokens[:, 0], minlength=probs.shape[0]).float() / n
+    assert 0.5 * (freq - probs).abs().sum() < 0.08  # total variation (sampling noise ≈ 0.05 here)
+
+
+def test_num_samples_shares_one_prefill(tiny):
+    model, tok = tiny
+    query, qmask = _batch(tok, ["one", "a second prompt"])
+    s = sample_responses(
+        model,
+        query,
+        qmask,
+        max_new_tokens=12,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        generator=torch.Generator().manual_seed(3),
+        num_samples=3,
+    )
+    assert s.tokens.shape[0] == 6
+    rq, rm = query.repeat_interleave(3, 0), qmask.repeat_interleave(3, 0)
+    assert torch.allclose(s.logprobs, _forward_logprobs(model, rq, rm, s, 1.0), atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- candidates
+
+
+def test_generate_candidates_contract_and_seed(tiny):
+    model, tok = tiny
+    kw = dict(k=4, max_new_tokens=10, batch_size=8, model_name="tiny", progress=False)
+    a = generate_candidates(model, tok, PROMPTS, seed=0, **kw)
+    b = generate_candidates(model, tok, PROMPTS, seed=0, **kw)
+    c = generate_candidates(model, tok, PROMPTS, seed=1, **kw)
+    assert a == b
+    assert a != c
+    assert [r["prompt_id"] for r in a] == ["p1", "p2", "p3"]
+    assert a[2]["prompt"] == PROMPTS[2]["prompt"]
+    for rec in a:
+        assert [c["label"] for c in rec["candidates"]] == ["A", "B", "C", "D"]
+        for cand in rec["candidates"]:
+            assert cand["model"] == "tiny" and isinstance(cand["text"], str)
+            g = cand["gen"]
+            assert set(g) == {"temperature", "max_new_tokens", "seed", "finished", "n_tokens"}
+            assert 1 <= g["n_tokens"] <= 10 and (g["finished"] or g["n_tokens"] == 10)
+    from rlhf.data import validate_candidates
+
+    for rec in a:
+        clean, problems = validate_candidates(json.loads(json.dumps(rec)))
+        assert problems == []
+
+
+# ----------------------------------------------------------------------------- `rlhf generate`
+
+
+def _prompts_file(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    return path
+
+
+def test_generate_command_end_to_end(in_tmp, capsys):
+    from rlhf.cli import main
+
+    prompts = _prompts_file(in_tmp)
+    args = [
+        "generate",
+        "--model",
+        "tiny",
+        "--prompts",
+        str(prompts),
+        "--k",
+        "3",
+        "--max_new_tokens",
+        "8",
+        "--tracking.mode",
+        "disabled",
+        "--experiment",
+        "t",
+        "seed=5",
+    ]
+    assert main(args) == 0
+    out = in_tmp / "runs" / "t" / "generate" / "candidates.jsonl"
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt_id"] for r in recs] == ["p1", "p2", "p3"]
+    assert all(len(r["candidates"]) == 3 and r["candidates"][0]["gen"]["seed"] == 5 for r in recs)
+    metrics = [json.loads(line) for line in (out.parent / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["gen/tokens_per_s"] > 0 and metrics[0]["gen/n_candidates"] == 9
+    assert (out.parent / "config.yaml").is_file()
+    # the same seed through the command line gives the same file
+    first = out.read_text()
+    assert main(args + ["--out", str(in_tmp / "again.jsonl")]) == 0
+    assert (in_tmp / "again.jsonl").read_text() == first
+
+
+@pytest.mark.parametrize(
+    ("extra", "code"),
+    [
+        (["--k", "1"], "config"),
+        (["--k", "27"], "config"),
+        (["--temperature", "0"], "config"),
+        (["--top_p", "1.5"], "config"),
+        (["--max_new_tokens", "abc"], "config"),
+    ],
+)
+def test_generate_bad_config_is_one_line_and_writes_nothing(in_tmp, capsys, extra, code):
+    from rlhf.cli import main
+
+    prompts = _prompts_file(in_tmp)
+    rc = main(
+        ["generate", "--model", "tiny", "--prompts", str(prompts), "--tracking.mode", "disabled", *extra]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and f"error[{code}]" in err and len(err.strip().splitlines()) == 1
+    assert not (in_tmp / "runs").exists()
+
+
+def test_generate_bad_inputs_write_nothing(in_tmp, capsys):
+    from rlhf.cli import main
+
+    rc = main(
+        [
+            "generate",
+            "--model",
+            "tiny",
+            "--prompts",
+            str(in_tmp / "missing.jsonl"),
+            "--tracking.mode",
+            "disabled",
+        ]
+    )
+    assert rc == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+    bad = in_tmp / "bad.jsonl"
+    bad.write_text('{"prompt_id": "a", "prompt": ""}\n')
+    assert main(["generate", "--model", "tiny", "--prompts", str(bad), "--tracking.mode", "disabled"]) == 2
+    rc = main(
+        [
+            "generate",
+            "--model",
+            str(in_tmp / "no" / "model" / "here"),
+            "--prompts",
+            str(_prompts_file(in_tmp)),
+            "--tracking.mode",
+            "disabled",
+        ]
+    )
+    assert rc == 2 and "error[model_not_found]" in capsys.readouterr().err
+    assert not (in_tmp / "runs").exists()
+
+
+def test_preallocated_cache_matches_transformers_dynamic_cache(tiny, monkeypatch):
+    from transformers import DynamicCache
+
+    from rlhf import generation
+
+    model, tok = tiny
+    query, qmask = _batch(tok, ["one", "a second, longer prompt", "3"])
+    assert type(generation._new_cache(model, 8).layers[0]).__name__ == "PreallocatedLayer"
+    kw = dict(
+        max_new_tokens=20,
+        temperature=0.8,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        num_samples=2,
+    )
+    ours = sample_responses(model, query, qmask, generator=torch.Generator().manual_seed(4), **kw)
+    monkeypatch.setattr(generation, "_new_cache", lambda model, capacity: DynamicCache(config=model.config))
+    plain = sample_responses(model, query, qmask, generator=torch.Generator().manual_seed(4), **kw)
+    assert torch.equal(ours.tokens, plain.tokens)
+    assert torch.allclose(ours.logprobs, plain.logprobs, atol=1e-5)
+
+
+def test_samples_can_feed_a_training_pass(tiny):
+    model, tok = tiny
+    query, qmask = _batch(tok, ["grad"])
+    s = sample_responses(
+        model,
+        query,
+        qmask,
+        max_new_tokens=5,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert not s.tokens.is_inference() and not s.logprobs.is_inference()
+    model.train()
+    try:
+        ids = torch.cat([query, s.tokens], 1)
+        logits = model(input_ids=ids).logits[:, query.shape[1] - 1 : -1]
+        logp = logits.log_softmax(-1).gather(2, s.tokens[..., None]).squeeze(2)
+        ((logp - s.logprobs).exp() * s.mask).sum().backward()  # a PPO-style ratio
+        assert model.lm_head.weight.grad is not None
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
