@@ -1,0 +1,239 @@
+"""rlhf annotate: serve the app, manage users, import candidates, export rankings, print stats.
+
+A round end to end::
+
+    rlhf annotate users add alice --role admin --db lab.db        # asks for a password
+    rlhf annotate import runs/x/generate/candidates.jsonl --db lab.db \\
+        --project-config experiments/configs/annotation_project.yaml
+    rlhf annotate serve --db lab.db                               # http://127.0.0.1:7860
+    rlhf annotate stats --db lab.db
+    rlhf annotate export --db lab.db --format pairs --out prefs   # HF dataset dir (or .jsonl)
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import math
+import sys
+
+from annotation_app.store import DEFAULT_PROJECT, ROLES, Store, StoreError
+
+
+def _open(db: str, create: bool = False) -> Store:
+    from pathlib import Path
+
+    if not create and not Path(db).is_file():
+        raise StoreError(
+            f"database {db!r} does not exist; create it with `rlhf annotate users add NAME --db {db}` "
+            "or `rlhf annotate import FILE --db ...`",
+            code="missing_db",
+        )
+    return Store(db)
+
+
+def _read_password(username: str) -> str:
+    # A TTY gets a hidden prompt (twice); otherwise the first line of stdin (scripts, CI).
+    if sys.stdin.isatty():
+        first = getpass.getpass(f"password for {username}: ")
+        second = getpass.getpass("again: ")
+        if first != second:
+            raise StoreError("the two passwords differ; nothing changed", code="password_mismatch")
+        return first
+    line = sys.stdin.readline()
+    return line.rstrip("\r\n")
+
+
+def _users_add(args) -> int:
+    store = _open(args.db, create=True)
+    store.add_user(args.name, _read_password(args.name), args.role, replace=args.replace)
+    print(f"user {args.name!r} ({args.role}) saved in {args.db}")
+    return 0
+
+
+def _users_list(args) -> int:
+    for u in _open(args.db).users():
+        print(f"{u['username']}\t{u['role']}")
+    return 0
+
+
+def _import(args) -> int:
+    from annotation_app.io import import_candidates, load_project_config
+
+    cfg = load_project_config(args.project_config) if args.project_config else {}
+    project = args.project or cfg.get("project") or DEFAULT_PROJECT
+    quorum = args.quorum if args.quorum is not None else cfg.get("quorum")
+    lease = int(args.lease_minutes * 60) if args.lease_minutes is not None else cfg.get("lease_seconds")
+    guidelines = cfg.get("guidelines")
+    if args.guidelines:
+        from pathlib import Path
+
+        path = Path(args.guidelines)
+        if not path.is_file():
+            raise StoreError(f"guidelines file {args.guidelines!r} does not exist", code="missing_file")
+        guidelines = path.read_text(encoding="utf-8")
+    res = import_candidates(
+        _open(args.db, create=True),
+        args.file,
+        project=project,
+        quorum=quorum,
+        guidelines=guidelines,
+        lease_seconds=lease,
+        max_chars=args.max_chars,
+    )
+    print(
+        f"{args.file}: {res['rows']} rows, {res['added']} new prompts, {res['unchanged']} already imported "
+        f"(project {project!r})"
+    )
+    return 0
+
+
+def _export(args) -> int:
+    from annotation_app.io import export_rankings
+
+    res = export_rankings(_open(args.db), args.out, fmt=args.format, project=args.project)
+    print(f"wrote {res['records']} {res['format']} records ({res['rankings']} rankings) to {res['out']}")
+    return 0
+
+
+def _stats(args) -> int:
+    from annotation_app.agreement import agreement_report
+
+    store = _open(args.db)
+    stats = store.stats()
+    report = agreement_report(store.submitted_rankings(args.project))
+    if args.json:
+
+        def clean(v):
+            return None if isinstance(v, float) and math.isnan(v) else v
+
+        out = {**{k: v for k, v in stats.items()}, "agreement": {k: clean(v) for k, v in report.items()}}
+        out["median_seconds_per_item"] = clean(out["median_seconds_per_item"])
+        print(json.dumps(out, indent=2))
+        return 0
+
+    def num(v, fmt: str = ".3f") -> str:
+        # NaN means "not defined yet" (no rankings, no prompt with two annotators, ...)
+        return "- (not enough rankings yet)" if isinstance(v, float) and math.isnan(v) else format(v, fmt)
+
+    n_prompts = len(stats["prompts"])
+    print(
+        f"prompts: {n_prompts}, complete (quorum reached): {stats['complete_prompts']}, "
+        f"submitted rankings: {stats['submitted']}, median seconds per item: "
+        f"{num(stats['median_seconds_per_item'], '.1f')}"
+    )
+    print("annotator\trole\tsubmitted\tskipped\tdrafts\tmean_s")
+    for u in stats["annotators"]:
+        mean = "-" if u["mean_seconds"] is None else f"{u['mean_seconds']:.1f}"
+        print(
+            f"{u['username']}\t{u['role']}\t{u['submitted'] or 0}\t{u['skipped'] or 0}\t{u['drafts'] or 0}\t{mean}"
+        )
+    print("agreement:")
+    for key, value in report.items():
+        print(f"  {key}: {num(value)}" if isinstance(value, float) else f"  {key}: {value}")
+    return 0
+
+
+def _serve(args) -> int:
+    from annotation_app.app import serve
+
+    _open(args.db)
+    serve(args.db, host=args.host, port=args.port, project=args.project, block=True)
+    return 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "annotate",
+        help="the annotation app: serve, users, import, export, stats",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="annotate_command", metavar="ACTION")
+
+    def db_arg(p):
+        p.add_argument(
+            "--db", default="annotations.db", help="SQLite database file (default: annotations.db)"
+        )
+
+    p = sub.add_parser(
+        "serve",
+        help="open the annotation page (login required)",
+        description="Serve the annotation page and the /next, /submit, /skip API endpoints.",
+    )
+    db_arg(p)
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it to the network)",
+    )
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--project", default=None, help="only serve prompts of this project (default: all)")
+    p.set_defaults(func=_serve)
+
+    users = sub.add_parser("users", help="manage annotator and admin accounts")
+    usub = users.add_subparsers(dest="users_command", metavar="ACTION")
+    p = usub.add_parser(
+        "add",
+        help="add a user (password from a prompt, or the first line of stdin)",
+        description="Add a user. The password is asked twice on a terminal, or read from the "
+        "first line of stdin otherwise (at least 8 characters).",
+    )
+    p.add_argument("name", help="user name (letters, digits, . _ - @)")
+    p.add_argument("--role", choices=ROLES, default="annotator", help="annotator (default) or admin")
+    p.add_argument("--replace", action="store_true", help="reset the password/role of an existing user")
+    db_arg(p)
+    p.set_defaults(func=_users_add)
+    p = usub.add_parser("list", help="list users and roles")
+    db_arg(p)
+    p.set_defaults(func=_users_list)
+    users.set_defaults(func=lambda a: users.print_help() or 0)
+
+    p = sub.add_parser(
+        "import",
+        help="import candidates (e.g. the output of `rlhf generate`); idempotent",
+        description="Import a candidates file (JSONL/JSON/parquet/dataset dir). Every bad row is "
+        "reported with its number and nothing is imported then; importing the same "
+        "file again adds nothing.",
+    )
+    p.add_argument("file", help="candidates file: prompt_id, prompt, candidates [{label, text, model, gen}]")
+    db_arg(p)
+    p.add_argument(
+        "--project-config",
+        default=None,
+        help="project YAML (project, quorum, lease_minutes, guidelines or guidelines_file), "
+        "e.g. experiments/configs/annotation_project.yaml",
+    )
+    p.add_argument(
+        "--project", default=None, help=f"project name (default: from the config, else {DEFAULT_PROJECT!r})"
+    )
+    p.add_argument("--quorum", type=int, default=None, help="rankings needed per prompt (default 3)")
+    p.add_argument(
+        "--lease-minutes", type=float, default=None, help="minutes an annotator holds a prompt (default 30)"
+    )
+    p.add_argument("--guidelines", default=None, help="Markdown file with the annotation guidelines")
+    p.add_argument("--max-chars", type=int, default=20_000, help="longest response accepted, in characters")
+    p.set_defaults(func=_import)
+
+    p = sub.add_parser(
+        "export",
+        help="export submitted rankings or derived pairs",
+        description="Export submitted rankings (the rankings contract) or derived pairs (ties "
+        "kept as tie=true rows; prompt/chosen/rejected load in TRL's RewardTrainer). "
+        "OUT ending in .jsonl writes JSONL, any other path an HF dataset folder.",
+    )
+    db_arg(p)
+    p.add_argument("--format", choices=("rankings", "pairs"), default="rankings", help="what to export")
+    p.add_argument("--out", required=True, help="output: FILE.jsonl or a dataset folder")
+    p.add_argument("--project", default=None, help="only this project (default: all)")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("stats", help="progress per annotator and prompt, agreement, tie rate, time per item")
+    db_arg(p)
+    p.add_argument("--project", default=None, help="agreement over this project only (default: all)")
+    p.add_argument("--json", action="store_true", help="print everything as JSON")
+    p.set_defaults(func=_stats)
+
+    parser.set_defaults(func=lambda a: parser.print_help() or 0)
+    return parser

@@ -1,0 +1,124 @@
+"""Getting candidates into the store and rankings out of it.
+
+* :func:`import_candidates` validates every row with ``rlhf.data.load_candidates`` (the
+  candidates contract; all bad rows reported at once with their numbers), applies the app's own
+  limits (response size), and inserts idempotently: importing the same file twice adds nothing.
+* :func:`export_rankings` writes the submitted rankings (the rankings contract) or the derived
+  pairs (``rlhf.data.rankings_to_pairs``: tie rows kept with ``tie: true``; the
+  ``prompt``/``chosen``/``rejected`` columns load in TRL's RewardTrainer) as JSONL or an HF
+  dataset directory (``rlhf.data.save_records``).
+* :func:`load_project_config` reads an annotation project YAML (name, quorum, lease, guidelines).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from annotation_app.store import DEFAULT_PROJECT, Store, StoreError
+from rlhf.errors import ConfigError, UserError
+
+MAX_RESPONSE_CHARS = 20_000
+MAX_PROMPT_CHARS = 20_000
+PROJECT_KEYS = {"project", "quorum", "lease_minutes", "guidelines", "guidelines_file", "description"}
+
+
+class ImportRowsError(UserError):
+    code = "bad_rows"
+
+
+def load_project_config(path: str | Path) -> dict:
+    """``{"project", "quorum", "lease_seconds", "guidelines"}`` from a project YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"project config {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"project config {str(path)!r} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"project config {str(path)!r} must be a mapping")
+    unknown = sorted(set(data) - PROJECT_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"project config: unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(PROJECT_KEYS))}"
+        )
+    quorum = data.get("quorum", 3)
+    if isinstance(quorum, bool) or not isinstance(quorum, int) or quorum < 1:
+        raise ConfigError(f"project config: quorum must be a whole number >= 1, got {quorum!r}")
+    lease = data.get("lease_minutes", 30)
+    if isinstance(lease, bool) or not isinstance(lease, (int, float)) or lease <= 0:
+        raise ConfigError(f"project config: lease_minutes must be a number > 0, got {lease!r}")
+    guidelines = data.get("guidelines") or ""
+    if data.get("guidelines_file"):
+        gpath = (path.parent / data["guidelines_file"]).resolve()
+        if not gpath.is_file():
+            raise ConfigError(f"project config: guidelines_file {str(gpath)!r} does not exist")
+        guidelines = gpath.read_text(encoding="utf-8")
+    return {
+        "project": str(data.get("project") or DEFAULT_PROJECT),
+        "quorum": quorum,
+        "lease_seconds": max(1, int(round(lease * 60))),
+        "guidelines": str(guidelines),
+    }
+
+
+def check_limits(records: list[dict], max_chars: int = MAX_RESPONSE_CHARS) -> list[str]:
+    """Row errors (1-based rows) for responses or prompts longer than the app accepts."""
+    from rlhf.data import prompt_text
+
+    errors = []
+    for i, rec in enumerate(records, start=1):
+        text = prompt_text(rec["prompt"])
+        if len(text) > MAX_PROMPT_CHARS:
+            errors.append(f"row {i}: prompt is {len(text)} characters; the limit is {MAX_PROMPT_CHARS}")
+        for cand in rec["candidates"]:
+            n = len(cand["text"])
+            if n > max_chars:
+                errors.append(
+                    f"row {i}: candidate {cand['label']} is {n} characters; the limit is {max_chars}"
+                )
+    return errors
+
+
+def import_candidates(
+    store: Store,
+    source: str,
+    *,
+    project: str = DEFAULT_PROJECT,
+    quorum: int | None = None,
+    guidelines: str | None = None,
+    lease_seconds: int | None = None,
+    max_chars: int = MAX_RESPONSE_CHARS,
+) -> dict:
+    """Validate and import a candidates file; returns ``{"added", "unchanged", "rows"}``.
+
+    Raises ``DataError`` (from ``load_candidates``) or :class:`ImportRowsError` listing every bad
+    row; nothing is written unless every row is good.
+    """
+    from rlhf.data import load_candidates, prompt_text
+
+    records = load_candidates(source)
+    errors = check_limits(records, max_chars)
+    if errors:
+        shown = "; ".join(errors[:20]) + (f"; and {len(errors) - 20} more" if len(errors) > 20 else "")
+        raise ImportRowsError(f"{source}: {len(errors)} bad row(s), nothing imported: {shown}")
+    store.upsert_project(project, quorum=quorum, guidelines=guidelines, lease_seconds=lease_seconds)
+    rows = [{**rec, "prompt_text": prompt_text(rec["prompt"])} for rec in records]
+    result = store.add_items(rows, project_id=project)
+    return {**result, "rows": len(records)}
+
+
+def export_rankings(store: Store, out: str, fmt: str = "rankings", project: str | None = None) -> dict:
+    """Write submitted rankings (``fmt="rankings"``) or derived pairs (``"pairs"``) to ``out``."""
+    from rlhf.data import rankings_to_pairs, save_records
+
+    if fmt not in ("rankings", "pairs"):
+        raise UserError(f"unknown export format {fmt!r}; valid formats: rankings, pairs", code="bad_format")
+    rankings = store.submitted_rankings(project)
+    if not rankings:
+        raise StoreError("there are no submitted rankings to export yet", code="nothing_to_export")
+    records = rankings if fmt == "rankings" else rankings_to_pairs(rankings)
+    save_records(records, out)
+    return {"format": fmt, "records": len(records), "rankings": len(rankings), "out": str(out)}

@@ -1,0 +1,169 @@
+"""Crash benchmark: kill -9 the annotation server in the middle of the load, restart it, check.
+
+Simulated annotators (as in ``bench_annotation_load.py``) submit as fast as they can; after
+``--kill-after-acks`` more acknowledged submits the server process gets SIGKILL (no shutdown,
+no flush) and is started again on the same port ``--down`` seconds later. Annotators whose reply was lost log in
+again and resend the same submit with the same client token (the store answers a repeat with
+the stored result). This repeats ``--kills`` times. Then:
+
+* every submit a client was told is stored is in the database, with that ranking, once;
+* ``PRAGMA integrity_check`` is ok; no prompt is over its quorum; nobody ranked a prompt twice.
+
+    .venv/bin/python experiments/bench_annotation_crash.py --annotators 20 --kills 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--annotators", type=int, default=20, help="simulated annotators (threads)")
+    ap.add_argument("--kills", type=int, default=2, help="how many times the server is killed with SIGKILL")
+    ap.add_argument(
+        "--kill-after-acks",
+        type=int,
+        default=30,
+        help="acknowledged submits (since the last restart) before each kill",
+    )
+    ap.add_argument(
+        "--kill-after", type=float, default=180.0, help="kill after this many seconds at the latest"
+    )
+    ap.add_argument(
+        "--down", type=float, default=1.0, help="seconds the server stays dead before the restart"
+    )
+    ap.add_argument("--tail", type=float, default=6.0, help="seconds of load after the last restart")
+    ap.add_argument("--prompts", type=int, default=2000, help="prompts imported")
+    ap.add_argument("--k", type=int, default=4, help="responses per prompt")
+    ap.add_argument("--quorum", type=int, default=3, help="rankings needed per prompt")
+    ap.add_argument("--lease-seconds", type=int, default=120, help="lease length (longer than a restart)")
+    ap.add_argument(
+        "--double-submit", type=float, default=0.2, help="share of items submitted twice (same token)"
+    )
+    ap.add_argument(
+        "--transport",
+        choices=("gradio_client", "http"),
+        default="gradio_client",
+        help="gradio_client (default) or Gradio's plain HTTP API",
+    )
+    ap.add_argument("--workdir", default=None, help="where the database goes (default: a temp dir)")
+    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = ap.parse_args(argv)
+
+    from annotation_app.simulated_client import AnnotatorLog, annotate
+    from experiments.bench_annotation_load import (
+        check_exactly_once,
+        free_port,
+        prepare_db,
+        start_server,
+        summarize,
+    )
+    from rlhf.scorers import get_scorer
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_annotation_crash_"))
+    work.mkdir(parents=True, exist_ok=True)
+    db = work / "crash.db"
+    if db.exists():
+        raise SystemExit(f"{db} exists; use a fresh --workdir")
+    users = prepare_db(
+        db,
+        n_prompts=args.prompts,
+        k=args.k,
+        n_users=args.annotators,
+        quorum=args.quorum,
+        lease_seconds=args.lease_seconds,
+    )
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    server = start_server(db, port, work / "server.log")
+    scorer = get_scorer("vader")
+    stop = threading.Event()
+    far = time.time() + 3600
+    logs = [AnnotatorLog(u) for u, _ in users]
+    threads = [
+        threading.Thread(
+            target=annotate,
+            args=(url, u, p, scorer),
+            kwargs={
+                "stop_at": far,
+                "stop": stop,
+                "seed": i,
+                "log": logs[i],
+                "transport": args.transport,
+                "double_submit": args.double_submit,
+                "retry_until": far,
+            },
+        )
+        for i, (u, p) in enumerate(users)
+    ]
+    t0 = time.time()
+    for t in threads:
+        t.start()
+    kills = []
+    try:
+        for _ in range(args.kills):
+            # Kill in the middle of the load: once this many more submits were acknowledged (so the
+            # crash hits a server that is busy writing), or after --kill-after s at the latest.
+            start = sum(len(log.acked) for log in logs)
+            deadline = time.time() + args.kill_after
+            while (
+                time.time() < deadline and sum(len(log.acked) for log in logs) - start < args.kill_after_acks
+            ):
+                time.sleep(0.05)
+            acked_before = sum(len(log.acked) for log in logs)
+            os.kill(server.pid, signal.SIGKILL)  # no shutdown handlers, no flush: a crash
+            server.wait()
+            time.sleep(args.down)
+            t_restart = time.time()
+            server = start_server(db, port, work / "server.log")
+            kills.append({"acked_before_kill": acked_before, "restart_s": round(time.time() - t_restart, 2)})
+            print(f"killed and restarted the server: {kills[-1]}", flush=True)
+        time.sleep(args.tail)
+    finally:
+        stop.set()  # annotators finish the item in hand (resending lost submits), then stop
+        for t in threads:
+            t.join()
+    wall = time.time() - t0
+    server.terminate()
+    server.wait(timeout=30)
+    result = {
+        "config": vars(args),
+        "wall_s": wall,
+        "load_average_1min": os.getloadavg()[0],  # the machine is shared: read latencies with this
+        "kills": kills,
+        **summarize(logs, wall),
+        "exactly_once": check_exactly_once(db, logs, args.quorum),
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    eo = result["exactly_once"]
+    ok = (
+        eo["acked_missing_or_different"] == 0
+        and eo["acked_twice"] == 0
+        and eo["prompts_over_quorum"] == 0
+        and eo["integrity_check"] == "ok"
+        and result["errors"] == 0
+    )
+    print(
+        "PASS" if ok else "FAIL",
+        f"{args.kills} kill -9, {eo['acknowledged']} acknowledged submits, "
+        f"{eo['acked_missing_or_different']} missing, integrity {eo['integrity_check']}",
+    )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    sys.exit(main())

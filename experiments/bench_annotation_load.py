@@ -1,0 +1,320 @@
+"""Load benchmark of the annotation app: N simulated annotators over gradio_client on loopback.
+
+The server runs as its own process (``rlhf annotate serve``), the annotators as threads of this
+one, each logging in with its own account and then, for a fixed time, fetching an item
+(``/next``), ranking it with the VADER gold scorer and submitting (``/submit``) as fast as it
+can. Some double-submit with the same client token; some abandon a lease and come back after it
+expired. At the end the database is checked against what the clients were told:
+
+* every acknowledged submit is stored exactly once, with the acknowledged ranking;
+* nothing is stored that was not acknowledged, no prompt has more rankings than its quorum,
+  nobody ranked a prompt twice; ``PRAGMA integrity_check`` is ok.
+
+Prints p50/p95/p99 submit latency end to end (goal: p95 < 200 ms), the server handler's own
+time, throughput, and the same work on the bare store as a baseline. A closed loop at full
+speed measures queueing (latency ≈ annotators / throughput, Little's law); ``--think S`` makes
+each annotator read for ~S seconds first, which measures latency at a human pace. Loopback only::
+
+    .venv/bin/python experiments/bench_annotation_load.py --annotators 50 --duration 20
+    .venv/bin/python experiments/bench_annotation_load.py --annotators 50 --duration 30 --think 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+POSITIVE = "wonderful great kind helpful lovely excellent happy brilliant good nice".split()
+NEGATIVE = "terrible awful rude useless sad horrible bad poor nasty boring".split()
+NEUTRAL = "the answer is about a thing that some people may find in the text today".split()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_candidates(n_prompts: int, k: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    recs = []
+    for i in range(n_prompts):
+        cands = []
+        for j in range(k):
+            words = (
+                rng.sample(NEUTRAL, 6)
+                + rng.sample(POSITIVE, rng.randint(0, 3))
+                + rng.sample(NEGATIVE, rng.randint(0, 3))
+            )
+            rng.shuffle(words)
+            cands.append(
+                {"label": "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[j], "text": " ".join(words), "model": "synthetic"}
+            )
+        recs.append({"prompt_id": f"load-{i:05d}", "prompt": f"Describe item {i}.", "candidates": cands})
+    return recs
+
+
+def prepare_db(
+    db: Path, *, n_prompts: int, k: int, n_users: int, quorum: int, lease_seconds: int
+) -> list[tuple[str, str]]:
+    from annotation_app.io import import_candidates
+    from annotation_app.store import Store
+    from rlhf.data import write_jsonl
+
+    src = db.parent / "candidates.jsonl"
+    write_jsonl(src, make_candidates(n_prompts, k))
+    store = Store(db)
+    import_candidates(store, str(src), quorum=quorum, lease_seconds=lease_seconds)
+    users = [(f"sim{i:03d}", f"password-{i:03d}") for i in range(n_users)]
+    for u, p in users:
+        store.add_user(u, p)
+    store.close()
+    return users
+
+
+def start_server(db: Path, port: int, log_path: Path) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    log = open(log_path, "ab")  # noqa: SIM115 - lives as long as the server
+    proc = subprocess.Popen(
+        [str(REPO / ".venv" / "bin" / "rlhf"), "annotate", "serve", "--db", str(db), "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}; see {log_path}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("server did not start in 120 s")
+
+
+def store_baseline(db: Path, users, duration_s: float) -> dict:
+    """The same work straight on the store (one thread per annotator, no HTTP): the baseline the
+    app's end-to-end latency is compared with."""
+    import shutil
+    import threading
+
+    from annotation_app.store import Store
+
+    copy = db.parent / "baseline.db"
+    shutil.copy(db, copy)
+    store = Store(copy)
+    lat: list[float] = []
+    lock = threading.Lock()
+    stop_at = time.time() + duration_s
+
+    def work(user: str) -> None:
+        while time.time() < stop_at:
+            item = store.next_item(user)
+            if item is None:
+                return
+            t0 = time.perf_counter()
+            store.submit(
+                user, item.prompt_id, " > ".join(item.labels), client_token=f"{user}-{item.prompt_id}"
+            )
+            with lock:
+                lat.append(time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=work, args=(u,)) for u, _ in users]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    store.close()
+    return {
+        "store_submits_per_s": len(lat) / duration_s,
+        "store_submit_p50_ms": 1000 * percentile(lat, 0.5),
+        "store_submit_p95_ms": 1000 * percentile(lat, 0.95),
+    }
+
+
+def percentile(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def check_exactly_once(db: Path, logs, quorum: int) -> dict:
+    """Compare what the clients were acknowledged with what the database holds."""
+    conn = sqlite3.connect(db)
+    rows = conn.execute(
+        "SELECT username, prompt_id, ranking FROM rankings WHERE status = 'submitted'"
+    ).fetchall()
+    stored = {(u, p): r for u, p, r in rows}
+    acked = [(log.user, pid, ranking) for log in logs for pid, ranking in log.acked]
+    acked_keys = [(u, p) for u, p, _ in acked]
+    missing = [a for a in acked if stored.get((a[0], a[1])) != a[2]]
+    over_quorum = conn.execute(
+        "SELECT COUNT(*) FROM (SELECT prompt_id, COUNT(*) AS n FROM rankings WHERE status = 'submitted' "
+        "GROUP BY prompt_id HAVING n > ?)",
+        (quorum,),
+    ).fetchone()[0]
+    integrity = conn.execute("PRAGMA integrity_check").fetchone()[0]
+    conn.close()
+    return {
+        "acknowledged": len(acked),
+        "stored": len(rows),
+        "acked_missing_or_different": len(missing),
+        "acked_twice": len(acked_keys) - len(set(acked_keys)),
+        "stored_not_acked": len(set(stored) - set(acked_keys)),
+        "prompts_over_quorum": over_quorum,
+        "integrity_check": integrity,
+    }
+
+
+def summarize(logs, duration_s: float) -> dict:
+    submit = [x for log in logs for x in log.submit_latency_s]
+    nxt = [x for log in logs for x in log.next_latency_s]
+    server = [x for log in logs for x in log.submit_server_ms]
+    refused: dict[str, int] = {}
+    for log in logs:
+        for code, n in log.refused.items():
+            refused[code] = refused.get(code, 0) + n
+    errors = [e for log in logs for e in log.errors]
+    transport = [e for log in logs for e in log.transport_errors]
+    return {
+        "submit_calls": len(submit),
+        "submit_p50_ms": 1000 * percentile(submit, 0.50),
+        "submit_p95_ms": 1000 * percentile(submit, 0.95),
+        "submit_p99_ms": 1000 * percentile(submit, 0.99),
+        "submit_mean_ms": 1000 * statistics.fmean(submit) if submit else float("nan"),
+        "submit_server_p50_ms": percentile(server, 0.50),
+        "submit_server_p95_ms": percentile(server, 0.95),
+        "next_p50_ms": 1000 * percentile(nxt, 0.50),
+        "next_p95_ms": 1000 * percentile(nxt, 0.95),
+        "acked_per_s": sum(len(log.acked) for log in logs) / duration_s,
+        "duplicate_acks": sum(log.duplicates_acked for log in logs),
+        "abandoned_leases": sum(log.abandoned for log in logs),
+        "refused": refused,
+        "errors": len(errors),
+        "transport_errors": len(transport),
+        "first_errors": (errors + transport)[:5],
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--annotators", type=int, default=50, help="simulated annotators (threads), each its own account"
+    )
+    ap.add_argument(
+        "--duration", type=float, default=20.0, help="seconds of annotation after everyone logged in"
+    )
+    ap.add_argument("--prompts", type=int, default=2000, help="prompts imported")
+    ap.add_argument("--k", type=int, default=4, help="responses per prompt")
+    ap.add_argument("--quorum", type=int, default=3, help="rankings needed per prompt")
+    ap.add_argument(
+        "--lease-seconds", type=int, default=4, help="lease length (short, so abandoned leases expire)"
+    )
+    ap.add_argument(
+        "--double-submit", type=float, default=0.2, help="share of items submitted twice (same token)"
+    )
+    ap.add_argument(
+        "--abandon", type=float, default=0.03, help="share of items abandoned (lease left to expire)"
+    )
+    ap.add_argument(
+        "--think",
+        type=float,
+        default=0.0,
+        help="mean seconds an annotator reads before submitting (0: submit as fast as possible)",
+    )
+    ap.add_argument(
+        "--transport",
+        choices=("gradio_client", "http"),
+        default="gradio_client",
+        help="gradio_client (default) or Gradio's plain HTTP API (same server path, no client polling)",
+    )
+    ap.add_argument("--workdir", default=None, help="where the database goes (default: a temp dir)")
+    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = ap.parse_args(argv)
+
+    from annotation_app.simulated_client import run_annotators
+    from rlhf.scorers import get_scorer
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_annotation_"))
+    work.mkdir(parents=True, exist_ok=True)
+    db = work / "load.db"
+    if db.exists():
+        raise SystemExit(f"{db} exists; use a fresh --workdir")
+    users = prepare_db(
+        db,
+        n_prompts=args.prompts,
+        k=args.k,
+        n_users=args.annotators,
+        quorum=args.quorum,
+        lease_seconds=args.lease_seconds,
+    )
+    baseline = store_baseline(db, users, min(args.duration, 5.0))
+    port = free_port()
+    server = start_server(db, port, work / "server.log")
+    try:
+        t0 = time.time()
+        logs = run_annotators(
+            f"http://127.0.0.1:{port}/",
+            users,
+            get_scorer("vader"),
+            duration_s=args.duration,
+            double_submit=args.double_submit,
+            abandon=args.abandon,
+            abandon_wait_s=args.lease_seconds + 0.5,
+            transport=args.transport,
+            think_s=args.think,
+        )
+        wall = time.time() - t0
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    result = {
+        "config": vars(args),
+        "wall_s": wall,
+        "load_average_1min": os.getloadavg()[0],  # the machine is shared: read latencies with this
+        **summarize(logs, args.duration),
+        "baseline": baseline,
+        "exactly_once": check_exactly_once(db, logs, args.quorum),
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    eo = result["exactly_once"]
+    ok = (
+        eo["acked_missing_or_different"] == 0
+        and eo["acked_twice"] == 0
+        and eo["prompts_over_quorum"] == 0
+        and eo["integrity_check"] == "ok"
+        and result["errors"] == 0
+        and result["transport_errors"] == 0
+    )
+    print(
+        "PASS" if ok else "FAIL",
+        f"exactly-once; p95 submit {result['submit_p95_ms']:.0f} ms end to end (goal < 200 ms), "
+        f"{result['submit_server_p95_ms']:.1f} ms in the server's handler, {baseline['store_submit_p95_ms']:.1f} ms "
+        f"on the bare store ({result['submit_p95_ms'] / baseline['store_submit_p95_ms']:.0f}x); "
+        f"load average {os.getloadavg()[0]:.1f}",
+    )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""`rlhf annotate` through the real command line: users, import (idempotent, bad rows), export, stats."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from annotation_app.io import export_rankings, import_candidates, load_project_config
+from annotation_app.store import Store
+from rlhf.cli import main
+from rlhf.data import load_pairs, load_rankings
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def candidates(n: int = 3, k: int = 3) -> list[dict]:
+    return [
+        {
+            "prompt_id": f"p{i}",
+            "prompt": f"Say something nice #{i}",
+            "candidates": [
+                {"label": lab, "text": f"answer {lab}{i}", "model": "tiny", "gen": {"temperature": 1.0}}
+                for lab in "ABCDEFGHIJ"[:k]
+            ],
+        }
+        for i in range(n)
+    ]
+
+
+def write_jsonl(path: Path, records, *, bom: bool = False, crlf: bool = False) -> Path:
+    sep = "\r\n" if crlf else "\n"
+    text = sep.join(r if isinstance(r, str) else json.dumps(r) for r in records) + sep
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode("utf-8"))
+    return path
+
+
+def test_cli_round_trip(tmp_path, capsys, monkeypatch):
+    import io as _io
+
+    db = str(tmp_path / "lab.db")
+    src = write_jsonl(tmp_path / "cands.jsonl", candidates(), crlf=True)
+    monkeypatch.setattr(sys, "stdin", _io.StringIO("s3cret-password\n"))
+    assert main(["annotate", "users", "add", "ada", "--role", "admin", "--db", db]) == 0
+    cfg = REPO / "experiments" / "configs" / "annotation_project.yaml"
+    assert main(["annotate", "import", str(src), "--db", db, "--project-config", str(cfg)]) == 0
+    assert main(["annotate", "import", str(src), "--db", db, "--project-config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "3 new prompts" in out and "0 new prompts, 3 already imported" in out
+
+    store = Store(db)
+    project = load_project_config(cfg)
+    assert store.project(project["project"])["quorum"] == project["quorum"]
+    assert store.verify_password("ada", "s3cret-password")
+    item = store.next_item("ada")
+    store.submit("ada", item.prompt_id, "C > A = B")
+
+    assert (
+        main(["annotate", "export", "--db", db, "--format", "rankings", "--out", str(tmp_path / "r.jsonl")])
+        == 0
+    )
+    assert (
+        main(["annotate", "export", "--db", db, "--format", "pairs", "--out", str(tmp_path / "pairs")]) == 0
+    )
+    [rec] = load_rankings(str(tmp_path / "r.jsonl"))
+    assert (rec["ranking"], rec["annotator"], rec["prompt_id"]) == ("C > A = B", "ada", item.prompt_id)
+    assert rec["candidates"][0]["gen"] == {"temperature": 1.0}
+    pairs = load_pairs(str(tmp_path / "pairs"))
+    assert len(pairs) == 3 and sum(p["tie"] for p in pairs) == 1  # C>A, C>B strict, A=B tie kept
+
+    import datasets
+
+    ds = datasets.load_from_disk(str(tmp_path / "pairs"))
+    assert {"prompt", "chosen", "rejected"} <= set(ds.column_names)  # TRL RewardTrainer's columns
+
+    capsys.readouterr()
+    assert main(["annotate", "stats", "--db", db, "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["submitted"] == 1 and stats["agreement"]["tie_rate"] == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize(
+    "rows, needle",
+    [
+        ([{"prompt_id": "a", "prompt": "x", "candidates": [{"label": "A", "text": "only one"}]}], "K = 1"),
+        (
+            [{"prompt_id": "a", "candidates": [{"label": "A", "text": "1"}, {"label": "B", "text": "2"}]}],
+            "prompt",
+        ),
+        ([candidates(1)[0], candidates(1)[0]], "line 2"),  # duplicate id
+        (['{"prompt_id": "a", "prompt": NaN, "candidates": []}'], "line 1"),
+        (["{not json"], "line 1"),
+    ],
+)
+def test_bad_import_files_are_refused_whole(tmp_path, capsys, rows, needle):
+    db = tmp_path / "lab.db"
+    src = write_jsonl(tmp_path / "bad.jsonl", [*candidates(2, k=2)[:0], *rows])
+    rc = main(["annotate", "import", str(src), "--db", str(db)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("rlhf: error[") and needle in err and "Traceback" not in err
+    assert Store(db).counts()["prompts"] == 0
+
+
+def test_bom_is_reported(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "bom.jsonl", candidates(), bom=True)
+    assert main(["annotate", "import", str(src), "--db", str(tmp_path / "lab.db")]) == 2
+    assert "BOM" in capsys.readouterr().err
+
+
+def test_oversized_response_is_refused(tmp_path):
+    recs = candidates(2)
+    recs[1]["candidates"][2]["text"] = "x" * 100_000
+    src = write_jsonl(tmp_path / "big.jsonl", recs)
+    store = Store(tmp_path / "lab.db")
+    with pytest.raises(Exception) as e:
+        import_candidates(store, str(src))
+    assert "row 2: candidate C is 100000 characters" in str(e.value)
+    assert store.counts()["prompts"] == 0
+
+
+def test_hostile_text_is_stored_verbatim(tmp_path):
+    hostile = [
+        "<script>alert(1)</script>",
+        "<img src=x onerror=alert(1)>",
+        "![x](http://evil/x.png)",
+        "abc\u202edcba",
+        "zero\u200bwidth",
+    ]
+    recs = [
+        {
+            "prompt_id": "h",
+            "prompt": "p",
+            "candidates": [{"label": "ABCDE"[i], "text": t} for i, t in enumerate(hostile)],
+        }
+    ]
+    store = Store(tmp_path / "lab.db")
+    import_candidates(store, str(write_jsonl(tmp_path / "h.jsonl", recs)))
+    assert [c["text"] for c in store._candidates("h")] == hostile
+
+
+def test_export_nothing_and_users_errors(tmp_path, capsys, monkeypatch):
+    import io as _io
+
+    db = str(tmp_path / "lab.db")
+    assert main(["annotate", "stats", "--db", db]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "stdin", _io.StringIO("short\n"))
+    assert main(["annotate", "users", "add", "bob", "--db", db]) == 2
+    assert "at least 8 characters" in capsys.readouterr().err
+    with pytest.raises(Exception) as e:
+        export_rankings(Store(db), str(tmp_path / "x.jsonl"))
+    assert e.value.code == "nothing_to_export"
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_cli_subprocess_help():
+    res = subprocess.run(
+        [str(REPO / ".venv" / "bin" / "rlhf"), "annotate", "import", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0 and "--project-config" in res.stdout and "adds nothing" in res.stdout
+
+
+def test_serve_refuses_a_database_without_users(tmp_path, capsys):
+    Store(tmp_path / "empty.db").close()
+    assert main(["annotate", "serve", "--db", str(tmp_path / "empty.db"), "--port", "0"]) == 2
+    assert "no users yet" in capsys.readouterr().err
+
+
+def test_serve_candidates_for_quickstart(tmp_path, capsys):
+    from annotation_app.app import serve_candidates
+
+    src = write_jsonl(tmp_path / "c.jsonl", candidates(2))
+    db = tmp_path / "qs.db"
+    demo, url = serve_candidates(str(src), db=str(db), port=_free_port(), block=False)
+    try:
+        out = capsys.readouterr().out
+        assert "2 new prompts" in out and "created user 'admin' with password" in out
+        password = out.split("with password ")[1].split()[0]
+        assert Store(db).verify_password("admin", password) and url.startswith("http://127.0.0.1:")
+    finally:
+        demo.close()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
