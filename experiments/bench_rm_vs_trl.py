@@ -1,0 +1,360 @@
+"""Benchmark: our ranking reward-model trainer vs TRL 1.16's ``RewardTrainer`` on exported pairs.
+
+Same simulated rankings (K = 4 with ties, VADER as the gold scorer, noisy simulated annotators),
+same backbone with the same trainable parameters (top N decoder layers + head; the lower layers
+frozen in both), same AdamW learning rate and batch size, same wall-clock budget per trainer.
+TRL sees the rankings flattened into strict (chosen, rejected) pairs — ties dropped, as every
+pairs-only trainer does — formatted with the same chat template as ours, with ``bf16=False``
+(environment-notes.md: TRL's bf16 default is 12× slower on a CPU without bf16 hardware).
+
+Printed per trainer: held-out strict-pair accuracy, held-out tie log-likelihood (mean log P(tie) on
+tied pairs; a model without a tie model gets its best-fitting Rao–Kupper θ, an optimistic bound),
+training rankings/s (TRL: pairs/s ÷ strict pairs per ranking), and ours / TRL's throughput ratio.
+Ours is also reported end to end (the one-off frozen-layer cache included).
+
+    .venv/bin/python experiments/bench_rm_vs_trl.py --model smollm2-135m-instruct --budget_s 60
+
+Candidates are sampled from the model itself (``--candidates FILE`` reuses a candidates JSONL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Prompts that make VADER-scored responses differ: the gold scorer sees real sentiment spread.
+PROMPTS = [
+    "Describe your ideal weekend.",
+    "What do you think about Mondays?",
+    "Write one sentence about rain.",
+    "How was the food at the new restaurant?",
+    "Tell me about a time you were disappointed.",
+    "Review a movie you watched recently.",
+    "What is your opinion of traffic jams?",
+    "Describe a sunny day at the beach.",
+    "How do you feel about homework?",
+    "Write a short note to a friend.",
+    "Describe a broken phone.",
+    "What makes a good teacher?",
+    "Tell me about your favourite animal.",
+    "Describe a rainy Monday morning.",
+    "What do you think of cold coffee?",
+    "Write a toast for a wedding.",
+    "How do you feel about losing a game?",
+    "Describe a birthday party.",
+    "What is annoying about queues?",
+    "Tell me something that makes you happy.",
+    "Describe a stressful exam.",
+    "What do you love about music?",
+    "Describe a long flight delay.",
+    "Write a thank-you message.",
+    "How was your holiday?",
+    "What do you think of noisy neighbours?",
+    "Describe a delicious cake.",
+    "Tell me about a bad haircut.",
+    "Describe a walk in the park.",
+    "What do you think about spiders?",
+    "Describe your first day at work.",
+    "Write a complaint about a late train.",
+    "What is great about friendship?",
+    "Describe a burnt dinner.",
+    "How do you feel about snow?",
+    "Describe a beautiful sunset.",
+    "What do you think of long meetings?",
+    "Tell me about a kind stranger.",
+    "Describe a flat tyre on the motorway.",
+    "Write a cheerful greeting.",
+    "What do you think of the city?",
+    "Describe a lost wallet.",
+    "Tell me about your best friend.",
+    "Describe a hospital waiting room.",
+    "What do you love about books?",
+    "Describe a summer festival.",
+    "How do you feel about public speaking?",
+    "Describe a quiet evening at home.",
+]
+
+
+def make_candidates(args) -> list[dict]:
+    from rlhf.generation import generate_candidates
+    from rlhf.models import load_policy
+
+    if args.candidates:
+        return [json.loads(line) for line in Path(args.candidates).read_text().splitlines() if line.strip()]
+    prompts = [{"prompt_id": f"b{i}", "prompt": p} for i, p in enumerate(PROMPTS[: args.prompts])]
+    model, tok = load_policy(args.model)
+    t0 = time.time()
+    cands = generate_candidates(
+        model,
+        tok,
+        prompts,
+        k=args.k,
+        max_new_tokens=args.max_new_tokens,
+        temperature=1.0,
+        batch_size=32,
+        seed=args.seed,
+        model_name=args.model,
+    )
+    print(f"generated {len(cands)} × {args.k} candidates in {time.time() - t0:.0f}s", flush=True)
+    return cands
+
+
+def split(records: list[dict], frac: float, seed: int) -> tuple[list[dict], list[dict]]:
+    ids = sorted({r["prompt_id"] for r in records})
+    random.Random(seed).shuffle(ids)
+    held = set(ids[: max(1, int(len(ids) * frac))])
+    return [r for r in records if r["prompt_id"] not in held], [r for r in records if r["prompt_id"] in held]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def evaluate(model_dir: Path, held: Path, out: Path, name: str) -> dict:
+    from reward_models.evaluate import RMEvalConfig, run_rm_eval
+    from rlhf.tracking import TrackingConfig
+
+    return run_rm_eval(
+        RMEvalConfig(
+            reward_model=str(model_dir),
+            rankings=str(held),
+            runs_dir=str(out),
+            experiment=f"eval-{name}",
+            tracking=TrackingConfig(mode="disabled"),
+        )
+    )
+
+
+def run_ours(args, loss: str, train: Path, held: Path, out: Path) -> dict:
+    from reward_models.train import RMTrainConfig, run_rm_train
+    from rlhf.tracking import TrackingConfig
+
+    cfg = RMTrainConfig(
+        rankings=str(train),
+        eval_rankings=str(held),
+        model=args.model,
+        loss=loss,
+        trainable="top",
+        top_layers=args.top_layers,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        epochs=1000.0,
+        max_time_s=args.budget_s,
+        eval_every=0,
+        normalize=False,
+        seed=args.seed,
+        runs_dir=str(out),
+        experiment=f"ours-{loss}",
+        tracking=TrackingConfig(mode="disabled"),
+    )
+    s = run_rm_train(cfg)
+    ev = evaluate(Path(s["model_dir"]), held, out, loss)
+    seen = s["rm/rankings_seen"]
+    return {
+        "trainer": f"ours:{loss}",
+        "pair_acc": ev["eval/pair_accuracy"],
+        "tie_loglik": ev["eval/tie_loglik"],
+        "rankings_per_s": s["rm/rankings_per_s"],
+        "rankings_per_s_e2e": seen / (s["rm/train_time_s"] + s["rm/cache_time_s"]),
+        "steps": s["rm/steps"],
+        "train_s": s["rm/train_time_s"],
+        "cache_s": s["rm/cache_time_s"],
+    }
+
+
+def run_trl(args, train_records: list[dict], held: Path, out: Path) -> dict:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import RewardConfig, RewardTrainer
+
+    from reward_models.model import build_reward_model, save_reward_model
+    from rlhf.models import format_conversation
+
+    model, tok = build_reward_model(args.model, "top", args.top_layers, seed=args.seed)
+    rows, strict_per_ranking = [], []
+    for r in train_records:
+        text = {c["label"]: c["text"] for c in r["candidates"]}
+        n = 0
+        for i, tier in enumerate(r["tiers"]):
+            for w in tier:
+                for later in r["tiers"][i + 1 :]:
+                    for lo in later:  # strict pairs only: a pairs trainer drops the ties
+                        rows.append(
+                            {
+                                "chosen": format_conversation(tok, r["prompt"], text[w]),
+                                "rejected": format_conversation(tok, r["prompt"], text[lo]),
+                            }
+                        )
+                        n += 1
+        strict_per_ranking.append(n)
+    if not rows:
+        raise SystemExit("no strict pairs in the training rankings (everything tied): raise the gold spread")
+    random.Random(args.seed).shuffle(rows)
+    pairs_per_ranking = sum(strict_per_ranking) / len(strict_per_ranking)
+
+    class Budget(TrainerCallback):
+        def __init__(self):
+            self.t0, self.steps = None, 0
+
+        def on_step_begin(self, a, state, control, **kw):
+            if self.t0 is None:
+                self.t0 = time.time()
+
+        def on_step_end(self, a, state, control, **kw):
+            self.steps = state.global_step
+            if time.time() - self.t0 >= args.budget_s:
+                control.should_training_stop = True
+
+    budget = Budget()
+    cfg = RewardConfig(
+        output_dir=str(out / "trl"),
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        num_train_epochs=1000,
+        bf16=False,
+        fp16=False,
+        max_length=args.max_length,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1000,
+        disable_dropout=True,
+        dataloader_num_workers=0,
+        seed=args.seed,
+        use_cpu=True,
+        center_rewards_coefficient=None,
+        weight_decay=0.0,
+        gradient_checkpointing=False,
+    )
+    trainer = RewardTrainer(
+        model=model.seq_model,
+        args=cfg,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tok,
+        callbacks=[budget],
+    )
+    trainer.train()
+    elapsed = time.time() - budget.t0
+    pairs = budget.steps * args.batch_size
+    model_dir = save_reward_model(
+        model,
+        tok,
+        out / "trl" / "model",
+        {
+            "loss": "bt",
+            "base_model": args.model,
+            "max_length": args.max_length,
+            "normalization": {"offset": 0.0, "scale": 1.0},
+        },
+    )
+    ev = evaluate(model_dir, held, out, "trl")
+    return {
+        "trainer": "TRL RewardTrainer (pairs)",
+        "pair_acc": ev["eval/pair_accuracy"],
+        "tie_loglik": ev["eval/tie_loglik"],
+        "rankings_per_s": pairs / elapsed / pairs_per_ranking,
+        "rankings_per_s_e2e": pairs / elapsed / pairs_per_ranking,
+        "steps": budget.steps,
+        "train_s": elapsed,
+        "cache_s": 0.0,
+        "pairs_per_s": pairs / elapsed,
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="backbone for both trainers")
+    ap.add_argument("--candidates", default="", help="reuse a candidates JSONL instead of sampling")
+    ap.add_argument("--prompts", type=int, default=48, help="prompts to sample candidates for")
+    ap.add_argument("--k", type=int, default=4, help="candidates per prompt")
+    ap.add_argument("--max_new_tokens", type=int, default=32)
+    ap.add_argument("--scorer", default="vader", help="gold scorer of the simulated annotators")
+    ap.add_argument("--annotators", type=int, default=2, help="simulated annotators per prompt")
+    ap.add_argument(
+        "--temperature", type=float, default=0.1, help="annotator noise (BT temperature on VADER)"
+    )
+    ap.add_argument("--tie_threshold", type=float, default=0.1, help="VADER gap under which annotators tie")
+    ap.add_argument("--budget_s", type=float, default=60.0, help="wall-clock training budget per trainer")
+    ap.add_argument("--top_layers", type=int, default=2)
+    ap.add_argument("--max_length", type=int, default=192)
+    ap.add_argument("--batch_size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--losses", default="grouped_bt,bt,rao_kupper,davidson,plackett_luce")
+    ap.add_argument("--skip_trl", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="runs/bench_rm_vs_trl")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from reward_models.simulate import simulate_rankings
+    from rlhf.scorers import get_scorer
+
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    cands = make_candidates(args)
+    write_jsonl(out / "candidates.jsonl", cands)
+    rankings = simulate_rankings(
+        cands,
+        get_scorer(args.scorer),
+        n_annotators=args.annotators,
+        temperature=args.temperature,
+        tie_threshold=args.tie_threshold,
+        seed=args.seed,
+        per_prompt=args.annotators,
+        scorer_name=args.scorer,
+    )
+    train_records, held_records = split(rankings, 0.25, args.seed)
+    train, held = (
+        write_jsonl(out / "train.jsonl", train_records),
+        write_jsonl(out / "held.jsonl", held_records),
+    )
+    n_pairs = sum(len(r["candidates"]) * (len(r["candidates"]) - 1) // 2 for r in rankings)
+    n_ties = sum(sum(len(t) * (len(t) - 1) // 2 for t in r["tiers"]) for r in rankings)
+    print(
+        f"{len(rankings)} rankings (K={args.k}, {len(train_records)} train / {len(held_records)} held out), "
+        f"tie rate {n_ties / n_pairs:.2f}; budget {args.budget_s:g}s per trainer; model {args.model}",
+        flush=True,
+    )
+
+    results = []
+    if not args.skip_trl:
+        results.append(run_trl(args, train_records, held, out))
+        print(json.dumps(results[-1]), flush=True)
+    for loss in [x for x in args.losses.split(",") if x]:
+        results.append(run_ours(args, loss, train, held, out))
+        print(json.dumps(results[-1]), flush=True)
+
+    base = next((r for r in results if r["trainer"].startswith("TRL")), None)
+    print(
+        f"\n{'trainer':<28} {'pair acc':>8} {'tie loglik':>10} {'rankings/s':>10} {'e2e r/s':>8} {'× TRL':>6}"
+    )
+    for r in results:
+        ratio = r["rankings_per_s_e2e"] / base["rankings_per_s"] if base else float("nan")
+        print(
+            f"{r['trainer']:<28} {r['pair_acc']:>8.3f} {r['tie_loglik']:>10.3f} {r['rankings_per_s']:>10.2f} "
+            f"{r['rankings_per_s_e2e']:>8.2f} {ratio:>6.1f}"
+        )
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print(
+        f"\nresults: {out / 'results.json'}  (× TRL = our end-to-end rankings/s, cache included, over TRL's)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

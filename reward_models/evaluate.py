@@ -1,0 +1,401 @@
+"""``rlhf rm eval``: how good is a reward model, before PPO trusts it?
+
+On held-out rankings (the ``eval_rankings.jsonl`` that ``rlhf rm train`` writes, or any rankings
+file) it reports, in ``metrics.json``, ``metrics.jsonl`` and the W&B run:
+
+- ``eval/pair_accuracy``: strict pairs (different tiers) the model orders the same way (equal
+  rewards count ½);
+- ``eval/tie_loglik``: mean log P(tie) on tied pairs, ``eval/pair_loglik``: mean log P(observed
+  outcome) over every pair, ``eval/tie_accuracy``: pairs whose most likely outcome (win / tie /
+  loss) is the observed one. For a Rao–Kupper or Davidson model these use its own θ / ν. A model
+  trained without a tie model (bt, grouped_bt, plackett_luce) is given the Rao–Kupper θ that fits
+  *these* pairs best (``eval/tie_theta_fitted``): an optimistic bound for it, so a tie-aware model
+  that still scores higher is better for sure;
+- ``eval/kendall_tau``: mean per-ranking Kendall τ-b between the rewards and the annotator's tiers
+  (all-tied rankings give NaN and are counted in ``eval/tau_undefined``, not averaged);
+- ``eval/ece``: expected calibration error of ``σ(r_a - r_b)`` as the probability that a beats b
+  on strict pairs, with a reliability plot (``reliability.png``, logged as an image);
+- ``eval/length_corr`` (Pearson) and ``eval/length_spearman``: reward vs response length in words,
+  over unique responses — a warning sign of length hacking when high;
+- with simulated annotators (records carrying ``gold`` scores, or ``gold=SPEC`` to score now):
+  ``eval/gold_pair_accuracy`` (the model against the gold scorer on pairs the gold scorer
+  separates), ``eval/gold_spearman`` and ``eval/annotator_gold_accuracy`` (the annotators' own
+  agreement with gold on the same pairs: the ceiling a model learning from them should approach);
+- a table ``eval/worst_rankings`` of the rankings the model gets most wrong (lowest τ).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from reward_models import losses as L
+from rlhf.config import ConfigError, add_config_arguments, config_from_args, option
+from rlhf.errors import UserError
+from rlhf.tracking import TrackingConfig, start_stage
+
+
+@dataclass
+class RMEvalConfig:
+    reward_model: str = option("", help="reward-model dir (written by `rlhf rm train`)")
+    rankings: str = option("", help="held-out rankings file (e.g. runs/<exp>/rm_train/eval_rankings.jsonl)")
+    gold: str = option(
+        "", help="gold scorer spec to score candidates now (default: the records' own `gold` field)"
+    )
+    gold_tie_threshold: float = option(0.0, help="gold scores closer than this are not a gold preference")
+    max_length: int = option(0, help="tokens per sequence (0 = the reward model's training max_length)")
+    batch_size: int = option(16, help="sequences per forward pass")
+    n_bins: int = option(10, help="calibration bins")
+    worst_n: int = option(10, help="rows in the worst-ranked table")
+    seed: int = option(0, help="random seed (unused: evaluation is deterministic)")
+    experiment: str = option("default", help="experiment name (W&B group; runs/<experiment>/)")
+    runs_dir: str = option("runs", help="root folder of run directories")
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self) -> None:
+        if not self.reward_model:
+            raise ConfigError("rm eval: reward_model is required (a dir written by `rlhf rm train`)")
+        if not self.rankings:
+            raise ConfigError("rm eval: rankings is required (a held-out rankings file)")
+        if self.n_bins < 1 or self.batch_size < 1 or self.worst_n < 0:
+            raise ConfigError("n_bins and batch_size must be ≥ 1, worst_n ≥ 0")
+
+
+# ----------------------------------------------------------------------------- pure metrics
+
+
+def expected_calibration_error(p: torch.Tensor, y: torch.Tensor, n_bins: int) -> tuple[float, list[dict]]:
+    """ECE of predicted probabilities ``p [N]`` against outcomes ``y [N]`` (0/1), equal-width bins.
+
+    Returns ``(ece, bins)`` with per-bin ``{lo, hi, n, confidence, accuracy}``.
+    """
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
+    idx = torch.clamp(torch.bucketize(p.double(), edges, right=True) - 1, 0, n_bins - 1)
+    bins, ece, n = [], 0.0, max(len(p), 1)
+    for b in range(n_bins):
+        m = idx == b
+        cnt = int(m.sum())
+        conf = float(p[m].double().mean()) if cnt else float("nan")
+        acc = float(y[m].double().mean()) if cnt else float("nan")
+        if cnt:
+            ece += cnt / n * abs(acc - conf)
+        bins.append(
+            {"lo": float(edges[b]), "hi": float(edges[b + 1]), "n": cnt, "confidence": conf, "accuracy": acc}
+        )
+    return ece, bins
+
+
+def fit_rao_kupper_theta(d_strict: torch.Tensor, d_tie: torch.Tensor) -> float:
+    """The θ ≥ 1 maximising the Rao–Kupper likelihood of strict pairs (``d`` = r_w - r_l) and ties
+    (``d`` = r_a - r_b), by a grid over log θ (one parameter, so a grid is exact enough)."""
+    best, best_ll = 1.0, -math.inf
+    for lt in torch.linspace(1e-3, 6.0, 600, dtype=torch.float64):
+        lw, _, _ = L.rao_kupper_log_probs(d_strict.double(), torch.zeros(()), lt)
+        _, _, ltie = L.rao_kupper_log_probs(d_tie.double(), torch.zeros(()), lt)
+        ll = float(lw.sum() + ltie.sum())
+        if ll > best_ll:
+            best, best_ll = math.exp(float(lt)), ll
+    return best
+
+
+def _rank_string(labels: list[str], rewards: list[float]) -> str:
+    order = sorted(range(len(labels)), key=lambda i: -rewards[i])
+    return " > ".join(labels[i] for i in order)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def reliability_plot(bins: list[dict], ece: float, path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
+    xs = [(b["lo"] + b["hi"]) / 2 for b in bins if b["n"]]
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    ax.bar(
+        xs,
+        [b["accuracy"] for b in bins if b["n"]],
+        width=1 / len(bins),
+        alpha=0.6,
+        edgecolor="black",
+        label="observed win rate",
+    )
+    ax.plot(xs, [b["confidence"] for b in bins if b["n"]], "o", color="C3", label="mean predicted")
+    ax.set_xlabel("predicted P(a beats b) = σ(r_a - r_b)")
+    ax.set_ylabel("observed frequency a beats b")
+    ax.set_title(f"{title}\nECE = {ece:.3f}", fontsize=9)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def run_rm_eval(cfg: RMEvalConfig) -> dict:
+    """Score held-out rankings with a reward model and write every metric (module docstring)."""
+    from scipy.stats import kendalltau, pearsonr, spearmanr
+
+    from reward_models.model import (
+        encode_conversations,
+        load_reward_model,
+        prompt_as_text,
+        read_meta,
+        score_ids,
+    )
+    from reward_models.train import DataReport, build_groups, read_records
+
+    cfg.validate()
+    meta = read_meta(cfg.reward_model)  # fail before anything heavy on a wrong dir
+    records = read_records(cfg.rankings)
+    loss = meta.get("loss", "grouped_bt")
+    report = DataReport()
+    groups = build_groups(records, report, "plackett_luce")  # keep all-tied rankings: they test ties
+    if not groups:
+        raise UserError(
+            f"{cfg.rankings}: no usable rankings to evaluate ({report.records} records; "
+            + "; ".join(x.strip() for x in report.lines()[1:3])
+            + ")",
+            code="no_data",
+        )
+    if report.used_rankings < report.records:
+        for line in report.lines():
+            print(line.replace("data:", "eval data:", 1), flush=True)
+    tracker = start_stage(cfg, "rm_eval", job_type="reward_model_eval")
+    try:
+        tracker.use_artifact(cfg.rankings, "eval-rankings", "dataset")
+        tracker.use_artifact(cfg.reward_model, "reward-model", "model")
+        model, tokenizer, meta = load_reward_model(cfg.reward_model)
+        max_length = cfg.max_length or int(meta.get("max_length", 512))
+        norm = meta.get("normalization") or {}
+        offset, scale = float(norm.get("offset", 0.0)), float(norm.get("scale", 1.0)) or 1.0
+
+        flat_prompts, flat_texts, where = [], [], []
+        for gi, g in enumerate(groups):
+            for ci, t in enumerate(g.texts):
+                flat_prompts.append(g.prompt)
+                flat_texts.append(t)
+                where.append((gi, ci))
+        enc = encode_conversations(tokenizer, flat_prompts, flat_texts, max_length)
+        raw = score_ids(model, enc.ids, tokenizer.pad_token_id, cfg.batch_size)
+        kmax = max(g.k for g in groups)
+        grid = torch.zeros(len(groups), kmax, dtype=torch.float64)
+        for (gi, ci), r in zip(where, raw.tolist()):
+            grid[gi, ci] = r
+
+        # every ranking as a row: rewards [R, K], tiers [R, K]
+        rows, tiers_l, owners = [], [], []
+        for gi, g in enumerate(groups):
+            for rec, tr in zip(g.records, g.rankings):
+                rows.append(gi)
+                tiers_l.append(tr + [-1] * (kmax - g.k))
+                owners.append((g, rec, tr))
+        rewards = grid[torch.tensor(rows)]
+        tiers = torch.tensor(tiers_l, dtype=torch.long)
+        beats, ties = L.pair_masks(tiers)
+        d = rewards[:, :, None] - rewards[:, None, :]
+        metrics: dict[str, float] = {"eval/rankings": len(rows), "eval/prompts": len(groups)}
+
+        # strict pairs: accuracy
+        n_strict = int(beats.sum())
+        metrics["eval/pairs"] = n_strict
+        metrics["eval/ties"] = int(ties.sum())
+        metrics["eval/pair_accuracy"] = (
+            float(((d > 0).double() + 0.5 * (d == 0).double())[beats].sum() / n_strict)
+            if n_strict
+            else float("nan")
+        )
+
+        # ties: log-likelihoods and 3-way accuracy under the model's tie model
+        d_strict, d_tie = d[beats], d[ties]
+        if loss == "davidson":
+            log_nu = torch.tensor(math.log(float(meta.get("nu", 1.0))), dtype=torch.float64)
+            probs = lambda a, b: L.davidson_log_probs(a, b, log_nu)  # noqa: E731
+            metrics["eval/tie_nu"] = float(meta.get("nu", 1.0))
+        else:
+            if loss == "rao_kupper":
+                theta = float(meta.get("theta", 2.0))
+            else:
+                theta = fit_rao_kupper_theta(d_strict, d_tie)
+                metrics["eval/tie_theta_fitted"] = theta
+            log_theta = torch.tensor(math.log(theta), dtype=torch.float64)
+            probs = lambda a, b: L.rao_kupper_log_probs(a, b, log_theta)  # noqa: E731
+            metrics["eval/tie_theta"] = theta
+        ri, rj = rewards[:, :, None].expand_as(d), rewards[:, None, :].expand_as(d)
+        lw, ll, lt = probs(ri, rj)
+        if int(ties.sum()):
+            metrics["eval/tie_loglik"] = float(lt[ties].mean())
+        else:
+            metrics["eval/tie_loglik"] = float("nan")
+        observed = torch.cat([lw[beats], lt[ties]])
+        metrics["eval/pair_loglik"] = float(observed.mean()) if observed.numel() else float("nan")
+        three = torch.stack([lw, ll, lt], dim=-1).argmax(-1)  # 0 = i wins, 1 = j wins, 2 = tie
+        correct = int((three[beats] == 0).sum()) + int((three[ties] == 2).sum())
+        metrics["eval/tie_accuracy"] = correct / max(n_strict + int(ties.sum()), 1)
+        metrics["eval/tie_recall"] = (
+            float((three[ties] == 2).double().mean()) if int(ties.sum()) else float("nan")
+        )
+
+        # calibration: every strict pair oriented by label order, so outcomes are both 0 and 1
+        upper = torch.ones(kmax, kmax, dtype=torch.bool).triu(1)
+        strict_any = (beats | beats.transpose(1, 2)) & upper
+        p = torch.sigmoid(d[strict_any])
+        y = beats[strict_any].double()
+        ece, bins = expected_calibration_error(p, y, cfg.n_bins)
+        metrics["eval/ece"] = ece
+        plot = reliability_plot(
+            bins,
+            ece,
+            Path(tracker.run_dir) / "reliability.png",
+            f"{Path(cfg.reward_model).name} ({loss}) on {n_strict} strict pairs",
+        )
+        tracker.log_image("eval/reliability", plot)
+
+        # Kendall τ-b per ranking
+        taus = []
+        table = []
+        for r, (g, rec, tr) in enumerate(owners):
+            rs = rewards[r, : g.k].tolist()
+            tau = kendalltau(rs, [-t for t in tr]).statistic if len(set(tr)) > 1 else float("nan")
+            taus.append(tau)
+            table.append(
+                [
+                    g.prompt_id,
+                    prompt_as_text(g.prompt)[:300],
+                    rec.get("ranking", ""),
+                    _rank_string(g.labels, rs),
+                    None if math.isnan(tau) else round(float(tau), 4),
+                    json.dumps({lab: round((x - offset) / scale, 3) for lab, x in zip(g.labels, rs)}),
+                    str(rec.get("annotator", "")),
+                ]
+            )
+        defined = [t for t in taus if not math.isnan(t)]
+        metrics["eval/kendall_tau"] = sum(defined) / len(defined) if defined else float("nan")
+        metrics["eval/tau_undefined"] = len(taus) - len(defined)
+
+        # reward vs length over unique responses
+        lengths = [len(t.split()) for t in flat_texts]
+        norm_scores = ((raw.double() - offset) / scale).tolist()
+        if len(set(lengths)) > 1 and len(set(norm_scores)) > 1:
+            metrics["eval/length_corr"] = float(pearsonr(norm_scores, lengths).statistic)
+            metrics["eval/length_spearman"] = float(spearmanr(norm_scores, lengths).statistic)
+        metrics["eval/reward_mean"] = float(sum(norm_scores) / len(norm_scores))
+        metrics["eval/truncated"] = enc.truncated
+
+        # agreement with the gold scorer
+        gold = None
+        if cfg.gold:
+            from rlhf.scorers import get_scorer
+
+            scorer = get_scorer(cfg.gold)
+            gs = scorer([prompt_as_text(p) for p in flat_prompts], flat_texts)
+            gold = torch.zeros(len(groups), kmax, dtype=torch.float64)
+            for (gi, ci), s in zip(where, gs):
+                gold[gi, ci] = float(s)
+        elif all(isinstance(g.records[0].get("gold"), dict) for g in groups):
+            gold = torch.zeros(len(groups), kmax, dtype=torch.float64)
+            for gi, g in enumerate(groups):
+                for ci, lab in enumerate(g.labels):
+                    gold[gi, ci] = float(g.records[0]["gold"].get(lab, float("nan")))
+        if gold is not None:
+            valid = torch.zeros(len(groups), kmax, dtype=torch.bool)
+            for gi, g in enumerate(groups):
+                valid[gi, : g.k] = True
+            gd = gold[:, :, None] - gold[:, None, :]
+            gbeats = (gd > cfg.gold_tie_threshold) & valid[:, :, None] & valid[:, None, :]
+            md = grid[:, :, None] - grid[:, None, :]
+            n_gold = int(gbeats.sum())
+            if n_gold:
+                metrics["eval/gold_pair_accuracy"] = float(
+                    ((md > 0).double() + 0.5 * (md == 0).double())[gbeats].sum() / n_gold
+                )
+                # the annotators on the same gold pairs: strictly right = 1, tied = ½
+                gb = gbeats[torch.tensor(rows)]
+                ti, tj = tiers[:, :, None], tiers[:, None, :]
+                ann = ((ti < tj).double() + 0.5 * (ti == tj).double())[gb]
+                metrics["eval/annotator_gold_accuracy"] = float(ann.mean())
+                metrics["eval/gold_pairs"] = n_gold
+            flat_gold = gold[valid].tolist()
+            if len(set(flat_gold)) > 1:
+                metrics["eval/gold_spearman"] = float(spearmanr(grid[valid].tolist(), flat_gold).statistic)
+
+        worst = sorted([row for row in table if row[4] is not None], key=lambda row: row[4])[: cfg.worst_n]
+        tracker.log_table(
+            "eval/worst_rankings",
+            [
+                "prompt_id",
+                "prompt",
+                "annotator_ranking",
+                "model_ranking",
+                "kendall_tau",
+                "rewards_normalised",
+                "annotator",
+            ],
+            worst,
+        )
+        tracker.log(metrics, step=0)
+        tracker.summary(metrics)
+        run_dir = Path(tracker.run_dir)
+        (run_dir / "metrics.json").write_text(
+            json.dumps(
+                {
+                    "metrics": metrics,
+                    "calibration_bins": bins,
+                    "reward_model": str(cfg.reward_model),
+                    "loss": loss,
+                },
+                indent=2,
+                default=str,
+            )
+        )
+    finally:
+        tracker.finish()
+    _print(metrics, run_dir)
+    return {
+        "run_dir": str(run_dir),
+        "metrics_file": str(run_dir / "metrics.json"),
+        "plot": str(plot),
+        **metrics,
+    }
+
+
+def _print(metrics: dict, run_dir: Path) -> None:
+    keys = [
+        "eval/pair_accuracy",
+        "eval/tie_loglik",
+        "eval/tie_accuracy",
+        "eval/kendall_tau",
+        "eval/ece",
+        "eval/length_corr",
+        "eval/gold_pair_accuracy",
+        "eval/annotator_gold_accuracy",
+    ]
+    parts = [
+        f"{k.split('/')[1]} {metrics[k]:.3f}" for k in keys if k in metrics and not math.isnan(metrics[k])
+    ]
+    print(
+        f"rm eval: {int(metrics['eval/rankings'])} rankings, {int(metrics['eval/pairs'])} strict pairs, "
+        f"{int(metrics['eval/ties'])} ties: " + ", ".join(parts) + f" → {run_dir}/metrics.json",
+        flush=True,
+    )
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser(
+        "eval",
+        help="evaluate a reward model on held-out rankings",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_arguments(p, RMEvalConfig)
+    p.set_defaults(func=lambda args: run_rm_eval(config_from_args(args, RMEvalConfig)) and 0)
+    return p

@@ -1,0 +1,427 @@
+"""A reward model: a scalar head on a causal-LM backbone, reading the last real token.
+
+The weights live in an ordinary ``AutoModelForSequenceClassification`` (``num_labels=1``), so a
+saved reward-model dir loads anywhere transformers does (TRL, vLLM, ...). The forward pass is our
+own, in :class:`RewardModel`, for two reasons:
+
+1. **Last real token, any padding.** The score is read at the last position where
+   ``attention_mask`` is 1 (not "the last non-pad id", which breaks when pad == EOS). We pad on the
+   right, so every real token keeps the positions it has when scored alone: the same text scores
+   the same alone and in a padded batch (tested).
+2. **Frozen lower layers are computed once.** With ``trainable="top"`` only the top N decoder
+   layers (+ final norm + head) learn; the lower layers' output for a text never changes, so
+   :meth:`RewardModel.lower_hidden` computes it once and :meth:`RewardModel.forward` takes it as
+   ``hidden`` on every later epoch. On a 2-core CPU this removes most of the compute.
+
+Splitting the layer stack relies on the decoder layout shared by Llama, Mistral, Qwen2 and SmolLM
+(``backbone.layers``, ``backbone.norm``, ``inputs_embeds`` accepted); the stack is swapped for a
+slice of itself for the duration of a call, so transformers' own mask and rotary code still run.
+
+Text is formatted with :func:`rlhf.models.format_conversation` (the same chat template and the
+same text the policy produced), and truncated from the *left* (the prompt side) when longer
+than ``max_length``: the response, which is what is being judged, is kept whole when it fits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rlhf.errors import UserError
+
+META_FILE = "rlhf_reward.json"
+TRAINABLE = ("top", "full", "lora")
+
+
+# ----------------------------------------------------------------------------- the module
+
+
+class RewardModel(nn.Module):
+    """Scalar reward ``[N]`` for ``N`` sequences; see the module docstring.
+
+    ``seq_model`` is an ``AutoModelForSequenceClassification`` with one label (possibly with LoRA
+    adapters injected). ``tie_param`` is the learned log θ (Rao–Kupper) or log ν (Davidson), kept
+    here so it trains and syncs across processes with the rest.
+    """
+
+    def __init__(
+        self,
+        seq_model: nn.Module,
+        trainable: str = "top",
+        top_layers: int = 2,
+        tie_param: float | None = None,
+        learn_tie_param: bool = True,
+    ):
+        super().__init__()
+        self.seq_model = seq_model
+        base = _unwrap_peft(seq_model)
+        self.backbone = getattr(base, base.base_model_prefix)
+        self.head = base.score
+        self.trainable = trainable
+        n_layers = len(self.backbone.layers) if hasattr(self.backbone, "layers") else None
+        if trainable == "top":
+            if n_layers is None or not hasattr(self.backbone, "norm"):
+                raise UserError(
+                    "trainable=top needs a decoder backbone with .layers and .norm "
+                    "(Llama, Mistral, Qwen2, SmolLM); use trainable=full or lora",
+                    code="bad_model",
+                )
+            if not 0 <= top_layers <= n_layers:
+                raise UserError(
+                    f"top_layers={top_layers} but the model has {n_layers} layers (choose 0..{n_layers})",
+                    code="config",
+                )
+        self.n_layers = n_layers
+        self.top_layers = top_layers if trainable == "top" else n_layers
+        if tie_param is not None:
+            self.tie_param = nn.Parameter(torch.tensor(float(tie_param)), requires_grad=learn_tie_param)
+        else:
+            self.tie_param = None
+        self._set_trainable()
+
+    # ------------------------------------------------------------------ trainability
+    def _set_trainable(self) -> None:
+        if self.trainable == "full":
+            for p in self.seq_model.parameters():
+                p.requires_grad_(True)
+            return
+        if self.trainable == "lora":
+            # peft froze everything but the adapters; the head is new and must learn too.
+            for p in self.head.parameters():
+                p.requires_grad_(True)
+            return
+        for p in self.seq_model.parameters():
+            p.requires_grad_(False)
+        start = self.n_layers - self.top_layers
+        for layer in self.backbone.layers[start:]:
+            for p in layer.parameters():
+                p.requires_grad_(True)
+        for p in [*self.backbone.norm.parameters(), *self.head.parameters()]:
+            p.requires_grad_(True)
+
+    @property
+    def caches_lower_layers(self) -> bool:
+        """True when the lower layers are frozen, so their outputs can be computed once."""
+        return self.trainable == "top"
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Only the parameters that train (small checkpoints for top/LoRA)."""
+        return {n: p.detach().clone() for n, p in self.named_parameters() if p.requires_grad}
+
+    # ------------------------------------------------------------------ forward
+    @contextlib.contextmanager
+    def _stack(self, start: int, end: int, norm: bool):
+        """Temporarily make the backbone run only layers ``[start, end)`` (and its norm or not)."""
+        layers, final_norm = self.backbone.layers, self.backbone.norm
+        self.backbone.layers = nn.ModuleList(list(layers)[start:end])
+        if not norm:
+            self.backbone.norm = nn.Identity()
+        try:
+            yield
+        finally:
+            self.backbone.layers = layers
+            self.backbone.norm = final_norm
+
+    @torch.no_grad()
+    def lower_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Output of the frozen lower layers ``[N, T, H]`` (input to the top ``top_layers``)."""
+        assert self.caches_lower_layers
+        with self._stack(0, self.n_layers - self.top_layers, norm=False):
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        hidden: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Rewards ``[N]`` (float32) from token ids ``[N, T]`` or cached lower hidden states ``[N, T, H]``."""
+        if hidden is not None:
+            with self._stack(self.n_layers - self.top_layers, self.n_layers, norm=True):
+                h = self.backbone(inputs_embeds=hidden, attention_mask=attention_mask, use_cache=False)
+        else:
+            h = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        h = h.last_hidden_state
+        last = last_token_index(attention_mask)
+        h_last = h[torch.arange(h.shape[0], device=h.device), last]
+        return self.head(h_last).squeeze(-1).float()
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index ``[N]`` of the last position with mask 1 in ``attention_mask [N, T]`` (any padding side)."""
+    pos = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (pos * attention_mask.long()).argmax(dim=-1)
+
+
+def _unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PeftModel (peft injects adapters into it in place)."""
+    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+        return model.get_base_model()
+    return model
+
+
+# ----------------------------------------------------------------------------- building and loading
+
+
+@dataclass
+class LoraSettings:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silence the load report ("score.weight MISSING": expected, the head is new) and bars."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        hf_logging.enable_progress_bar()
+
+
+def _load_seq_model(path: str, tokenizer) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+        for key, value in list(vars(config).items()):
+            if "dropout" in key and isinstance(value, float):
+                setattr(config, key, 0.0)  # deterministic forward: caching and eval need it
+        config.num_labels = 1
+        config.pad_token_id = tokenizer.pad_token_id
+        with _quiet_transformers():
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, config=config, dtype=torch.float32
+            )
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"could not load {path!r} as a reward-model backbone: {str(err).splitlines()[0]}",
+            code="model_not_found",
+        ) from None
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    from rlhf.models import disable_dropout
+
+    return disable_dropout(model)
+
+
+def build_reward_model(
+    base: str,
+    trainable: str = "top",
+    top_layers: int = 2,
+    lora: LoraSettings | None = None,
+    tie_param: float | None = None,
+    learn_tie_param: bool = True,
+    seed: int = 0,
+):
+    """``(RewardModel, tokenizer)`` on the causal LM ``base`` (alias, dir or Hub id) with a new head.
+
+    The head is initialised with std ``1/sqrt(hidden+1)`` (OpenAI lm-human-preferences'
+    reward head), so initial rewards are O(1) whatever the backbone's ``initializer_range``.
+    """
+    from rlhf.models import load_tokenizer, resolve_model_path
+
+    if trainable not in TRAINABLE:
+        raise UserError(f"trainable={trainable!r}; choose one of {', '.join(TRAINABLE)}", code="config")
+    path = resolve_model_path(base)
+    tokenizer = load_tokenizer(path, padding_side="right")
+    seq_model = _load_seq_model(path, tokenizer)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        hidden = seq_model.score.weight.shape[1]
+        nn.init.normal_(seq_model.score.weight, std=1.0 / math.sqrt(hidden + 1))
+        if getattr(seq_model.score, "bias", None) is not None:
+            nn.init.zeros_(seq_model.score.bias)
+    if trainable == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = lora or LoraSettings()
+        present = {n.rsplit(".", 1)[-1] for n, _ in seq_model.named_modules()}
+        targets = [t for t in lora.targets if t in present]
+        if not targets:
+            raise UserError(f"LoRA targets {list(lora.targets)} match no module of {base!r}", code="config")
+        seq_model = get_peft_model(
+            seq_model,
+            LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets),
+        )
+    return RewardModel(seq_model, trainable, top_layers, tie_param, learn_tie_param), tokenizer
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path) / META_FILE
+    if not p.is_file():
+        raise UserError(f"{path} is not a reward-model directory (no {META_FILE})", code="bad_reward_model")
+    try:
+        return json.loads(p.read_text())
+    except ValueError:
+        raise UserError(f"{p} is not valid JSON", code="bad_reward_model") from None
+
+
+def load_reward_model(path: str | os.PathLike, device: str = "cpu"):
+    """``(RewardModel, tokenizer, meta)`` from a reward-model dir written by :func:`save_reward_model`."""
+    from rlhf.models import load_tokenizer
+
+    meta = read_meta(path)
+    tokenizer = load_tokenizer(str(path), padding_side="right")
+    seq_model = _load_seq_model(str(path), tokenizer)
+    model = RewardModel(seq_model, trainable="full", tie_param=meta.get("tie_param"), learn_tie_param=False)
+    return model.to(device).eval().requires_grad_(False), tokenizer, meta
+
+
+def save_reward_model(
+    model: RewardModel, tokenizer, out_dir: str | os.PathLike, meta: dict[str, Any]
+) -> Path:
+    """Write HF model (LoRA merged in) + tokenizer + ``rlhf_reward.json``, atomically (temp dir + rename)."""
+    seq_model = model.seq_model
+    if hasattr(seq_model, "merge_and_unload"):
+        import copy
+
+        seq_model = copy.deepcopy(seq_model).merge_and_unload()
+    seq_model.config.pad_token_id = tokenizer.pad_token_id
+    meta = dict(meta)
+    if model.tie_param is not None:
+        meta["tie_param"] = float(model.tie_param.detach())
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        with _quiet_transformers():
+            seq_model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+            os.rename(out_dir, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.rename(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+# ----------------------------------------------------------------------------- text → tokens
+
+
+def prompt_as_text(prompt: Any) -> str:
+    """Plain text of a prompt given as text or chat messages (for scorers, tables and logs)."""
+    if isinstance(prompt, str):
+        return prompt
+    msgs = prompt.get("messages", []) if isinstance(prompt, dict) else prompt
+    if isinstance(msgs, list):
+        return "\n".join(str(m.get("content", "")) for m in msgs if isinstance(m, dict))
+    return str(prompt)
+
+
+@dataclass
+class Encoded:
+    """Token ids of formatted conversations plus what truncation did to them."""
+
+    ids: list[list[int]]
+    truncated: int = 0  # sequences whose prompt side was cut
+    response_truncated: int = 0  # sequences where even the response did not fit
+
+
+def encode_conversations(
+    tokenizer, prompts: Sequence[Any], responses: Sequence[str], max_length: int
+) -> Encoded:
+    """Chat-format and tokenize each (prompt, response); keep the *last* ``max_length`` tokens.
+
+    ``prompts`` are text or chat messages (as in the data contracts).
+    """
+    from rlhf.models import format_conversation
+
+    enc = Encoded(ids=[])
+    for prompt, response in zip(prompts, responses):
+        text = format_conversation(tokenizer, prompt, response)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > max_length:
+            enc.truncated += 1
+            n_resp = len(tokenizer(response + tokenizer.eos_token, add_special_tokens=False)["input_ids"])
+            if n_resp >= max_length:
+                enc.response_truncated += 1
+            ids = ids[-max_length:]
+        enc.ids.append(ids)
+    return enc
+
+
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids [N, T], attention_mask [N, T])``, right-padded to the longest sequence."""
+    n, t = len(seqs), max(len(s) for s in seqs)
+    ids = torch.full((n, t), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, t), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def pad_hidden(states: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached per-sequence hidden states ``[T_i, H]`` → ``([N, T, H], mask [N, T])``, right-padded."""
+    n, t, h = len(states), max(s.shape[0] for s in states), states[0].shape[1]
+    out = states[0].new_zeros((n, t, h))
+    mask = torch.zeros((n, t), dtype=torch.long)
+    for i, s in enumerate(states):
+        out[i, : s.shape[0]] = s
+        mask[i, : s.shape[0]] = 1
+    return out, mask
+
+
+@torch.no_grad()
+def score_ids(
+    model: RewardModel,
+    ids: Sequence[Sequence[int]],
+    pad_id: int,
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """Rewards ``[N]`` for token sequences, batched by length (sorted, then restored to input order)."""
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out = torch.empty(len(ids), dtype=torch.float32)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        input_ids, mask = pad_right([ids[i] for i in chunk], pad_id)
+        out[chunk] = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).float().cpu()
+    return out
+
+
+def score_texts(
+    model: RewardModel,
+    tokenizer,
+    prompts: Sequence[Any],
+    responses: Sequence[str],
+    max_length: int,
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+) -> tuple[torch.Tensor, Encoded]:
+    """Raw (unnormalised) rewards ``[N]`` of (prompt, response) texts and the truncation counts."""
+    if not responses:
+        return torch.empty(0), Encoded(ids=[])
+    enc = encode_conversations(tokenizer, prompts, responses, max_length)
+    was_training = model.training
+    model.eval()
+    try:
+        scores = score_ids(model, enc.ids, tokenizer.pad_token_id, batch_size, device)
+    finally:
+        model.train(was_training)
+    return scores, enc
