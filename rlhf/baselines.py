@@ -1,0 +1,301 @@
+"""``rlhf baseline``: TRL 1.16's critic-free RL trainers (GRPO, RLOO) on the lab's reward and prompts.
+
+The lab's reward function (a reward-model dir, a gold scorer, a user function or a weighted sum:
+:func:`rlhf.rewards.load_reward_fn`) is wrapped as a TRL reward function, the prompts are the same
+``lab:prompts`` split PPO trains on, and the run is logged to the same W&B group (the
+experiment) with ``job_type=baseline``, so a dashboard overlays PPO and its baselines. TRL's
+``reward`` is also logged as ``objective/scores`` (PPO's name) for that overlay; everything else TRL logs appears under ``train/``. At the end the policy is
+evaluated on held-out prompts with the same :func:`rlhf.evaluate.evaluate_policy` as PPO
+(``eval/*``), against the starting policy.
+
+Precision is explicit (``bf16=False`` on a CPU: TRL's default autocast crawls there), gradient
+checkpointing is off, nothing goes to the Hub, and TRL's own W&B reporting is off
+(``report_to="none"``; the lab's tracker logs instead).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rlhf.config import (
+    ConfigError,
+    add_config_arguments,
+    config_from_args,
+    config_hash,
+    exact_div,
+    option,
+    to_dict,
+)
+from rlhf.tracking import TrackingConfig
+
+
+@dataclass
+class BaselineConfig:
+    algorithm: str = option(
+        "grpo", help="TRL trainer: grpo (GRPOTrainer) or rloo (RLOOTrainer)", choices=("grpo", "rloo")
+    )
+    policy: str = option(
+        "smollm2-135m-instruct", help="starting policy: the SFT policy dir, an alias or a model dir"
+    )
+    reward: str | list[dict] = option(
+        "vader",
+        help="reward: a reward-model dir, a scorer spec, or a list of "
+        "{spec, weight} (the same interface as rlhf ppo)",
+    )
+    gold: str | None = option(None, help="gold scorer for eval/gold_score (e.g. vader)")
+    prompts: str = option("lab:prompts", help="prompt source (the same as PPO's)")
+    prompts_split: str | None = option("train", help="split to train on")
+    eval_split: str | None = option("eval", help="split of held-out prompts for the final evaluation")
+    num_eval_prompts: int = option(16, help="held-out prompts for the final evaluation (0 = none)")
+    total_episodes: int = option(256, help="completions sampled over the whole run")
+    batch_size: int = option(16, help="completions per optimiser step (a multiple of num_generations)")
+    num_generations: int = option(4, help="completions per prompt (the group of GRPO / the k of RLOO)")
+    response_length: int = option(48, help="maximum new tokens per completion")
+    temperature: float = option(0.7, help="sampling temperature")
+    learning_rate: float = option(1e-5, help="learning rate (LoRA usually wants ~1e-4 or more)")
+    beta: float = option(0.05, help="KL coefficient against the reference policy")
+    num_iterations: int = option(1, help="optimisation passes per generated batch (μ)")
+    lora: bool = option(False, help="train a LoRA adapter instead of all weights")
+    lora_r: int = option(16, help="LoRA rank")
+    lora_alpha: int = option(32, help="LoRA alpha")
+    logging_steps: int = option(1, help="log every N steps")
+    output_dir: str = option(
+        "", help="where to write the final policy (default: runs/<experiment>/baseline_<algorithm>/policy)"
+    )
+    experiment: str = option("default", help="experiment name: the W&B group and runs/<experiment>/")
+    runs_dir: str = option("runs", help="root folder of run directories")
+    seed: int = option(0, help="random seed")
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self) -> None:
+        for name in ("total_episodes", "batch_size", "num_generations", "response_length", "num_iterations"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: {getattr(self, name)} must be > 0")
+        if self.num_generations < 2:
+            raise ConfigError("num_generations must be ≥ 2 (the baseline of each completion is its group)")
+        exact_div(self.batch_size, self.num_generations, "batch_size / num_generations")
+        exact_div(self.total_episodes, self.batch_size, "total_episodes / batch_size")
+        if self.temperature <= 0 or self.learning_rate <= 0 or self.beta < 0:
+            raise ConfigError("temperature and learning_rate must be > 0, beta ≥ 0")
+        from rlhf.ppo.loop import check_reward_spec
+
+        check_reward_spec(self.reward)
+
+
+def trl_reward_func(reward_fn):
+    """The lab's reward function as a TRL reward function ``(prompts, completions, **kw) -> list[float]``.
+
+    TRL passes conversational prompts/completions as chat messages; the lab's reward functions take
+    the prompt text and the response text (a reward model re-applies its own chat template).
+    """
+    from rlhf.data import prompt_text
+
+    def lab_reward(prompts, completions, **kwargs) -> list[float]:
+        p = [prompt_text(x) for x in prompts]
+        c = [x[-1]["content"] if isinstance(x, list) else str(x) for x in completions]
+        return [float(v) for v in reward_fn(p, c)]
+
+    lab_reward.__name__ = "lab_reward"  # TRL logs rewards/<name>/mean
+    return lab_reward
+
+
+def _tracker_callback(tracker):
+    from transformers import TrainerCallback
+
+    # Only the score shares a meaning with PPO's metric (TRL's kl/entropy are per-token means, PPO's
+    # objective/kl is per response), so only it is logged under PPO's name too.
+    rename = {"reward": "objective/scores"}
+
+    class _ToTracker(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            out = {}
+            for key, value in (logs or {}).items():
+                if isinstance(value, (int, float)):
+                    out[f"train/{key}"] = value
+                    if key in rename:
+                        out[rename[key]] = value
+            if out:
+                out["episodes"] = state.global_step * args.per_device_train_batch_size
+                tracker.log(out, step=state.global_step)
+
+    return _ToTracker()
+
+
+def run_baseline(cfg: BaselineConfig) -> dict[str, Any]:
+    cfg.validate()
+    import torch
+    from datasets import Dataset
+
+    from rlhf.data import prompt_text
+    from rlhf.evaluate import evaluate_policy, resolve_stop_token
+    from rlhf.models import load_policy, resolve_model_path, write_policy_dir
+    from rlhf.ppo.loop import PPOConfig, _load_prompt_sets
+    from rlhf.ppo.rollout import encode_queries, left_pad
+    from rlhf.ppo.value import response_logprobs
+    from rlhf.rewards import load_reward_fn
+    from rlhf.scorers import get_scorer
+    from rlhf.sft import bf16_supported
+    from rlhf.tracking import start_stage
+
+    split_cfg = PPOConfig(
+        prompts=cfg.prompts,
+        prompts_split=cfg.prompts_split,
+        eval_split=cfg.eval_split,
+        num_eval_prompts=cfg.num_eval_prompts,
+    )
+    train_prompts, eval_prompts = _load_prompt_sets(split_cfg)  # the same split logic as PPO
+    reward_fn = load_reward_fn(cfg.reward)
+    gold_fn = get_scorer(cfg.gold) if cfg.gold else None
+    stage = f"baseline_{cfg.algorithm}"
+    tracker = start_stage(cfg, stage, job_type="baseline")
+    run_dir = tracker.run_dir
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else run_dir / "policy"
+
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_policy(cfg.policy)
+    if hasattr(model, "peft_config"):
+        model = model.merge_and_unload()
+    reference, _ = load_policy(cfg.policy) if eval_prompts else (None, None)
+    if reference is not None and hasattr(reference, "peft_config"):
+        reference = reference.merge_and_unload()
+
+    def chat(p):
+        return [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
+
+    train_ds = Dataset.from_list([{"prompt": chat(p["prompt"])} for p in train_prompts])
+    steps = cfg.total_episodes // cfg.batch_size
+    common = dict(
+        output_dir=str(run_dir / "trainer"),
+        learning_rate=cfg.learning_rate,
+        max_steps=steps,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=1,
+        num_generations=cfg.num_generations,
+        max_completion_length=cfg.response_length,
+        temperature=cfg.temperature,
+        top_p=1.0,
+        top_k=0,
+        beta=cfg.beta,
+        num_iterations=cfg.num_iterations,
+        logging_steps=cfg.logging_steps,
+        save_strategy="no",
+        report_to="none",
+        seed=cfg.seed,
+        bf16=bf16_supported(),
+        fp16=False,
+        use_cpu=not torch.cuda.is_available(),
+        activation_checkpointing=False,
+        disable_dropout=True,
+        dataloader_num_workers=0,
+    )
+    peft_config = None
+    if cfg.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=0.0,
+            bias="none",
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            task_type="CAUSAL_LM",
+        )
+    if cfg.algorithm == "grpo":
+        from trl import GRPOConfig, GRPOTrainer
+
+        Trainer, args = GRPOTrainer, GRPOConfig(**common)
+    else:
+        from trl import RLOOConfig, RLOOTrainer
+
+        Trainer, args = RLOOTrainer, RLOOConfig(**common)
+    trainer = Trainer(
+        model=model,
+        reward_funcs=trl_reward_func(reward_fn),
+        args=args,
+        train_dataset=train_ds,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[_tracker_callback(tracker)],
+    )
+    t0 = time.time()
+    trainer.train()
+    train_s = time.time() - t0
+    summary: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "time/train_s": train_s,
+        "perf/episodes_per_s": cfg.total_episodes / train_s,
+    }
+    final = trainer.model
+    if hasattr(final, "peft_config"):
+        final = final.merge_and_unload()
+    final.eval()
+
+    if eval_prompts:
+        stop_id = resolve_stop_token(tokenizer, "eos")
+        q, qm = left_pad(
+            encode_queries(tokenizer, [p["prompt"] for p in eval_prompts], 256), tokenizer.pad_token_id
+        )
+        texts = [prompt_text(p["prompt"]) for p in eval_prompts]
+        ev = dict(
+            max_new_tokens=cfg.response_length,
+            temperature=cfg.temperature,
+            stop_token_id=stop_id,
+            batch_size=16,
+            seed=cfg.seed + 12345,
+        )
+        _, ref_rows = evaluate_policy(reference, tokenizer, q, qm, texts, reward_fn, **ev)
+        metrics, _ = evaluate_policy(
+            final,
+            tokenizer,
+            q,
+            qm,
+            texts,
+            reward_fn,
+            gold_fn=gold_fn,
+            ref_logprobs_fn=lambda a, b, c, d: response_logprobs(reference, a, b, c, d, cfg.temperature, 16),
+            baseline_scores=torch.tensor([r[2] for r in ref_rows]),
+            **ev,
+        )
+        tracker.log(metrics, step=steps)
+        summary.update(metrics)
+
+    meta = {
+        "base": resolve_model_path(cfg.policy),
+        "stage": stage,
+        "config_hash": config_hash(cfg),
+        "config": to_dict(cfg),
+    }
+    write_policy_dir(final, tokenizer, out_dir, meta)
+    import shutil
+
+    shutil.rmtree(run_dir / "trainer", ignore_errors=True)
+    tracker.log_artifact(out_dir, name=f"{cfg.experiment}-{stage}-policy", type="model")
+    if Path(cfg.policy).exists():
+        tracker.use_artifact(cfg.policy, name="sft-policy", type="model")
+    tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+    tracker.finish()
+    summary["policy_dir"] = str(out_dir)
+    print(
+        f"baseline {cfg.algorithm}: {summary['perf/episodes_per_s']:.3f} episodes/s; "
+        + ", ".join(f"{k}={v:.4f}" for k, v in summary.items() if k.startswith("eval/"))
+    )
+    return summary
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser(
+        "baseline",
+        help="TRL's RLOO / GRPO on the same prompts and reward, for comparison",
+        description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
+    )
+    add_config_arguments(p, BaselineConfig)
+
+    def _run(args) -> int:
+        run_baseline(config_from_args(args, BaselineConfig))
+        return 0
+
+    p.set_defaults(func=_run)
+    return p

@@ -1,0 +1,241 @@
+"""``rlhf eval``: score a policy on held-out prompts.
+
+For each held-out prompt the policy samples one response (pure sampling at the given
+temperature, a fixed seed so two policies are compared on equal terms) and we report:
+
+- ``eval/score``: the reward function's score (a reward model is normalised by its
+  ``rlhf_reward.json``), ``eval/gold_score`` when a gold scorer is set;
+- ``eval/kl``: KL(policy ‖ reference) per response, the sum over its tokens of
+  ``logp - ref_logp`` (k1, unbiased) on the policy's own samples;
+- ``eval/length`` (tokens, EOS included), ``eval/eos_rate`` (responses that stopped);
+- ``eval/win_rate``: the fraction of prompts on which the policy's response scores higher than
+  the reference policy's response under the reward function (ties count one half).
+
+The same :func:`evaluate_policy` runs inside PPO every ``eval_every`` updates, so the numbers of
+``rlhf eval`` and the PPO curves are the same quantities.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf.config import ConfigError, add_config_arguments, config_from_args, option
+from rlhf.tracking import TrackingConfig
+
+
+@dataclass
+class EvalConfig:
+    policy: str = option("smollm2-135m-instruct", help="policy to evaluate: a policy dir, alias or model dir")
+    reference: str = option(
+        "", help="reference policy for KL and win rate (e.g. the SFT policy dir); empty = no KL / win rate"
+    )
+    reward: str = option(
+        "vader",
+        help="reward: a reward-model dir (rlhf_reward.json) or a scorer spec "
+        "(vader, length:target=N, keywords:good=a|b, module:function)",
+    )
+    gold: str | None = option(None, help="gold scorer spec for eval/gold_score (e.g. vader); null = none")
+    prompts: str = option(
+        "lab:prompts", help="prompt source (lab:prompts, a .jsonl file, a dataset dir or Hub id)"
+    )
+    split: str | None = option("eval", help="split of the prompts (null = all records)")
+    num_prompts: int = option(64, help="evaluate on at most this many prompts (0 = all)")
+    max_prompt_tokens: int = option(256, help="keep at most this many (last) prompt tokens")
+    max_new_tokens: int = option(48, help="response length limit in tokens")
+    temperature: float = option(0.7, help="sampling temperature (use the one PPO trained with)")
+    stop_token: str = option("eos", help="'eos' or a token string at which responses end")
+    batch_size: int = option(16, help="prompts per generation batch")
+    experiment: str = option("default", help="experiment name: the W&B group and runs/<experiment>/")
+    runs_dir: str = option("runs", help="root folder of run directories")
+    seed: int = option(0, help="sampling seed (the same seed gives both policies the same random stream)")
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self) -> None:
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature: {self.temperature} must be > 0")
+        for name in ("max_new_tokens", "batch_size", "max_prompt_tokens"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: {getattr(self, name)} must be > 0")
+
+
+def win_rate(scores: torch.Tensor, baseline: torch.Tensor) -> float:
+    """Fraction of rows where ``scores > baseline`` (ties count 1/2). ``[N]``, ``[N]`` → float."""
+    wins = (scores > baseline).float() + 0.5 * (scores == baseline).float()
+    return float(wins.mean())
+
+
+@torch.no_grad()
+def evaluate_policy(
+    policy,
+    tokenizer,
+    query: torch.Tensor,
+    query_mask: torch.Tensor,
+    prompt_texts: Sequence[str],
+    reward_fn: Callable,
+    *,
+    ref_logprobs_fn: Callable | None = None,
+    gold_fn: Callable | None = None,
+    baseline_scores: torch.Tensor | None = None,
+    max_new_tokens: int,
+    temperature: float,
+    stop_token_id: int,
+    batch_size: int,
+    seed: int,
+    sampling_context: Callable | None = None,
+) -> tuple[dict[str, float], list[list]]:
+    """Sample, score and measure one response per query. Returns ``(metrics, rows)``.
+
+    ``ref_logprobs_fn(query, query_mask, tokens, mask) -> [N, T]`` gives the reference's log-probs
+    (None: no KL). ``rows`` are ``[prompt, response, score, kl, gold]`` for a sample table.
+    ``sampling_context()`` wraps the sampling only (PPO passes one that merges a LoRA adapter).
+    """
+    import contextlib
+
+    from rlhf.ppo.rollout import decode_responses, sample_rollout
+
+    gen = torch.Generator(device=query.device).manual_seed(seed)
+    with sampling_context() if sampling_context is not None else contextlib.nullcontext():
+        ro = sample_rollout(
+            policy,
+            query,
+            query_mask,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            stop_token_id=stop_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            generator=gen,
+            batch_size=batch_size,
+        )
+    responses = decode_responses(tokenizer, ro.tokens, ro.mask)
+    scores = torch.as_tensor(reward_fn(list(prompt_texts), responses), dtype=torch.float32).reshape(-1)
+    metrics: dict[str, float] = {
+        "eval/score": float(scores.mean()),
+        "eval/length": float(ro.mask.sum(-1).float().mean()),
+        "eval/eos_rate": float(ro.has_stop.float().mean()),
+    }
+    kl = torch.zeros(len(responses))
+    if ref_logprobs_fn is not None:
+        ref = ref_logprobs_fn(query, query_mask, ro.tokens, ro.mask)
+        kl = ((ro.logprobs - ref) * ro.mask).sum(-1)
+        metrics["eval/kl"] = float(kl.mean())
+    gold = [None] * len(responses)
+    if gold_fn is not None:
+        gold = [float(g) for g in gold_fn(list(prompt_texts), responses)]
+        metrics["eval/gold_score"] = sum(gold) / len(gold)
+    if baseline_scores is not None:
+        metrics["eval/win_rate"] = win_rate(scores, baseline_scores)
+    rows = [[p, r, float(s), float(k), g] for p, r, s, k, g in zip(prompt_texts, responses, scores, kl, gold)]
+    return metrics, rows
+
+
+def resolve_stop_token(tokenizer, stop_token: str) -> int:
+    """``eos`` → the tokenizer's EOS id; otherwise a string that must be exactly one token."""
+    if stop_token == "eos":
+        return int(tokenizer.eos_token_id)
+    ids = tokenizer(stop_token, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ConfigError(
+            f"stop_token: {stop_token!r} is {len(ids)} tokens for this tokenizer; it must be exactly one "
+            "token (or 'eos')"
+        )
+    return int(ids[0])
+
+
+def load_eval_prompts(source: str, split: str | None, limit: int) -> list[dict]:
+    from rlhf.data import load_prompts
+
+    records = load_prompts(source, split=split)
+    if not records:
+        raise ConfigError(f"prompts {source!r} has no records in split {split!r}")
+    return records[:limit] if limit > 0 else records
+
+
+def run_eval(cfg: EvalConfig) -> dict[str, Any]:
+    """Evaluate ``cfg.policy`` (and, for the win rate, ``cfg.reference``) on held-out prompts."""
+    cfg.validate()
+    from rlhf.data import prompt_text
+    from rlhf.models import load_policy
+    from rlhf.ppo.rollout import encode_queries, left_pad
+    from rlhf.ppo.value import response_logprobs
+    from rlhf.rewards import load_reward_fn
+    from rlhf.scorers import get_scorer
+    from rlhf.tracking import start_stage
+
+    records = load_eval_prompts(cfg.prompts, cfg.split, cfg.num_prompts)
+    reward_fn = load_reward_fn(cfg.reward)
+    gold_fn = get_scorer(cfg.gold) if cfg.gold else None
+    tracker = start_stage(cfg, "eval", job_type="eval")
+    t0 = time.time()
+    policy, tokenizer = load_policy(cfg.policy)
+    stop_id = resolve_stop_token(tokenizer, cfg.stop_token)
+    query, qmask = left_pad(
+        encode_queries(tokenizer, [r["prompt"] for r in records], cfg.max_prompt_tokens),
+        tokenizer.pad_token_id,
+    )
+    texts = [prompt_text(r["prompt"]) for r in records]
+    common = dict(
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        stop_token_id=stop_id,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+    )
+    ref_fn, baseline = None, None
+    ref_metrics: dict[str, float] = {}
+    if cfg.reference:
+        reference, _ = load_policy(cfg.reference)
+        ref_metrics, ref_rows = evaluate_policy(
+            reference, tokenizer, query, qmask, texts, reward_fn, gold_fn=gold_fn, **common
+        )
+        baseline = torch.tensor([r[2] for r in ref_rows])
+
+        def ref_fn(q, qm, r, rm):
+            return response_logprobs(reference, q, qm, r, rm, cfg.temperature, cfg.batch_size)
+
+        tracker.use_artifact(cfg.reference, name="reference-policy", type="model")
+    if Path(cfg.policy).exists():
+        tracker.use_artifact(cfg.policy, name="policy", type="model")
+    metrics, rows = evaluate_policy(
+        policy,
+        tokenizer,
+        query,
+        qmask,
+        texts,
+        reward_fn,
+        ref_logprobs_fn=ref_fn,
+        gold_fn=gold_fn,
+        baseline_scores=baseline,
+        **common,
+    )
+    for k, v in ref_metrics.items():
+        if k in ("eval/score", "eval/gold_score", "eval/length", "eval/eos_rate"):
+            metrics["eval/reference_" + k.split("/", 1)[1]] = v
+    metrics["time/eval_s"] = time.time() - t0
+    tracker.log(metrics, step=0)
+    tracker.log_table("eval/samples", ["prompt", "response", "score", "kl", "gold_score"], rows, step=0)
+    tracker.summary(metrics)
+    tracker.finish()
+    print("eval: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    return {"run_dir": str(tracker.run_dir), **metrics}
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser(
+        "eval",
+        help="score a policy on held-out prompts (reward model, gold scorer, KL, length)",
+        description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n", 2)[1],
+    )
+    add_config_arguments(p, EvalConfig)
+
+    def _run(args) -> int:
+        run_eval(config_from_args(args, EvalConfig))
+        return 0
+
+    p.set_defaults(func=_run)
+    return p

@@ -1,0 +1,105 @@
+"""Queries in, sampled and truncated responses out: the pieces of a rollout shared by PPO and ``rlhf eval``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlhf.ppo.math import truncate_after_stop
+
+
+def encode_queries(tokenizer, prompts: list, max_prompt_tokens: int) -> list[list[int]]:
+    """Token ids of each prompt as the policy sees it (chat template + generation prompt).
+
+    Long prompts keep their *last* ``max_prompt_tokens`` tokens, so the generation prompt
+    (``<|im_start|>assistant\\n``) is never cut off.
+    """
+    from rlhf.models import format_prompt
+
+    out = []
+    for p in prompts:
+        ids = tokenizer(format_prompt(tokenizer, p), add_special_tokens=False)["input_ids"]
+        out.append(ids[-max_prompt_tokens:] if max_prompt_tokens > 0 else ids)
+    return out
+
+
+def left_pad(seqs: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists → ``(ids [B, L], mask [B, L])`` (ppo.md item 2: generation needs left padding)."""
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, L - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, L - len(s) :] = 1
+    return ids, mask
+
+
+@dataclass
+class Rollout:
+    """Responses of a batch, truncated after the first stop token.
+
+    tokens [B, T] (pad after the stop), mask [B, T] (1 on kept tokens, the stop included),
+    logprobs [B, T] (sampling log-probs at the temperature, 0 on padding), has_stop [B].
+    """
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    logprobs: torch.Tensor
+    has_stop: torch.Tensor
+
+
+@torch.no_grad()
+def sample_rollout(
+    model,
+    query: torch.Tensor,
+    query_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    stop_token_id: int,
+    pad_token_id: int,
+    generator: torch.Generator | None,
+    batch_size: int = 0,
+) -> Rollout:
+    """Pure sampling (top_k = 0, top_p = 1: ppo.md item 3), in chunks of ``batch_size`` rows.
+
+    Every chunk is padded to ``max_new_tokens`` columns so chunks concatenate.
+    """
+    from rlhf.generation import sample_responses
+
+    B = query.shape[0]
+    step = batch_size or B
+    toks, lps = [], []
+    for i in range(0, B, step):
+        s = sample_responses(
+            model,
+            query[i : i + step],
+            query_mask[i : i + step],
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            eos_token_id=stop_token_id,
+            pad_token_id=pad_token_id,
+            generator=generator,
+            top_k=0,
+            top_p=1.0,
+        )
+        pad = max_new_tokens - s.tokens.shape[1]
+        toks.append(torch.nn.functional.pad(s.tokens, (0, pad), value=pad_token_id))
+        lps.append(torch.nn.functional.pad(s.logprobs, (0, pad), value=0.0))
+    tokens, mask = truncate_after_stop(torch.cat(toks), stop_token_id, pad_token_id)
+    logprobs = torch.cat(lps) * mask
+    has_stop = (tokens == stop_token_id).any(-1)
+    # Drop columns that are padding in every row (all responses stopped early): shorter passes.
+    width = max(int(mask.sum(-1).max()), 1)
+    return Rollout(tokens[:, :width], mask[:, :width], logprobs[:, :width], has_stop)
+
+
+def decode_responses(tokenizer, tokens: torch.Tensor, mask: torch.Tensor) -> list[str]:
+    """Text of each response (special tokens such as EOS dropped), for the reward function."""
+    lengths = mask.sum(-1).tolist()
+    return [
+        tokenizer.decode(tokens[i, : int(n)].tolist(), skip_special_tokens=True)
+        for i, n in enumerate(lengths)
+    ]

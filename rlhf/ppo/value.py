@@ -1,0 +1,152 @@
+"""The policy and its value function as one trainable module, plus the scoring forward passes.
+
+Two value models (ppo.md item 14):
+
+- ``critic``: a separate backbone with a scalar head, initialised from the reward model's
+  backbone (the N+ default) when the reward model shares the policy's tokenizer, else from a
+  copy of the policy's backbone. One extra forward/backward per micro-batch.
+- ``shared``: a scalar head on the policy's own last hidden state. The value costs one linear
+  layer on a forward the policy does anyway — the cheap choice on a CPU.
+
+The head is zero-initialised (values start at 0, so the first advantages are the rewards
+themselves and the value loss starts small). Dropout is off in every model (the lab's loaders
+set it to 0): with dropout, the first-minibatch ratio would not be 1 and the KL would be noise.
+
+Every forward here takes a left-padded query and a right-padded response and computes
+``position_ids`` from the attention mask (ppo.md item 2), and only the logits of the response
+positions (``logits_to_keep``), which skips the large vocabulary projection over the prompt.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rlhf.ppo.math import logprobs_from_logits
+
+
+def concat_query_response(
+    query: torch.Tensor, query_mask: torch.Tensor, response: torch.Tensor, response_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``[B, Q]`` + ``[B, T]`` → ``(input_ids, attention_mask, position_ids)`` each ``[B, Q+T]``."""
+    input_ids = torch.cat([query, response], dim=1)
+    attn = torch.cat([query_mask.long(), response_mask.long()], dim=1)
+    position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
+    return input_ids, attn, position_ids
+
+
+class PolicyAndValue(nn.Module):
+    """Policy LM + value head (+ optional separate critic backbone), trained by one optimiser."""
+
+    def __init__(self, policy: nn.Module, value_head: nn.Linear, critic: nn.Module | None = None):
+        super().__init__()
+        self.policy = policy
+        self.value_head = value_head
+        self.critic = critic
+
+    def forward(self, query, query_mask, response, response_mask, need_logits: bool = True):
+        """Response logits ``[B, T, V]`` (None when not needed) and values ``[B, T]``.
+
+        Position ``t`` of the outputs is the state *before* response token ``t`` (the logits that
+        sampled it and the value of that state).
+        """
+        input_ids, attn, pos = concat_query_response(query, query_mask, response, response_mask)
+        T = response.shape[1]
+        keep = T + 1 if need_logits else 1
+        if self.critic is None:
+            out = self.policy(
+                input_ids=input_ids,
+                attention_mask=attn,
+                position_ids=pos,
+                output_hidden_states=True,
+                logits_to_keep=keep,
+            )
+            hidden = out.hidden_states[-1]
+        else:
+            out = (
+                self.policy(input_ids=input_ids, attention_mask=attn, position_ids=pos, logits_to_keep=keep)
+                if need_logits
+                else None
+            )
+            hidden = self.critic(input_ids=input_ids, attention_mask=attn, position_ids=pos).last_hidden_state
+        values = self.value_head(hidden[:, -(T + 1) : -1]).squeeze(-1).float()
+        logits = out.logits[:, :-1] if need_logits else None
+        return logits, values
+
+
+def make_value_head(hidden_size: int) -> nn.Linear:
+    """A zero-initialised scalar head (values start at exactly 0)."""
+    head = nn.Linear(hidden_size, 1)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    return head
+
+
+@torch.no_grad()
+def response_logprobs(
+    model: nn.Module,
+    query,
+    query_mask,
+    response,
+    response_mask,
+    temperature: float,
+    micro_batch_size: int = 0,
+) -> torch.Tensor:
+    """Log-probs ``[B, T]`` of the response tokens under ``model`` at ``temperature`` (0 on padding)."""
+    B = query.shape[0]
+    step = micro_batch_size or B
+    parts = []
+    for i in range(0, B, step):
+        q, qm, r, rm = (
+            query[i : i + step],
+            query_mask[i : i + step],
+            response[i : i + step],
+            response_mask[i : i + step],
+        )
+        input_ids, attn, pos = concat_query_response(q, qm, r, rm)
+        logits = model(
+            input_ids=input_ids, attention_mask=attn, position_ids=pos, logits_to_keep=r.shape[1] + 1
+        ).logits[:, :-1]
+        parts.append(logprobs_from_logits(logits, r, temperature) * rm.to(torch.float32))
+    return torch.cat(parts, dim=0)
+
+
+def hidden_size_of(model: nn.Module) -> int:
+    cfg = model.config
+    return int(getattr(cfg, "hidden_size", None) or cfg.get_text_config().hidden_size)
+
+
+class merged_lora:
+    """Context manager: the LoRA adapter folded into the base weights, then the base restored *exactly*.
+
+    Sampling through unmerged LoRA layers costs an extra pair of small matmuls per layer and step,
+    which on a CPU more than doubled rollout time; merged, generation runs at the plain model's
+    speed. PEFT's ``unmerge_adapter`` subtracts the delta again, which leaves float rounding in the
+    base weights — and the base *is* the reference policy — so the touched base weights are saved
+    before merging and copied back afterwards (bit-identical reference for the whole run).
+    A model without LoRA layers passes through unchanged.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.layers = []
+        if hasattr(model, "peft_config"):
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            self.layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        self.saved: list[torch.Tensor] = []
+
+    def __enter__(self):
+        if self.layers:
+            self.saved = [m.get_base_layer().weight.detach().clone() for m in self.layers]
+            self.model.merge_adapter()
+        return self.model
+
+    def __exit__(self, *exc):
+        if self.layers:
+            self.model.unmerge_adapter()  # bookkeeping (merged_adapters) ...
+            with torch.no_grad():  # ... and the exact weights
+                for m, w in zip(self.layers, self.saved):
+                    m.get_base_layer().weight.copy_(w)
+            self.saved = []
+        return False

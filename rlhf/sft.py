@@ -1,0 +1,307 @@
+"""``rlhf sft``: supervised fine-tuning of the pretrained base on demonstrations (TRL's SFTTrainer).
+
+The demonstrations (the lab's shipped ones, ``lab:demonstrations``, or any dataset in the
+prompt/completion or chat ``messages`` formats) are turned into TRL's *conversational* formats,
+so TRL applies the policy's chat template exactly as PPO will see it and computes the loss on
+the completion (assistant) tokens only. Full fine-tuning or LoRA. A held-out slice gives the
+evaluation loss. The result is a policy directory (``rlhf_policy.json``) that ``rlhf ppo`` starts
+from.
+
+Precision is set explicitly (``bf16=False`` on a CPU without bf16 hardware: TRL's default
+autocast makes every matmul crawl there, environment-notes.md), W&B reporting inside TRL is off
+(``report_to="none"``) and the metrics go through the lab's tracker instead, with
+``job_type=sft``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rlhf.config import ConfigError, add_config_arguments, config_from_args, config_hash, option, to_dict
+from rlhf.tracking import TrackingConfig
+
+
+@dataclass
+class SFTConfig:
+    model: str = option(
+        "smollm2-135m-instruct", help="base model: alias (smollm2-135m-instruct, tiny), local dir or Hub id"
+    )
+    demonstrations: str = option(
+        "lab:demonstrations",
+        help="demonstrations: lab:demonstrations, a .jsonl/.json/.parquet "
+        "file, a save_to_disk dir or a Hub id (prompt/completion or messages)",
+    )
+    split: str | None = option("train", help="split of the demonstrations to train on (null = all records)")
+    eval_split: str | None = option(
+        "eval",
+        help="split to evaluate on; null = hold out eval_fraction of the "
+        "training records (also used when the data has no split field)",
+    )
+    eval_fraction: float = option(
+        0.1,
+        help="fraction of the demonstrations held out for the evaluation loss "
+        "(when eval_split is null; 0 = no evaluation)",
+    )
+    max_examples: int = option(0, help="use at most this many training demonstrations (0 = all)")
+    output_dir: str = option("", help="where to write the policy dir (default: runs/<experiment>/sft/policy)")
+    lora: bool = option(False, help="train a LoRA adapter instead of all weights")
+    lora_r: int = option(16, help="LoRA rank")
+    lora_alpha: int = option(32, help="LoRA alpha (scale = alpha / r)")
+    lora_target_modules: list[str] = option(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        help="module names that get LoRA adapters",
+    )
+    learning_rate: float = option(2e-5, help="peak learning rate (LoRA usually wants ~1e-4 or more)")
+    lr_scheduler: str = option(
+        "linear", help="learning-rate schedule", choices=("linear", "cosine", "constant")
+    )
+    warmup_ratio: float = option(0.0, help="fraction of steps for linear warm-up")
+    epochs: float = option(1.0, help="passes over the training demonstrations")
+    max_steps: int = option(-1, help="stop after this many optimiser steps (-1 = use epochs)")
+    batch_size: int = option(8, help="demonstrations per optimiser step (per device) before accumulation")
+    grad_accum: int = option(1, help="gradient accumulation steps")
+    max_length: int = option(512, help="truncate tokenized conversations to this many tokens")
+    completion_only_loss: bool = option(
+        True, help="loss on the completion (assistant) tokens only, not the prompt"
+    )
+    max_grad_norm: float = option(1.0, help="gradient clipping norm")
+    weight_decay: float = option(0.0, help="AdamW weight decay")
+    logging_steps: int = option(5, help="log the training loss every N optimiser steps")
+    eval_steps: int = option(0, help="evaluate every N steps (0 = only at the end)")
+    experiment: str = option("default", help="experiment name: the W&B group and runs/<experiment>/")
+    runs_dir: str = option("runs", help="root folder of run directories")
+    seed: int = option(0, help="random seed (data order, LoRA init)")
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self) -> None:
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"eval_fraction: {self.eval_fraction} must be in [0, 1)")
+        for name in ("batch_size", "grad_accum", "max_length", "logging_steps", "lora_r"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: {getattr(self, name)} must be > 0")
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise ConfigError("epochs must be > 0 (or set max_steps)")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate: {self.learning_rate} must be > 0")
+
+
+def to_trl_record(rec: dict[str, Any]) -> dict[str, Any]:
+    """A demonstration → TRL's conversational format (``messages``, or ``prompt``/``completion`` turns).
+
+    Conversational records make TRL apply the chat template (the one PPO samples with) and, for
+    prompt/completion, mask the prompt out of the loss.
+    """
+    if "messages" in rec and rec["messages"]:
+        return {"messages": list(rec["messages"])}
+    prompt, completion = rec["prompt"], rec["completion"]
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, dict) and "messages" in prompt:
+        prompt = list(prompt["messages"])
+    if isinstance(completion, str):
+        completion = [{"role": "assistant", "content": completion}]
+    return {"prompt": list(prompt), "completion": list(completion)}
+
+
+def split_heldout(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Shuffle deterministically, hold out ``ceil(fraction · n)`` records (at least 1 when fraction > 0)."""
+    if fraction <= 0 or len(records) < 2:
+        return list(records), []
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(len(records) - 1, max(1, math.ceil(fraction * len(records))))
+    held = {i for i in order[:n_eval]}
+    return [r for i, r in enumerate(records) if i not in held], [records[i] for i in order[:n_eval]]
+
+
+def bf16_supported() -> bool:
+    """bf16 only where the hardware has it (CUDA with bf16); never autocast on a CPU (environment-notes.md)."""
+    import torch
+
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def _tracker_callback(tracker):
+    from transformers import TrainerCallback
+
+    class _ToTracker(TrainerCallback):
+        """Forwards the Trainer's logs to the lab's tracker as ``train/*`` and ``eval/*``."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs:
+                return
+            out = {}
+            for key, value in logs.items():
+                if not isinstance(value, (int, float)):
+                    continue
+                if key.startswith("eval_"):
+                    out[f"eval/{key[5:]}"] = value
+                elif key.startswith("train_"):
+                    out[f"train/{key[6:]}"] = value
+                else:
+                    out[f"train/{key}"] = value
+            if out:
+                tracker.log(out, step=state.global_step)
+
+    return _ToTracker()
+
+
+def run_sft(cfg: SFTConfig) -> dict[str, Any]:
+    """Fine-tune ``cfg.model`` on the demonstrations; write the policy dir. Returns a summary."""
+    cfg.validate()
+    from rlhf.data import load_demonstrations
+
+    # Data first: a bad file fails in a second, before any model loads.
+    train_records = load_demonstrations(cfg.demonstrations, split=cfg.split)
+    has_splits = any(r.get("split") is not None for r in train_records)
+    if cfg.eval_split and has_splits:
+        eval_records = [
+            r
+            for r in load_demonstrations(cfg.demonstrations, split=cfg.eval_split)
+            if r.get("split") == cfg.eval_split
+        ]
+    else:  # no split field in the data: every record is in every split, so hold some out
+        train_records, eval_records = split_heldout(train_records, cfg.eval_fraction, cfg.seed)
+    if cfg.max_examples > 0:
+        train_records = train_records[: cfg.max_examples]
+    if not train_records:
+        raise ConfigError(
+            f"demonstrations {cfg.demonstrations!r} (split {cfg.split!r}) has no records to train on"
+        )
+
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig as TRLSFTConfig
+    from trl import SFTTrainer
+
+    from rlhf.models import load_policy, resolve_model_path, write_policy_dir
+    from rlhf.tracking import start_stage
+
+    tracker = start_stage(cfg, "sft", job_type="sft")
+    run_dir = tracker.run_dir
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else run_dir / "policy"
+    if Path(cfg.demonstrations).exists():
+        tracker.use_artifact(cfg.demonstrations, name="demonstrations", type="dataset")
+
+    torch.manual_seed(cfg.seed)
+    base_path = resolve_model_path(cfg.model)
+    model, tokenizer = load_policy(cfg.model)
+    peft_config = None
+    if cfg.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=0.0,
+            bias="none",
+            target_modules=list(cfg.lora_target_modules),
+            task_type="CAUSAL_LM",
+        )
+
+    train_ds = Dataset.from_list([to_trl_record(r) for r in train_records])
+    eval_ds = Dataset.from_list([to_trl_record(r) for r in eval_records]) if eval_records else None
+    use_cuda = torch.cuda.is_available()
+    args = TRLSFTConfig(
+        output_dir=str(run_dir / "trainer"),
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the total steps
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        max_length=cfg.max_length,
+        completion_only_loss=cfg.completion_only_loss,
+        max_grad_norm=cfg.max_grad_norm,
+        weight_decay=cfg.weight_decay,
+        logging_steps=cfg.logging_steps,
+        eval_strategy=("steps" if cfg.eval_steps > 0 else "no") if eval_ds is not None else "no",
+        eval_steps=cfg.eval_steps if cfg.eval_steps > 0 else None,
+        save_strategy="no",  # the policy dir is written once, atomically, below
+        report_to="none",  # metrics go through the lab's tracker (callback below)
+        # Never leave precision to TRL's defaults: bf16 autocast on a CPU without bf16 is ~12× slower.
+        bf16=bf16_supported(),
+        fp16=False,
+        use_cpu=not use_cuda,
+        activation_checkpointing=False,  # small models: recomputation costs more than it saves
+        packing=False,
+        dataset_num_proc=None,
+        dataloader_num_workers=0,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        disable_tqdm=False,
+        save_only_model=True,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[_tracker_callback(tracker)],
+    )
+    n_trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    t0 = time.time()
+    train_out = trainer.train()
+    train_s = time.time() - t0
+    summary: dict[str, Any] = {
+        "train/loss_final": float(train_out.training_loss),
+        "time/train_s": train_s,
+        "train/examples": len(train_records),
+        "train/trainable_params": n_trainable,
+    }
+    if eval_ds is not None:
+        metrics = trainer.evaluate()
+        summary["eval/loss"] = float(metrics["eval_loss"])  # the callback has logged it as eval/loss
+
+    final = trainer.model
+    final.eval()
+    shutil.rmtree(run_dir / "trainer", ignore_errors=True)  # save_strategy="no": only TRL's empty output dir
+    meta = {
+        "base": base_path,
+        "stage": "sft",
+        "config_hash": config_hash(cfg),
+        "lora": cfg.lora,
+        "demonstrations": cfg.demonstrations,
+        "config": to_dict(cfg),
+    }
+    write_policy_dir(final, tokenizer, out_dir, meta)
+    tracker.log_artifact(
+        out_dir,
+        name=f"{cfg.experiment}-sft-policy",
+        type="model",
+        metadata={"base": base_path, "lora": cfg.lora, "config_hash": meta["config_hash"]},
+    )
+    tracker.summary(summary)
+    tracker.finish()
+    print(
+        f"sft: wrote policy to {out_dir}  (train loss {summary['train/loss_final']:.4f}"
+        + (f", held-out loss {summary['eval/loss']:.4f})" if "eval/loss" in summary else ")")
+    )
+    return {"run_dir": str(run_dir), "policy_dir": str(out_dir), **summary}
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser(
+        "sft",
+        help="supervised fine-tuning of the base model on demonstrations",
+        description=__doc__.split("\n\n")[0] + "\n\nEvery option below is a field of the "
+        "stage config; give --config FILE.yaml and override any field.",
+    )
+    add_config_arguments(p, SFTConfig)
+
+    def _run(args) -> int:
+        run_sft(config_from_args(args, SFTConfig))
+        return 0
+
+    p.set_defaults(func=_run)
+    return p

@@ -1,0 +1,259 @@
+"""PPO loop on the tiny model: invariances, frozen reference, exact resume after Ctrl-C, validation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf.config import ConfigError, build_config
+from rlhf.ppo.loop import PPOConfig, _build_models, run_ppo
+from tests.rlhf import ppo_helpers
+
+REWARD = "tests.rlhf.ppo_helpers:ascii_fraction"
+
+
+def _cfg(tmp_path: Path, **over) -> PPOConfig:
+    prompts = ppo_helpers.write_prompts(tmp_path / "prompts.jsonl")
+    base = dict(
+        policy="tiny",
+        reward=REWARD,
+        prompts=str(prompts),
+        num_eval_prompts=0,
+        total_episodes=8,
+        batch_size=8,
+        minibatch_size=8,
+        micro_batch_size=8,
+        ppo_epochs=1,
+        response_length=6,
+        learning_rate=1e-3,
+        missing_eos_penalty=0.0,
+        sample_every=0,
+        runs_dir=str(tmp_path / "runs"),
+        tracking={"mode": "disabled"},
+    )
+    base.update(over)
+    return build_config(PPOConfig, None, base)
+
+
+def _metrics(run_dir: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(policy_dir: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(policy_dir) / "model.safetensors"))
+
+
+def test_validation_before_any_model_loads(tmp_path):
+    with pytest.raises(ConfigError, match="minibatch_size"):
+        _cfg(tmp_path, batch_size=8, minibatch_size=3)
+    with pytest.raises(ConfigError, match="micro_batch_size"):
+        _cfg(tmp_path, minibatch_size=8, micro_batch_size=3)
+    with pytest.raises(ConfigError, match="total_episodes"):
+        _cfg(tmp_path, total_episodes=12)
+    with pytest.raises(ConfigError, match="does not exist"):
+        _cfg(tmp_path, reward=str(tmp_path / "no_such_rm"))
+    (tmp_path / "not_rm").mkdir()
+    with pytest.raises(ConfigError, match="rlhf_reward.json"):
+        _cfg(tmp_path, reward=[{"spec": "vader", "weight": 1.0}, {"spec": str(tmp_path / "not_rm")}])
+
+
+def test_cli_bad_config_exits_2_without_run_dir(tmp_path, capsys):
+    from rlhf.cli import main
+
+    prompts = ppo_helpers.write_prompts(tmp_path / "prompts.jsonl")
+    rc = main(
+        [
+            "ppo",
+            "--policy",
+            "tiny",
+            "--prompts",
+            str(prompts),
+            "--runs_dir",
+            str(tmp_path / "runs"),
+            "--batch_size",
+            "16",
+            "--minibatch_size",
+            "16",
+            "--micro_batch_size",
+            "5",
+        ]
+    )
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "error[config]" in err and "micro_batch_size" in err and "16 is not divisible by 5" in err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_update_changes_policy_not_reference(tmp_path, lora):
+    from rlhf.ppo import math as pm
+    from rlhf.ppo.value import response_logprobs
+
+    cfg = _cfg(tmp_path, lora=lora, value_model="shared" if lora else "critic")
+    torch.manual_seed(0)
+    policy, ref_model, pv, tok = _build_models(cfg)
+    q = torch.tensor([[5, 6, 7], [tok.pad_token_id, 8, 9]])
+    qm = (q != tok.pad_token_id).long()
+    r = torch.tensor([[10, 11, 12], [13, 14, tok.pad_token_id]])
+    rm = torch.tensor([[1, 1, 1], [1, 1, 0]])
+
+    def ref_lp():
+        if ref_model is not None:
+            return response_logprobs(ref_model, q, qm, r, rm, 0.7)
+        with policy.disable_adapter():
+            return response_logprobs(policy, q, qm, r, rm, 0.7)
+
+    ref_before, pol_before = ref_lp(), response_logprobs(policy, q, qm, r, rm, 0.7)
+    before = {k: v.detach().clone() for k, v in pv.named_parameters() if v.requires_grad}
+    opt = torch.optim.Adam([p for p in pv.parameters() if p.requires_grad], lr=1e-2, eps=1e-5)
+    logits, values = pv(q, qm, r, rm)
+    assert torch.equal(values, torch.zeros_like(values))  # zero-initialised value head
+    logp = pm.logprobs_from_logits(logits, r, 0.7)
+    adv = torch.tensor([[1.0, -1.0, 0.5], [0.3, -0.2, 0.0]])
+    loss, _ = pm.policy_loss(logp, logp.detach(), adv, rm.float())
+    vloss, _ = pm.value_loss(values, values.detach(), adv, rm.float())
+    (loss + 0.1 * vloss).backward()
+    opt.step()
+    changed = [k for k, v in pv.named_parameters() if v.requires_grad and not torch.equal(v, before[k])]
+    assert changed and any("value_head" in k for k in changed) and any("policy" in k for k in changed)
+    torch.testing.assert_close(ref_lp(), ref_before, rtol=0, atol=0)  # the reference did not move
+    assert not torch.allclose(response_logprobs(policy, q, qm, r, rm, 0.7), pol_before)
+    if lora:  # one copy of the weights: base frozen, only adapters + value head train
+        assert all(("lora_" in k) or ("value_head" in k) for k in before)
+
+
+def test_microbatch_accumulation_invariance_and_first_ratio(tmp_path):
+    """micro-batch 1 × accumulation 8 gives the same update as 8 × 1; first-minibatch ratio is 1."""
+    a = run_ppo(_cfg(tmp_path, micro_batch_size=8, experiment="mb8"))
+    b = run_ppo(_cfg(tmp_path, micro_batch_size=1, experiment="mb1"))
+    wa, wb = _weights(a["policy_dir"]), _weights(b["policy_dir"])
+    init = _weights_of_tiny()
+    moved = max(float((wa[k] - init[k]).abs().max()) for k in wa)
+    assert moved > 1e-4  # the update really changed the weights
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=2e-6, rtol=1e-4)
+    ma, mb = _metrics(a["run_dir"])[-1], _metrics(b["run_dir"])[-1]
+    assert ma["loss/policy_avg"] == pytest.approx(mb["loss/policy_avg"], abs=1e-6)
+    for m in (ma, mb):
+        assert m["val/ratio_first_minibatch"] == pytest.approx(1.0, abs=1e-4)
+    # every metric name of docs/ppo.md is logged
+    for name in (
+        "objective/scores",
+        "objective/kl",
+        "objective/kl_coef",
+        "objective/entropy",
+        "objective/non_score_reward",
+        "objective/rlhf_reward",
+        "policy/approxkl_avg",
+        "policy/clipfrac_avg",
+        "policy/entropy_avg",
+        "loss/policy_avg",
+        "loss/value_avg",
+        "val/clipfrac_avg",
+        "val/ratio",
+        "val/ratio_var",
+        "val/explained_variance",
+        "val/num_eos_tokens",
+        "response/length_mean",
+        "response/eos_rate",
+        "time/generate_s",
+        "time/score_s",
+        "time/train_s",
+        "perf/episodes_per_s",
+        "perf/tokens_per_s",
+    ):
+        assert name in ma, name
+
+
+def _weights_of_tiny() -> dict[str, torch.Tensor]:
+    from rlhf.models import resolve_model_path
+
+    return _weights(resolve_model_path("tiny"))
+
+
+def test_resume_after_ctrl_c_gives_the_same_next_update(tmp_path, monkeypatch):
+    spec = "tests.rlhf.ppo_helpers:interrupting_reward"
+    over = dict(
+        reward=spec,
+        total_episodes=24,
+        batch_size=8,
+        minibatch_size=4,
+        micro_batch_size=4,
+        ppo_epochs=1,
+        value_model="shared",
+        adaptive_kl=True,
+        kl_target=0.5,
+        kl_horizon=100.0,
+    )
+    full = run_ppo(_cfg(tmp_path, experiment="full", **over))
+    assert not full["interrupted"]
+
+    ppo_helpers.reset_calls()
+    monkeypatch.setenv("RLHF_TEST_SIGINT_AT", "2")  # Ctrl-C arrives while update 2 is being scored
+    cut = run_ppo(_cfg(tmp_path, experiment="cut", **over))
+    assert cut["interrupted"] and cut["checkpoint"].endswith("update_000002")
+    assert "policy_dir" not in cut
+    monkeypatch.delenv("RLHF_TEST_SIGINT_AT")
+    resumed = run_ppo(_cfg(tmp_path, experiment="cut", resume="auto", **over))
+    assert not resumed["interrupted"]
+
+    m_full = {m["step"]: m for m in _metrics(full["run_dir"])}
+    m_res = {m["step"]: m for m in _metrics(resumed["run_dir"])}
+    assert set(m_res) == {1, 2, 3}  # the resumed run keeps the metrics of updates 1-2 and adds 3
+    assert m_res[2]["objective/scores"] == pytest.approx(m_full[2]["objective/scores"], abs=1e-7)
+    for key in (
+        "objective/scores",
+        "objective/kl",
+        "objective/kl_coef",
+        "loss/policy_avg",
+        "loss/value_avg",
+        "policy/approxkl_avg",
+        "lr",
+    ):
+        assert m_res[3][key] == pytest.approx(m_full[3][key], rel=1e-5, abs=1e-6), key
+    wf, wr = _weights(full["policy_dir"]), _weights(resumed["policy_dir"])
+    for k in wf:
+        torch.testing.assert_close(wf[k], wr[k], atol=1e-6, rtol=1e-5)
+
+
+def test_non_finite_reward_stops_with_clear_error(tmp_path):
+    from rlhf.errors import UserError
+
+    with pytest.raises(UserError, match="non-finite"):
+        run_ppo(_cfg(tmp_path, reward="tests.rlhf.ppo_helpers:nan_reward", save_every=1))
+    assert not (tmp_path / "runs" / "default" / "ppo" / "policy").exists()
+
+
+def test_merged_lora_sampling_restores_the_reference_exactly(tmp_path):
+    from rlhf.ppo.value import merged_lora, response_logprobs
+
+    cfg = _cfg(tmp_path, lora=True, value_model="shared")
+    torch.manual_seed(0)
+    policy, _, pv, tok = _build_models(cfg)
+    with torch.no_grad():  # a non-zero adapter, as after some updates
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    base = {k: v.clone() for k, v in policy.named_parameters() if "lora_" not in k}
+    q = torch.tensor([[5, 6, 7]])
+    qm = torch.ones_like(q)
+    r, rm = torch.tensor([[10, 11, 12]]), torch.ones(1, 3, dtype=torch.long)
+    unmerged = response_logprobs(policy, q, qm, r, rm, 0.7)
+    with merged_lora(policy):
+        merged = response_logprobs(policy, q, qm, r, rm, 0.7)
+    torch.testing.assert_close(merged, unmerged, atol=1e-4, rtol=1e-4)  # same policy, folded weights
+    after = dict(policy.named_parameters())
+    assert all(torch.equal(after[k], v) for k, v in base.items())  # bit-identical base = reference
+    assert not torch.allclose(response_logprobs(policy, q, qm, r, rm, 0.7), _disabled(policy, q, qm, r, rm))
+
+
+def _disabled(policy, q, qm, r, rm):
+    from rlhf.ppo.value import response_logprobs
+
+    with policy.disable_adapter():
+        return response_logprobs(policy, q, qm, r, rm, 0.7)
