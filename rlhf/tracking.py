@@ -125,7 +125,7 @@ class Tracker:
             name=name,
             tags=list(cfg.tags) or None,
             config=config or {},
-            dir=str(run_dir),
+            dir=str(run_dir.resolve()),  # absolute: the wandb service may run in another cwd
             mode=mode,
             reinit="create_new",
             settings=wandb.Settings(console="off", silent=True, x_disable_stats=True, save_code=False),
