@@ -29,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ppo": ("rlhf.ppo.cli", "PPO against a reward model, gold scorer or any reward function"),
     "baseline": ("rlhf.baselines", "TRL's RLOO / GRPO on the same prompts and reward, for comparison"),
     "eval": ("rlhf.evaluate", "score a policy on held-out prompts (reward model, gold scorer, KL, length)"),
-    "quickstart": ("rlhf.quickstart", "the whole loop on the embedded defaults, in one command"),
+    "quickstart": ("experiments.quickstart", "the whole loop on the embedded defaults, in one command"),
     "experiment": ("experiments.runner", "run a named experiment pipeline or sweep from YAML"),
     "compare": ("experiments.compare", "compare runs: overlaid curves and a final-metrics table (PNG + HTML)"),
     "report": ("experiments.compare", "create the comparison as a W&B report (online W&B only)"),

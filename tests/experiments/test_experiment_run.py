@@ -443,7 +443,6 @@ def test_uncertainty_selection_round(tmp_path):
     assert sel["select/disagreement_selected"] >= sel["select/disagreement_rest"]
 
 
-@pytest.mark.slow
 def test_shipped_quickstart_tiny_reruns_nothing_then_only_ppo(tmp_path):
     runs = tmp_path / "runs"
     qs = str(REPO / "experiments" / "quickstart.yaml")

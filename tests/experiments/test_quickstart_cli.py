@@ -1,0 +1,56 @@
+"""`rlhf quickstart --preset tiny` end to end through the real console script: every stage of the
+loop runs, each stage is an offline W&B run in the experiment's group (read back with
+`wandb leet inspect --json`), the summary prints before/after numbers, and a second run with
+nothing changed reuses every stage."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+STAGES = {"generate", "simulate", "export", "rm_train", "rm_eval", "sft", "ppo", "eval"}
+
+
+def _bin(name: str) -> str:
+    found = Path(sys.executable).with_name(name)
+    return str(found) if found.exists() else shutil.which(name)
+
+
+def _quickstart(cwd: Path, *extra: str) -> str:
+    out = subprocess.run([_bin("rlhf"), "quickstart", "--preset", "tiny", *extra], cwd=cwd,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def _statuses(cwd: Path) -> dict[str, str]:
+    summary = json.loads((cwd / "runs" / "quickstart_tiny" / "experiment_summary.json").read_text())
+    return {name: st["status"] for name, st in summary["stages"].items()}
+
+
+def test_quickstart_tiny_runs_the_whole_loop_then_reuses_it(tmp_path):
+    stdout = _quickstart(tmp_path)
+    assert _statuses(tmp_path) == {s: "ran" for s in STAGES}
+    assert "reward model held-out pair accuracy" in stdout
+    assert "gold score" in stdout and "SFT" in stdout and "PPO" in stdout
+    root = tmp_path / "runs" / "quickstart_tiny"
+    assert (root / "ppo" / "learning_curves.png").stat().st_size > 1000
+
+    # One offline W&B run per stage, all in the experiment's group, job_type = the stage kind.
+    jobs = set()
+    for stage in STAGES:
+        runs = sorted((root / stage / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1, stage
+        lines = subprocess.run([_bin("wandb"), "leet", "inspect", "--json", str(runs[0])], capture_output=True,
+                               text=True, check=True, timeout=120).stdout.splitlines()
+        run = next(r["run"] for r in map(json.loads, filter(str.strip, lines)) if r["type"] == "run")
+        assert run["run_group"] == "quickstart_tiny"
+        jobs.add(run["job_type"])
+    assert {"generate", "ppo", "sft", "eval"} <= jobs
+
+    stdout = _quickstart(tmp_path)
+    assert _statuses(tmp_path) == {s: "cached" for s in STAGES}
+    assert "reused 8 from cache" in stdout
