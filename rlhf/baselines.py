@@ -131,7 +131,7 @@ def run_baseline(cfg: BaselineConfig) -> dict[str, Any]:
 
     from rlhf.data import prompt_text
     from rlhf.evaluate import evaluate_policy, resolve_stop_token
-    from rlhf.models import load_policy, resolve_model_path, write_policy_dir
+    from rlhf.models import causal_lm_lora_config, load_policy, resolve_model_path, write_policy_dir
     from rlhf.ppo.loop import PPOConfig, _load_prompt_sets
     from rlhf.ppo.rollout import encode_queries, left_pad
     from rlhf.ppo.value import response_logprobs
@@ -193,16 +193,7 @@ def run_baseline(cfg: BaselineConfig) -> dict[str, Any]:
     )
     peft_config = None
     if cfg.lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(
-            r=cfg.lora_r,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=0.0,
-            bias="none",
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-            task_type="CAUSAL_LM",
-        )
+        peft_config = causal_lm_lora_config(cfg.lora_r, cfg.lora_alpha)
     if cfg.algorithm == "grpo":
         from trl import GRPOConfig, GRPOTrainer
 

@@ -656,6 +656,15 @@ def _match_vocab(model, tokenizer) -> None:
             model.generation_config.eos_token_id = tokenizer.eos_token_id
 
 
+def causal_lm_lora_config(r: int, alpha: int, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")):
+    """The lab's LoRA adapter for a causal-LM policy (no dropout, no bias), shared by SFT, PPO and
+    the TRL baselines so the three train the same kind of adapter."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, bias="none",
+                      target_modules=list(target_modules), task_type="CAUSAL_LM")
+
+
 def load_policy(name: str, dtype: torch.dtype = torch.float32, *, is_trainable: bool = False):
     """``(model, tokenizer)`` for an alias, HF dir, Hub id or policy dir (full model or adapter)."""
     model = load_causal_lm(name, dtype, is_trainable=is_trainable)

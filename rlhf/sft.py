@@ -180,7 +180,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
-    from rlhf.models import load_policy, resolve_model_path, write_policy_dir
+    from rlhf.models import causal_lm_lora_config, load_policy, resolve_model_path, write_policy_dir
     from rlhf.tracking import start_stage
 
     tracker = start_stage(cfg, "sft", job_type="sft")
@@ -194,16 +194,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     model, tokenizer = load_policy(cfg.model)
     peft_config = None
     if cfg.lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(
-            r=cfg.lora_r,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=0.0,
-            bias="none",
-            target_modules=list(cfg.lora_target_modules),
-            task_type="CAUSAL_LM",
-        )
+        peft_config = causal_lm_lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules)
 
     train_ds = Dataset.from_list([to_trl_record(r) for r in train_records])
     eval_ds = Dataset.from_list([to_trl_record(r) for r in eval_records]) if eval_records else None

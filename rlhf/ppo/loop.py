@@ -293,7 +293,7 @@ def _load_prompt_sets(cfg: PPOConfig) -> tuple[list[dict], list[dict]]:
 
 def _build_models(cfg: PPOConfig):
     """Policy (+LoRA), reference, value model, tokenizer. Returns (policy, ref_model_or_None, pv, tokenizer)."""
-    from rlhf.models import load_policy
+    from rlhf.models import causal_lm_lora_config, load_policy
     from rlhf.ppo.value import PolicyAndValue, hidden_size_of, make_value_head
 
     policy, tokenizer = load_policy(cfg.policy)
@@ -303,16 +303,9 @@ def _build_models(cfg: PPOConfig):
     critic = _build_critic(cfg, policy, tokenizer) if cfg.value_model == "critic" else None
     ref_model = None
     if cfg.lora:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        lcfg = LoraConfig(
-            r=cfg.lora_r,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=0.0,
-            bias="none",
-            target_modules=list(cfg.lora_target_modules),
-            task_type="CAUSAL_LM",
-        )
+        lcfg = causal_lm_lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules)
         policy = get_peft_model(policy, lcfg)  # base weights frozen; the reference = adapter disabled
     else:
         ref_model = copy.deepcopy(policy).eval()
