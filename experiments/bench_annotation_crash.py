@@ -15,7 +15,6 @@ the stored result). This repeats ``--kills`` times. Then:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -66,6 +65,7 @@ def main(argv=None) -> int:
         check_exactly_once,
         free_port,
         prepare_db,
+        report,
         start_server,
         summarize,
     )
@@ -145,17 +145,8 @@ def main(argv=None) -> int:
         **summarize(logs, wall),
         "exactly_once": check_exactly_once(db, logs, args.quorum),
     }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    ok = report(result, args.json)
     eo = result["exactly_once"]
-    ok = (
-        eo["acked_missing_or_different"] == 0
-        and eo["acked_twice"] == 0
-        and eo["prompts_over_quorum"] == 0
-        and eo["integrity_check"] == "ok"
-        and result["errors"] == 0
-    )
     print(
         "PASS" if ok else "FAIL",
         f"{args.kills} kill -9, {eo['acknowledged']} acknowledged submits, "

@@ -216,6 +216,22 @@ def summarize(logs, duration_s: float) -> dict:
     }
 
 
+
+def report(result: dict, json_path: str | None) -> bool:
+    """Print (and optionally save) a benchmark result; True when the exactly-once check passed:
+    nothing acknowledged missing, changed or stored twice, no prompt over quorum, integrity ok."""
+    print(json.dumps(result, indent=2))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2))
+    eo = result["exactly_once"]
+    return (
+        eo["acked_missing_or_different"] == 0
+        and eo["acked_twice"] == 0
+        and eo["prompts_over_quorum"] == 0
+        and eo["integrity_check"] == "ok"
+        and result["errors"] == 0
+    )
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -296,18 +312,7 @@ def main(argv=None) -> int:
         "baseline": baseline,
         "exactly_once": check_exactly_once(db, logs, args.quorum),
     }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    eo = result["exactly_once"]
-    ok = (
-        eo["acked_missing_or_different"] == 0
-        and eo["acked_twice"] == 0
-        and eo["prompts_over_quorum"] == 0
-        and eo["integrity_check"] == "ok"
-        and result["errors"] == 0
-        and result["transport_errors"] == 0
-    )
+    ok = report(result, args.json) and result["transport_errors"] == 0
     print(
         "PASS" if ok else "FAIL",
         f"exactly-once; p95 submit {result['submit_p95_ms']:.0f} ms end to end (goal < 200 ms), "
