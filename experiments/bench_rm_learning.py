@@ -23,6 +23,8 @@ import os
 import sys
 from pathlib import Path
 
+import yaml
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -54,6 +56,12 @@ def main(argv=None) -> int:
     ap.add_argument("--budget_s", type=float, default=0.0, help="training time limit (0 = epochs decide)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/bench_rm_learning")
+    ap.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="more reward-model config fields, e.g. top_layers=4 lr=3e-4 (YAML values)",
+    )
     args = ap.parse_args(argv)
 
     from reward_models.evaluate import RMEvalConfig, run_rm_eval
@@ -94,6 +102,11 @@ def main(argv=None) -> int:
         "experiment": "learning",
         "tracking": {"mode": "disabled"},
     }
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"override {item!r} is not KEY=VALUE")
+        overrides[key] = yaml.safe_load(value)
     s = run_rm_train(build_config(RMTrainConfig, args.config or None, overrides))
     ev = run_rm_eval(
         RMEvalConfig(

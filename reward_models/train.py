@@ -649,7 +649,9 @@ def run_rm_train(cfg: RMTrainConfig) -> dict:
                 )
 
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        from rlhf.models import adam_kwargs
+
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **adam_kwargs(params))
         n_batches = math.ceil(len(my_train) / cfg.batch_size)
         if world > 1:  # every process must take the same number of steps
             n_batches = int(accelerator.gather(torch.tensor([n_batches])).min())

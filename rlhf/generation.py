@@ -49,12 +49,15 @@ class Samples:
               ``tokens[i, :lengths[i]]``). Use this, not ``tokens != pad``, to build masks: a
               model may legitimately sample its pad token before stopping.
     finished: [B] bool. True when the row ended with EOS (False: cut off at max_new_tokens).
+    values:   [B, T] float32 or None. With a ``value_head``: the head applied to the last hidden
+              state that produced each token's logits (the value of the state before token t), 0 on pad.
     """
 
     tokens: torch.Tensor
     logprobs: torch.Tensor
     lengths: torch.Tensor
     finished: torch.Tensor
+    values: torch.Tensor | None = None
 
     @property
     def mask(self) -> torch.Tensor:
@@ -208,6 +211,7 @@ def sample_responses(
     top_k: int = 0,
     top_p: float = 1.0,
     num_samples: int = 1,
+    value_head: torch.nn.Module | None = None,
 ) -> Samples:
     """Sample responses for a left-padded batch of queries (see the module docstring).
 
@@ -216,6 +220,11 @@ def sample_responses(
     cache is copied n times): rows of the result are ``query 0 sample 0..n-1, query 1 ...``.
     Returns :class:`Samples` with tokens/logprobs [B·n, T], T ≤ max_new_tokens. The returned
     tensors are ordinary tensors (not inference-mode tensors), so a training pass may use them.
+
+    ``value_head`` (a scalar head on the model's last hidden state, as PPO's shared value model):
+    the values of every sampled state come out of the sampling forwards themselves, the same
+    hidden states a full forward over query + response computes (up to float rounding of the
+    KV-cached attention), so PPO needs no separate value pass over the rollout.
     """
     with torch.inference_mode():
         s = _sample_loop(
@@ -230,10 +239,14 @@ def sample_responses(
             top_k,
             top_p,
             num_samples,
+            value_head,
         )
     # Cloning outside inference mode turns inference tensors into normal ones: PPO feeds these
     # tokens to an autograd forward, which may not save inference tensors for backward.
-    return Samples(*(t.clone() for t in (s.tokens, s.logprobs, s.lengths, s.finished)))
+    return Samples(
+        *(t.clone() for t in (s.tokens, s.logprobs, s.lengths, s.finished)),
+        values=s.values.clone() if s.values is not None else None,
+    )
 
 
 def _sample_loop(
@@ -248,6 +261,7 @@ def _sample_loop(
     top_k,
     top_p,
     num_samples,
+    value_head=None,
 ) -> Samples:
     if temperature <= 0:
         raise ValueError("temperature must be > 0 (use a small value such as 1e-4 for near-greedy)")
@@ -262,8 +276,15 @@ def _sample_loop(
     logprobs = torch.zeros((bsz, max_new_tokens), dtype=torch.float32, device=device)
     lengths = torch.full((bsz,), max_new_tokens, dtype=torch.long, device=device)
     finished = torch.zeros(bsz, dtype=torch.bool, device=device)
+    values = torch.zeros((bsz, max_new_tokens), dtype=torch.float32, device=device)
+    if value_head is None:
+        values = None
     if max_new_tokens <= 0 or bsz == 0:
-        return Samples(tokens[:, :0], logprobs[:, :0], lengths.zero_(), finished)
+        return Samples(tokens[:, :0], logprobs[:, :0], lengths.zero_(), finished, values)
+    hidden_kw = {"output_hidden_states": True} if value_head is not None else {}
+
+    def state_values(out) -> torch.Tensor:
+        return value_head(out.hidden_states[-1][:, -1, :]).squeeze(-1).float()
 
     # 1. prefill: positions count real tokens only, so left padding does not shift them.
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -275,11 +296,14 @@ def _sample_loop(
         past_key_values=cache,
         use_cache=True,
         logits_to_keep=1,
+        **hidden_kw,
     )
     cache = out.past_key_values
     logits = out.logits[:, -1, :]
+    v = state_values(out) if value_head is not None else None
     next_pos = position_ids[:, -1:] + 1
     if num_samples > 1:
+        v = v.repeat_interleave(num_samples, dim=0) if v is not None else None
         logits = logits.repeat_interleave(num_samples, dim=0)
         mask = mask.repeat_interleave(num_samples, dim=0)
         next_pos = next_pos.repeat_interleave(num_samples, dim=0)
@@ -290,6 +314,8 @@ def _sample_loop(
         tok, lp = sample_from_logits(logits, temperature, top_k, top_p, generator)
         tokens[rows, t] = tok
         logprobs[rows, t] = lp
+        if values is not None:
+            values[rows, t] = v
         done = tok == eos_token_id
         if bool(done.any()):
             finished[rows[done]] = True
@@ -311,13 +337,22 @@ def _sample_loop(
             position_ids=next_pos,
             past_key_values=cache,
             use_cache=True,
+            **hidden_kw,
         )
         cache = out.past_key_values
         logits = out.logits[:, -1, :]
+        if value_head is not None:
+            v = state_values(out)
         next_pos = next_pos + 1
     if was_training:
         model.train()
-    return Samples(tokens[:, :steps], logprobs[:, :steps], lengths, finished)
+    return Samples(
+        tokens[:, :steps],
+        logprobs[:, :steps],
+        lengths,
+        finished,
+        values[:, :steps] if values is not None else None,
+    )
 
 
 # ----------------------------------------------------------------------------- candidates

@@ -597,6 +597,19 @@ def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def adam_kwargs(params: list[torch.nn.Parameter]) -> dict[str, Any]:
+    """``fused=True`` for torch's Adam/AdamW when every parameter lives on a CPU or CUDA device.
+
+    The default on a CPU is the single-tensor loop, which walks every parameter in Python-sized
+    pieces: 0.92 s per step for 135 M parameters on this 2-core machine against 0.09 s fused
+    (same update; ``foreach`` is no faster on a CPU). A full fine-tuning PPO update with a
+    separate critic steps 270 M parameters, so this alone saved seconds per update.
+    """
+    devices = {p.device.type for p in params}
+    floats = all(p.is_floating_point() for p in params)
+    return {"fused": True} if params and floats and devices <= {"cpu", "cuda"} else {}
+
+
 def _config_without_dropout(path: str):
     from transformers import AutoConfig
 

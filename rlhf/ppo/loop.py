@@ -459,7 +459,9 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
     stop_id = resolve_stop_token(tokenizer, cfg.stop_token)
     pad_id = tokenizer.pad_token_id
     params = [p for p in pv.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, eps=cfg.adam_eps)
+    from rlhf.models import adam_kwargs
+
+    optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, eps=cfg.adam_eps, **adam_kwargs(params))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda u: max(0.0, 1.0 - u / n_updates) if cfg.anneal_lr else 1.0
     )
@@ -616,6 +618,10 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
             idx = [prompt_index(k0 + i, len(train_ids), cfg.seed) for i in range(local_batch)]
             query, qmask = left_pad([train_ids[i] for i in idx], pad_id)
             query, qmask = query.to(accelerator.device), qmask.to(accelerator.device)
+            # A shared value head reads the policy's own last hidden state: the sampling forwards
+            # compute exactly those states, so the rollout's values come with the samples (no
+            # second pass over query + response). A critic is another network: it needs its pass.
+            values_from_sampler = cfg.value_model == "shared" and not cfg.recompute_old_logprobs
             with merged_lora(policy_model()):  # LoRA folded in for sampling speed; base restored exactly
                 ro = sample_rollout(
                     policy_model(),
@@ -627,14 +633,15 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
                     pad_token_id=pad_id,
                     generator=sample_gen,
                     batch_size=cfg.rollout_batch_size,
+                    value_head=accelerator.unwrap_model(pv_train).value_head if values_from_sampler else None,
                 )
                 response, rmask = ro.tokens, ro.mask
                 mask_f = rmask.float()
                 t_gen = time.time() - t_start
                 # values (and, if asked, old log-probs) of the rollout policy, in the same merged state
                 with torch.no_grad():
-                    values_parts, old_parts = [], []
-                    for i in range(0, local_batch, cfg.micro_batch_size):
+                    values_parts, old_parts = ([ro.values] if values_from_sampler else []), []
+                    for i in range(0, 0 if values_from_sampler else local_batch, cfg.micro_batch_size):
                         sl = slice(i, i + cfg.micro_batch_size)
                         logits, v = accelerator.unwrap_model(pv_train)(
                             query[sl],

@@ -41,13 +41,15 @@ class Rollout:
     """Responses of a batch, truncated after the first stop token.
 
     tokens [B, T] (pad after the stop), mask [B, T] (1 on kept tokens, the stop included),
-    logprobs [B, T] (sampling log-probs at the temperature, 0 on padding), has_stop [B].
+    logprobs [B, T] (sampling log-probs at the temperature, 0 on padding), has_stop [B],
+    values [B, T] (0 on padding) when a value head was given to :func:`sample_rollout`, else None.
     """
 
     tokens: torch.Tensor
     mask: torch.Tensor
     logprobs: torch.Tensor
     has_stop: torch.Tensor
+    values: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -62,16 +64,18 @@ def sample_rollout(
     pad_token_id: int,
     generator: torch.Generator | None,
     batch_size: int = 0,
+    value_head: torch.nn.Module | None = None,
 ) -> Rollout:
     """Pure sampling (top_k = 0, top_p = 1: ppo.md item 3), in chunks of ``batch_size`` rows.
 
-    Every chunk is padded to ``max_new_tokens`` columns so chunks concatenate.
+    Every chunk is padded to ``max_new_tokens`` columns so chunks concatenate. With a
+    ``value_head`` (PPO's shared value model) the values come from the sampling forwards.
     """
     from rlhf.generation import sample_responses
 
     B = query.shape[0]
     step = batch_size or B
-    toks, lps = [], []
+    toks, lps, vals = [], [], []
     for i in range(0, B, step):
         s = sample_responses(
             model,
@@ -84,16 +88,26 @@ def sample_rollout(
             generator=generator,
             top_k=0,
             top_p=1.0,
+            value_head=value_head,
         )
         pad = max_new_tokens - s.tokens.shape[1]
         toks.append(torch.nn.functional.pad(s.tokens, (0, pad), value=pad_token_id))
         lps.append(torch.nn.functional.pad(s.logprobs, (0, pad), value=0.0))
+        if s.values is not None:
+            vals.append(torch.nn.functional.pad(s.values, (0, pad), value=0.0))
     tokens, mask = truncate_after_stop(torch.cat(toks), stop_token_id, pad_token_id)
     logprobs = torch.cat(lps) * mask
+    values = torch.cat(vals) * mask if vals else None
     has_stop = (tokens == stop_token_id).any(-1)
     # Drop columns that are padding in every row (all responses stopped early): shorter passes.
     width = max(int(mask.sum(-1).max()), 1)
-    return Rollout(tokens[:, :width], mask[:, :width], logprobs[:, :width], has_stop)
+    return Rollout(
+        tokens[:, :width],
+        mask[:, :width],
+        logprobs[:, :width],
+        has_stop,
+        values[:, :width] if values is not None else None,
+    )
 
 
 def decode_responses(tokenizer, tokens: torch.Tensor, mask: torch.Tensor) -> list[str]:

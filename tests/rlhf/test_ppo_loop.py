@@ -257,3 +257,40 @@ def _disabled(policy, q, qm, r, rm):
 
     with policy.disable_adapter():
         return response_logprobs(policy, q, qm, r, rm, 0.7)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_shared_values_from_the_sampler_equal_a_full_forward(tmp_path, lora):
+    """The rollout's values (shared head) come from the sampling forwards; a separate pass over
+    query + response, as PolicyAndValue computes them in training, gives the same numbers."""
+    from rlhf.ppo.rollout import encode_queries, left_pad, sample_rollout
+    from rlhf.ppo.value import merged_lora
+
+    cfg = _cfg(tmp_path, lora=lora, value_model="shared")
+    torch.manual_seed(0)
+    policy, _, pv, tok = _build_models(cfg)
+    with torch.no_grad():  # a trained-looking head and adapter, not the zero initialisation
+        pv.value_head.weight.normal_(0, 0.3)
+        pv.value_head.bias.fill_(0.1)
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    q, qm = left_pad(encode_queries(tok, ["hi", "a much longer prompt here", "mid"], 64), tok.pad_token_id)
+    with merged_lora(policy):
+        ro = sample_rollout(
+            policy,
+            q,
+            qm,
+            max_new_tokens=12,
+            temperature=0.7,
+            stop_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            generator=torch.Generator().manual_seed(3),
+            value_head=pv.value_head,
+        )
+        with torch.no_grad():
+            _, full = pv(q, qm, ro.tokens, ro.mask, need_logits=False)
+    assert ro.values is not None and ro.values.shape == ro.tokens.shape
+    assert ro.values.abs().sum() > 0
+    torch.testing.assert_close(ro.values, full * ro.mask, atol=1e-4, rtol=1e-4)
+    assert torch.all(ro.values[ro.mask == 0] == 0)
