@@ -198,6 +198,45 @@ def sample_from_logits(
     return tok.squeeze(1), logp.squeeze(1)
 
 
+MIN_SHARED_PREFIX = 4
+
+
+def split_common_prefix(
+    query_ids: torch.Tensor, query_mask: torch.Tensor, min_len: int = MIN_SHARED_PREFIX
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Split left-padded queries ``[B, L]`` into the prefix every row shares and the rest.
+
+    Returns ``(prefix [1, P], rest [B, S], rest_mask [B, S])`` with the rest left-padded again, or
+    None when fewer than ``min_len`` tokens are shared or there is only one row. Every row keeps at
+    least one token in the rest (the prefill must end on each row's own last token).
+    """
+    bsz = query_ids.shape[0]
+    if bsz < 2:
+        return None
+    lengths = query_mask.long().sum(-1)
+    shortest = int(lengths.min())
+    if shortest <= min_len:
+        return None
+    width = query_ids.shape[1]
+    # row-aligned starts: the first real token of each row (left padding)
+    starts = width - lengths
+    cols = torch.arange(shortest - 1, device=query_ids.device)
+    aligned = query_ids.gather(1, starts[:, None] + cols[None, :])  # [B, shortest - 1]
+    same = (aligned == aligned[:1]).all(0)
+    n_pre = int(same.long().cumprod(0).sum())
+    if n_pre < min_len:
+        return None
+    rest_len = lengths - n_pre
+    s_width = int(rest_len.max())
+    rest = query_ids.new_full((bsz, s_width), int(aligned[0, 0]))  # any valid id: masked out
+    rest_mask = query_mask.new_zeros((bsz, s_width))
+    for i in range(bsz):
+        n = int(rest_len[i])
+        rest[i, s_width - n :] = query_ids[i, width - n :]
+        rest_mask[i, s_width - n :] = 1
+    return aligned[:1, :n_pre].clone(), rest, rest_mask
+
+
 def sample_responses(
     model,
     query_ids: torch.Tensor,
@@ -212,6 +251,7 @@ def sample_responses(
     top_p: float = 1.0,
     num_samples: int = 1,
     value_head: torch.nn.Module | None = None,
+    share_prefix: bool = True,
 ) -> Samples:
     """Sample responses for a left-padded batch of queries (see the module docstring).
 
@@ -225,6 +265,9 @@ def sample_responses(
     the values of every sampled state come out of the sampling forwards themselves, the same
     hidden states a full forward over query + response computes (up to float rounding of the
     KV-cached attention), so PPO needs no separate value pass over the rollout.
+
+    ``share_prefix``: the token prefix all queries share is computed once (see
+    :func:`split_common_prefix`); same distribution, less prefill.
     """
     with torch.inference_mode():
         s = _sample_loop(
@@ -240,6 +283,7 @@ def sample_responses(
             top_p,
             num_samples,
             value_head,
+            share_prefix,
         )
     # Cloning outside inference mode turns inference tensors into normal ones: PPO feeds these
     # tokens to an autograd forward, which may not save inference tensors for backward.
@@ -262,6 +306,7 @@ def _sample_loop(
     top_p,
     num_samples,
     value_head=None,
+    share_prefix=True,
 ) -> Samples:
     if temperature <= 0:
         raise ValueError("temperature must be > 0 (use a small value such as 1e-4 for near-greedy)")
@@ -287,17 +332,48 @@ def _sample_loop(
         return value_head(out.hidden_states[-1][:, -1, :]).squeeze(-1).float()
 
     # 1. prefill: positions count real tokens only, so left padding does not shift them.
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = _new_cache(model, capacity=query_ids.shape[1] + max_new_tokens)
-    out = model(
-        input_ids=query_ids,
-        attention_mask=mask,
-        position_ids=position_ids,
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=1,
-        **hidden_kw,
-    )
+    split = split_common_prefix(query_ids, mask) if share_prefix else None
+    if split is None:
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = _new_cache(model, capacity=query_ids.shape[1] + max_new_tokens)
+        out = model(
+            input_ids=query_ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **hidden_kw,
+        )
+    else:
+        # The prompt prefix every row shares (the chat template's system prompt: 24 of ~36 tokens
+        # on SmolLM2) runs once at batch 1; its KV cache is copied to every row; then the rest of
+        # each prompt runs against it. Layout [prefix | left-padded rest]: the mask carries the
+        # padding in the middle and positions still count real tokens only.
+        prefix, rest, rest_mask = split
+        n_pre = prefix.shape[1]
+        cache = _new_cache(model, capacity=n_pre + rest.shape[1] + max_new_tokens)
+        pre = model(
+            input_ids=prefix,
+            attention_mask=torch.ones_like(prefix),
+            position_ids=torch.arange(n_pre, device=device)[None],
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache = pre.past_key_values
+        cache.batch_repeat_interleave(query_ids.shape[0])
+        mask = torch.cat([mask.new_ones(rest.shape[0], n_pre), rest_mask], dim=1)
+        position_ids = n_pre + (rest_mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(
+            input_ids=rest,
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **hidden_kw,
+        )
     cache = out.past_key_values
     logits = out.logits[:, -1, :]
     v = state_values(out) if value_head is not None else None

@@ -384,3 +384,40 @@ def test_samples_can_feed_a_training_pass(tiny):
     finally:
         model.zero_grad(set_to_none=True)
         model.eval()
+
+
+def test_split_common_prefix_by_hand():
+    from rlhf.generation import split_common_prefix
+
+    q = torch.tensor([[0, 0, 5, 6, 7, 8, 9], [5, 6, 7, 8, 1, 2, 3], [0, 5, 6, 7, 8, 4, 4]])
+    m = (q != 0).long()
+    prefix, rest, rest_mask = split_common_prefix(q, m, min_len=3)
+    assert prefix.tolist() == [[5, 6, 7, 8]]
+    assert rest_mask.tolist() == [[0, 0, 1], [1, 1, 1], [0, 1, 1]]
+    assert rest[rest_mask.bool()].tolist() == [9, 1, 2, 3, 4, 4]
+    # every row keeps at least one token; too short a prefix or a single row: no split
+    same = torch.tensor([[5, 6, 7, 8], [5, 6, 7, 8]])
+    prefix, rest, _ = split_common_prefix(same, torch.ones_like(same), min_len=2)
+    assert prefix.tolist() == [[5, 6, 7]] and rest.tolist() == [[8], [8]]
+    assert split_common_prefix(q, m, min_len=5) is None
+    assert split_common_prefix(q[:1], m[:1], min_len=1) is None
+
+
+def test_shared_prefix_prefill_gives_the_same_logprobs(tiny):
+    """Prompts sharing a long prefix (a system prompt): prefill once, then the rest; the sampled
+    tokens' log-probs equal a full forward's, and equal the unshared path on the same tokens."""
+    model, tok = tiny
+    system = [{"role": "system", "content": "You are a careful assistant who answers briefly."}]
+    texts = [system + [{"role": "user", "content": u}] for u in ("hi", "a longer question here", "why")]
+    query, qmask = _batch(tok, texts)
+    from rlhf.generation import split_common_prefix
+
+    assert split_common_prefix(query, qmask) is not None  # the shared path really runs
+    kw = dict(max_new_tokens=16, temperature=0.8, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    shared = sample_responses(model, query, qmask, generator=torch.Generator().manual_seed(5), **kw)
+    ref = _forward_logprobs(model, query, qmask, shared, 0.8)
+    assert torch.allclose(shared.logprobs, ref, atol=1e-4)
+    plain = sample_responses(
+        model, query, qmask, generator=torch.Generator().manual_seed(5), share_prefix=False, **kw
+    )
+    assert torch.equal(plain.tokens, shared.tokens)  # same logits up to rounding → same draws

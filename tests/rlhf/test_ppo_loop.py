@@ -294,3 +294,44 @@ def test_shared_values_from_the_sampler_equal_a_full_forward(tmp_path, lora):
     assert ro.values.abs().sum() > 0
     torch.testing.assert_close(ro.values, full * ro.mask, atol=1e-4, rtol=1e-4)
     assert torch.all(ro.values[ro.mask == 0] == 0)
+
+
+def test_shared_prefix_forward_equals_the_plain_forward_and_its_gradients(tmp_path):
+    """forward_query_response runs the common prompt prefix once; logits, hidden states and the
+    gradients of a loss on them equal one plain forward over the concatenated sequences."""
+    from rlhf.generation import split_common_prefix
+    from rlhf.ppo.rollout import encode_queries, left_pad
+    from rlhf.ppo.value import concat_query_response, forward_query_response
+
+    cfg = _cfg(tmp_path)
+    torch.manual_seed(0)
+    policy, _, _, tok = _build_models(cfg)
+    q, qm = left_pad(encode_queries(tok, ["hi", "a much longer prompt here", "mid"], 64), tok.pad_token_id)
+    assert split_common_prefix(q, qm) is not None
+    r = torch.tensor([[10, 11, 12, 13], [14, 15, 2, 0], [16, 2, 0, 0]])
+    rm = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0]])
+    T = r.shape[1]
+
+    def loss_and_grads(fn):
+        policy.zero_grad(set_to_none=True)
+        out = fn()
+        logits, hidden = out.logits[:, -(T + 1) :], out.hidden_states[-1][:, -(T + 1) :]
+        loss = (logits.log_softmax(-1)[..., :7].sum(-1) * torch.cat([rm, rm[:, :1]], 1)).sum() + hidden.sum()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+        return logits.detach(), hidden.detach(), grads
+
+    def plain():
+        ids, attn, pos = concat_query_response(q, qm, r, rm)
+        return policy(input_ids=ids, attention_mask=attn, position_ids=pos, output_hidden_states=True)
+
+    def shared():
+        return forward_query_response(policy, q, qm, r, rm, output_hidden_states=True, logits_to_keep=T + 1)
+
+    l1, h1, g1 = loss_and_grads(plain)
+    l2, h2, g2 = loss_and_grads(shared)
+    torch.testing.assert_close(l2, l1, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(h2, h1, atol=1e-4, rtol=1e-4)
+    assert g1.keys() == g2.keys() and len(g1) > 10
+    for n in g1:
+        torch.testing.assert_close(g2[n], g1[n], atol=1e-4, rtol=1e-3)
