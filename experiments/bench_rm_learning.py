@@ -8,11 +8,16 @@ prints
 - its accuracy against the gold scorer on pairs the gold scorer separates (``eval/gold_pair_accuracy``),
 - the annotators' own agreement with the gold scorer on the same pairs (``eval/annotator_gold_accuracy``):
   the ceiling a model learning from those annotators should approach,
-- chance (0.5).
+- chance (0.5);
+- with ``--probe``: ridge regressions from the frozen backbone's features straight to the
+  noise-free gold scores, i.e. how much of the gold signal the representation carries at all.
 
-    .venv/bin/python experiments/bench_rm_learning.py --candidates runs/bench_rm_vs_trl/candidates.jsonl
+    .venv/bin/python experiments/bench_rm_learning.py --probe        # 240 lab prompts × 4, ~12 min
+    .venv/bin/python experiments/bench_rm_learning.py --candidates FILE top_layers=4 lr=3e-4
 
-Without ``--candidates`` the candidates are sampled from ``--model`` first (see bench_rm_vs_trl.py).
+Without ``--candidates`` the candidates are sampled from ``--model`` first (``--source lab``: the
+shipped train prompts; ``--source sentiment``: the 48 prompts of bench_rm_vs_trl.py). Extra
+``KEY=VALUE`` arguments override fields of the reward-model preset.
 """
 
 from __future__ import annotations
@@ -38,8 +43,21 @@ from experiments.bench_rm_vs_trl import make_candidates, split, write_jsonl  # n
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--candidates", default="")
-    ap.add_argument("--prompts", type=int, default=48)
+    ap.add_argument("--candidates", default="", help="reuse a candidates JSONL instead of sampling")
+    ap.add_argument(
+        "--source",
+        choices=("lab", "sentiment"),
+        default="lab",
+        help="prompts to sample candidates for: the lab's shipped train prompts, or the 48 "
+        "sentiment-eliciting prompts of bench_rm_vs_trl.py",
+    )
+    ap.add_argument("--prompts", type=int, default=240, help="how many prompts (sentiment: at most 48)")
+    ap.add_argument(
+        "--probe",
+        action="store_true",
+        help="also fit ridge probes on the frozen backbone's features to the noise-free gold scores: "
+        "how much of the gold signal the representation carries at all (last token vs mean-pooled)",
+    )
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--max_new_tokens", type=int, default=32)
     ap.add_argument("--scorer", default="vader", help="the gold scorer the annotators follow")
@@ -72,7 +90,7 @@ def main(argv=None) -> int:
     from rlhf.tracking import TrackingConfig
 
     out = Path(args.out)
-    cands = make_candidates(args)
+    cands = lab_candidates(args) if args.source == "lab" and not args.candidates else make_candidates(args)
     rankings = simulate_rankings(
         cands,
         get_scorer(args.scorer),
@@ -131,8 +149,93 @@ def main(argv=None) -> int:
     print(f"  annotators vs gold        {result['annotators_accuracy_vs_gold_same_pairs']:.3f}  (ceiling)")
     print("  chance                    0.500")
     print(f"  reward model vs annotators {result['rm_pair_accuracy_vs_annotators']:.3f}")
+    if args.probe:
+        held_ids = {r["prompt_id"] for r in held_records}
+        result["probe"] = probe_ceiling(
+            args.model, cands, get_scorer(args.scorer), held_ids, args.tie_threshold
+        )
+        print("ridge probes fitted to the noise-free gold scores (frozen features, held-out pair accuracy):")
+        for name, acc in result["probe"].items():
+            print(f"  {name:<24}  {acc:.3f}")
     (out / "results.json").write_text(json.dumps(result, indent=2))
     return 0
+
+
+def lab_candidates(args) -> list[dict]:
+    """K candidates for the first ``args.prompts`` shipped train prompts, sampled from ``args.model``."""
+    from rlhf.data import load_prompts
+    from rlhf.generation import generate_candidates
+    from rlhf.models import load_policy
+
+    prompts = load_prompts("lab:prompts", split="train")[: args.prompts]
+    model, tok = load_policy(args.model)
+    return generate_candidates(
+        model,
+        tok,
+        prompts,
+        k=args.k,
+        max_new_tokens=args.max_new_tokens,
+        temperature=1.0,
+        batch_size=32,
+        seed=args.seed,
+        model_name=args.model,
+    )
+
+
+def probe_ceiling(model_name: str, cands: list[dict], scorer, held_ids: set, tie_threshold: float) -> dict:
+    """Held-out gold pair accuracy of ridge regressions from frozen final-layer features to gold.
+
+    The features are what a reward model with frozen layers reads (the last real token, formatted
+    exactly as the reward model formats it) and, for comparison, the mean over all positions. The
+    targets are the gold scores themselves, without annotator noise: an upper bound on what a
+    linear head on these features can learn from any amount of such rankings.
+    """
+    import torch
+
+    from reward_models.model import encode_conversations, pad_right
+    from rlhf.data import prompt_text
+    from rlhf.models import load_policy
+
+    model, tok = load_policy(model_name)
+    backbone = model.get_decoder().eval()
+    flat = [(r["prompt_id"], r["prompt"], c["text"]) for r in cands for c in r["candidates"]]
+    gold = torch.tensor(
+        scorer([prompt_text(p) for _, p, _ in flat], [t for _, _, t in flat]), dtype=torch.float64
+    )
+    enc = encode_conversations(tok, [p for _, p, _ in flat], [t for _, _, t in flat], 192)
+    last, mean = [], []
+    with torch.no_grad():
+        for s in range(0, len(flat), 16):
+            ids, mask = pad_right(enc.ids[s : s + 16], tok.pad_token_id)
+            h = backbone(input_ids=ids, attention_mask=mask).last_hidden_state.double()
+            n = mask.sum(-1)
+            last.append(h[torch.arange(len(n)), n - 1])
+            mean.append((h * mask[..., None]).sum(1) / n[:, None])
+    is_held = torch.tensor([pid in held_ids for pid, _, _ in flat])
+    out = {}
+    for name, feats in (("last token", torch.cat(last)), ("mean-pooled", torch.cat(mean))):
+        xtr, ytr = feats[~is_held], gold[~is_held]
+        mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
+        xs = (xtr - mu) / sd
+        for lam in (100.0, 1000.0):
+            w = torch.linalg.solve(
+                xs.T @ xs + lam * torch.eye(xs.shape[1], dtype=xs.dtype), xs.T @ (ytr - ytr.mean())
+            )
+            pred = ((feats - mu) / sd) @ w
+            right = total = 0
+            start = 0
+            for r in cands:  # pairs inside each held-out prompt that the gold scorer separates
+                k = len(r["candidates"])
+                if r["prompt_id"] in held_ids:
+                    for a in range(k):
+                        for b in range(a + 1, k):
+                            dg = float(gold[start + a] - gold[start + b])
+                            if abs(dg) > tie_threshold:
+                                total += 1
+                                right += float((pred[start + a] - pred[start + b]) * dg > 0)
+                start += k
+            out[f"{name}, ridge λ={lam:g}"] = right / max(total, 1)
+    return out
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from torch import nn
 from rlhf.errors import UserError
 
 META_FILE = "rlhf_reward.json"
+MIN_SHARED_PREFIX = 4  # shorter shared prefixes are not worth a second forward call
 TRAINABLE = ("top", "full", "lora")
 
 
@@ -158,6 +159,42 @@ class RewardModel(nn.Module):
         last = last_token_index(attention_mask)
         h_last = h[torch.arange(h.shape[0], device=h.device), last]
         return self.head(h_last).squeeze(-1).float()
+
+
+    @torch.no_grad()
+    def score_with_prefix(
+        self, prefix: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Rewards ``[N]`` of ``prefix [1, P]`` + each right-padded row of ``input_ids [N, S]``.
+
+        The shared prefix (the chat template's system prompt and turn header) runs once and its
+        KV cache is repeated for every row: the same rewards as :meth:`forward` on the full
+        sequences, with fewer token forwards. Inference only.
+        """
+        n_pre, (n, width) = prefix.shape[1], input_ids.shape
+        pre = self.backbone(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True)
+        cache = pre.past_key_values
+        cache.batch_repeat_interleave(n)
+        attn = torch.cat([attention_mask.new_ones(n, n_pre), attention_mask], dim=1)
+        pos = (n_pre + torch.arange(width, device=input_ids.device))[None].expand(n, -1)
+        h = self.backbone(
+            input_ids=input_ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True
+        ).last_hidden_state
+        last = last_token_index(attention_mask)
+        return self.head(h[torch.arange(n, device=h.device), last]).squeeze(-1).float()
+
+
+def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the token prefix all ``seqs`` share, leaving every sequence ≥ 1 token of its own."""
+    if not seqs:
+        return 0
+    n = min(len(s) for s in seqs) - 1
+    first = seqs[0]
+    for i in range(max(n, 0)):
+        t = first[i]
+        if any(s[i] != t for s in seqs):
+            return i
+    return max(n, 0)
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -394,14 +431,27 @@ def score_ids(
     pad_id: int,
     batch_size: int = 16,
     device: str | torch.device = "cpu",
+    share_prefix: bool = True,
 ) -> torch.Tensor:
-    """Rewards ``[N]`` for token sequences, batched by length (sorted, then restored to input order)."""
+    """Rewards ``[N]`` for token sequences, batched by length (sorted, then restored to input order).
+
+    Within a batch, the token prefix every sequence shares (the system prompt) runs once
+    (:meth:`RewardModel.score_with_prefix`); ``share_prefix=False`` runs every sequence whole.
+    """
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out = torch.empty(len(ids), dtype=torch.float32)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        input_ids, mask = pad_right([ids[i] for i in chunk], pad_id)
-        out[chunk] = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).float().cpu()
+        seqs = [ids[i] for i in chunk]
+        n_pre = common_prefix_length(seqs) if share_prefix and len(seqs) > 1 else 0
+        if n_pre >= MIN_SHARED_PREFIX and model.trainable != "lora":
+            prefix = torch.tensor([seqs[0][:n_pre]], dtype=torch.long, device=device)
+            input_ids, mask = pad_right([s[n_pre:] for s in seqs], pad_id)
+            scores = model.score_with_prefix(prefix, input_ids.to(device), mask.to(device))
+        else:
+            input_ids, mask = pad_right(seqs, pad_id)
+            scores = model(input_ids=input_ids.to(device), attention_mask=mask.to(device))
+        out[chunk] = scores.float().cpu()
     return out
 
 

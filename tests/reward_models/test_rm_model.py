@@ -112,3 +112,18 @@ def test_lora_trains_adapters_and_saves_merged(tmp_path):
     loaded, tok2, _ = load_reward_model(out)
     again, _ = score_texts(loaded, tok2, PROMPTS, RESPONSES, 256)
     assert torch.allclose(trained, again, atol=1e-4)
+
+
+def test_shared_prefix_scoring_equals_whole_sequences(top_model):
+    from reward_models.model import common_prefix_length, score_ids
+
+    model, tok = top_model
+    system = [{"role": "system", "content": "You judge answers by how helpful and kind they are."}]
+    prompts = [system + [{"role": "user", "content": p}] for p in ("hi", "tell me more about it", "why")]
+    enc = encode_conversations(tok, prompts * 2, RESPONSES[:3] + ["", "yes", "a longer answer here"], 256)
+    assert common_prefix_length(enc.ids) >= 8  # the shared path really runs
+    shared = score_ids(model.eval(), enc.ids, tok.pad_token_id, batch_size=4)
+    whole = score_ids(model, enc.ids, tok.pad_token_id, batch_size=4, share_prefix=False)
+    torch.testing.assert_close(shared, whole, atol=1e-5, rtol=1e-5)
+    assert common_prefix_length([[1, 2, 3], [1, 2, 4], [1, 2]]) == 1
+    assert common_prefix_length([[5, 6], [5, 6]]) == 1 and common_prefix_length([]) == 0
