@@ -118,7 +118,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--preset", choices=PRESETS, default="smollm2",
-                   help="smollm2 (default: the embedded SmolLM2-135M-Instruct, about 26 min on 2 cores) or "
+                   help="smollm2 (default: the embedded SmolLM2-135M-Instruct, about 18 min on 2 cores) or "
                    "tiny (a few-layer model built in code, about a minute)")
     p.add_argument("--runs-dir", "--runs_dir", dest="runs_dir", default=None,
                    help="root folder of run directories (default runs/)")
