@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     from rlhf.tracking import TrackingConfig
 
     out = Path(args.out)
-    cands = lab_candidates(args) if args.source == "lab" and not args.candidates else make_candidates(args)
+    cands = lab_candidates(args) if args.source == "lab" else make_candidates(args)
     rankings = simulate_rankings(
         cands,
         get_scorer(args.scorer),
@@ -164,22 +164,8 @@ def main(argv=None) -> int:
 def lab_candidates(args) -> list[dict]:
     """K candidates for the first ``args.prompts`` shipped train prompts, sampled from ``args.model``."""
     from rlhf.data import load_prompts
-    from rlhf.generation import generate_candidates
-    from rlhf.models import load_policy
 
-    prompts = load_prompts("lab:prompts", split="train")[: args.prompts]
-    model, tok = load_policy(args.model)
-    return generate_candidates(
-        model,
-        tok,
-        prompts,
-        k=args.k,
-        max_new_tokens=args.max_new_tokens,
-        temperature=1.0,
-        batch_size=32,
-        seed=args.seed,
-        model_name=args.model,
-    )
+    return make_candidates(args, load_prompts("lab:prompts", split="train")[: args.prompts])
 
 
 def probe_ceiling(model_name: str, cands: list[dict], scorer, held_ids: set, tie_threshold: float) -> dict:

@@ -85,13 +85,16 @@ PROMPTS = [
 ]
 
 
-def make_candidates(args) -> list[dict]:
+def make_candidates(args, prompts: list[dict] | None = None) -> list[dict]:
+    """``args.candidates`` read back, or K candidates sampled from ``args.model`` for ``prompts``
+    (default: the first ``args.prompts`` of the sentiment prompts above)."""
     from rlhf.generation import generate_candidates
     from rlhf.models import load_policy
 
     if args.candidates:
         return [json.loads(line) for line in Path(args.candidates).read_text().splitlines() if line.strip()]
-    prompts = [{"prompt_id": f"b{i}", "prompt": p} for i, p in enumerate(PROMPTS[: args.prompts])]
+    if prompts is None:
+        prompts = [{"prompt_id": f"b{i}", "prompt": p} for i, p in enumerate(PROMPTS[: args.prompts])]
     model, tok = load_policy(args.model)
     t0 = time.time()
     cands = generate_candidates(

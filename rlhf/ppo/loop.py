@@ -25,6 +25,12 @@ Deviations from the N+ reference code (all on purpose):
 - with LoRA the adapter is merged into the weights while sampling and computing values (the base
   weights are restored bit-exactly afterwards, :class:`rlhf.ppo.value.merged_lora`): unmerged LoRA
   layers more than doubled rollout time on a CPU;
+- with a shared value head (``value_model=shared``) the rollout's values are read off the
+  sampling forwards (the same last hidden states a full forward computes), not a second pass;
+- the prompt prefix every query shares (the chat template's system prompt) runs once per forward
+  at batch 1 and its KV cache is repeated to the rows (:func:`rlhf.ppo.value.forward_query_response`):
+  same outputs and gradients, fewer token forwards;
+- Adam is torch's fused implementation where the parameters allow (10× faster steps on a CPU);
 - a separate critic is a full trainable copy (of the reward model's backbone or the policy's),
   also with a LoRA policy; ppo.md's "critic as a second adapter" is not implemented — use
   ``value_model=shared`` for the one-copy configuration.
