@@ -16,7 +16,7 @@ speed measures queueing (latency ≈ annotators / throughput, Little's law); ``-
 each annotator read for ~S seconds first, which measures latency at a human pace. Loopback only::
 
     .venv/bin/python experiments/bench_annotation_load.py --annotators 50 --duration 20
-    .venv/bin/python experiments/bench_annotation_load.py --annotators 50 --duration 30 --think 10
+    .venv/bin/python experiments/bench_annotation_load.py --annotators 50 --duration 40 --think 10   # leases: 6 × think
 """
 
 from __future__ import annotations
@@ -244,7 +244,11 @@ def main(argv=None) -> int:
     ap.add_argument("--k", type=int, default=4, help="responses per prompt")
     ap.add_argument("--quorum", type=int, default=3, help="rankings needed per prompt")
     ap.add_argument(
-        "--lease-seconds", type=int, default=4, help="lease length (short, so abandoned leases expire)"
+        "--lease-seconds",
+        type=int,
+        default=None,
+        help="lease length (default 4 s, short so abandoned leases expire within the run; with "
+        "--think, 6 × the think time, so reading annotators do not lose their leases)",
     )
     ap.add_argument(
         "--double-submit", type=float, default=0.2, help="share of items submitted twice (same token)"
@@ -267,6 +271,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default=None, help="where the database goes (default: a temp dir)")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
+    if args.lease_seconds is None:
+        args.lease_seconds = max(4, int(6 * args.think))
 
     from annotation_app.simulated_client import run_annotators
     from rlhf.scorers import get_scorer
