@@ -42,7 +42,6 @@ from torch import nn
 from rlhf.errors import UserError
 
 META_FILE = "rlhf_reward.json"
-MIN_SHARED_PREFIX = 4  # shorter shared prefixes are not worth a second forward call
 TRAINABLE = ("top", "full", "lora")
 
 
@@ -160,7 +159,6 @@ class RewardModel(nn.Module):
         h_last = h[torch.arange(h.shape[0], device=h.device), last]
         return self.head(h_last).squeeze(-1).float()
 
-
     @torch.no_grad()
     def score_with_prefix(
         self, prefix: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -171,10 +169,10 @@ class RewardModel(nn.Module):
         KV cache is repeated for every row: the same rewards as :meth:`forward` on the full
         sequences, with fewer token forwards. Inference only.
         """
+        from rlhf.generation import shared_prefix_cache
+
         n_pre, (n, width) = prefix.shape[1], input_ids.shape
-        pre = self.backbone(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True)
-        cache = pre.past_key_values
-        cache.batch_repeat_interleave(n)
+        cache = shared_prefix_cache(self.backbone, prefix, n, lm=False)
         attn = torch.cat([attention_mask.new_ones(n, n_pre), attention_mask], dim=1)
         pos = (n_pre + torch.arange(width, device=input_ids.device))[None].expand(n, -1)
         h = self.backbone(
@@ -182,19 +180,6 @@ class RewardModel(nn.Module):
         ).last_hidden_state
         last = last_token_index(attention_mask)
         return self.head(h[torch.arange(n, device=h.device), last]).squeeze(-1).float()
-
-
-def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
-    """Length of the token prefix all ``seqs`` share, leaving every sequence ≥ 1 token of its own."""
-    if not seqs:
-        return 0
-    n = min(len(s) for s in seqs) - 1
-    first = seqs[0]
-    for i in range(max(n, 0)):
-        t = first[i]
-        if any(s[i] != t for s in seqs):
-            return i
-    return max(n, 0)
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -438,13 +423,15 @@ def score_ids(
     Within a batch, the token prefix every sequence shares (the system prompt) runs once
     (:meth:`RewardModel.score_with_prefix`); ``share_prefix=False`` runs every sequence whole.
     """
+    from rlhf.generation import MIN_SHARED_PREFIX, common_prefix_length
+
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out = torch.empty(len(ids), dtype=torch.float32)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         seqs = [ids[i] for i in chunk]
         n_pre = common_prefix_length(seqs) if share_prefix and len(seqs) > 1 else 0
-        if n_pre >= MIN_SHARED_PREFIX and model.trainable != "lora":
+        if n_pre >= MIN_SHARED_PREFIX:
             prefix = torch.tensor([seqs[0][:n_pre]], dtype=torch.long, device=device)
             input_ids, mask = pad_right([s[n_pre:] for s in seqs], pad_id)
             scores = model.score_with_prefix(prefix, input_ids.to(device), mask.to(device))

@@ -198,7 +198,18 @@ def sample_from_logits(
     return tok.squeeze(1), logp.squeeze(1)
 
 
-MIN_SHARED_PREFIX = 4
+MIN_SHARED_PREFIX = 4  # shorter shared prefixes are not worth a second forward call
+
+
+def common_prefix_length(seqs) -> int:
+    """Length of the token prefix all ``seqs`` (token lists) share, leaving each ≥ 1 token of its own."""
+    if not seqs:
+        return 0
+    first, n = seqs[0], max(min(len(s) for s in seqs) - 1, 0)
+    for i in range(n):
+        if any(s[i] != first[i] for s in seqs):
+            return i
+    return n
 
 
 def split_common_prefix(
@@ -210,31 +221,43 @@ def split_common_prefix(
     None when fewer than ``min_len`` tokens are shared or there is only one row. Every row keeps at
     least one token in the rest (the prefill must end on each row's own last token).
     """
-    bsz = query_ids.shape[0]
-    if bsz < 2:
+    if query_ids.shape[0] < 2:
         return None
-    lengths = query_mask.long().sum(-1)
-    shortest = int(lengths.min())
-    if shortest <= min_len:
-        return None
-    width = query_ids.shape[1]
-    # row-aligned starts: the first real token of each row (left padding)
-    starts = width - lengths
-    cols = torch.arange(shortest - 1, device=query_ids.device)
-    aligned = query_ids.gather(1, starts[:, None] + cols[None, :])  # [B, shortest - 1]
-    same = (aligned == aligned[:1]).all(0)
-    n_pre = int(same.long().cumprod(0).sum())
+    lengths = query_mask.long().sum(-1).tolist()
+    rows = [ids[len(ids) - n :] for ids, n in zip(query_ids.tolist(), lengths)]  # real tokens
+    n_pre = common_prefix_length(rows)
     if n_pre < min_len:
         return None
-    rest_len = lengths - n_pre
-    s_width = int(rest_len.max())
-    rest = query_ids.new_full((bsz, s_width), int(aligned[0, 0]))  # any valid id: masked out
-    rest_mask = query_mask.new_zeros((bsz, s_width))
-    for i in range(bsz):
-        n = int(rest_len[i])
-        rest[i, s_width - n :] = query_ids[i, width - n :]
+    s_width = max(lengths) - n_pre
+    rest = query_ids.new_full((len(rows), s_width), rows[0][0])  # any valid id: masked out
+    rest_mask = query_mask.new_zeros((len(rows), s_width))
+    for i, row in enumerate(rows):
+        n = len(row) - n_pre
+        rest[i, s_width - n :] = query_ids[i, query_ids.shape[1] - n :]
         rest_mask[i, s_width - n :] = 1
-    return aligned[:1, :n_pre].clone(), rest, rest_mask
+    return query_ids.new_tensor([rows[0][:n_pre]]), rest, rest_mask
+
+
+def shared_prefix_cache(model, prefix: torch.Tensor, n_rows: int, cache=None, lm: bool = True):
+    """The KV cache of ``prefix [1, P]`` (positions 0..P-1), run once and repeated for ``n_rows`` rows.
+
+    ``cache``: an empty cache to fill (e.g. preallocated), else the model makes one. The repeat is
+    differentiable, so a training forward on top of it gets the gradients of the full sequences.
+    ``lm``: ``model`` is a causal LM (only the last position's logits are computed) rather than a
+    bare backbone.
+    """
+    n_pre = prefix.shape[1]
+    out = model(
+        input_ids=prefix,
+        attention_mask=torch.ones_like(prefix),
+        position_ids=torch.arange(n_pre, device=prefix.device)[None],
+        past_key_values=cache,
+        use_cache=True,
+        **({"logits_to_keep": 1} if lm else {}),
+    )
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(n_rows)
+    return cache
 
 
 def sample_responses(
@@ -321,9 +344,11 @@ def _sample_loop(
     logprobs = torch.zeros((bsz, max_new_tokens), dtype=torch.float32, device=device)
     lengths = torch.full((bsz,), max_new_tokens, dtype=torch.long, device=device)
     finished = torch.zeros(bsz, dtype=torch.bool, device=device)
-    values = torch.zeros((bsz, max_new_tokens), dtype=torch.float32, device=device)
-    if value_head is None:
-        values = None
+    values = (
+        torch.zeros((bsz, max_new_tokens), dtype=torch.float32, device=device)
+        if value_head is not None
+        else None
+    )
     if max_new_tokens <= 0 or bsz == 0:
         return Samples(tokens[:, :0], logprobs[:, :0], lengths.zero_(), finished, values)
     hidden_kw = {"output_hidden_states": True} if value_head is not None else {}
@@ -334,46 +359,28 @@ def _sample_loop(
     # 1. prefill: positions count real tokens only, so left padding does not shift them.
     split = split_common_prefix(query_ids, mask) if share_prefix else None
     if split is None:
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        input_ids, position_ids = query_ids, (mask.cumsum(-1) - 1).clamp(min=0)
         cache = _new_cache(model, capacity=query_ids.shape[1] + max_new_tokens)
-        out = model(
-            input_ids=query_ids,
-            attention_mask=mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-            **hidden_kw,
-        )
     else:
         # The prompt prefix every row shares (the chat template's system prompt: 24 of ~36 tokens
-        # on SmolLM2) runs once at batch 1; its KV cache is copied to every row; then the rest of
-        # each prompt runs against it. Layout [prefix | left-padded rest]: the mask carries the
+        # on SmolLM2) runs once at batch 1 and its KV cache is copied to every row; then the rest
+        # of each prompt runs against it. Layout [prefix | left-padded rest]: the mask carries the
         # padding in the middle and positions still count real tokens only.
-        prefix, rest, rest_mask = split
+        prefix, input_ids, rest_mask = split
         n_pre = prefix.shape[1]
-        cache = _new_cache(model, capacity=n_pre + rest.shape[1] + max_new_tokens)
-        pre = model(
-            input_ids=prefix,
-            attention_mask=torch.ones_like(prefix),
-            position_ids=torch.arange(n_pre, device=device)[None],
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        cache = pre.past_key_values
-        cache.batch_repeat_interleave(query_ids.shape[0])
-        mask = torch.cat([mask.new_ones(rest.shape[0], n_pre), rest_mask], dim=1)
+        cache = _new_cache(model, capacity=n_pre + input_ids.shape[1] + max_new_tokens)
+        cache = shared_prefix_cache(model, prefix, input_ids.shape[0], cache)
+        mask = torch.cat([mask.new_ones(input_ids.shape[0], n_pre), rest_mask], dim=1)
         position_ids = n_pre + (rest_mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(
-            input_ids=rest,
-            attention_mask=mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-            **hidden_kw,
-        )
+    out = model(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=position_ids,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+        **hidden_kw,
+    )
     cache = out.past_key_values
     logits = out.logits[:, -1, :]
     v = state_values(out) if value_head is not None else None

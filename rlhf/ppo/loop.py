@@ -647,7 +647,8 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
                 # values (and, if asked, old log-probs) of the rollout policy, in the same merged state
                 with torch.no_grad():
                     values_parts, old_parts = ([ro.values] if values_from_sampler else []), []
-                    for i in range(0, 0 if values_from_sampler else local_batch, cfg.micro_batch_size):
+                    n_pass = 0 if values_from_sampler else local_batch  # rows needing a value pass
+                    for i in range(0, n_pass, cfg.micro_batch_size):
                         sl = slice(i, i + cfg.micro_batch_size)
                         logits, v = accelerator.unwrap_model(pv_train)(
                             query[sl],

@@ -55,7 +55,7 @@ def forward_query_response(
     end (the last ``T + 1`` positions are always there: each row keeps ≥ 1 query token).
     ``lm``: the model is a causal LM (takes ``logits_to_keep``) rather than a bare backbone.
     """
-    from rlhf.generation import split_common_prefix
+    from rlhf.generation import shared_prefix_cache, split_common_prefix
 
     split = split_common_prefix(query, query_mask)
     if split is None:
@@ -63,15 +63,7 @@ def forward_query_response(
         return model(input_ids=input_ids, attention_mask=attn, position_ids=pos, **kwargs)
     prefix, rest, rest_mask = split
     n_pre = prefix.shape[1]
-    pre = model(
-        input_ids=prefix,
-        attention_mask=torch.ones_like(prefix),
-        position_ids=torch.arange(n_pre, device=prefix.device)[None],
-        use_cache=True,
-        **({"logits_to_keep": 1} if lm else {}),
-    )
-    cache = pre.past_key_values
-    cache.batch_repeat_interleave(query.shape[0])  # differentiable: gradients sum over the rows
+    cache = shared_prefix_cache(model, prefix, query.shape[0], lm=lm)
     tail_mask = torch.cat([rest_mask.long(), response_mask.long()], dim=1)
     attn = torch.cat([tail_mask.new_ones(query.shape[0], n_pre), tail_mask], dim=1)
     pos = n_pre + (tail_mask.cumsum(-1) - 1).clamp(min=0)
