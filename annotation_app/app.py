@@ -35,6 +35,11 @@ import time
 from pathlib import Path
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no phone-home
+# Gradio's queue keeps a record of its last 10,000 events for the monitoring dashboard (off
+# here) and rebuilds a pandas summary of all of them after every event: 4-20 ms of the server's
+# one core per API call, growing with uptime. Summarise never, keep few records.
+os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", str(10**12))
+os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "256")
 
 import gradio as gr  # noqa: E402
 from starlette.middleware import Middleware  # noqa: E402

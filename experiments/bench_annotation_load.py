@@ -204,6 +204,7 @@ def summarize(logs, duration_s: float) -> dict:
         "submit_mean_ms": 1000 * statistics.fmean(submit) if submit else float("nan"),
         "submit_server_p50_ms": percentile(server, 0.50),
         "submit_server_p95_ms": percentile(server, 0.95),
+        "next_calls": len(nxt),
         "next_p50_ms": 1000 * percentile(nxt, 0.50),
         "next_p95_ms": 1000 * percentile(nxt, 0.95),
         "acked_per_s": sum(len(log.acked) for log in logs) / duration_s,
@@ -293,7 +294,11 @@ def main(argv=None) -> int:
     baseline = store_baseline(db, users, min(args.duration, 5.0))
     port = free_port()
     server = start_server(db, port, work / "server.log")
+    import psutil
+
+    server_ps = psutil.Process(server.pid)
     try:
+        cpu0_server, cpu0_clients = sum(server_ps.cpu_times()[:2]), sum(os.times()[:2])
         t0 = time.time()
         logs = run_annotators(
             f"http://127.0.0.1:{port}/",
@@ -307,6 +312,8 @@ def main(argv=None) -> int:
             think_s=args.think,
         )
         wall = time.time() - t0
+        cpu_server = sum(server_ps.cpu_times()[:2]) - cpu0_server
+        cpu_clients = sum(os.times()[:2]) - cpu0_clients
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -315,16 +322,21 @@ def main(argv=None) -> int:
         "wall_s": wall,
         "load_average_1min": os.getloadavg()[0],  # the machine is shared: read latencies with this
         **summarize(logs, args.duration),
+        # where the 2 cores went: the server process and this one (the annotators' gradio_clients)
+        "cpu_s_server": cpu_server,
+        "cpu_s_clients": cpu_clients,
         "baseline": baseline,
         "exactly_once": check_exactly_once(db, logs, args.quorum),
     }
     ok = report(result, args.json) and result["transport_errors"] == 0
+    calls = result["submit_calls"] + result["next_calls"]
     print(
         "PASS" if ok else "FAIL",
         f"exactly-once; p95 submit {result['submit_p95_ms']:.0f} ms end to end (goal < 200 ms), "
         f"{result['submit_server_p95_ms']:.1f} ms in the server's handler, {baseline['store_submit_p95_ms']:.1f} ms "
         f"on the bare store ({result['submit_p95_ms'] / baseline['store_submit_p95_ms']:.0f}x); "
-        f"load average {os.getloadavg()[0]:.1f}",
+        f"load average {os.getloadavg()[0]:.1f}; CPU per API call: server "
+        f"{1000 * cpu_server / max(1, calls):.1f} ms, clients {1000 * cpu_clients / max(1, calls):.1f} ms",
     )
     return 0 if ok else 1
 
