@@ -8,8 +8,14 @@ micro-batches of 8, fp32 on both sides, missing-EOS penalty 1, β = 0.05 (k1). T
 2. ours at identical algorithmic settings (full fine-tuning, separate critic from the reward model);
 3. ours in the lab's recommended CPU configuration (LoRA policy, value head on the policy backbone).
 
+Where the CPU has bf16 (AVX512-BF16 or AMX; ``rlhf.models.bf16_hardware``) two more runs compare
+bf16 autocast on both sides, since TRL's own default is ``bf16=True``:
+
+4. TRL 1.12 PPOTrainer as in 1 with ``bf16=True``;
+5. ours as in 3 with ``mixed_precision: bf16``, against run 4.
+
 Prints episodes/s of each (wall time of the training loop, model loading excluded), the ratios to
-TRL, and each run's mean reward-model score over its first and last update.
+TRL in the same precision, and each run's mean reward-model score over its first and last update.
 
 TRL 1.12 lives in its own virtual environment (TRL 1.16, which the lab uses, removed PPO). It is
 created once, sharing the lab's other packages::
@@ -66,7 +72,7 @@ def ensure_reward_model(out: Path) -> Path:
     return out
 
 
-def trl_worker(rm_dir: str, updates: int, out_json: str) -> None:
+def trl_worker(rm_dir: str, updates: int, out_json: str, bf16: bool = False) -> None:
     """Runs inside .venv-trl112: TRL 1.12's PPOTrainer; writes timings and scores as JSON."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     import torch
@@ -103,7 +109,7 @@ def trl_worker(rm_dir: str, updates: int, out_json: str) -> None:
         kl_coef=0.05,
         learning_rate=3e-6,
         local_rollout_forward_batch_size=BATCH,
-        bf16=False,
+        bf16=bf16,  # TRL's default is True; the bench states it either way
         fp16=False,
         use_cpu=True,
         gradient_checkpointing=False,
@@ -137,12 +143,12 @@ def trl_worker(rm_dir: str, updates: int, out_json: str) -> None:
     Path(out_json).write_text(json.dumps({"episodes": updates * BATCH, "wall_s": wall, "scores": scores}))
 
 
-def run_trl(rm_dir: Path, updates: int, work: Path) -> dict | None:
+def run_trl(rm_dir: Path, updates: int, work: Path, bf16: bool = False) -> dict | None:
     py = TRL_VENV / "bin" / "python"
     if not py.exists():
         print(f"TRL 1.12 venv missing; create it with:\n  {SETUP}")
         return None
-    out = work / "trl.json"
+    out = work / ("trl_bf16.json" if bf16 else "trl.json")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
     subprocess.run(
         [
@@ -155,6 +161,7 @@ def run_trl(rm_dir: Path, updates: int, work: Path) -> dict | None:
             str(updates),
             "--out",
             str(out),
+            *(["--bf16"] if bf16 else []),
         ],
         check=True,
         env=env,
@@ -209,20 +216,28 @@ def main() -> int:
         "--reward-model", default="", help="reward-model dir (default: an untrained one, built once)"
     )
     ap.add_argument("--work", default="runs/bench_ppo_vs_trl", help="scratch folder")
-    ap.add_argument("--only", choices=("trl", "ours", "ours_lora"), action="append", help="run only these")
+    ap.add_argument(
+        "--only",
+        choices=("trl", "ours", "ours_lora", "trl_bf16", "ours_lora_bf16"),
+        action="append",
+        help="run only these (the *_bf16 runs are on by default where the hardware has bf16)",
+    )
+    ap.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default="", help=argparse.SUPPRESS)
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     if a.trl_worker:
-        trl_worker(a.reward_model, a.updates, a.out)
+        trl_worker(a.reward_model, a.updates, a.out, bf16=a.bf16)
         return 0
     print(f"TRL 1.12 venv: {SETUP}")
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     rm_dir = Path(a.reward_model) if a.reward_model else ensure_reward_model(work / "rm_untrained")
-    todo = a.only or ["trl", "ours", "ours_lora"]
+    from rlhf.models import bf16_hardware
+
+    todo = a.only or ["trl", "ours", "ours_lora"] + (["trl_bf16", "ours_lora_bf16"] if bf16_hardware("cpu") else [])
     results: dict[str, dict] = {}
     if "trl" in todo:
         r = run_trl(rm_dir, a.updates, work)
@@ -236,13 +251,32 @@ def main() -> int:
         results["lab PPO (LoRA, shared value head)"] = run_ours(
             rm_dir, a.updates, work, "ours_lora", lora=True, value_model="shared", learning_rate=3e-4
         )
-    trl_eps = None
+    # bf16 autocast (fp32 weights) on both sides, where the CPU has bf16: TRL's own default
+    if "trl_bf16" in todo:
+        r = run_trl(rm_dir, a.updates, work, bf16=True)
+        if r:
+            results["TRL 1.12 PPOTrainer, bf16 (full FT, critic)"] = r
+    if "ours_lora_bf16" in todo:
+        results["lab PPO, bf16 (LoRA, shared value head)"] = run_ours(
+            rm_dir,
+            a.updates,
+            work,
+            "ours_lora_bf16",
+            lora=True,
+            value_model="shared",
+            learning_rate=3e-4,
+            mixed_precision="bf16",
+        )
+    # each run against TRL in the same precision (bf16 rows against TRL bf16, the rest against fp32)
+    trl_eps: dict[bool, float] = {}
+    for name, r in results.items():
+        if name.startswith("TRL"):
+            trl_eps["bf16" in name] = r["episodes"] / r["wall_s"]
     print(f"\n{'run':<50} {'episodes/s':>10} {'× TRL':>7} {'score first → last':>22}")
     for name, r in results.items():
         eps = r["episodes"] / r["wall_s"]
-        if name.startswith("TRL"):
-            trl_eps = eps
-        ratio = f"{eps / trl_eps:7.2f}" if trl_eps else "      -"
+        base = trl_eps.get("bf16" in name)
+        ratio = f"{eps / base:7.2f}" if base and not name.startswith("TRL") else "      -"
         sc = r["scores"]
         print(
             f"{name:<50} {eps:10.3f} {ratio} {sc[0]:10.3f} → {sc[-1]:8.3f}"

@@ -22,7 +22,11 @@ Deviations from the N+ reference code (all on purpose):
   ``batch_size / N``), so a run's algorithm does not change with the number of processes;
 - the rollout's log-probs are the old log-probs (no extra forward) unless
   ``recompute_old_logprobs``; ``val/ratio_first_minibatch`` shows the check of ppo.md item 5;
-- with LoRA the adapter is merged into the weights while sampling and computing values (the base
+- ``mixed_precision: bf16`` (or ``auto`` where the hardware has bf16) runs every forward under
+  bf16 autocast — sampling, reward model, reference, training — with fp32 weights, gradients and
+  Adam; the old log-probs (and values) then come from a forward identical to training's, since
+  bf16 sampling through a KV cache rounds differently (the first ratio stays exactly 1);
+- with LoRA the adapter is merged into the weights while sampling (the base
   weights are restored bit-exactly afterwards, :class:`rlhf.ppo.value.merged_lora`): unmerged LoRA
   layers more than doubled rollout time on a CPU;
 - with a shared value head (``value_model=shared``) the rollout's values are read off the
@@ -151,6 +155,13 @@ class PPOConfig:
     recompute_old_logprobs: bool = option(
         False, help="recompute old log-probs with a forward pass instead of taking them from the sampler"
     )
+    mixed_precision: str = option(
+        "no",
+        help="'bf16': every forward (sampling, reward model, reference, training) under bf16 autocast, "
+        "with fp32 weights, gradients and Adam; old log-probs are then recomputed in the training "
+        "precision. Needs bf16 hardware (AVX512-BF16/AMX, or a bf16 GPU): checked at start. 'auto': "
+        "bf16 where the hardware has it, else fp32 ('no')",
+    )
     # --- logging, evaluation, checkpoints
     sample_every: int = option(5, help="log a sample table every N updates (0 = never)")
     num_samples: int = option(4, help="rows of each sample table")
@@ -208,6 +219,8 @@ class PPOConfig:
             raise ConfigError("adaptive_kl needs kl_target > 0 and kl_horizon > 0")
         if self.score_clip is not None and self.score_clip <= 0:
             raise ConfigError(f"score_clip: {self.score_clip} must be > 0 (or null)")
+        if self.mixed_precision not in ("no", "bf16", "auto"):
+            raise ConfigError(f"mixed_precision: {self.mixed_precision!r} is not one of 'no', 'bf16', 'auto'")
         if self.critic_init == "reward" and not reward_model_dirs(self.reward):
             raise ConfigError("critic_init=reward needs a reward-model dir as the reward")
         check_reward_spec(self.reward)
@@ -420,6 +433,25 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     world, rank = accelerator.num_processes, accelerator.process_index
     cfg.validate(world)  # before any model loads
+    from rlhf.models import autocast_bf16, bf16_hardware
+
+    bf16 = cfg.mixed_precision == "bf16" or (
+        cfg.mixed_precision == "auto" and bf16_hardware(accelerator.device)
+    )
+    if bf16 and not bf16_hardware(accelerator.device):
+        raise ConfigError(
+            f"mixed_precision: bf16 needs bf16 hardware and this {accelerator.device.type} has none "
+            "(no AVX512-BF16/AMX, or a GPU without bf16): autocast would be many times slower than "
+            "fp32. Use mixed_precision: no"
+        )
+
+    def amp():
+        """Every forward under bf16 autocast when mixed_precision is bf16 (weights stay fp32)."""
+        return autocast_bf16(accelerator.device, bf16)
+
+    # bf16 sampling (KV cache, merged LoRA) and a bf16 full forward round differently: the old
+    # log-probs must come from the same forward as training's for the first ratio to be 1.
+    recompute_old = cfg.recompute_old_logprobs or bf16
     n_updates = num_updates(cfg)
     local_batch = cfg.batch_size // world
     local_mb = cfg.minibatch_size // world
@@ -536,7 +568,7 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
         # The reference (SFT) policy's responses, scored once: the bar for eval/win_rate.
         ref_gen_model = ref_model
         ctx = policy_model().disable_adapter() if ref_model is None else contextlib.nullcontext()
-        with ctx:
+        with ctx, amp():
             ref_eval, ref_rows = evaluate_policy(
                 ref_gen_model or policy_model(),
                 tokenizer,
@@ -553,19 +585,20 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
     def run_evaluation(update: int) -> dict[str, float]:
         if eval_q is None:
             return {}
-        metrics, _rows = evaluate_policy(
-            policy_model(),
-            tokenizer,
-            eval_q,
-            eval_qm,
-            eval_texts,
-            reward_fn,
-            ref_logprobs_fn=ref_logprobs,
-            gold_fn=gold_fn,
-            baseline_scores=baseline_scores,
-            sampling_context=lambda: merged_lora(policy_model()),
-            **eval_common,
-        )
+        with amp():
+            metrics, _rows = evaluate_policy(
+                policy_model(),
+                tokenizer,
+                eval_q,
+                eval_qm,
+                eval_texts,
+                reward_fn,
+                ref_logprobs_fn=ref_logprobs,
+                gold_fn=gold_fn,
+                baseline_scores=baseline_scores,
+                sampling_context=lambda: merged_lora(policy_model()),
+                **eval_common,
+            )
         tracker.log(metrics, step=update)
         history.append({"_episode": update * cfg.batch_size, **metrics})
         return metrics
@@ -597,9 +630,11 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
     accelerator.print(
         f"ppo: {n_updates} updates × {cfg.batch_size} episodes ({world} process{'es' if world > 1 else ''}), "
         f"{cfg.ppo_epochs} epochs, minibatch {cfg.minibatch_size}, micro-batch {cfg.micro_batch_size} × {accum} "
-        f"accumulation; value model: {cfg.value_model}; {'LoRA' if cfg.lora else 'full fine-tuning'}",
+        f"accumulation; value model: {cfg.value_model}; {'LoRA' if cfg.lora else 'full fine-tuning'}; "
+        f"{'bf16 autocast' if bf16 else 'fp32'}",
         flush=True,
     )
+    tracker.summary({"perf/bf16_autocast": int(bf16)})  # what mixed_precision resolved to
     last_eval: dict[str, float] = {}
     if start_update == 0 and eval_q is not None:
         last_eval = run_evaluation(0)
@@ -627,8 +662,8 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
             # A shared value head reads the policy's own last hidden state: the sampling forwards
             # compute exactly those states, so the rollout's values come with the samples (no
             # second pass over query + response). A critic is another network: it needs its pass.
-            values_from_sampler = cfg.value_model == "shared" and not cfg.recompute_old_logprobs
-            with merged_lora(policy_model()):  # LoRA folded in for sampling speed; base restored exactly
+            values_from_sampler = cfg.value_model == "shared" and not recompute_old
+            with merged_lora(policy_model()), amp():  # LoRA folded in for sampling speed; base restored exactly
                 ro = sample_rollout(
                     policy_model(),
                     query,
@@ -641,33 +676,36 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
                     batch_size=cfg.rollout_batch_size,
                     value_head=accelerator.unwrap_model(pv_train).value_head if values_from_sampler else None,
                 )
-                response, rmask = ro.tokens, ro.mask
-                mask_f = rmask.float()
-                t_gen = time.time() - t_start
-                # values (and, if asked, old log-probs) of the rollout policy, in the same merged state
-                with torch.no_grad():
-                    values_parts, old_parts = ([ro.values] if values_from_sampler else []), []
-                    n_pass = 0 if values_from_sampler else local_batch  # rows needing a value pass
-                    for i in range(0, n_pass, cfg.micro_batch_size):
-                        sl = slice(i, i + cfg.micro_batch_size)
-                        logits, v = accelerator.unwrap_model(pv_train)(
-                            query[sl],
-                            qmask[sl],
-                            response[sl],
-                            rmask[sl],
-                            need_logits=cfg.recompute_old_logprobs,
-                        )
-                        values_parts.append(v)
-                        if cfg.recompute_old_logprobs:
-                            old_parts.append(pm.logprobs_from_logits(logits, response[sl], cfg.temperature))
-                t_values = time.time() - t_start - t_gen
+            response, rmask = ro.tokens, ro.mask
+            mask_f = rmask.float()
+            t_gen = time.time() - t_start
+            # values (and, if asked, old log-probs) of the rollout policy, through the same forward
+            # as training's (LoRA unmerged, same precision), so the first minibatch's ratio is 1
+            with torch.no_grad(), amp():
+                values_parts, old_parts = ([ro.values] if values_from_sampler else []), []
+                n_pass = 0 if values_from_sampler else local_batch  # rows needing a value pass
+                for i in range(0, n_pass, cfg.micro_batch_size):
+                    sl = slice(i, i + cfg.micro_batch_size)
+                    logits, v = accelerator.unwrap_model(pv_train)(
+                        query[sl],
+                        qmask[sl],
+                        response[sl],
+                        rmask[sl],
+                        need_logits=recompute_old,
+                    )
+                    values_parts.append(v.float())
+                    if recompute_old:
+                        old_parts.append(pm.logprobs_from_logits(logits, response[sl], cfg.temperature))
+            t_values = time.time() - t_start - t_gen
 
             # 2. score ------------------------------------------------------------------------------
             t0 = time.time()
             texts = decode_responses(tokenizer, response, rmask)
             prompts_text = [train_texts[i] for i in idx]
+            with amp():
+                raw_scores = reward_fn(prompts_text, texts)
             raw = (
-                torch.as_tensor(reward_fn(prompts_text, texts), dtype=torch.float32)
+                torch.as_tensor(raw_scores, dtype=torch.float32)
                 .reshape(-1)
                 .to(accelerator.device)
             )
@@ -684,7 +722,8 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
             # 3. KL-penalised rewards ---------------------------------------------------------------
             t0 = time.time()
             with torch.no_grad():
-                ref_logp = ref_logprobs(query, qmask, response, rmask)
+                with amp():
+                    ref_logp = ref_logprobs(query, qmask, response, rmask)
                 t_score += time.time() - t0  # scoring passes: reward, values, reference
                 t0 = time.time()
                 values = torch.cat(values_parts) * mask_f
@@ -726,7 +765,8 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
                         )  # this micro-batch's share of the minibatch's tokens
                         sync = accelerator.no_sync(pv_train) if m < accum - 1 else contextlib.nullcontext()
                         with sync:
-                            logits, vpred = pv_train(query[mi], qmask[mi], response[mi], rmask[mi])
+                            with amp():
+                                logits, vpred = pv_train(query[mi], qmask[mi], response[mi], rmask[mi])
                             new_logp = pm.logprobs_from_logits(logits, response[mi], cfg.temperature)
                             pg_loss, st = pm.policy_loss(
                                 new_logp, old_logp[mi], adv[mi], mask_f[mi], cfg.cliprange, n_tokens=n_tok

@@ -335,3 +335,35 @@ def test_shared_prefix_forward_equals_the_plain_forward_and_its_gradients(tmp_pa
     assert g1.keys() == g2.keys() and len(g1) > 10
     for n in g1:
         torch.testing.assert_close(g2[n], g1[n], atol=1e-4, rtol=1e-3)
+
+
+def test_mixed_precision_is_checked_before_any_model_loads(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        _cfg(tmp_path, mixed_precision="fp8").validate()
+    import rlhf.models
+
+    monkeypatch.setattr(rlhf.models, "bf16_hardware", lambda device: False)
+    with pytest.raises(ConfigError, match="bf16 needs bf16 hardware"):
+        run_ppo(_cfg(tmp_path, mixed_precision="bf16", experiment="nobf16"))
+    assert not (tmp_path / "runs" / "nobf16").exists()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_bf16_autocast_updates_with_first_ratio_one(tmp_path, lora):
+    """bf16 autocast: old log-probs come from the training forward (ratio exactly 1 on the first
+    minibatch), fp32 weights move, and the first update's KL is 0 (policy = reference)."""
+    from rlhf.models import bf16_hardware
+
+    if not bf16_hardware("cpu"):
+        pytest.skip("this CPU has no bf16 (AVX512-BF16/AMX)")
+    out = run_ppo(
+        _cfg(tmp_path, mixed_precision="bf16", lora=lora, value_model="shared", experiment=f"bf16{lora}")
+    )
+    m = _metrics(out["run_dir"])[-1]
+    assert m["val/ratio_first_minibatch"] == pytest.approx(1.0, abs=1e-6)
+    assert m["objective/kl"] == pytest.approx(0.0, abs=1e-6)
+    w = _weights(out["policy_dir"])
+    assert all(t.dtype == torch.float32 for t in w.values())
+    if not lora:
+        init = _weights_of_tiny()
+        assert max(float((w[k] - init[k]).abs().max()) for k in w) > 1e-4
