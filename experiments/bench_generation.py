@@ -8,6 +8,10 @@ tokens (up to and including each row's EOS), so early stopping is not rewarded b
     python experiments/bench_generation.py                      # SmolLM2, batch 8 32 64
     python experiments/bench_generation.py --batch-sizes 8 32
     python experiments/bench_generation.py --model tiny         # quick check of the script
+    python experiments/bench_generation.py --bf16               # both under bf16 autocast
+
+The last column is the plain forward pass over the same batch (prompt + as many tokens as the
+sampler generated, one call): the rate that per-step overhead keeps generation from.
 
 Needs ``rlhf download`` first for SmolLM2. Run it on a quiet machine: any other process halves
 both numbers (the ratio is what to compare).
@@ -68,7 +72,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=1, help="timed repeats per method (best is kept)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--bf16", action="store_true", help="run both methods (and the forward) under bf16 autocast"
+    )
     args = parser.parse_args(argv)
+    import contextlib
+
+    from rlhf.models import autocast_bf16, bf16_hardware
+
+    if args.bf16 and not bf16_hardware("cpu"):
+        parser.error("--bf16: this CPU has no bf16 instructions (AVX512-BF16/AMX)")
+    amp = (lambda: autocast_bf16("cpu", True)) if args.bf16 else contextlib.nullcontext
 
     from rlhf.generation import sample_responses
     from rlhf.models import format_prompt, load_policy
@@ -77,9 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     eos, pad = tok.eos_token_id, tok.pad_token_id
     print(
         f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
-        f"torch threads {torch.get_num_threads()}, {args.max_new_tokens} new tokens, pure sampling"
+        f"torch threads {torch.get_num_threads()}, {args.max_new_tokens} new tokens, pure sampling, "
+        f"{'bf16 autocast' if args.bf16 else 'fp32'}"
     )
-    print(f"{'batch':>5} {'ours tok/s':>11} {'generate tok/s':>15} {'ratio':>6}  {'ours s':>7} {'gen s':>7}")
+    print(
+        f"{'batch':>5} {'ours tok/s':>11} {'generate tok/s':>15} {'ratio':>6}  {'ours s':>7} {'gen s':>7}"
+        f" {'forward tok/s':>14}"
+    )
     for bs in args.batch_sizes:
         texts = [format_prompt(tok, p) for p in load_bench_prompts(bs)]
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -96,16 +114,17 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.repeats):
             g = torch.Generator().manual_seed(args.seed)
             t0 = time.perf_counter()
-            s = sample_responses(
-                model,
-                enc.input_ids,
-                enc.attention_mask,
-                max_new_tokens=args.max_new_tokens,
-                temperature=1.0,
-                eos_token_id=eos,
-                pad_token_id=pad,
-                generator=g,
-            )
+            with amp():
+                s = sample_responses(
+                    model,
+                    enc.input_ids,
+                    enc.attention_mask,
+                    max_new_tokens=args.max_new_tokens,
+                    temperature=1.0,
+                    eos_token_id=eos,
+                    pad_token_id=pad,
+                    generator=g,
+                )
             dt = time.perf_counter() - t0
             n = int(s.lengths.sum())
             if "ours" not in best or n / dt > best["ours"][0]:
@@ -113,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
             torch.manual_seed(args.seed)
             t0 = time.perf_counter()
-            with torch.inference_mode():
+            with torch.inference_mode(), amp():
                 out = model.generate(
                     **enc,
                     do_sample=True,
@@ -129,8 +148,16 @@ def main(argv: list[str] | None = None) -> int:
             if "gen" not in best or n / dt > best["gen"][0]:
                 best["gen"] = (n / dt, dt)
         ours, gen = best["ours"], best["gen"]
+        # the forward-pass rate on the same tokens: prompt + the sampler's longest response
+        full = torch.cat([enc.input_ids, s.tokens], dim=1)
+        mask = torch.cat([enc.attention_mask, s.mask.to(enc.attention_mask.dtype)], dim=1)
+        t0 = time.perf_counter()
+        with torch.inference_mode(), amp():
+            model(input_ids=full, attention_mask=mask, logits_to_keep=1)
+        fwd = int(s.lengths.sum()) / (time.perf_counter() - t0)
         print(
-            f"{bs:>5} {ours[0]:>11.1f} {gen[0]:>15.1f} {ours[0] / gen[0]:>5.2f}x  {ours[1]:>7.2f} {gen[1]:>7.2f}",
+            f"{bs:>5} {ours[0]:>11.1f} {gen[0]:>15.1f} {ours[0] / gen[0]:>5.2f}x  {ours[1]:>7.2f} {gen[1]:>7.2f}"
+            f" {fwd:>14.1f}",
             flush=True,
         )
     return 0

@@ -80,6 +80,7 @@ def evaluate_policy(
     reward_fn: Callable,
     *,
     ref_logprobs_fn: Callable | None = None,
+    policy_logprobs_fn: Callable | None = None,
     gold_fn: Callable | None = None,
     baseline_scores: torch.Tensor | None = None,
     max_new_tokens: int,
@@ -92,7 +93,9 @@ def evaluate_policy(
     """Sample, score and measure one response per query. Returns ``(metrics, rows)``.
 
     ``ref_logprobs_fn(query, query_mask, tokens, mask) -> [N, T]`` gives the reference's log-probs
-    (None: no KL). ``rows`` are ``[prompt, response, score, kl, gold]`` for a sample table.
+    (None: no KL); ``policy_logprobs_fn`` (same signature) the policy's, from a forward in the
+    reference's precision, where the sampler's own log-probs would round differently (bf16); by
+    default the sampler's are used. ``rows`` are ``[prompt, response, score, kl, gold]`` for a sample table.
     ``sampling_context()`` wraps the sampling only (PPO passes one that merges a LoRA adapter).
     """
     import contextlib
@@ -122,7 +125,12 @@ def evaluate_policy(
     kl = torch.zeros(len(responses))
     if ref_logprobs_fn is not None:
         ref = ref_logprobs_fn(query, query_mask, ro.tokens, ro.mask)
-        kl = ((ro.logprobs - ref) * ro.mask).sum(-1)
+        logp = (
+            ro.logprobs
+            if policy_logprobs_fn is None
+            else policy_logprobs_fn(query, query_mask, ro.tokens, ro.mask)
+        )
+        kl = ((logp - ref) * ro.mask).sum(-1)
         metrics["eval/kl"] = float(kl.mean())
     gold = [None] * len(responses)
     if gold_fn is not None:

@@ -594,6 +594,17 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
                 eval_texts,
                 reward_fn,
                 ref_logprobs_fn=ref_logprobs,
+                # bf16: the policy's log-probs from a forward like the reference's (the sampler's
+                # KV-cache path rounds differently: KL 0.13 at update 0 instead of 0)
+                policy_logprobs_fn=(
+                    (
+                        lambda q, qm, r, rm: response_logprobs(
+                            policy_model(), q, qm, r, rm, cfg.temperature, cfg.micro_batch_size
+                        )
+                    )
+                    if bf16
+                    else None
+                ),
                 gold_fn=gold_fn,
                 baseline_scores=baseline_scores,
                 sampling_context=lambda: merged_lora(policy_model()),
@@ -663,7 +674,10 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
             # compute exactly those states, so the rollout's values come with the samples (no
             # second pass over query + response). A critic is another network: it needs its pass.
             values_from_sampler = cfg.value_model == "shared" and not recompute_old
-            with merged_lora(policy_model()), amp():  # LoRA folded in for sampling speed; base restored exactly
+            with (
+                merged_lora(policy_model()),
+                amp(),
+            ):  # LoRA folded in for sampling speed; base restored exactly
                 ro = sample_rollout(
                     policy_model(),
                     query,
@@ -681,21 +695,26 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
             t_gen = time.time() - t_start
             # values (and, if asked, old log-probs) of the rollout policy, through the same forward
             # as training's (LoRA unmerged, same precision), so the first minibatch's ratio is 1
+            # The first epoch's shuffle is drawn now and the pass runs in its micro-batches: a
+            # micro-batch's padding depends on its rows, and in bf16 a different grouping rounds
+            # differently, so only the same grouping gives the first minibatch a ratio of exactly 1.
+            perm0 = torch.randperm(local_batch, generator=shuffle_gen).to(accelerator.device)
             with torch.no_grad(), amp():
-                values_parts, old_parts = ([ro.values] if values_from_sampler else []), []
+                values_pass = torch.zeros_like(response, dtype=torch.float32)
+                old_pass = torch.zeros_like(response, dtype=torch.float32)
                 n_pass = 0 if values_from_sampler else local_batch  # rows needing a value pass
                 for i in range(0, n_pass, cfg.micro_batch_size):
-                    sl = slice(i, i + cfg.micro_batch_size)
+                    rows = perm0[i : i + cfg.micro_batch_size]
                     logits, v = accelerator.unwrap_model(pv_train)(
-                        query[sl],
-                        qmask[sl],
-                        response[sl],
-                        rmask[sl],
+                        query[rows],
+                        qmask[rows],
+                        response[rows],
+                        rmask[rows],
                         need_logits=recompute_old,
                     )
-                    values_parts.append(v.float())
+                    values_pass[rows] = v.float()
                     if recompute_old:
-                        old_parts.append(pm.logprobs_from_logits(logits, response[sl], cfg.temperature))
+                        old_pass[rows] = pm.logprobs_from_logits(logits, response[rows], cfg.temperature)
             t_values = time.time() - t_start - t_gen
 
             # 2. score ------------------------------------------------------------------------------
@@ -704,11 +723,7 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
             prompts_text = [train_texts[i] for i in idx]
             with amp():
                 raw_scores = reward_fn(prompts_text, texts)
-            raw = (
-                torch.as_tensor(raw_scores, dtype=torch.float32)
-                .reshape(-1)
-                .to(accelerator.device)
-            )
+            raw = torch.as_tensor(raw_scores, dtype=torch.float32).reshape(-1).to(accelerator.device)
             if not pm.is_finite(raw):
                 raise NonFiniteError(
                     f"the reward function returned a non-finite score at update {update}; stopped "
@@ -723,11 +738,13 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
             t0 = time.time()
             with torch.no_grad():
                 with amp():
-                    ref_logp = ref_logprobs(query, qmask, response, rmask)
+                    # in the first epoch's micro-batches too (same padding as the policy's pass)
+                    ref_logp = torch.empty_like(mask_f)
+                    ref_logp[perm0] = ref_logprobs(query[perm0], qmask[perm0], response[perm0], rmask[perm0])
                 t_score += time.time() - t0  # scoring passes: reward, values, reference
                 t0 = time.time()
-                values = torch.cat(values_parts) * mask_f
-                old_logp = (torch.cat(old_parts) if old_parts else ro.logprobs) * mask_f
+                values = (ro.values if values_from_sampler else values_pass) * mask_f
+                old_logp = (old_pass if recompute_old else ro.logprobs) * mask_f
                 kl = pm.kl_per_token(old_logp, ref_logp, cfg.kl_estimator) * mask_f
                 beta = kl_ctl.value
                 rewards, non_score = pm.kl_penalized_rewards(scores, kl, mask_f, beta)
@@ -753,7 +770,11 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
             }
             first_ratio = None
             for epoch in range(cfg.ppo_epochs):
-                perm = torch.randperm(local_batch, generator=shuffle_gen).to(accelerator.device)
+                perm = (
+                    perm0
+                    if epoch == 0
+                    else torch.randperm(local_batch, generator=shuffle_gen).to(accelerator.device)
+                )
                 for mb_start in range(0, local_batch, local_mb):
                     mb_idx = perm[mb_start : mb_start + local_mb]
                     n_tok = mask_f[mb_idx].sum().clamp(min=1.0)

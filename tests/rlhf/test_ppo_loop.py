@@ -357,11 +357,24 @@ def test_bf16_autocast_updates_with_first_ratio_one(tmp_path, lora):
     if not bf16_hardware("cpu"):
         pytest.skip("this CPU has no bf16 (AVX512-BF16/AMX)")
     out = run_ppo(
-        _cfg(tmp_path, mixed_precision="bf16", lora=lora, value_model="shared", experiment=f"bf16{lora}")
+        _cfg(
+            tmp_path,
+            mixed_precision="bf16",
+            lora=lora,
+            value_model="shared",
+            experiment=f"bf16{lora}",
+            batch_size=8,
+            minibatch_size=4,
+            micro_batch_size=2,
+            num_eval_prompts=3,
+        )
     )
-    m = _metrics(out["run_dir"])[-1]
+    ms = _metrics(out["run_dir"])
+    m = [r for r in ms if "val/ratio_first_minibatch" in r][-1]
     assert m["val/ratio_first_minibatch"] == pytest.approx(1.0, abs=1e-6)
     assert m["objective/kl"] == pytest.approx(0.0, abs=1e-6)
+    # held-out KL before any update: the policy is the reference, so exactly 0 in bf16 too
+    assert [r for r in ms if "eval/kl" in r][0]["eval/kl"] == pytest.approx(0.0, abs=1e-6)
     w = _weights(out["policy_dir"])
     assert all(t.dtype == torch.float32 for t in w.values())
     if not lora:
