@@ -237,7 +237,9 @@ def main() -> int:
     rm_dir = Path(a.reward_model) if a.reward_model else ensure_reward_model(work / "rm_untrained")
     from rlhf.models import bf16_hardware
 
-    todo = a.only or ["trl", "ours", "ours_lora"] + (["trl_bf16", "ours_lora_bf16"] if bf16_hardware("cpu") else [])
+    todo = a.only or ["trl", "ours", "ours_lora"] + (
+        ["trl_bf16", "ours_lora_bf16"] if bf16_hardware("cpu") else []
+    )
     results: dict[str, dict] = {}
     if "trl" in todo:
         r = run_trl(rm_dir, a.updates, work)
@@ -272,14 +274,27 @@ def main() -> int:
     for name, r in results.items():
         if name.startswith("TRL"):
             trl_eps["bf16" in name] = r["episodes"] / r["wall_s"]
-    print(f"\n{'run':<50} {'episodes/s':>10} {'× TRL':>7} {'score first → last':>22}")
+    # Ours logs normalised scores ((raw - offset) / scale), TRL raw reward-model outputs; both
+    # subtract the same missing-EOS penalty afterwards. Gains are put in raw units (× scale).
+    meta = json.loads((rm_dir / "rlhf_reward.json").read_text())
+    scale = float(meta.get("normalization", {}).get("scale", 1.0))
+    print(
+        f"\n{'run':<50} {'episodes/s':>10} {'× TRL':>7} {'score first → last':>22} {'gain, raw RM units':>20}"
+    )
     for name, r in results.items():
         eps = r["episodes"] / r["wall_s"]
         base = trl_eps.get("bf16" in name)
         ratio = f"{eps / base:7.2f}" if base and not name.startswith("TRL") else "      -"
         sc = r["scores"]
+        k = max(1, len(sc) // 3)  # mean of the last third of the updates minus the first third's
+        gain = (
+            (sum(sc[-k:]) - sum(sc[:k])) / k * (1.0 if name.startswith("TRL") else scale)
+            if sc
+            else float("nan")
+        )
+        r["gain_raw"] = gain
         print(
-            f"{name:<50} {eps:10.3f} {ratio} {sc[0]:10.3f} → {sc[-1]:8.3f}"
+            f"{name:<50} {eps:10.3f} {ratio} {sc[0]:10.3f} → {sc[-1]:8.3f} {gain:20.3f}"
             if sc
             else f"{name:<50} {eps:10.3f} {ratio}"
         )
