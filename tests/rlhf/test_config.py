@@ -50,6 +50,15 @@ def test_int_widens_to_float_but_not_the_reverse():
         build_config(Outer, None, {"steps": 1.5})
 
 
+def test_exponent_without_a_dot_is_a_number():
+    """YAML 1.1 reads ``6e-4`` as a string; from the command line or a file it is a float here."""
+    assert build_config(Outer, None, ["inner.lr=6e-4"]).inner.lr == pytest.approx(6e-4)
+    assert build_config(Outer, None, {"inner.lr": " -2E3 "}).inner.lr == -2000.0
+    for bad in ("six", "1e", "nan", "0x10"):
+        with pytest.raises(ConfigError, match="inner.lr: expected a number"):
+            build_config(Outer, None, {"inner.lr": bad})
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
