@@ -9,6 +9,7 @@ click or a retry would) and some abandon a lease (take an item and walk away).
 
 from __future__ import annotations
 
+import functools
 import random
 import threading
 import time
@@ -85,10 +86,7 @@ class HttpApiClient:
         raise RuntimeError(f"{api_name}: the result stream ended without a result")
 
 
-_TLS_CONTEXT = None
-_TLS_LOCK = threading.Lock()
-
-
+@functools.cache
 def shared_tls_context():
     """One verifying TLS context for every client of this process.
 
@@ -98,15 +96,11 @@ def shared_tls_context():
     httpx accepts a ready ``ssl.SSLContext`` where it takes ``verify``, so passing this one keeps
     certificate verification on for ``https://`` servers and skips the rebuild.
     """
-    global _TLS_CONTEXT
-    with _TLS_LOCK:
-        if _TLS_CONTEXT is None:
-            import ssl
+    import ssl
 
-            import certifi
+    import certifi
 
-            _TLS_CONTEXT = ssl.create_default_context(cafile=certifi.where())
-        return _TLS_CONTEXT
+    return ssl.create_default_context(cafile=certifi.where())
 
 
 def connect(

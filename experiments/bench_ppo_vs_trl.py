@@ -249,9 +249,10 @@ def main() -> int:
         results["lab PPO (full FT, separate critic)"] = run_ours(
             rm_dir, a.updates, work, "ours_full", value_model="critic", critic_init="reward"
         )
+    cpu_config = dict(lora=True, value_model="shared", learning_rate=3e-4)  # the lab's CPU configuration
     if "ours_lora" in todo:
         results["lab PPO (LoRA, shared value head)"] = run_ours(
-            rm_dir, a.updates, work, "ours_lora", lora=True, value_model="shared", learning_rate=3e-4
+            rm_dir, a.updates, work, "ours_lora", **cpu_config
         )
     # bf16 autocast (fp32 weights) on both sides, where the CPU has bf16: TRL's own default
     if "trl_bf16" in todo:
@@ -260,14 +261,7 @@ def main() -> int:
             results["TRL 1.12 PPOTrainer, bf16 (full FT, critic)"] = r
     if "ours_lora_bf16" in todo:
         results["lab PPO, bf16 (LoRA, shared value head)"] = run_ours(
-            rm_dir,
-            a.updates,
-            work,
-            "ours_lora_bf16",
-            lora=True,
-            value_model="shared",
-            learning_rate=3e-4,
-            mixed_precision="bf16",
+            rm_dir, a.updates, work, "ours_lora_bf16", mixed_precision="bf16", **cpu_config
         )
     # each run against TRL in the same precision (bf16 rows against TRL bf16, the rest against fp32)
     trl_eps: dict[bool, float] = {}

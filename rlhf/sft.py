@@ -121,10 +121,11 @@ def split_heldout(records: list[dict], fraction: float, seed: int) -> tuple[list
 
 
 def bf16_supported() -> bool:
-    """bf16 only where the hardware has it (CUDA with bf16); never autocast on a CPU (environment-notes.md)."""
-    import torch
+    """bf16 for TRL's trainers only on a CUDA device that has it; never on a CPU (TRL's flag does
+    nothing useful there: environment-notes.md, and bench_ppo_vs_trl.py found it a no-op)."""
+    from rlhf.models import bf16_hardware
 
-    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    return bf16_hardware("cuda")
 
 
 def _tracker_callback(tracker):

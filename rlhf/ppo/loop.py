@@ -435,15 +435,14 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
     cfg.validate(world)  # before any model loads
     from rlhf.models import autocast_bf16, bf16_hardware
 
-    bf16 = cfg.mixed_precision == "bf16" or (
-        cfg.mixed_precision == "auto" and bf16_hardware(accelerator.device)
-    )
-    if bf16 and not bf16_hardware(accelerator.device):
+    has_bf16 = bf16_hardware(accelerator.device)
+    if cfg.mixed_precision == "bf16" and not has_bf16:
         raise ConfigError(
             f"mixed_precision: bf16 needs bf16 hardware and this {accelerator.device.type} has none "
             "(no AVX512-BF16/AMX, or a GPU without bf16): autocast would be many times slower than "
             "fp32. Use mixed_precision: no"
         )
+    bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and has_bf16)
 
     def amp():
         """Every forward under bf16 autocast when mixed_precision is bf16 (weights stay fp32)."""
@@ -546,6 +545,10 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
         with policy_model().disable_adapter():
             return response_logprobs(policy_model(), q, qm, r, rm, cfg.temperature, cfg.micro_batch_size)
 
+    def policy_logprobs(q, qm, r, rm):
+        """The policy's log-probs from a full forward, like the reference's (LoRA unmerged)."""
+        return response_logprobs(policy_model(), q, qm, r, rm, cfg.temperature, cfg.micro_batch_size)
+
     # Tokenize every prompt once; queries are left-padded per batch.
     train_ids = encode_queries(tokenizer, [p["prompt"] for p in train_prompts], cfg.max_prompt_tokens)
     train_texts = [prompt_text(p["prompt"]) for p in train_prompts]
@@ -596,15 +599,7 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
                 ref_logprobs_fn=ref_logprobs,
                 # bf16: the policy's log-probs from a forward like the reference's (the sampler's
                 # KV-cache path rounds differently: KL 0.13 at update 0 instead of 0)
-                policy_logprobs_fn=(
-                    (
-                        lambda q, qm, r, rm: response_logprobs(
-                            policy_model(), q, qm, r, rm, cfg.temperature, cfg.micro_batch_size
-                        )
-                    )
-                    if bf16
-                    else None
-                ),
+                policy_logprobs_fn=policy_logprobs if bf16 else None,
                 gold_fn=gold_fn,
                 baseline_scores=baseline_scores,
                 sampling_context=lambda: merged_lora(policy_model()),
@@ -674,10 +669,8 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
             # compute exactly those states, so the rollout's values come with the samples (no
             # second pass over query + response). A critic is another network: it needs its pass.
             values_from_sampler = cfg.value_model == "shared" and not recompute_old
-            with (
-                merged_lora(policy_model()),
-                amp(),
-            ):  # LoRA folded in for sampling speed; base restored exactly
+            # LoRA folded in for sampling speed; base restored exactly
+            with merged_lora(policy_model()), amp():
                 ro = sample_rollout(
                     policy_model(),
                     query,
@@ -693,11 +686,10 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
             response, rmask = ro.tokens, ro.mask
             mask_f = rmask.float()
             t_gen = time.time() - t_start
-            # values (and, if asked, old log-probs) of the rollout policy, through the same forward
-            # as training's (LoRA unmerged, same precision), so the first minibatch's ratio is 1
-            # The first epoch's shuffle is drawn now and the pass runs in its micro-batches: a
-            # micro-batch's padding depends on its rows, and in bf16 a different grouping rounds
-            # differently, so only the same grouping gives the first minibatch a ratio of exactly 1.
+            # Values (and, if asked, old log-probs) of the rollout policy through the same forward as
+            # training's (LoRA unmerged, same precision), in the first epoch's micro-batches: its
+            # shuffle is drawn now, since a micro-batch's padding depends on its rows and bf16 rounds
+            # by grouping. Only then is the first minibatch's ratio exactly 1.
             perm0 = torch.randperm(local_batch, generator=shuffle_gen).to(accelerator.device)
             with torch.no_grad(), amp():
                 values_pass = torch.zeros_like(response, dtype=torch.float32)
