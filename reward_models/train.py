@@ -68,13 +68,22 @@ class RMTrainConfig:
         choices=L.LOSSES,
     )
     margin: float = option(0.0, help="Bradley–Terry margin m in -log σ(r_w - r_l - m) (bt, grouped_bt)")
-    theta: float = option(
-        2.0, help="Rao–Kupper θ (> 1): initial value, or the fixed value when learn_tie_param=false"
+    theta: float | None = option(
+        None,
+        help="Rao–Kupper θ (> 1): initial value, or the fixed value when learn_tie_param=false "
+        "(null: from the training rankings' tie rate t, θ = (1 + t) / (1 - t))",
     )
-    nu: float = option(
-        1.0, help="Davidson ν (> 0): initial value, or the fixed value when learn_tie_param=false"
+    nu: float | None = option(
+        None,
+        help="Davidson ν (> 0): initial value, or the fixed value when learn_tie_param=false "
+        "(null: from the training rankings' tie rate t, ν = 2t / (1 - t))",
     )
     learn_tie_param: bool = option(True, help="learn θ / ν with the model (else keep them fixed)")
+    tie_lr: float = option(
+        0.02,
+        help="AdamW learning rate of the learned θ / ν (one scalar: at the model's lr it would "
+        "hardly move from its initial value within a run)",
+    )
     center_coef: float = option(0.0, help="reward centring: adds coef · mean(r)² to the loss (0 = off)")
     trainable: str = option(
         "top",
@@ -132,10 +141,12 @@ class RMTrainConfig:
             )
         if not 0 < self.eval_fraction < 1 and not self.eval_rankings:
             raise ConfigError(f"eval_fraction must be between 0 and 1, got {self.eval_fraction}")
-        if self.loss == "rao_kupper" and self.theta <= 1:
+        if self.loss == "rao_kupper" and self.theta is not None and self.theta <= 1:
             raise ConfigError(f"theta must be > 1 for rao_kupper (θ = 1 allows no ties), got {self.theta}")
-        if self.loss == "davidson" and self.nu <= 0:
+        if self.loss == "davidson" and self.nu is not None and self.nu <= 0:
             raise ConfigError(f"nu must be > 0 for davidson, got {self.nu}")
+        if self.tie_lr <= 0:
+            raise ConfigError(f"tie_lr must be > 0, got {self.tie_lr}")
         for name in ("batch_size", "grad_accum", "max_length", "score_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
@@ -404,13 +415,38 @@ def tie_log_param(loss: str, raw: torch.Tensor | None) -> torch.Tensor | None:
     return F.softplus(raw) if loss == "rao_kupper" else raw
 
 
-def initial_tie_raw(cfg: RMTrainConfig) -> float | None:
-    if cfg.loss == "rao_kupper":
-        y = math.log(cfg.theta)  # softplus⁻¹(log θ)
-        return y + math.log(-math.expm1(-y))
-    if cfg.loss == "davidson":
-        return math.log(cfg.nu)
+def tie_rate(groups: list[Group]) -> float:
+    """The fraction of candidate pairs that the rankings tie (every ranking of every group)."""
+    tied = total = 0
+    for g in groups:
+        for tiers in g.rankings:
+            for i in range(len(tiers)):
+                for j in range(i + 1, len(tiers)):
+                    total += 1
+                    tied += tiers[i] == tiers[j]
+    return tied / total if total else 0.0
+
+
+def initial_tie_value(loss: str, theta: float | None, nu: float | None, rate: float) -> float | None:
+    """θ or ν to start from: the configured value, else the one whose P(tie) at equal rewards is the
+    data's tie rate t — Rao–Kupper (θ - 1) / (θ + 1) = t, Davidson ν / (2 + ν) = t (clamped so a
+    tie-free data set still allows a few)."""
+    t = min(max(rate, 0.01), 0.9)
+    if loss == "rao_kupper":
+        return theta if theta is not None else (1 + t) / (1 - t)
+    if loss == "davidson":
+        return nu if nu is not None else 2 * t / (1 - t)
     return None
+
+
+def initial_tie_raw(loss: str, value: float | None) -> float | None:
+    """The raw learned parameter for a θ / ν value (inverse of :func:`tie_log_param`)."""
+    if value is None:
+        return None
+    if loss == "rao_kupper":
+        y = math.log(value)  # softplus⁻¹(log θ)
+        return y + math.log(-math.expm1(-y))
+    return math.log(value)
 
 
 def tie_values(loss: str, raw: torch.Tensor | None) -> dict[str, float]:
@@ -609,12 +645,13 @@ def run_rm_train(cfg: RMTrainConfig) -> dict:
             _write_jsonl(eval_path, [r for g in held for r in g.records])
 
         # 2-3. model, tokenizer, text → tokens
+        tie_init = initial_tie_value(cfg.loss, cfg.theta, cfg.nu, tie_rate(train_groups))
         model, tokenizer = build_reward_model(
             cfg.model,
             cfg.trainable,
             cfg.top_layers,
             LoraSettings(cfg.lora_r, cfg.lora_alpha, 0.0, tuple(cfg.lora_targets)),
-            tie_param=initial_tie_raw(cfg),
+            tie_param=initial_tie_raw(cfg.loss, tie_init),
             learn_tie_param=cfg.learn_tie_param,
             seed=cfg.seed,
         )
@@ -648,10 +685,16 @@ def run_rm_train(cfg: RMTrainConfig) -> dict:
                     flush=True,
                 )
 
-        params = [p for p in model.parameters() if p.requires_grad]
+        tie = model.tie_param if model.tie_param is not None and model.tie_param.requires_grad else None
+        params = [p for p in model.parameters() if p.requires_grad and p is not tie]
+        groups = [{"params": params}]
+        if tie is not None:  # its own rate, no weight decay (that would pull log ν / raw θ to 0)
+            groups.append({"params": [tie], "lr": cfg.tie_lr, "weight_decay": 0.0})
         from rlhf.models import adam_kwargs
 
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **adam_kwargs(params))
+        optimizer = torch.optim.AdamW(
+            groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **adam_kwargs(params + ([tie] if tie is not None else []))
+        )
         n_batches = math.ceil(len(my_train) / cfg.batch_size)
         if world > 1:  # every process must take the same number of steps
             n_batches = int(accelerator.gather(torch.tensor([n_batches])).min())
@@ -829,6 +872,7 @@ def run_rm_train(cfg: RMTrainConfig) -> dict:
                 "margin": cfg.margin,
                 "center_coef": cfg.center_coef,
                 **tie_values(cfg.loss, raw_tie),
+                "tie_initial": tie_init,
                 "metrics": final,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "config": to_dict(cfg),

@@ -11,7 +11,15 @@ import pytest
 import torch
 
 from reward_models import losses as L
-from reward_models.train import DataReport, RMTrainConfig, batch_loss, build_groups, make_batch
+from reward_models.train import (
+    DataReport,
+    RMTrainConfig,
+    batch_loss,
+    build_groups,
+    initial_tie_value,
+    make_batch,
+    tie_rate,
+)
 from rlhf.cli import main
 
 from .rm_data import make_records, write_records
@@ -317,3 +325,38 @@ def test_accelerate_launch_with_two_cpu_processes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "runs" / "default" / "rm_train" / "model" / "rlhf_reward.json").is_file()
     assert proc.stdout.count("rm train:") == 1  # only the main process reports
+
+
+def test_tie_parameter_starts_at_the_data_tie_rate():
+    """1 tied pair out of 12: Rao–Kupper (θ-1)/(θ+1) = 1/12 → θ = 13/11; Davidson ν/(2+ν) = 1/12 → ν = 2/11."""
+    recs = make_records(2, seed=3)
+    recs[0]["tiers"], recs[0]["ranking"] = [["A", "B"], ["C"], ["D"]], "A = B > C > D"
+    recs[1]["tiers"], recs[1]["ranking"] = [["D"], ["C"], ["B"], ["A"]], "D > C > B > A"
+    groups = build_groups(recs, DataReport(), "rao_kupper")
+    assert tie_rate(groups) == pytest.approx(1 / 12)
+    assert initial_tie_value("rao_kupper", None, None, 1 / 12) == pytest.approx(13 / 11)
+    assert initial_tie_value("davidson", None, None, 1 / 12) == pytest.approx(2 / 11)
+    assert initial_tie_value("rao_kupper", 3.0, None, 1 / 12) == 3.0  # a configured value wins
+    assert initial_tie_value("davidson", None, 0.5, 1 / 12) == 0.5
+    assert initial_tie_value("grouped_bt", None, None, 1 / 12) is None
+    assert initial_tie_value("rao_kupper", None, None, 0.0) > 1  # no ties in the data: still valid
+
+
+@pytest.mark.parametrize("loss, key", [("rao_kupper", "theta"), ("davidson", "nu")])
+def test_tie_parameter_learns_at_its_own_rate(tmp_path, loss, key):
+    """At tie_lr the learned θ / ν moves within 20 steps; at a negligible tie_lr it stays where it started
+    (at the model's lr, 3e-4 in the SmolLM2 benches, it would barely move: what tie_lr fixes)."""
+    data = write_records(tmp_path / "r.jsonl", make_records(40, seed=2))
+    moved = {}
+    for tie_lr in ("0.05", "1e-9"):
+        runs = tmp_path / f"runs{tie_lr}"
+        rc = main(
+            ["rm", "train", "--rankings", str(data), "--runs_dir", str(runs), *TRAIN_ARGS[:2]]
+            + ["--loss", loss, "--max_steps", "20", "--tie_lr", tie_lr, "--eval_every", "0"]
+            + ["tracking.mode=disabled"]
+        )
+        assert rc == 0
+        meta = json.loads((runs / "default" / "rm_train" / "model" / "rlhf_reward.json").read_text())
+        moved[tie_lr] = abs(math.log(meta[key]) - math.log(meta["tie_initial"]))
+    assert moved["1e-9"] < 1e-6
+    assert moved["0.05"] > 0.1
