@@ -217,7 +217,6 @@ def summarize(logs, duration_s: float) -> dict:
     }
 
 
-
 def report(result: dict, json_path: str | None) -> bool:
     """Print (and optionally save) a benchmark result; True when the exactly-once check passed:
     nothing acknowledged missing, changed or stored twice, no prompt over quorum, integrity ok."""
@@ -232,6 +231,7 @@ def report(result: dict, json_path: str | None) -> bool:
         and eo["integrity_check"] == "ok"
         and result["errors"] == 0
     )
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

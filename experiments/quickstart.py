@@ -64,8 +64,12 @@ def print_summary(summary: dict) -> None:
     if acc is not None:
         print(f"  reward model held-out pair accuracy: {acc:.3f}")
     ev = stages.get("eval", {})
-    rows = [("reward-model score", "eval/score"), ("gold score", "eval/gold_score"),
-            ("length (tokens)", "eval/length"), ("EOS rate", "eval/eos_rate")]
+    rows = [
+        ("reward-model score", "eval/score"),
+        ("gold score", "eval/gold_score"),
+        ("length (tokens)", "eval/length"),
+        ("EOS rate", "eval/eos_rate"),
+    ]
     for label, key in rows:
         after, before = ev.get(key), ev.get("eval/reference_" + key.split("/", 1)[1])
         if after is not None:
@@ -79,7 +83,9 @@ def print_summary(summary: dict) -> None:
         print(f"  PPO learning curves: {curves}")
     out_dir = Path(summary["dir"])
     print(f"  summary: {out_dir / 'experiment_summary.json'}")
-    print(f"  view the runs: wandb leet {out_dir}   (or `wandb sync {out_dir}/*/wandb/offline-run-*` to upload)")
+    print(
+        f"  view the runs: wandb leet {out_dir}   (or `wandb sync {out_dir}/*/wandb/offline-run-*` to upload)"
+    )
 
 
 def _annotate(file: str, preset: str | None, overrides: dict, args: argparse.Namespace) -> dict:
@@ -89,14 +95,17 @@ def _annotate(file: str, preset: str | None, overrides: dict, args: argparse.Nam
 
     exp = runner.parse_experiment(runner.load_raw(file), file, preset, overrides)
     plan = [n for n in runner.build_plan(exp) if n.name == "generate"]
-    ctx = runner.RunContext(exp, Path(exp.runs_dir), [f"experiment={exp.name}"], {}, args.from_stage,
-                            False, file)
+    ctx = runner.RunContext(
+        exp, Path(exp.runs_dir), [f"experiment={exp.name}"], {}, args.from_stage, False, file
+    )
     results = runner.run_plan(ctx, plan)
     candidates = results["generate"]["candidates"]
     db = args.db or str(Path(exp.runs_dir) / exp.name / "annotate" / "lab.db")
     Path(db).parent.mkdir(parents=True, exist_ok=True)
-    print(f"\nnext: rank in the browser, then `rlhf annotate export --db {db} --out rankings.jsonl` "
-          f"and `rlhf rm train --rankings rankings.jsonl`")
+    print(
+        f"\nnext: rank in the browser, then `rlhf annotate export --db {db} --out rankings.jsonl` "
+        f"and `rlhf rm train --rankings rankings.jsonl`"
+    )
     serve_candidates(candidates, db=db, port=args.port)
     return {"candidates": candidates, "db": db}
 
@@ -117,22 +126,49 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--preset", choices=PRESETS, default="smollm2",
-                   help="smollm2 (default: the embedded SmolLM2-135M-Instruct, about 18 min on 2 cores) or "
-                   "tiny (a few-layer model built in code, about a minute)")
-    p.add_argument("--runs-dir", "--runs_dir", dest="runs_dir", default=None,
-                   help="root folder of run directories (default runs/)")
+    p.add_argument(
+        "--preset",
+        choices=PRESETS,
+        default="smollm2",
+        help="smollm2 (default: the embedded SmolLM2-135M-Instruct, about 18 min on 2 cores) or "
+        "tiny (a few-layer model built in code, about a minute)",
+    )
+    p.add_argument(
+        "--runs-dir",
+        "--runs_dir",
+        dest="runs_dir",
+        default=None,
+        help="root folder of run directories (default runs/)",
+    )
     p.add_argument("--seed", type=int, default=None, help="seed of every stage (default 0)")
-    p.add_argument("--from", dest="from_stage", metavar="STAGE", default=None,
-                   help="rerun this stage and everything after it, even if cached")
-    p.add_argument("--annotate", nargs="?", const=True, default=False, type=_bool, metavar="BOOL",
-                   help="after generation, open the annotation app on the candidates instead of "
-                   "simulating annotators")
-    p.add_argument("--db", default="", help="annotation database for --annotate "
-                   "(default runs/<experiment>/annotate/lab.db)")
+    p.add_argument(
+        "--from",
+        dest="from_stage",
+        metavar="STAGE",
+        default=None,
+        help="rerun this stage and everything after it, even if cached",
+    )
+    p.add_argument(
+        "--annotate",
+        nargs="?",
+        const=True,
+        default=False,
+        type=_bool,
+        metavar="BOOL",
+        help="after generation, open the annotation app on the candidates instead of simulating annotators",
+    )
+    p.add_argument(
+        "--db",
+        default="",
+        help="annotation database for --annotate (default runs/<experiment>/annotate/lab.db)",
+    )
     p.add_argument("--port", type=int, default=7860, help="annotation app port for --annotate")
-    p.add_argument("overrides", nargs="*", metavar="STAGE.FIELD=VALUE",
-                   help="override any stage field (ppo.kl_coef=0.1) or top-level key (tracking.mode=disabled)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="STAGE.FIELD=VALUE",
+        help="override any stage field (ppo.kl_coef=0.1) or top-level key (tracking.mode=disabled)",
+    )
     p.set_defaults(func=lambda args: (run_quickstart(args), 0)[1])
     return p
 

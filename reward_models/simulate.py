@@ -29,12 +29,18 @@ from rlhf.tracking import TrackingConfig, start_stage
 
 @dataclass
 class SimulateConfig:
-    candidates: str = option("", help="candidates file (JSONL or dataset dir), e.g. the output of `rlhf generate`")
-    scorer: str = option("vader", help="gold scorer spec: vader, length:target=N, keywords:good=a|b, module:function")
+    candidates: str = option(
+        "", help="candidates file (JSONL or dataset dir), e.g. the output of `rlhf generate`"
+    )
+    scorer: str = option(
+        "vader", help="gold scorer spec: vader, length:target=N, keywords:good=a|b, module:function"
+    )
     n_annotators: int = option(3, help="size of the simulated annotator pool (each has its own seed)")
     per_prompt: int = option(1, help="distinct annotators ranking each prompt (≤ n_annotators)")
     temperature: float = option(0.2, help="Bradley–Terry noise temperature on the gold scale (0 = noiseless)")
-    tie_threshold: float = option(0.05, help="adjacent candidates whose gold scores differ by at most this are tied")
+    tie_threshold: float = option(
+        0.05, help="adjacent candidates whose gold scores differ by at most this are tied"
+    )
     out: str = option("", help="output rankings JSONL (default: <run_dir>/rankings.jsonl)")
     seed: int = option(0, help="random seed")
     experiment: str = option("default", help="experiment name (W&B group; runs/<experiment>/)")
@@ -47,12 +53,16 @@ class SimulateConfig:
         if self.n_annotators < 1:
             raise ConfigError(f"n_annotators must be ≥ 1, got {self.n_annotators}")
         if not 1 <= self.per_prompt <= self.n_annotators:
-            raise ConfigError(f"per_prompt must be between 1 and n_annotators ({self.n_annotators}), got {self.per_prompt}")
+            raise ConfigError(
+                f"per_prompt must be between 1 and n_annotators ({self.n_annotators}), got {self.per_prompt}"
+            )
         if self.temperature < 0 or self.tie_threshold < 0:
             raise ConfigError("temperature and tie_threshold must be ≥ 0")
 
 
-def sample_tiers(scores: Sequence[float], temperature: float, tie_threshold: float, rng: random.Random) -> list[list[int]]:
+def sample_tiers(
+    scores: Sequence[float], temperature: float, tie_threshold: float, rng: random.Random
+) -> list[list[int]]:
     """One noisy ranking of candidates ``0..K-1`` as tiers (lists of indices), best first."""
     if temperature > 0:
         keys = [s / temperature - math.log(-math.log(rng.random() or 1e-300)) for s in scores]
@@ -76,7 +86,7 @@ def gold_pair_agreement(records: Sequence[dict], tie_threshold: float) -> float:
         tier_of = {lab: t for t, tier in enumerate(rec["tiers"]) for lab in tier}
         labels = list(gold)
         for i, a in enumerate(labels):
-            for b in labels[i + 1:]:
+            for b in labels[i + 1 :]:
                 d = gold[a] - gold[b]
                 if abs(d) <= tie_threshold:
                     continue
@@ -85,9 +95,16 @@ def gold_pair_agreement(records: Sequence[dict], tie_threshold: float) -> float:
     return agree / total if total else float("nan")
 
 
-def simulate_rankings(candidates: Sequence[dict], scorer, n_annotators: int = 3, temperature: float = 0.2,
-                      tie_threshold: float = 0.05, seed: int = 0, per_prompt: int = 1,
-                      scorer_name: str | None = None) -> list[dict]:
+def simulate_rankings(
+    candidates: Sequence[dict],
+    scorer,
+    n_annotators: int = 3,
+    temperature: float = 0.2,
+    tie_threshold: float = 0.05,
+    seed: int = 0,
+    per_prompt: int = 1,
+    scorer_name: str | None = None,
+) -> list[dict]:
     """Rank every candidates record with ``per_prompt`` simulated annotators (rankings contract)."""
     from rlhf.data import prompt_text
     from rlhf.rankings import Ranking
@@ -107,23 +124,25 @@ def simulate_rankings(candidates: Sequence[dict], scorer, n_annotators: int = 3,
     out, pos = [], 0
     for rec in candidates:
         labels = [c["label"] for c in rec["candidates"]]
-        scores = flat_scores[pos:pos + len(labels)]
+        scores = flat_scores[pos : pos + len(labels)]
         pos += len(labels)
         for a in sorted(pick.sample(range(n_annotators), per_prompt)):
             tiers = sample_tiers(scores, temperature, tie_threshold, rngs[a])
             ranking = Ranking.from_tiers([[labels[i] for i in tier] for tier in tiers], labels)
-            out.append({
-                "prompt_id": rec["prompt_id"],
-                "prompt": rec["prompt"],
-                "candidates": rec["candidates"],
-                "ranking": str(ranking),
-                "tiers": [list(t) for t in ranking.tiers],
-                "annotator": f"sim-{a}",
-                "flags": ["all_tied"] if ranking.all_tied else [],
-                "created_at": now,
-                "gold": {lab: float(s) for lab, s in zip(labels, scores)},
-                "gold_scorer": name,
-            })
+            out.append(
+                {
+                    "prompt_id": rec["prompt_id"],
+                    "prompt": rec["prompt"],
+                    "candidates": rec["candidates"],
+                    "ranking": str(ranking),
+                    "tiers": [list(t) for t in ranking.tiers],
+                    "annotator": f"sim-{a}",
+                    "flags": ["all_tied"] if ranking.all_tied else [],
+                    "created_at": now,
+                    "gold": {lab: float(s) for lab, s in zip(labels, scores)},
+                    "gold_scorer": name,
+                }
+            )
     return out
 
 
@@ -137,8 +156,16 @@ def run_simulate(cfg: SimulateConfig) -> dict:
     tracker = start_stage(cfg, "simulate")
     try:
         tracker.use_artifact(cfg.candidates, "candidates", "dataset")
-        records = simulate_rankings(candidates, scorer, cfg.n_annotators, cfg.temperature, cfg.tie_threshold,
-                                    cfg.seed, cfg.per_prompt, scorer_name=cfg.scorer)
+        records = simulate_rankings(
+            candidates,
+            scorer,
+            cfg.n_annotators,
+            cfg.temperature,
+            cfg.tie_threshold,
+            cfg.seed,
+            cfg.per_prompt,
+            scorer_name=cfg.scorer,
+        )
         out = cfg.out or str(tracker.run_dir / "rankings.jsonl")
         write_jsonl(out, records)
         n_pairs = sum(len(r["candidates"]) * (len(r["candidates"]) - 1) // 2 for r in records)
@@ -152,12 +179,16 @@ def run_simulate(cfg: SimulateConfig) -> dict:
         }
         tracker.log(stats, step=0)
         tracker.summary(stats)
-        tracker.log_artifact(out, f"{cfg.experiment}-rankings", "dataset", metadata={"scorer": cfg.scorer, **stats})
+        tracker.log_artifact(
+            out, f"{cfg.experiment}-rankings", "dataset", metadata={"scorer": cfg.scorer, **stats}
+        )
     finally:
         tracker.finish()
-    print(f"simulate: {stats['simulate/rankings']} rankings of {stats['simulate/prompts']} prompts by "
-          f"{cfg.n_annotators} simulated annotators ({cfg.scorer}); tie rate {stats['simulate/tie_rate']:.2f}, "
-          f"agreement with gold {stats['simulate/gold_agreement']:.3f} → {out}")
+    print(
+        f"simulate: {stats['simulate/rankings']} rankings of {stats['simulate/prompts']} prompts by "
+        f"{cfg.n_annotators} simulated annotators ({cfg.scorer}); tie rate {stats['simulate/tie_rate']:.2f}, "
+        f"agreement with gold {stats['simulate/gold_agreement']:.3f} → {out}"
+    )
     return {"run_dir": str(tracker.run_dir), "rankings": out, **stats}
 
 

@@ -693,7 +693,10 @@ def run_rm_train(cfg: RMTrainConfig) -> dict:
         from rlhf.models import adam_kwargs
 
         optimizer = torch.optim.AdamW(
-            groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **adam_kwargs(params + ([tie] if tie is not None else []))
+            groups,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            **adam_kwargs(params + ([tie] if tie is not None else [])),
         )
         n_batches = math.ceil(len(my_train) / cfg.batch_size)
         if world > 1:  # every process must take the same number of steps

@@ -31,7 +31,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("rlhf.evaluate", "score a policy on held-out prompts (reward model, gold scorer, KL, length)"),
     "quickstart": ("experiments.quickstart", "the whole loop on the embedded defaults, in one command"),
     "experiment": ("experiments.runner", "run a named experiment pipeline or sweep from YAML"),
-    "compare": ("experiments.compare", "compare runs: overlaid curves and a final-metrics table (PNG + HTML)"),
+    "compare": (
+        "experiments.compare",
+        "compare runs: overlaid curves and a final-metrics table (PNG + HTML)",
+    ),
     "report": ("experiments.compare", "create the comparison as a W&B report (online W&B only)"),
 }
 

@@ -159,7 +159,9 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         val = _coerce(value, hints[name], prefix + name)
         choices = f.metadata.get("choices")
         if choices is not None and val not in choices:
-            raise ConfigError(f"{prefix}{name}: {val!r} is not valid; choose one of {', '.join(map(str, choices))}")
+            raise ConfigError(
+                f"{prefix}{name}: {val!r} is not valid; choose one of {', '.join(map(str, choices))}"
+            )
         kwargs[name] = val
     try:
         obj = cls(**kwargs)
@@ -248,8 +250,12 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def build_config(cls: type[T], config_file: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None,
-                 base: dict[str, Any] | None = None) -> T:
+def build_config(
+    cls: type[T],
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | list[str] | None = None,
+    base: dict[str, Any] | None = None,
+) -> T:
     """Defaults ← ``base`` ← YAML file ← overrides; validated, with one clear error on any problem."""
     data: dict[str, Any] = {}
     if base:

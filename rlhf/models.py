@@ -695,8 +695,14 @@ def causal_lm_lora_config(r: int, alpha: int, target_modules=("q_proj", "k_proj"
     the TRL baselines so the three train the same kind of adapter."""
     from peft import LoraConfig
 
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, bias="none",
-                      target_modules=list(target_modules), task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=list(target_modules),
+        task_type="CAUSAL_LM",
+    )
 
 
 def load_policy(name: str, dtype: torch.dtype = torch.float32, *, is_trainable: bool = False):

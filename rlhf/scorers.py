@@ -78,7 +78,12 @@ class KeywordScorer:
         self.good = [w.lower() for w in good]
         self.bad = [w.lower() for w in bad]
         self.name = "keywords:" + ",".join(
-            p for p in ("good=" + "|".join(self.good) if self.good else "", "bad=" + "|".join(self.bad) if self.bad else "") if p
+            p
+            for p in (
+                "good=" + "|".join(self.good) if self.good else "",
+                "bad=" + "|".join(self.bad) if self.bad else "",
+            )
+            if p
         )
         self._good = [re.compile(rf"\b{re.escape(w)}\b", re.IGNORECASE) for w in self.good]
         self._bad = [re.compile(rf"\b{re.escape(w)}\b", re.IGNORECASE) for w in self.bad]
@@ -116,9 +121,13 @@ class CallableScorer:
         try:
             values = [float(v) for v in out]
         except (TypeError, ValueError):
-            raise ScorerError(f"scorer {self.name} must return one number per response, got {type(out).__name__}") from None
+            raise ScorerError(
+                f"scorer {self.name} must return one number per response, got {type(out).__name__}"
+            ) from None
         if len(values) != len(responses):
-            raise ScorerError(f"scorer {self.name} returned {len(values)} scores for {len(responses)} responses")
+            raise ScorerError(
+                f"scorer {self.name} returned {len(values)} scores for {len(responses)} responses"
+            )
         bad = [v for v in values if not math.isfinite(v)]
         if bad:
             raise ScorerError(f"scorer {self.name} returned a non-finite score ({bad[0]})")
@@ -138,7 +147,7 @@ def _parse_kwargs(body: str, spec: str) -> dict[str, str]:
 def load_callable(spec: str) -> Callable:
     """Import ``package.module:function`` or ``python:path/file.py:function``."""
     if spec.startswith("python:"):
-        rest = spec[len("python:"):]
+        rest = spec[len("python:") :]
         path, _, fn_name = rest.rpartition(":")
         file = Path(path)
         if not path or not fn_name:
@@ -205,6 +214,8 @@ def get_scorer(spec: str) -> Scorer:
         return KeywordScorer(
             [w for w in kw.get("good", "").split("|") if w], [w for w in kw.get("bad", "").split("|") if w]
         )
-    if kind == "python" or (body and re.fullmatch(r"[A-Za-z_][\w.]*", kind) and re.fullmatch(r"[A-Za-z_]\w*", body)):
+    if kind == "python" or (
+        body and re.fullmatch(r"[A-Za-z_][\w.]*", kind) and re.fullmatch(r"[A-Za-z_]\w*", body)
+    ):
         return CallableScorer(load_callable(spec), spec)
     raise ScorerError(f"unknown scorer {spec!r}; valid kinds: {KINDS}")

@@ -40,7 +40,8 @@ from rlhf.config import option, save_config, to_dict
 class TrackingConfig:
     project: str = option("rlhf-lab", help="W&B project (one per lab)")
     mode: str = option(
-        "auto", help="auto = online only if W&B is configured; offline; online; disabled (no W&B)",
+        "auto",
+        help="auto = online only if W&B is configured; offline; online; disabled (no W&B)",
         choices=("auto", "offline", "online", "disabled"),
     )
     tags: list[str] = option(default_factory=list, help="W&B tags for the run")
@@ -106,8 +107,16 @@ class Tracker:
         return cls(run_dir=run_dir, run=None)
 
     @classmethod
-    def start(cls, cfg: TrackingConfig, *, run_dir: str | Path, job_type: str, group: str | None = None,
-              name: str | None = None, config: dict | None = None) -> Tracker:
+    def start(
+        cls,
+        cfg: TrackingConfig,
+        *,
+        run_dir: str | Path,
+        job_type: str,
+        group: str | None = None,
+        name: str | None = None,
+        config: dict | None = None,
+    ) -> Tracker:
         mode = resolve_mode(cfg.mode)
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -158,7 +167,9 @@ class Tracker:
         if self.run_dir is not None:
             with open(self.run_dir / f"table_{key.replace('/', '_')}.jsonl", "a", encoding="utf-8") as fh:
                 for row in rows:
-                    fh.write(json.dumps({"step": step, **{c: _jsonable(v) for c, v in zip(columns, row)}}) + "\n")
+                    fh.write(
+                        json.dumps({"step": step, **{c: _jsonable(v) for c, v in zip(columns, row)}}) + "\n"
+                    )
         if self._run is not None:
             import wandb
 
@@ -171,8 +182,14 @@ class Tracker:
 
             self._run.log({key: wandb.Image(str(path))}, step=step)
 
-    def log_artifact(self, path: str | Path, name: str, type: str, metadata: dict | None = None,
-                     aliases: list[str] | None = None) -> None:
+    def log_artifact(
+        self,
+        path: str | Path,
+        name: str,
+        type: str,
+        metadata: dict | None = None,
+        aliases: list[str] | None = None,
+    ) -> None:
         """Record a file or directory as an output artifact of this run (lineage)."""
         if self._run is None:
             return

@@ -20,8 +20,13 @@ def _bin(name: str) -> str:
 
 
 def _quickstart(cwd: Path, *extra: str) -> str:
-    out = subprocess.run([_bin("rlhf"), "quickstart", "--preset", "tiny", *extra], cwd=cwd,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [_bin("rlhf"), "quickstart", "--preset", "tiny", *extra],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
@@ -44,8 +49,13 @@ def test_quickstart_tiny_runs_the_whole_loop_then_reuses_it(tmp_path):
     for stage in STAGES:
         runs = sorted((root / stage / "wandb").glob("offline-run-*"))
         assert len(runs) == 1, stage
-        lines = subprocess.run([_bin("wandb"), "leet", "inspect", "--json", str(runs[0])], capture_output=True,
-                               text=True, check=True, timeout=120).stdout.splitlines()
+        lines = subprocess.run(
+            [_bin("wandb"), "leet", "inspect", "--json", str(runs[0])],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        ).stdout.splitlines()
         run = next(r["run"] for r in map(json.loads, filter(str.strip, lines)) if r["type"] == "run")
         assert run["run_group"] == "quickstart_tiny"
         jobs.add(run["job_type"])

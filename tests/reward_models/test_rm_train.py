@@ -317,11 +317,36 @@ def test_accelerate_launch_with_two_cpu_processes(tmp_path):
     data = write_records(tmp_path / "r.jsonl", make_records(40, seed=2))
     accelerate = Path(sys.executable).parent / "accelerate"
     proc = subprocess.run(
-        [str(accelerate), "launch", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "--cpu", "-m", "rlhf.cli", "rm", "train", "--rankings", str(data),
-         "--runs_dir", str(tmp_path / "runs"), "--config", str(CONFIGS / "rm_tiny.yaml"), "--epochs", "1",
-         "tracking.mode=disabled"],
-        capture_output=True, text=True, timeout=600)
+        [
+            str(accelerate),
+            "launch",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--cpu",
+            "-m",
+            "rlhf.cli",
+            "rm",
+            "train",
+            "--rankings",
+            str(data),
+            "--runs_dir",
+            str(tmp_path / "runs"),
+            "--config",
+            str(CONFIGS / "rm_tiny.yaml"),
+            "--epochs",
+            "1",
+            "tracking.mode=disabled",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "runs" / "default" / "rm_train" / "model" / "rlhf_reward.json").is_file()
     assert proc.stdout.count("rm train:") == 1  # only the main process reports

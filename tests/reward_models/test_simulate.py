@@ -32,27 +32,52 @@ def test_pairwise_probability_follows_bradley_terry():
 def test_gold_pair_agreement_hand_computed():
     recs = [
         {"gold": {"A": 1.0, "B": 0.0, "C": 0.5}, "tiers": [["A"], ["C"], ["B"]]},  # 3/3 agree
-        {"gold": {"A": 1.0, "B": 0.0}, "tiers": [["B"], ["A"]]},                   # 0/1
-        {"gold": {"A": 0.0, "B": 0.01}, "tiers": [["A", "B"]]},                    # within threshold: skipped
+        {"gold": {"A": 1.0, "B": 0.0}, "tiers": [["B"], ["A"]]},  # 0/1
+        {"gold": {"A": 0.0, "B": 0.01}, "tiers": [["A", "B"]]},  # within threshold: skipped
     ]
     assert gold_pair_agreement(recs, 0.05) == pytest.approx(3 / 4)
 
 
 def _candidates(n=6, k=4):
-    texts = ["I love this, wonderful and great!", "This is terrible and sad.", "It is a table.", "Nice, good job."]
-    return [{"prompt_id": f"p{i}", "prompt": f"prompt {i}",
-             "candidates": [{"label": "ABCD"[j], "text": texts[(i + j) % 4], "model": "m", "gen": {}} for j in range(k)]}
-            for i in range(n)]
+    texts = [
+        "I love this, wonderful and great!",
+        "This is terrible and sad.",
+        "It is a table.",
+        "Nice, good job.",
+    ]
+    return [
+        {
+            "prompt_id": f"p{i}",
+            "prompt": f"prompt {i}",
+            "candidates": [
+                {"label": "ABCD"[j], "text": texts[(i + j) % 4], "model": "m", "gen": {}} for j in range(k)
+            ],
+        }
+        for i in range(n)
+    ]
 
 
 def test_simulate_rankings_contract_and_determinism():
     scorer = get_scorer("vader")
-    a = simulate_rankings(_candidates(), scorer, n_annotators=3, temperature=0.0, tie_threshold=0.0, seed=5, per_prompt=2)
-    b = simulate_rankings(_candidates(), scorer, n_annotators=3, temperature=0.0, tie_threshold=0.0, seed=5, per_prompt=2)
+    a = simulate_rankings(
+        _candidates(), scorer, n_annotators=3, temperature=0.0, tie_threshold=0.0, seed=5, per_prompt=2
+    )
+    b = simulate_rankings(
+        _candidates(), scorer, n_annotators=3, temperature=0.0, tie_threshold=0.0, seed=5, per_prompt=2
+    )
     assert [r["ranking"] for r in a] == [r["ranking"] for r in b]
     assert len(a) == 12 and len({(r["prompt_id"], r["annotator"]) for r in a}) == 12
     first = a[0]
-    assert set(first) >= {"prompt_id", "prompt", "candidates", "ranking", "tiers", "annotator", "flags", "created_at"}
+    assert set(first) >= {
+        "prompt_id",
+        "prompt",
+        "candidates",
+        "ranking",
+        "tiers",
+        "annotator",
+        "flags",
+        "created_at",
+    }
     # noiseless: the most positive text is ranked first
     best = max(first["gold"], key=first["gold"].get)
     assert first["tiers"][0][0] == best and first["ranking"].startswith(best)
@@ -64,8 +89,19 @@ def test_rlhf_simulate_cli(in_tmp):
 
     cand = in_tmp / "cands.jsonl"
     cand.write_text("".join(json.dumps(r) + "\n" for r in _candidates()))
-    rc = main(["simulate", "--candidates", str(cand), "--n_annotators", "2", "--tracking.mode", "disabled",
-               "--out", str(in_tmp / "r.jsonl")])
+    rc = main(
+        [
+            "simulate",
+            "--candidates",
+            str(cand),
+            "--n_annotators",
+            "2",
+            "--tracking.mode",
+            "disabled",
+            "--out",
+            str(in_tmp / "r.jsonl"),
+        ]
+    )
     assert rc == 0
     lines = (in_tmp / "r.jsonl").read_text().splitlines()
     assert len(lines) == 6
@@ -75,7 +111,11 @@ def test_rlhf_simulate_cli(in_tmp):
 def test_rlhf_simulate_bad_config_exits_2(in_tmp, capsys):
     from rlhf.cli import main
 
-    assert main(["simulate", "--candidates", "x.jsonl", "--per_prompt", "5", "--tracking.mode", "disabled"]) == 2
+    assert (
+        main(["simulate", "--candidates", "x.jsonl", "--per_prompt", "5", "--tracking.mode", "disabled"]) == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "per_prompt must be between 1 and n_annotators (3), got 5" in err[0]
-    assert main(["simulate", "--candidates", "x.jsonl", "--scorer", "nope", "--tracking.mode", "disabled"]) == 2
+    assert (
+        main(["simulate", "--candidates", "x.jsonl", "--scorer", "nope", "--tracking.mode", "disabled"]) == 2
+    )

@@ -40,7 +40,14 @@ def test_defaults_yaml_and_overrides(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("steps: 5\ninner:\n  lr: 0.001\n")
     cfg = build_config(Outer, f, ["inner.kind=k3", "--flag", "true", "--tags=[a, b]", "maybe=4"])
-    assert (cfg.steps, cfg.inner.lr, cfg.inner.kind, cfg.flag, cfg.tags, cfg.maybe) == (5, 0.001, "k3", True, ["a", "b"], 4)
+    assert (cfg.steps, cfg.inner.lr, cfg.inner.kind, cfg.flag, cfg.tags, cfg.maybe) == (
+        5,
+        0.001,
+        "k3",
+        True,
+        ["a", "b"],
+        4,
+    )
     assert cfg.name == "x"
 
 

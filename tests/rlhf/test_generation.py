@@ -413,7 +413,9 @@ def test_shared_prefix_prefill_gives_the_same_logprobs(tiny):
     from rlhf.generation import split_common_prefix
 
     assert split_common_prefix(query, qmask) is not None  # the shared path really runs
-    kw = dict(max_new_tokens=16, temperature=0.8, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    kw = dict(
+        max_new_tokens=16, temperature=0.8, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
     shared = sample_responses(model, query, qmask, generator=torch.Generator().manual_seed(5), **kw)
     ref = _forward_logprobs(model, query, qmask, shared, 0.8)
     assert torch.allclose(shared.logprobs, ref, atol=1e-4)

@@ -13,7 +13,9 @@ def user_scorer(prompts, responses):
 
 def test_vader_orders_sentiment():
     s = get_scorer("vader")
-    good, bad, neutral = s(["p"] * 3, ["I love this, it is wonderful!", "This is awful and I hate it.", "It is a chair."])
+    good, bad, neutral = s(
+        ["p"] * 3, ["I love this, it is wonderful!", "This is awful and I hate it.", "It is a chair."]
+    )
     assert good > 0.5 > neutral > -0.5 > bad
     assert neutral == 0.0
 

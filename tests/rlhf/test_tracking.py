@@ -29,8 +29,13 @@ def _wandb_bin() -> str:
 
 
 def _records(run_path: Path) -> list[dict]:
-    out = subprocess.run([_wandb_bin(), "leet", "inspect", "--json", str(run_path)], capture_output=True, text=True,
-                         check=True, timeout=120)
+    out = subprocess.run(
+        [_wandb_bin(), "leet", "inspect", "--json", str(run_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
     return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
 
 
@@ -55,10 +60,18 @@ def test_offline_run_is_named_grouped_and_readable(in_tmp):
 
     records = _records(run_path)
     run = next(r["run"] for r in records if r["type"] == "run")
-    assert run["run_group"] == "exp-a" and run["job_type"] == "generate" and run["display_name"] == "exp-a-generate"
+    assert (
+        run["run_group"] == "exp-a"
+        and run["job_type"] == "generate"
+        and run["display_name"] == "exp-a-generate"
+    )
     assert run["config"]["update"]["seed"] == 3
     history = [r["history"] for r in records if r["type"] == "history"]
-    assert [h["item"]["perf/tokens_per_s"] for h in history if "perf/tokens_per_s" in h["item"]] == [0, 10, 20]
+    assert [h["item"]["perf/tokens_per_s"] for h in history if "perf/tokens_per_s" in h["item"]] == [
+        0,
+        10,
+        20,
+    ]
     table = next(h["item"] for h in history if "samples._type" in h["item"])
     assert table["samples._type"] == "table-file" and table["samples.nrows"] == 1 and table["_step"] == 3
     names = [r["artifact"]["name"] for r in records if r["type"] == "artifact"]
@@ -76,8 +89,15 @@ def test_noop_tracker_writes_only_metrics(tmp_path):
     assert Tracker.noop().enabled is False
 
 
-@pytest.mark.parametrize("env, mode, expected", [("offline", "auto", "offline"), ("", "disabled", "disabled"),
-                                                 ("online", "offline", "offline"), ("disabled", "auto", "disabled")])
+@pytest.mark.parametrize(
+    "env, mode, expected",
+    [
+        ("offline", "auto", "offline"),
+        ("", "disabled", "disabled"),
+        ("online", "offline", "offline"),
+        ("disabled", "auto", "disabled"),
+    ],
+)
 def test_resolve_mode(monkeypatch, env, mode, expected):
     monkeypatch.setenv("WANDB_MODE", env)
     assert resolve_mode(mode) == expected
