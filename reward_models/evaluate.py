@@ -11,6 +11,9 @@ file) it reports, in ``metrics.json``, ``metrics.jsonl`` and the W&B run:
   trained without a tie model (bt, grouped_bt, plackett_luce) is given the Rao–Kupper θ that fits
   *these* pairs best (``eval/tie_theta_fitted``): an optimistic bound for it, so a tie-aware model
   that still scores higher is better for sure;
+- ``eval/tie_loglik_fitted`` and ``eval/pair_loglik_fitted``: the same two with one tie model for
+  every reward model (Rao–Kupper, θ fitted to these pairs): how well the rewards themselves put tied
+  responses close together, apart from how well a learned θ / ν transfers to new prompts;
 - ``eval/kendall_tau``: mean per-ranking Kendall τ-b between the rewards and the annotator's tiers
   (all-tied rankings give NaN and are counted in ``eval/tau_undefined``, not averaged);
 - ``eval/ece``: expected calibration error of ``σ(r_a - r_b)`` as the probability that a beats b
@@ -244,6 +247,14 @@ def run_rm_eval(cfg: RMEvalConfig) -> dict:
         metrics["eval/tie_recall"] = (
             float((three[ties] == 2).double().mean()) if int(ties.sum()) else float("nan")
         )
+        # the same tie model for every reward model: Rao–Kupper with the θ that fits these pairs best.
+        # Compares how well the rewards themselves separate ties from wins, whatever each model's own
+        # θ / ν learned (or did not learn) in training.
+        theta_fit = metrics.get("eval/tie_theta_fitted") or fit_rao_kupper_theta(d_strict, d_tie)
+        lw_f, _, lt_f = L.rao_kupper_log_probs(ri, rj, torch.tensor(math.log(theta_fit), dtype=torch.float64))
+        metrics["eval/tie_loglik_fitted"] = float(lt_f[ties].mean()) if int(ties.sum()) else float("nan")
+        observed_f = torch.cat([lw_f[beats], lt_f[ties]])
+        metrics["eval/pair_loglik_fitted"] = float(observed_f.mean()) if observed_f.numel() else float("nan")
 
         # calibration: every strict pair oriented by label order, so outcomes are both 0 and 1
         upper = torch.ones(kmax, kmax, dtype=torch.bool).triu(1)

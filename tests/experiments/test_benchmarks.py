@@ -7,6 +7,8 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 from experiments import bench_rm_learning, bench_rm_vs_trl
 
 TINY_RM = Path(bench_rm_learning.__file__).resolve().parent / "configs" / "rm_tiny.yaml"
@@ -38,3 +40,12 @@ def test_rm_vs_trl_table_has_every_trainer(in_tmp, capsys):
         assert r["pair_loglik"] < 0 and (math.isnan(r["tie_loglik"]) or r["tie_loglik"] < 0)
     out = capsys.readouterr().out
     assert "× TRL" in out and "3-way LL" in out
+    # without a tie model of their own, a model's own-θ and common-θ figures coincide
+    trl = rows[0]
+    assert trl["tie_loglik_fitted"] == trl["tie_loglik"] or math.isnan(trl["tie_loglik"])
+    # --reeval: the saved models evaluated again give the same figures, throughput untouched
+    (in_tmp / "cmp" / "results.json").write_text(json.dumps([{**r, "pair_acc": -1.0} for r in rows]))
+    assert bench_rm_vs_trl.main(["--out", "cmp", "--reeval"]) == 0
+    again = json.loads((in_tmp / "cmp" / "results.json").read_text())
+    for a, b in zip(rows, again):
+        assert b["pair_acc"] == pytest.approx(a["pair_acc"]) and b["rankings_per_s"] == a["rankings_per_s"]

@@ -158,6 +158,9 @@ def test_eval_writes_metrics_plot_and_table(trained):
     ):
         assert key in metrics and math.isfinite(metrics[key]), key
     assert metrics["eval/pair_accuracy"] > 0.65
+    # grouped BT has no tie model: its own figures already use the fitted θ, so the common-θ ones agree
+    assert metrics["eval/tie_loglik_fitted"] == pytest.approx(metrics["eval/tie_loglik"])
+    assert metrics["eval/pair_loglik_fitted"] == pytest.approx(metrics["eval/pair_loglik"])
     assert metrics["eval/annotator_gold_accuracy"] == 1.0  # noiseless synthetic annotators
     assert "eval/tie_theta_fitted" in metrics  # grouped BT has no tie model of its own
     png = ev / "reliability.png"
