@@ -120,7 +120,9 @@ def main(argv=None) -> int:
     }
     print("\nheld-out pairs the gold scorer separates:")
     print(f"  reward model vs gold      {result['rm_pair_accuracy_vs_gold']:.3f}")
-    print(f"  annotators vs gold        {result['annotators_accuracy_vs_gold_same_pairs']:.3f}  (ceiling)")
+    print(
+        f"  annotators vs gold        {result['annotators_accuracy_vs_gold_same_pairs']:.3f}  (their own agreement)"
+    )
     print("  chance                    0.500")
     print(f"  reward model vs annotators {result['rm_pair_accuracy_vs_annotators']:.3f}")
     gap = result["annotators_accuracy_vs_gold_same_pairs"] - result["rm_pair_accuracy_vs_gold"]
