@@ -66,7 +66,7 @@ def main(argv=None) -> int:
         "overrides",
         nargs="*",
         metavar="KEY=VALUE",
-        help="more reward-model config fields, e.g. top_layers=4 lr=3e-4 (YAML values)",
+        help="more reward-model config fields, e.g. top_layers=4 batch_size=16 (YAML values)",
     )
     args = ap.parse_args(argv)
 

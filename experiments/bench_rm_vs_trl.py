@@ -257,6 +257,7 @@ def run_ours(args, loss: str, train: Path, held: Path, out: Path) -> dict:
     seen = s["rm/rankings_seen"]
     return {
         "trainer": f"ours:{loss}",
+        "model_dir": s["model_dir"],
         **eval_fields(ev),
         "rankings_per_s": s["rm/rankings_per_s"],
         "rankings_per_s_e2e": seen / (s["rm/train_time_s"] + s["rm/cache_time_s"]),
@@ -272,25 +273,21 @@ def run_trl(args, train_records: list[dict], held: Path, out: Path, budget_s: fl
     from trl import RewardConfig, RewardTrainer
 
     from reward_models.model import build_reward_model, save_reward_model
+    from rlhf.data import rankings_to_pairs
     from rlhf.models import format_conversation
 
     model, tok = build_reward_model(args.model, "top", args.top_layers, seed=args.seed)
     rows, strict_per_ranking = [], []
-    for r in train_records:
-        text = {c["label"]: c["text"] for c in r["candidates"]}
-        n = 0
-        for i, tier in enumerate(r["tiers"]):
-            for w in tier:
-                for later in r["tiers"][i + 1 :]:
-                    for lo in later:  # strict pairs only: a pairs trainer drops the ties
-                        rows.append(
-                            {
-                                "chosen": format_conversation(tok, r["prompt"], text[w]),
-                                "rejected": format_conversation(tok, r["prompt"], text[lo]),
-                            }
-                        )
-                        n += 1
-        strict_per_ranking.append(n)
+    for r in train_records:  # `rlhf export`'s pairs, strict ones only: a pairs trainer drops the ties
+        strict = [p for p in rankings_to_pairs([r]) if not p["tie"]]
+        rows += [
+            {
+                "chosen": format_conversation(tok, r["prompt"], p["chosen"]),
+                "rejected": format_conversation(tok, r["prompt"], p["rejected"]),
+            }
+            for p in strict
+        ]
+        strict_per_ranking.append(len(strict))
     if not rows:
         raise SystemExit("no strict pairs in the training rankings (everything tied): raise the gold spread")
     random.Random(args.seed).shuffle(rows)
@@ -355,6 +352,7 @@ def run_trl(args, train_records: list[dict], held: Path, out: Path, budget_s: fl
     ev = evaluate(model_dir, held, out, "trl")
     return {
         "trainer": "TRL RewardTrainer (pairs)",
+        "model_dir": str(model_dir),
         **eval_fields(ev),
         "rankings_per_s": pairs / elapsed / pairs_per_ranking,
         "rankings_per_s_e2e": pairs / elapsed / pairs_per_ranking,
@@ -393,9 +391,8 @@ def reeval(out: Path) -> int:
     """Refresh the held-out figures of a finished run from its saved models (throughput kept)."""
     results = json.loads((out / "results.json").read_text())
     for r in results:
-        name = r["trainer"].split(":", 1)[1] if r["trainer"].startswith("ours:") else "trl"
-        model_dir = out / f"ours-{name}" / "rm_train" / "model" if name != "trl" else out / "trl" / "model"
-        r.update(eval_fields(evaluate(model_dir, out / "held.jsonl", out, name)))
+        name = r["trainer"].removeprefix("ours:") if r["trainer"].startswith("ours:") else "trl"
+        r.update(eval_fields(evaluate(Path(r["model_dir"]), out / "held.jsonl", out, name)))
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(table(results, next((r for r in results if r["trainer"].startswith("TRL")), None)))
     return 0
@@ -433,8 +430,9 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     out = Path(args.out)
     _, rankings, train_records, held_records, train, held = simulated_data(args, out)
-    n_pairs = sum(len(r["candidates"]) * (len(r["candidates"]) - 1) // 2 for r in rankings)
-    n_ties = sum(sum(len(t) * (len(t) - 1) // 2 for t in r["tiers"]) for r in rankings)
+    from reward_models.simulate import pair_counts
+
+    n_pairs, n_ties = pair_counts(rankings)
     print(
         f"{len(rankings)} rankings (K={args.k}, {len(train_records)} train / {len(held_records)} held out), "
         f"tie rate {n_ties / n_pairs:.2f}; our training budget {args.budget_s:g}s per loss; model {args.model}",

@@ -106,6 +106,16 @@ def fit_rao_kupper_theta(d_strict: torch.Tensor, d_tie: torch.Tensor) -> float:
     return best
 
 
+def _logliks(
+    lw: torch.Tensor, lt: torch.Tensor, beats: torch.Tensor, ties: torch.Tensor
+) -> tuple[float, float]:
+    """Mean log P(tie) over the tied pairs, and mean log P(observed outcome) over every pair
+    (NaN where there is none)."""
+    tie = float(lt[ties].mean()) if int(ties.sum()) else float("nan")
+    observed = torch.cat([lw[beats], lt[ties]])
+    return tie, float(observed.mean()) if observed.numel() else float("nan")
+
+
 def _rank_string(labels: list[str], rewards: list[float]) -> str:
     order = sorted(range(len(labels)), key=lambda i: -rewards[i])
     return " > ".join(labels[i] for i in order)
@@ -220,6 +230,9 @@ def run_rm_eval(cfg: RMEvalConfig) -> dict:
 
         # ties: log-likelihoods and 3-way accuracy under the model's tie model
         d_strict, d_tie = d[beats], d[ties]
+        # the Rao–Kupper θ that fits these pairs best: the tie model of a model trained without one,
+        # and the common tie model every model is also measured under (the *_fitted figures)
+        theta_fit = fit_rao_kupper_theta(d_strict, d_tie)
         if loss == "davidson":
             log_nu = torch.tensor(math.log(float(meta.get("nu", 1.0))), dtype=torch.float64)
             probs = lambda a, b: L.davidson_log_probs(a, b, log_nu)  # noqa: E731
@@ -228,33 +241,26 @@ def run_rm_eval(cfg: RMEvalConfig) -> dict:
             if loss == "rao_kupper":
                 theta = float(meta.get("theta", 2.0))
             else:
-                theta = fit_rao_kupper_theta(d_strict, d_tie)
+                theta = theta_fit
                 metrics["eval/tie_theta_fitted"] = theta
             log_theta = torch.tensor(math.log(theta), dtype=torch.float64)
             probs = lambda a, b: L.rao_kupper_log_probs(a, b, log_theta)  # noqa: E731
             metrics["eval/tie_theta"] = theta
         ri, rj = rewards[:, :, None].expand_as(d), rewards[:, None, :].expand_as(d)
         lw, ll, lt = probs(ri, rj)
-        if int(ties.sum()):
-            metrics["eval/tie_loglik"] = float(lt[ties].mean())
-        else:
-            metrics["eval/tie_loglik"] = float("nan")
-        observed = torch.cat([lw[beats], lt[ties]])
-        metrics["eval/pair_loglik"] = float(observed.mean()) if observed.numel() else float("nan")
+        metrics["eval/tie_loglik"], metrics["eval/pair_loglik"] = _logliks(lw, lt, beats, ties)
         three = torch.stack([lw, ll, lt], dim=-1).argmax(-1)  # 0 = i wins, 1 = j wins, 2 = tie
         correct = int((three[beats] == 0).sum()) + int((three[ties] == 2).sum())
         metrics["eval/tie_accuracy"] = correct / max(n_strict + int(ties.sum()), 1)
         metrics["eval/tie_recall"] = (
             float((three[ties] == 2).double().mean()) if int(ties.sum()) else float("nan")
         )
-        # the same tie model for every reward model: Rao–Kupper with the θ that fits these pairs best.
-        # Compares how well the rewards themselves separate ties from wins, whatever each model's own
-        # θ / ν learned (or did not learn) in training.
-        theta_fit = metrics.get("eval/tie_theta_fitted") or fit_rao_kupper_theta(d_strict, d_tie)
+        # the same tie model for every reward model: how well the rewards themselves separate ties
+        # from wins, whatever each model's own θ / ν learned (or did not learn) in training
         lw_f, _, lt_f = L.rao_kupper_log_probs(ri, rj, torch.tensor(math.log(theta_fit), dtype=torch.float64))
-        metrics["eval/tie_loglik_fitted"] = float(lt_f[ties].mean()) if int(ties.sum()) else float("nan")
-        observed_f = torch.cat([lw_f[beats], lt_f[ties]])
-        metrics["eval/pair_loglik_fitted"] = float(observed_f.mean()) if observed_f.numel() else float("nan")
+        metrics["eval/tie_loglik_fitted"], metrics["eval/pair_loglik_fitted"] = _logliks(
+            lw_f, lt_f, beats, ties
+        )
 
         # calibration: every strict pair oriented by label order, so outcomes are both 0 and 1
         upper = torch.ones(kmax, kmax, dtype=torch.bool).triu(1)

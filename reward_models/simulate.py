@@ -78,6 +78,13 @@ def sample_tiers(
     return tiers
 
 
+def pair_counts(records: Sequence[dict]) -> tuple[int, int]:
+    """(candidate pairs, tied pairs) over every ranking record (each pair of each ranking once)."""
+    n_pairs = sum(len(r["candidates"]) * (len(r["candidates"]) - 1) // 2 for r in records)
+    n_ties = sum(sum(len(t) * (len(t) - 1) // 2 for t in r["tiers"]) for r in records)
+    return n_pairs, n_ties
+
+
 def gold_pair_agreement(records: Sequence[dict], tie_threshold: float) -> float:
     """Fraction of clearly different gold pairs (|Δ| > threshold) that the rankings order correctly."""
     agree = total = 0
@@ -168,8 +175,7 @@ def run_simulate(cfg: SimulateConfig) -> dict:
         )
         out = cfg.out or str(tracker.run_dir / "rankings.jsonl")
         write_jsonl(out, records)
-        n_pairs = sum(len(r["candidates"]) * (len(r["candidates"]) - 1) // 2 for r in records)
-        n_ties = sum(sum(len(t) * (len(t) - 1) // 2 for t in r["tiers"]) for r in records)
+        n_pairs, n_ties = pair_counts(records)
         stats = {
             "simulate/rankings": len(records),
             "simulate/prompts": len(candidates),

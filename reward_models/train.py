@@ -696,7 +696,7 @@ def run_rm_train(cfg: RMTrainConfig) -> dict:
             groups,
             lr=cfg.lr,
             weight_decay=cfg.weight_decay,
-            **adam_kwargs(params + ([tie] if tie is not None else [])),
+            **adam_kwargs([p for g in groups for p in g["params"]]),
         )
         n_batches = math.ceil(len(my_train) / cfg.batch_size)
         if world > 1:  # every process must take the same number of steps
