@@ -40,6 +40,7 @@ import torch
 from reward_models import losses as L
 from rlhf.config import ConfigError, add_config_arguments, config_from_args, option
 from rlhf.errors import UserError
+from rlhf.stats import bootstrap_ci
 from rlhf.tracking import TrackingConfig, start_stage
 
 
@@ -104,6 +105,12 @@ def fit_rao_kupper_theta(d_strict: torch.Tensor, d_tie: torch.Tensor) -> float:
         if ll > best_ll:
             best, best_ll = math.exp(float(lt)), ll
     return best
+
+
+def ratio_of_sums(units: list[tuple[float, float]]) -> float:
+    """``Σ numerators / Σ denominators`` over per-prompt ``(right, total)`` pairs (NaN if no total)."""
+    total = sum(t for _, t in units)
+    return sum(r for r, _ in units) / total if total else float("nan")
 
 
 def _logliks(
@@ -192,14 +199,15 @@ def run_rm_eval(cfg: RMEvalConfig) -> dict:
         norm = meta.get("normalization") or {}
         offset, scale = float(norm.get("offset", 0.0)), float(norm.get("scale", 1.0)) or 1.0
 
-        flat_prompts, flat_texts, where = [], [], []
+        flat_prompts, flat_texts, flat_finished, where = [], [], [], []
         for gi, g in enumerate(groups):
             for ci, t in enumerate(g.texts):
                 flat_prompts.append(g.prompt)
                 flat_texts.append(t)
+                flat_finished.append(g.finished[ci] if g.finished else True)
                 where.append((gi, ci))
-        enc = encode_conversations(tokenizer, flat_prompts, flat_texts, max_length)
-        raw = score_ids(model, enc.ids, tokenizer.pad_token_id, cfg.batch_size)
+        enc = encode_conversations(tokenizer, flat_prompts, flat_texts, max_length, flat_finished)
+        raw = score_ids(model, enc.ids, tokenizer.pad_token_id, cfg.batch_size, starts=enc.starts)
         kmax = max(g.k for g in groups)
         grid = torch.zeros(len(groups), kmax, dtype=torch.float64)
         for (gi, ci), r in zip(where, raw.tolist()):
@@ -227,6 +235,13 @@ def run_rm_eval(cfg: RMEvalConfig) -> dict:
             if n_strict
             else float("nan")
         )
+        right = ((d > 0).double() + 0.5 * (d == 0).double()) * beats
+        row_group = torch.tensor(rows)
+        per_group = [
+            (float(right[row_group == gi].sum()), float(beats[row_group == gi].sum()))
+            for gi in range(len(groups))
+        ]
+        metrics.update(bootstrap_ci(per_group, ratio_of_sums, seed=cfg.seed).as_dict("eval/pair_accuracy"))
 
         # ties: log-likelihoods and 3-way accuracy under the model's tie model
         d_strict, d_tie = d[beats], d[ties]
@@ -298,6 +313,14 @@ def run_rm_eval(cfg: RMEvalConfig) -> dict:
         defined = [t for t in taus if not math.isnan(t)]
         metrics["eval/kendall_tau"] = sum(defined) / len(defined) if defined else float("nan")
         metrics["eval/tau_undefined"] = len(taus) - len(defined)
+        tau_groups = [
+            (
+                sum(t for t, r in zip(taus, rows) if r == gi and not math.isnan(t)),
+                sum(1 for t, r in zip(taus, rows) if r == gi and not math.isnan(t)),
+            )
+            for gi in range(len(groups))
+        ]
+        metrics.update(bootstrap_ci(tau_groups, ratio_of_sums, seed=cfg.seed).as_dict("eval/kendall_tau"))
 
         # reward vs length over unique responses
         lengths = [len(t.split()) for t in flat_texts]
@@ -332,18 +355,36 @@ def run_rm_eval(cfg: RMEvalConfig) -> dict:
             md = grid[:, :, None] - grid[:, None, :]
             n_gold = int(gbeats.sum())
             if n_gold:
-                metrics["eval/gold_pair_accuracy"] = float(
-                    ((md > 0).double() + 0.5 * (md == 0).double())[gbeats].sum() / n_gold
+                model_right = ((md > 0).double() + 0.5 * (md == 0).double()) * gbeats
+                metrics["eval/gold_pair_accuracy"] = float(model_right.sum() / n_gold)
+                per_prompt = [
+                    (float(model_right[gi].sum()), float(gbeats[gi].sum())) for gi in range(len(groups))
+                ]
+                metrics.update(
+                    bootstrap_ci(per_prompt, ratio_of_sums, seed=cfg.seed).as_dict("eval/gold_pair_accuracy")
                 )
                 # the annotators on the same gold pairs: strictly right = 1, tied = ½
                 gb = gbeats[torch.tensor(rows)]
                 ti, tj = tiers[:, :, None], tiers[:, None, :]
-                ann = ((ti < tj).double() + 0.5 * (ti == tj).double())[gb]
-                metrics["eval/annotator_gold_accuracy"] = float(ann.mean())
+                ann_right = ((ti < tj).double() + 0.5 * (ti == tj).double()) * gb
+                metrics["eval/annotator_gold_accuracy"] = float(ann_right.sum() / gb.sum())
+                per_prompt = [
+                    (float(ann_right[row_group == gi].sum()), float(gb[row_group == gi].sum()))
+                    for gi in range(len(groups))
+                ]
+                metrics.update(
+                    bootstrap_ci(per_prompt, ratio_of_sums, seed=cfg.seed).as_dict(
+                        "eval/annotator_gold_accuracy"
+                    )
+                )
                 metrics["eval/gold_pairs"] = n_gold
             flat_gold = gold[valid].tolist()
             if len(set(flat_gold)) > 1:
                 metrics["eval/gold_spearman"] = float(spearmanr(grid[valid].tolist(), flat_gold).statistic)
+                gold_by_text = [float(gold[gi, ci]) for gi, ci in where]
+                if len(set(lengths)) > 1:
+                    # the gold's own length correlation: a reward should not lean on length more
+                    metrics["eval/gold_length_corr"] = float(pearsonr(gold_by_text, lengths).statistic)
 
         worst = sorted([row for row in table if row[4] is not None], key=lambda row: row[4])[: cfg.worst_n]
         tracker.log_table(
@@ -396,9 +437,13 @@ def _print(metrics: dict, run_dir: Path) -> None:
         "eval/gold_pair_accuracy",
         "eval/annotator_gold_accuracy",
     ]
-    parts = [
-        f"{k.split('/')[1]} {metrics[k]:.3f}" for k in keys if k in metrics and not math.isnan(metrics[k])
-    ]
+
+    def fmt(k: str) -> str:
+        low, high = metrics.get(k + "_ci_low"), metrics.get(k + "_ci_high")
+        ci = f" [{low:.3f}, {high:.3f}]" if low is not None and not math.isnan(low) else ""
+        return f"{k.split('/')[1]} {metrics[k]:.3f}{ci}"
+
+    parts = [fmt(k) for k in keys if k in metrics and not math.isnan(metrics[k])]
     print(
         f"rm eval: {int(metrics['eval/rankings'])} rankings, {int(metrics['eval/pairs'])} strict pairs, "
         f"{int(metrics['eval/ties'])} ties: " + ", ".join(parts) + f" → {run_dir}/metrics.json",

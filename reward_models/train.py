@@ -9,15 +9,17 @@ The loop, top to bottom (:func:`run_rm_train`):
 
 1. read the rankings, check every record, count and report what was wrong (one candidate,
    all tied, labels that do not match the candidates, empty responses, mixed K, too long);
-2. split held-out prompts (by a hash of ``prompt_id``, so a prompt is never on both sides);
+2. split held-out prompts (by a hash of ``prompt_id``, so a prompt is never on both sides), and a
+   validation slice of the training prompts that alone decides when to stop;
 3. format every (prompt, response) with the policy's chat template, tokenize, truncate from the
    prompt side;
 4. with frozen lower layers, compute their hidden states once (the cache);
 5. epochs of length-bucketed batches, gradient accumulation, AdamW with warm-up, under
    ``accelerate`` (``accelerate launch --num_processes 2`` on CPU works: each process owns a
    fixed shard of prompts, gradients are all-reduced);
-6. evaluate every ``eval_every`` steps; keep the best held-out loss; stop early after
-   ``patience`` evaluations without improvement; checkpoint every ``save_every`` steps
+6. evaluate on the validation prompts every ``eval_every`` steps; keep the best validation loss;
+   stop early after ``patience`` evaluations without improvement; score the held-out prompts once
+   at the end (never used to choose anything); checkpoint every ``save_every`` steps
    (``resume=true`` continues from the latest one);
 7. normalise: score reference-policy samples, store offset/scale so they have mean 0, std 1;
 8. write the reward-model dir (HF model + tokenizer + ``rlhf_reward.json``) and log it as the
@@ -25,8 +27,9 @@ The loop, top to bottom (:func:`run_rm_train`):
 
 Metrics (``metrics.jsonl`` and W&B): ``train/loss`` (mean ranking loss of the step),
 ``train/lr``, ``train/tie_theta`` or ``train/tie_nu`` (learned tie parameter), ``train/rankings_per_s``;
-``eval/loss`` (held-out loss), ``eval/pair_accuracy`` (strict held-out pairs ordered correctly,
-reward ties count ½); ``data/*`` the input report; ``norm/offset``, ``norm/scale``.
+``val/loss`` and ``val/pair_accuracy`` (validation prompts, during training), ``eval/loss`` and
+``eval/pair_accuracy`` (held-out prompts, at the end: strict pairs ordered correctly, reward ties
+count ½); ``data/*`` the input report; ``norm/offset``, ``norm/scale``.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import torch.nn.functional as F
 from reward_models import losses as L
 from rlhf.config import ConfigError, add_config_arguments, config_from_args, option, to_dict
 from rlhf.errors import UserError
+from rlhf.models import MIXED_PRECISION, MIXED_PRECISION_HELP, autocast_bf16, use_bf16
 from rlhf.tracking import Tracker, TrackingConfig, start_stage
 
 # ----------------------------------------------------------------------------- config
@@ -58,6 +62,12 @@ class RMTrainConfig:
         "", help="held-out rankings file; empty = split eval_fraction of the prompts off"
     )
     eval_fraction: float = option(0.2, help="fraction of prompts held out when eval_rankings is empty")
+    val_fraction: float = option(
+        0.1,
+        help="fraction of the training prompts set aside to choose when to stop and which step to keep "
+        "(early stopping); the held-out prompts are scored once, at the end, so the figures "
+        "reported on them were not used to pick the model (0 = no validation: train all steps)",
+    )
     model: str = option(
         "tiny", help="backbone causal LM: tiny, smollm2-135m-instruct, a local dir or a Hub id"
     )
@@ -92,6 +102,17 @@ class RMTrainConfig:
         choices=("top", "full", "lora"),
     )
     top_layers: int = option(2, help="trainable=top: how many top decoder layers train (0 = head only)")
+    layers: int = option(
+        0,
+        help="keep only the backbone's first N decoder layers (0 = all); the middle layers of a "
+        "small model carry more of a response's content than its last ones",
+    )
+    pooling: str = option(
+        "mean",
+        help="what the scalar head reads: mean = the mean over the response tokens (a per-token "
+        "reward, averaged); last = the last token (InstructGPT)",
+        choices=("mean", "last"),
+    )
     cache_hidden: bool = option(
         True, help="trainable=top: compute the frozen layers once and reuse them every epoch"
     )
@@ -112,10 +133,10 @@ class RMTrainConfig:
     max_steps: int = option(0, help="stop after this many optimizer steps (0 = epochs decide)")
     max_time_s: float = option(0.0, help="stop after this many seconds of training (0 = no limit)")
     eval_every: int = option(
-        20, help="evaluate on held-out rankings every N optimizer steps (0 = only at the end)"
+        20, help="evaluate on the validation prompts every N optimizer steps (0 = only at the end)"
     )
     patience: int = option(
-        0, help="early stopping: stop after N evaluations without a better held-out loss (0 = off)"
+        0, help="early stopping: stop after N evaluations without a better validation loss (0 = off)"
     )
     save_every: int = option(0, help="checkpoint every N optimizer steps (0 = off)")
     resume: bool = option(False, help="continue from the latest checkpoint in the run dir")
@@ -128,6 +149,11 @@ class RMTrainConfig:
     norm_prompts: int = option(64, help="norm_policy: prompts to sample for normalisation")
     norm_max_new_tokens: int = option(48, help="norm_policy: tokens per sampled response")
     score_batch_size: int = option(16, help="sequences per forward pass when scoring without gradients")
+    mixed_precision: str = option(
+        "auto",
+        help="forwards under bf16 autocast (weights, gradients and AdamW stay fp32). " + MIXED_PRECISION_HELP,
+        choices=MIXED_PRECISION,
+    )
     out: str = option("", help="reward-model dir to write (default: <run_dir>/model)")
     seed: int = option(0, help="random seed")
     experiment: str = option("default", help="experiment name (W&B group; runs/<experiment>/)")
@@ -141,6 +167,8 @@ class RMTrainConfig:
             )
         if not 0 < self.eval_fraction < 1 and not self.eval_rankings:
             raise ConfigError(f"eval_fraction must be between 0 and 1, got {self.eval_fraction}")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.loss == "rao_kupper" and self.theta is not None and self.theta <= 1:
             raise ConfigError(f"theta must be > 1 for rao_kupper (θ = 1 allows no ties), got {self.theta}")
         if self.loss == "davidson" and self.nu is not None and self.nu <= 0:
@@ -152,6 +180,8 @@ class RMTrainConfig:
                 raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.top_layers < 0:
             raise ConfigError(f"top_layers must be ≥ 0, got {self.top_layers}")
+        if self.layers < 0:
+            raise ConfigError(f"layers must be ≥ 0 (0 = all), got {self.layers}")
         if self.lr <= 0 or self.epochs <= 0:
             raise ConfigError("lr and epochs must be > 0")
 
@@ -202,6 +232,8 @@ class Group:
     rankings: list[list[int]] = field(default_factory=list)
     records: list[dict] = field(default_factory=list)
     ids: list[list[int]] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)  # where each response starts in ids
+    finished: list[bool] | None = None  # did each candidate end with EOS (None: all did)
 
     @property
     def k(self) -> int:
@@ -314,6 +346,7 @@ def build_groups(records: list[dict], report: DataReport, loss: str) -> list[Gro
         g = groups.get(key)
         if g is None:
             g = groups[key] = Group(str(rec.get("prompt_id", f"row-{row}")), rec["prompt"], texts, labels)
+            g.finished = candidates_finished(cands)
             report.empty_responses += sum(1 for t in texts if not t.strip())
         g.rankings.append([tier_of[lab] for lab in labels])
         g.records.append(rec)
@@ -323,6 +356,12 @@ def build_groups(records: list[dict], report: DataReport, loss: str) -> list[Gro
     for g in out:
         report.k_counts[g.k] = report.k_counts.get(g.k, 0) + 1
     return out
+
+
+def candidates_finished(candidates: list[dict]) -> list[bool]:
+    """Whether each candidate ended with EOS: ``gen.finished`` as ``rlhf generate`` records it
+    (a response cut at the length limit has no EOS), True where the record does not say."""
+    return [bool((c.get("gen") or {}).get("finished", True)) for c in candidates]
 
 
 def split_groups(groups: list[Group], fraction: float, seed: int) -> tuple[list[Group], list[Group]]:
@@ -354,6 +393,7 @@ class Batch:
     input_ids: torch.Tensor | None  # [N, T]
     hidden: torch.Tensor | None  # [N, T, H] cached lower-layer states
     attention_mask: torch.Tensor  # [N, T]
+    pool_mask: torch.Tensor  # [N, T] the response tokens (mean pooling)
     slot: torch.Tensor  # [N] flat index into the padded [G, Kmax] reward grid
     grid: tuple[int, int]  # (G, Kmax)
     row_of_ranking: torch.Tensor  # [R] which group each ranking belongs to
@@ -361,14 +401,15 @@ class Batch:
 
 
 def make_batch(groups: list[Group], pad_id: int, cache: dict | None) -> Batch:
-    from reward_models.model import pad_hidden, pad_right
+    from reward_models.model import pad_hidden, pad_right, response_mask
 
     kmax = max(g.k for g in groups)
-    seqs, slots, hid = [], [], []
+    seqs, starts, slots, hid = [], [], [], []
     rows, tiers = [], []
     for gi, g in enumerate(groups):
         for ci, ids in enumerate(g.ids):
             seqs.append(ids)
+            starts.append(g.starts[ci])
             slots.append(gi * kmax + ci)
             if cache is not None:
                 hid.append(cache[id(g)][ci])
@@ -385,6 +426,7 @@ def make_batch(groups: list[Group], pad_id: int, cache: dict | None) -> Batch:
         input_ids,
         hidden,
         mask,
+        response_mask(starts, mask),
         torch.tensor(slots),
         (len(groups), kmax),
         torch.tensor(rows),
@@ -394,7 +436,12 @@ def make_batch(groups: list[Group], pad_id: int, cache: dict | None) -> Batch:
 
 def batch_rewards(model, batch: Batch) -> torch.Tensor:
     """Rewards of every ranking's candidates ``[R, Kmax]`` (padding slots hold 0)."""
-    flat = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, hidden=batch.hidden)
+    flat = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        hidden=batch.hidden,
+        pool_mask=batch.pool_mask,
+    )
     g, k = batch.grid
     grid = flat.new_zeros(g * k).index_copy(0, batch.slot, flat).view(g, k)
     return grid[batch.row_of_ranking]
@@ -477,12 +524,12 @@ def pair_stats(rewards: torch.Tensor, tiers: torch.Tensor) -> tuple[float, int]:
 # ----------------------------------------------------------------------------- the run
 
 
-def _encode_groups(groups: list[Group], tokenizer, max_length: int, report: DataReport) -> None:
+def encode_groups(groups: list[Group], tokenizer, max_length: int, report: DataReport) -> None:
     from reward_models.model import encode_conversations
 
     for g in groups:
-        enc = encode_conversations(tokenizer, [g.prompt] * g.k, g.texts, max_length)
-        g.ids = enc.ids
+        enc = encode_conversations(tokenizer, [g.prompt] * g.k, g.texts, max_length, g.finished)
+        g.ids, g.starts = enc.ids, enc.starts
         report.truncated += enc.truncated
         report.response_truncated += enc.response_truncated
 
@@ -583,14 +630,15 @@ def reference_scores(
             model_name=cfg.norm_policy,
             progress=progress,
         )
-        texts = [(c["prompt"], x["text"]) for c in cands for x in c["candidates"]]
+        texts = [(c["prompt"], x["text"], x["gen"]["finished"]) for c in cands for x in c["candidates"]]
         scores, _ = score_texts(
             model,
             tokenizer,
-            [p for p, _ in texts],
-            [t for _, t in texts],
+            [p for p, _, _ in texts],
+            [t for _, t, _ in texts],
             cfg.max_length,
             cfg.score_batch_size,
+            finished=[f for _, _, f in texts],
         )
         return scores, f"samples of {cfg.norm_policy} on {len(prompts)} training prompts"
     model.eval()
@@ -599,7 +647,14 @@ def reference_scores(
         for s in range(0, len(groups), cfg.batch_size):
             chunk = groups[s : s + cfg.batch_size]
             b = make_batch(chunk, tokenizer.pad_token_id, cache)
-            out.append(model(input_ids=b.input_ids, attention_mask=b.attention_mask, hidden=b.hidden))
+            out.append(
+                model(
+                    input_ids=b.input_ids,
+                    attention_mask=b.attention_mask,
+                    hidden=b.hidden,
+                    pool_mask=b.pool_mask,
+                )
+            )
     return torch.cat(out).float(), f"the {sum(g.k for g in groups)} training candidates"
 
 
@@ -623,6 +678,9 @@ def run_rm_train(cfg: RMTrainConfig) -> dict:
         report.examples += [f"(eval file) {e}" for e in held_report.examples]
     else:
         train_groups, held = split_groups(groups, cfg.eval_fraction, cfg.seed)
+    val: list[Group] = []
+    if cfg.val_fraction > 0 and len(train_groups) > 2:
+        train_groups, val = split_groups(train_groups, cfg.val_fraction, cfg.seed + 1)
     if not train_groups:
         raise UserError(
             f"{cfg.rankings}: no usable rankings ({report.records} records; "
@@ -633,6 +691,12 @@ def run_rm_train(cfg: RMTrainConfig) -> dict:
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
+    bf16 = use_bf16(cfg.mixed_precision, accelerator.device)
+
+    def amp():
+        """Forwards under bf16 autocast where mixed_precision resolved to bf16 (weights stay fp32)."""
+        return autocast_bf16(accelerator.device, bf16)
+
     torch.manual_seed(cfg.seed)
     tracker = start_stage(cfg, "rm_train", job_type="reward_model") if main else Tracker.noop()
     try:
@@ -654,10 +718,13 @@ def run_rm_train(cfg: RMTrainConfig) -> dict:
             tie_param=initial_tie_raw(cfg.loss, tie_init),
             learn_tie_param=cfg.learn_tie_param,
             seed=cfg.seed,
+            pooling=cfg.pooling,
+            layers=cfg.layers,
         )
         pad_id = tokenizer.pad_token_id
-        _encode_groups(train_groups, tokenizer, cfg.max_length, report)
-        _encode_groups(held, tokenizer, cfg.max_length, report)
+        encode_groups(train_groups, tokenizer, cfg.max_length, report)
+        encode_groups(held, tokenizer, cfg.max_length, report)
+        encode_groups(val, tokenizer, cfg.max_length, report)
         if main:
             for line in report.lines():
                 print(line, flush=True)
@@ -672,12 +739,14 @@ def run_rm_train(cfg: RMTrainConfig) -> dict:
         by_len = sorted(train_groups, key=lambda g: (g.n_tokens, g.prompt_id))
         my_train = by_len[rank::world]
         my_held = held[rank::world]
+        my_val = val[rank::world]
 
         # 4. the frozen lower layers, once
         cache, cache_time = None, 0.0
         if model.caches_lower_layers and cfg.cache_hidden:
             t0 = time.time()
-            cache = _build_cache(model, my_train + my_held, pad_id, cfg.score_batch_size, main)
+            with amp():
+                cache = _build_cache(model, my_train + my_val + my_held, pad_id, cfg.score_batch_size, main)
             cache_time = time.time() - t0
             if main:
                 print(
@@ -755,7 +824,8 @@ def run_rm_train(cfg: RMTrainConfig) -> dict:
             batches = batches[: steps_per_epoch * cfg.grad_accum]
             for groups_b in batches[pos:]:
                 batch = make_batch(groups_b, pad_id, cache)
-                loss, _, _ = batch_loss(cfg, model, raw_tie, batch)
+                with amp():
+                    loss, _, _ = batch_loss(cfg, model, raw_tie, batch)
                 micro += 1
                 sync = micro % cfg.grad_accum == 0
                 if sync or world == 1:
@@ -781,16 +851,18 @@ def run_rm_train(cfg: RMTrainConfig) -> dict:
                 bar.update(1)
                 bar.set_postfix(
                     loss=f"{float(loss.detach()):.4f}",
-                    acc=f"{last_eval.get('eval/pair_accuracy', float('nan')):.3f}",
+                    val_acc=f"{last_eval.get('val/pair_accuracy', float('nan')):.3f}",
                 )
                 out_of_time = cfg.max_time_s and time.time() - t_train >= cfg.max_time_s
-                if held and (
+                if val and (
                     (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps or out_of_time
                 ):
-                    last_eval = evaluate_groups(cfg, model, raw_tie, my_held, pad_id, cache, accelerator)
+                    with amp():
+                        measured = evaluate_groups(cfg, model, raw_tie, my_val, pad_id, cache, accelerator)
+                    last_eval = {"val/" + k.split("/", 1)[1]: v for k, v in measured.items()}
                     logs.update(last_eval)
-                    if last_eval["eval/loss"] < state["best_loss"] - 1e-6:
-                        state.update(best_loss=last_eval["eval/loss"], best_step=step, bad_evals=0)
+                    if last_eval["val/loss"] < state["best_loss"] - 1e-6:
+                        state.update(best_loss=last_eval["val/loss"], best_step=step, bad_evals=0)
                         best_params = inner.trainable_state()
                     else:
                         state["bad_evals"] += 1
@@ -805,7 +877,7 @@ def run_rm_train(cfg: RMTrainConfig) -> dict:
                         {**state, "best_params": best_params},
                     )
                 if cfg.patience and state["bad_evals"] >= cfg.patience:
-                    stop_reason = f"early stop: no better held-out loss in {cfg.patience} evaluations"
+                    stop_reason = f"early stop: no better validation loss in {cfg.patience} evaluations"
                     break
                 if out_of_time:
                     stop_reason = f"time budget of {cfg.max_time_s:g}s reached"
@@ -819,13 +891,15 @@ def run_rm_train(cfg: RMTrainConfig) -> dict:
         train_time = time.time() - t_train
         throughput = (state["rankings_seen"] - seen_at_start) / max(train_time, 1e-9)
         if best_params is not None and state["best_step"] != state["step"]:
-            _load_trainable(inner, best_params)  # keep the best held-out checkpoint
-        final = evaluate_groups(cfg, model, raw_tie, my_held, pad_id, cache, accelerator) if held else {}
+            _load_trainable(inner, best_params)  # keep the best validation checkpoint
+        with amp():
+            final = evaluate_groups(cfg, model, raw_tie, my_held, pad_id, cache, accelerator) if held else {}
 
         # 7. normalisation on reference-policy samples
         norm = {"offset": 0.0, "scale": 1.0, "n": 0, "source": "none"}
         if cfg.normalize:
-            scores, source = reference_scores(cfg, inner, tokenizer, my_train, cache, main)
+            with amp():
+                scores, source = reference_scores(cfg, inner, tokenizer, my_train, cache, main)
             if world > 1:  # shards differ in size: gather as Python lists
                 from accelerate.utils import gather_object
 
@@ -852,7 +926,9 @@ def run_rm_train(cfg: RMTrainConfig) -> dict:
             "rm/rankings_seen": state["rankings_seen"] - seen_at_start,
             "rm/rankings_per_s": throughput,
             "rm/train_prompts": len(train_groups),
+            "rm/bf16": int(bf16),
             "rm/eval_prompts": len(held),
+            "rm/val_prompts": len(val),
             **{f"rm/final_{k.split('/')[1]}": v for k, v in final.items()},
             "norm/offset": norm["offset"],
             "norm/scale": norm["scale"],
@@ -863,6 +939,8 @@ def run_rm_train(cfg: RMTrainConfig) -> dict:
                 "base_model": cfg.model,
                 "trainable": cfg.trainable,
                 "top_layers": cfg.top_layers if cfg.trainable == "top" else None,
+                "layers": inner.n_layers,
+                "pooling": cfg.pooling,
                 "normalization": norm,
                 "chat_template": True,
                 "max_length": cfg.max_length,

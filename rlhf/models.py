@@ -61,7 +61,7 @@ from typing import Any
 
 import torch
 
-from rlhf.errors import UserError
+from rlhf.errors import ConfigError, UserError
 
 SMOLLM2 = "smollm2-135m-instruct"
 TINY = "tiny"
@@ -626,6 +626,31 @@ def bf16_hardware(device: torch.device | str) -> bool:
     return False
 
 
+MIXED_PRECISION = ("auto", "bf16", "no")
+MIXED_PRECISION_HELP = (
+    "auto: bf16 where the hardware computes it natively (AVX512-BF16/AMX CPUs, bf16 GPUs), else "
+    "fp32; bf16: require it (refused before any model loads where the hardware lacks it); no: fp32"
+)
+
+
+def use_bf16(mixed_precision: str, device: torch.device | str = "cpu") -> bool:
+    """Resolve a ``mixed_precision`` setting (:data:`MIXED_PRECISION`) on ``device`` at run time.
+
+    ``auto`` measures instead of assuming: bf16 only where :func:`bf16_hardware` finds it, since
+    emulated bf16 is many times slower than fp32. ``bf16`` on hardware without it is a user error.
+    """
+    if mixed_precision not in MIXED_PRECISION:
+        raise ConfigError(f"mixed_precision: {mixed_precision!r} is not one of {', '.join(MIXED_PRECISION)}")
+    has = bf16_hardware(device)
+    if mixed_precision == "bf16" and not has:
+        raise ConfigError(
+            f"mixed_precision: bf16 needs bf16 hardware and this {torch.device(device).type} has none "
+            "(no AVX512-BF16/AMX, or a GPU without bf16): autocast would be many times slower than "
+            "fp32. Use mixed_precision: auto or no"
+        )
+    return mixed_precision == "bf16" or (mixed_precision == "auto" and has)
+
+
 def autocast_bf16(device: torch.device | str, enabled: bool):
     """bf16 autocast on ``device`` when ``enabled``; a no-op context otherwise."""
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=enabled)
@@ -705,9 +730,16 @@ def causal_lm_lora_config(r: int, alpha: int, target_modules=("q_proj", "k_proj"
     )
 
 
-def load_policy(name: str, dtype: torch.dtype = torch.float32, *, is_trainable: bool = False):
-    """``(model, tokenizer)`` for an alias, HF dir, Hub id or policy dir (full model or adapter)."""
+def load_policy(
+    name: str, dtype: torch.dtype = torch.float32, *, is_trainable: bool = False, merged: bool = False
+):
+    """``(model, tokenizer)`` for an alias, HF dir, Hub id or policy dir (full model or adapter).
+
+    ``merged``: fold an adapter into the base weights (inference only: sampling through unmerged
+    LoRA layers more than doubles its time on a CPU)."""
     model = load_causal_lm(name, dtype, is_trainable=is_trainable)
+    if merged and hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
     return model, load_tokenizer(name)
 
 

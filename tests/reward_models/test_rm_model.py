@@ -128,3 +128,63 @@ def test_shared_prefix_scoring_equals_whole_sequences(top_model):
     torch.testing.assert_close(shared, whole, atol=1e-5, rtol=1e-5)
     assert common_prefix_length([[1, 2, 3], [1, 2, 4], [1, 2]]) == 1
     assert common_prefix_length([[5, 6], [5, 6]]) == 1 and common_prefix_length([]) == 0
+
+
+@pytest.fixture(scope="module")
+def mean_model():
+    return build_reward_model("tiny", "top", top_layers=1, seed=0, pooling="mean")
+
+
+def test_mean_pooling_is_the_mean_of_a_per_token_reward_over_the_response(mean_model):
+    """Hand check: the head applied to every response token's state, averaged, is the reward."""
+    from reward_models.model import response_mask
+
+    model, tok = mean_model
+    enc = encode_conversations(tok, PROMPTS, RESPONSES, max_length=256)
+    ids, mask = pad_right(enc.ids, tok.pad_token_id)
+    pool = response_mask(enc.starts, mask)
+    with torch.no_grad():
+        rewards = model(input_ids=ids, attention_mask=mask, pool_mask=pool)
+        h = model.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+        per_token = model.head(h).squeeze(-1)
+    for i, (seq, start) in enumerate(zip(enc.ids, enc.starts)):
+        expected = per_token[i, start : len(seq)].mean()
+        torch.testing.assert_close(rewards[i], expected, atol=1e-5, rtol=1e-5)
+        # the response starts right after the prompt as the policy saw it
+        assert tok.decode(seq[start:]) == RESPONSES[i] + tok.eos_token
+
+
+def test_mean_pooling_is_padding_and_prefix_invariant(mean_model):
+    from reward_models.model import score_ids
+
+    model, tok = mean_model
+    system = [{"role": "system", "content": "You judge answers by how helpful and kind they are."}]
+    prompts = [system + [{"role": "user", "content": p}] for p in ("hi", "tell me more about it", "why")]
+    enc = encode_conversations(tok, prompts * 2, RESPONSES[:3] + ["", "yes", "a longer answer here"], 256)
+    batched = score_ids(model.eval(), enc.ids, tok.pad_token_id, batch_size=6, starts=enc.starts)
+    whole = score_ids(model, enc.ids, tok.pad_token_id, batch_size=6, share_prefix=False, starts=enc.starts)
+    alone = torch.cat(
+        [score_ids(model, [i], tok.pad_token_id, starts=[s]) for i, s in zip(enc.ids, enc.starts)]
+    )
+    torch.testing.assert_close(batched, whole, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_eos_is_appended_only_to_finished_responses(mean_model):
+    _, tok = mean_model
+    enc = encode_conversations(tok, PROMPTS[:2], RESPONSES[:2], 256, finished=[True, False])
+    assert enc.ids[0][-1] == tok.eos_token_id and enc.ids[1][-1] != tok.eos_token_id
+    assert tok.decode(enc.ids[1][enc.starts[1] :]) == RESPONSES[1]
+
+
+def test_truncated_backbone_saves_and_loads_with_its_pooling(tmp_path):
+    model, tok = build_reward_model("tiny", "top", top_layers=1, seed=0, pooling="mean", layers=1)
+    assert model.n_layers == 1 and model.seq_model.config.num_hidden_layers == 1
+    before, _ = score_texts(model, tok, PROMPTS, RESPONSES, 256)
+    out = save_reward_model(model, tok, tmp_path / "rm", {"loss": "bt", "max_length": 256, "pooling": "mean"})
+    loaded, tok2, _ = load_reward_model(out)
+    assert loaded.pooling == "mean" and loaded.n_layers == 1
+    after, _ = score_texts(loaded, tok2, PROMPTS, RESPONSES, 256)
+    torch.testing.assert_close(before, after, atol=1e-5, rtol=1e-5)
+    with pytest.raises(Exception, match="layers=9"):
+        build_reward_model("tiny", "top", top_layers=1, layers=9)

@@ -1,0 +1,104 @@
+"""Intervals for the lab's figures: every number the lab reports as evidence comes with one.
+
+- :func:`bootstrap_ci`: a percentile bootstrap over independent units (prompts), for any
+  statistic of per-unit values — pair accuracies, win rates, mean score differences;
+- :func:`win_rate_ci`: the paired win rate of one policy over another (ties count ½) with its
+  bootstrap interval, over prompts;
+- :func:`mean_diff_ci`: the difference of two independent means (e.g. the last quarter of a
+  learning curve minus its first quarter) with a normal-approximation (Welch) interval.
+
+The bootstrap resamples *prompts*, not pairs or tokens: the responses to one prompt are not
+independent of each other, so the prompt is the unit (Efron & Tibshirani 1993, ch. 13).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+Z95 = 1.959963984540054  # the two-sided 95 % normal quantile
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A point estimate with its 95 % interval ``[low, high]`` over ``n`` units."""
+
+    value: float
+    low: float
+    high: float
+    n: int
+
+    def fmt(self, digits: int = 3) -> str:
+        return f"{self.value:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]"
+
+    def as_dict(self, key: str) -> dict[str, float]:
+        """``{key: value, key_ci_low: low, key_ci_high: high}`` for metrics and summaries."""
+        return {key: self.value, f"{key}_ci_low": self.low, f"{key}_ci_high": self.high}
+
+
+def bootstrap_ci(
+    units: Sequence,
+    statistic: Callable[[Sequence], float],
+    n_resamples: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> Estimate:
+    """``statistic(units)`` and its percentile-bootstrap interval, resampling whole ``units``.
+
+    ``units`` is any sequence (one entry per prompt); ``statistic`` maps a resampled list of units
+    to a float. Resamples whose statistic is NaN (e.g. no pairs drawn) are skipped.
+    """
+    units = list(units)
+    value = float(statistic(units))
+    if len(units) < 2:
+        return Estimate(value, float("nan"), float("nan"), len(units))
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(n_resamples):
+        idx = rng.integers(0, len(units), len(units))
+        v = float(statistic([units[i] for i in idx]))
+        if not math.isnan(v):
+            draws.append(v)
+    if not draws:
+        return Estimate(value, float("nan"), float("nan"), len(units))
+    alpha = (1 - level) / 2
+    low, high = np.quantile(draws, [alpha, 1 - alpha])
+    return Estimate(value, float(low), float(high), len(units))
+
+
+def mean_bootstrap_ci(values: Sequence[float], n_resamples: int = 2000, seed: int = 0) -> Estimate:
+    """The mean of per-unit ``values`` with its bootstrap interval (vectorised: fast for any n;
+    ``n_resamples=0``: the mean alone)."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size < 2 or n_resamples <= 0:
+        v = float(x.mean()) if x.size else float("nan")
+        return Estimate(v, float("nan"), float("nan"), int(x.size))
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, (n_resamples, x.size))].mean(axis=1)
+    low, high = np.quantile(means, [0.025, 0.975])
+    return Estimate(float(x.mean()), float(low), float(high), int(x.size))
+
+
+def win_rate_ci(
+    scores: Sequence[float], baseline: Sequence[float], n_resamples: int = 2000, seed: int = 0
+) -> Estimate:
+    """Fraction of prompts where ``scores`` beats ``baseline`` (ties count ½), paired by prompt,
+    with its bootstrap interval over prompts."""
+    a, b = np.asarray(scores, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"win_rate_ci: {a.shape[0]} scores but {b.shape[0]} baseline scores")
+    wins = (a > b) + 0.5 * (a == b)
+    return mean_bootstrap_ci(wins, n_resamples, seed)
+
+
+def mean_diff_ci(after: Sequence[float], before: Sequence[float]) -> Estimate:
+    """``mean(after) - mean(before)`` of two independent samples, 95 % Welch (normal) interval."""
+    a, b = np.asarray(after, dtype=np.float64), np.asarray(before, dtype=np.float64)
+    if a.size < 2 or b.size < 2:
+        return Estimate(float("nan"), float("nan"), float("nan"), int(a.size + b.size))
+    diff = float(a.mean() - b.mean())
+    se = math.sqrt(a.var(ddof=1) / a.size + b.var(ddof=1) / b.size)
+    return Estimate(diff, diff - Z95 * se, diff + Z95 * se, int(a.size + b.size))

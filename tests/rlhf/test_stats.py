@@ -1,0 +1,43 @@
+"""Intervals: hand-computed values, and the properties every interval must have."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from rlhf.stats import bootstrap_ci, mean_bootstrap_ci, mean_diff_ci, win_rate_ci
+
+
+def test_win_rate_counts_ties_as_half_and_brackets_its_value():
+    est = win_rate_ci([1, 2, 3, 4], [0, 2, 5, 1])  # win, tie, loss, win
+    assert est.value == pytest.approx(0.625) and est.n == 4
+    assert 0 <= est.low <= est.value <= est.high <= 1
+
+
+def test_win_rate_interval_shrinks_with_more_prompts_and_is_seeded():
+    few = win_rate_ci([1, 0] * 10, [0, 1] * 10)
+    many = win_rate_ci([1, 0] * 500, [0, 1] * 500)
+    assert few.value == many.value == 0.5
+    assert (many.high - many.low) < (few.high - few.low) / 3
+    assert win_rate_ci([1, 0, 1], [0, 0, 0], seed=3) == win_rate_ci([1, 0, 1], [0, 0, 0], seed=3)
+    with pytest.raises(ValueError):
+        win_rate_ci([1, 2], [1])
+
+
+def test_mean_diff_is_welch_by_hand():
+    est = mean_diff_ci([1, 2, 3], [0, 0, 0])  # diff 2, se = sqrt(var 1 / 3 + 0)
+    half = 1.959963984540054 * math.sqrt(1 / 3)
+    assert est.value == pytest.approx(2.0)
+    assert (est.low, est.high) == pytest.approx((2 - half, 2 + half))
+    assert math.isnan(mean_diff_ci([1], [2]).value)
+
+
+def test_bootstrap_of_a_ratio_of_sums_resamples_whole_units():
+    units = [(3.0, 4.0), (1.0, 4.0), (4.0, 4.0)]  # 8 of 12 right
+    est = bootstrap_ci(units, lambda u: sum(a for a, _ in u) / sum(b for _, b in u))
+    assert est.value == pytest.approx(8 / 12)
+    assert 0.25 <= est.low <= est.value <= est.high <= 1.0
+    # every resample is a mean of unit accuracies 0.25, 0.75, 1.0: the bounds are among them
+    assert mean_bootstrap_ci([0.0, 1.0, 1.0, 1.0]).value == 0.75
+    assert math.isnan(bootstrap_ci([(1.0, 1.0)], lambda u: 1.0).low)
