@@ -129,7 +129,6 @@ def run_baseline(cfg: BaselineConfig) -> dict[str, Any]:
     import torch
     from datasets import Dataset
 
-    from rlhf.data import prompt_text
     from rlhf.evaluate import evaluate_policy, resolve_stop_token
     from rlhf.models import causal_lm_lora_config, load_policy, resolve_model_path, write_policy_dir
     from rlhf.ppo.loop import PPOConfig, _load_prompt_sets
@@ -229,7 +228,7 @@ def run_baseline(cfg: BaselineConfig) -> dict[str, Any]:
         q, qm = left_pad(
             encode_queries(tokenizer, [p["prompt"] for p in eval_prompts], 256), tokenizer.pad_token_id
         )
-        texts = [prompt_text(p["prompt"]) for p in eval_prompts]
+        chats = [p["prompt"] for p in eval_prompts]
         ev = dict(
             max_new_tokens=cfg.response_length,
             temperature=cfg.temperature,
@@ -237,13 +236,13 @@ def run_baseline(cfg: BaselineConfig) -> dict[str, Any]:
             batch_size=16,
             seed=cfg.seed + 12345,
         )
-        _, ref_rows = evaluate_policy(reference, tokenizer, q, qm, texts, reward_fn, **ev)
+        _, ref_rows = evaluate_policy(reference, tokenizer, q, qm, chats, reward_fn, **ev)
         metrics, _ = evaluate_policy(
             final,
             tokenizer,
             q,
             qm,
-            texts,
+            chats,
             reward_fn,
             gold_fn=gold_fn,
             ref_logprobs_fn=lambda a, b, c, d: response_logprobs(reference, a, b, c, d, cfg.temperature, 16),

@@ -132,6 +132,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)  # e.g. a numeric seed-like id written without quotes
+        if isinstance(value, bool):
+            # YAML 1.1 reads an unquoted no/off (yes/on) as a boolean: give the word back
+            return "no" if value is False else "yes"
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     if isinstance(tp, type) and isinstance(value, tp):
         return value

@@ -64,19 +64,13 @@ class EvalConfig:
                 raise ConfigError(f"{name}: {getattr(self, name)} must be > 0")
 
 
-def win_rate(scores: torch.Tensor, baseline: torch.Tensor) -> float:
-    """Fraction of rows where ``scores > baseline`` (ties count 1/2). ``[N]``, ``[N]`` → float."""
-    wins = (scores > baseline).float() + 0.5 * (scores == baseline).float()
-    return float(wins.mean())
-
-
 @torch.no_grad()
 def evaluate_policy(
     policy,
     tokenizer,
     query: torch.Tensor,
     query_mask: torch.Tensor,
-    prompt_texts: Sequence[str],
+    prompts: Sequence[Any],
     reward_fn: Callable,
     *,
     ref_logprobs_fn: Callable | None = None,
@@ -92,6 +86,12 @@ def evaluate_policy(
 ) -> tuple[dict[str, float], list[list]]:
     """Sample, score and measure one response per query. Returns ``(metrics, rows)``.
 
+    ``prompts`` are the prompts as in the data contracts (text or chat messages): the reward
+    function gets them as they are, the gold scorer and the rows get their text. Query ``i``
+    samples from its own random stream seeded ``seed, i`` (:func:`rlhf.generation.row_uniforms`):
+    the responses do not depend on ``batch_size``, and two policies evaluated with the same seed
+    draw the same random numbers per prompt.
+
     ``ref_logprobs_fn(query, query_mask, tokens, mask) -> [N, T]`` gives the reference's log-probs
     (None: no KL); ``policy_logprobs_fn`` (same signature) the policy's, from a forward in the
     reference's precision, where the sampler's own log-probs would round differently (bf16); by
@@ -100,9 +100,10 @@ def evaluate_policy(
     """
     import contextlib
 
+    from rlhf.data import prompt_text
     from rlhf.ppo.rollout import decode_responses, sample_rollout
 
-    gen = torch.Generator(device=query.device).manual_seed(seed)
+    prompt_texts = [prompt_text(p) for p in prompts]
     with sampling_context() if sampling_context is not None else contextlib.nullcontext():
         ro = sample_rollout(
             policy,
@@ -112,11 +113,13 @@ def evaluate_policy(
             temperature=temperature,
             stop_token_id=stop_token_id,
             pad_token_id=tokenizer.pad_token_id,
-            generator=gen,
+            generator=None,
             batch_size=batch_size,
+            row_seeds=eval_row_seeds(seed, query.shape[0]),
         )
-    responses = decode_responses(tokenizer, ro.tokens, ro.mask)
-    scores = torch.as_tensor(reward_fn(list(prompt_texts), responses), dtype=torch.float32).reshape(-1)
+    responses = decode_responses(tokenizer, ro.tokens, ro.mask, ro.has_stop)
+    finished = ro.has_stop.tolist()
+    scores = torch.as_tensor(reward_fn(list(prompts), responses, finished), dtype=torch.float32).reshape(-1)
     metrics: dict[str, float] = {
         "eval/score": float(scores.mean()),
         "eval/length": float(ro.mask.sum(-1).float().mean()),
@@ -137,9 +140,40 @@ def evaluate_policy(
         gold = [float(g) for g in gold_fn(list(prompt_texts), responses)]
         metrics["eval/gold_score"] = sum(gold) / len(gold)
     if baseline_scores is not None:
-        metrics["eval/win_rate"] = win_rate(scores, baseline_scores)
+        from rlhf.stats import win_rate_ci
+
+        metrics["eval/win_rate"] = win_rate_ci(scores.tolist(), baseline_scores.tolist(), n_resamples=0).value
     rows = [[p, r, float(s), float(k), g] for p, r, s, k, g in zip(prompt_texts, responses, scores, kl, gold)]
     return metrics, rows
+
+
+def comparison_metrics(rows: list[list], ref_rows: list[list], seed: int = 0) -> dict[str, float]:
+    """The policy against the reference on the same prompts, each figure with its 95 % interval
+    (bootstrap over prompts, :mod:`rlhf.stats`): win rates by the reward function and by the gold
+    scorer (ties ½), and the mean per-prompt differences of their scores. ``rows`` as returned by
+    :func:`evaluate_policy` (``[prompt, response, score, kl, gold]``), in the same prompt order."""
+    from rlhf.stats import mean_bootstrap_ci, win_rate_ci
+
+    out: dict[str, float] = {"eval/prompts": len(rows)}
+    score, ref_score = [r[2] for r in rows], [r[2] for r in ref_rows]
+    out.update(win_rate_ci(score, ref_score, seed=seed).as_dict("eval/win_rate"))
+    out.update(
+        mean_bootstrap_ci([a - b for a, b in zip(score, ref_score)], seed=seed).as_dict("eval/score_diff")
+    )
+    if rows and rows[0][4] is not None and ref_rows[0][4] is not None:
+        gold, ref_gold = [r[4] for r in rows], [r[4] for r in ref_rows]
+        out.update(win_rate_ci(gold, ref_gold, seed=seed).as_dict("eval/gold_win_rate"))
+        out.update(
+            mean_bootstrap_ci([a - b for a, b in zip(gold, ref_gold)], seed=seed).as_dict(
+                "eval/gold_score_diff"
+            )
+        )
+    return out
+
+
+def eval_row_seeds(seed: int, n: int) -> list[int]:
+    """The random-stream seed of each of ``n`` evaluation prompts (prompt ``i`` → its own stream)."""
+    return [seed * 1_000_003 + i for i in range(n)]
 
 
 def resolve_stop_token(tokenizer, stop_token: str) -> int:
@@ -167,7 +201,6 @@ def load_eval_prompts(source: str, split: str | None, limit: int) -> list[dict]:
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate ``cfg.policy`` (and, for the win rate, ``cfg.reference``) on held-out prompts."""
     cfg.validate()
-    from rlhf.data import prompt_text
     from rlhf.models import load_policy
     from rlhf.ppo.rollout import encode_queries, left_pad
     from rlhf.ppo.value import response_logprobs
@@ -180,13 +213,13 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     gold_fn = get_scorer(cfg.gold) if cfg.gold else None
     tracker = start_stage(cfg, "eval", job_type="eval")
     t0 = time.time()
-    policy, tokenizer = load_policy(cfg.policy)
+    policy, tokenizer = load_policy(cfg.policy, merged=True)
     stop_id = resolve_stop_token(tokenizer, cfg.stop_token)
     query, qmask = left_pad(
         encode_queries(tokenizer, [r["prompt"] for r in records], cfg.max_prompt_tokens),
         tokenizer.pad_token_id,
     )
-    texts = [prompt_text(r["prompt"]) for r in records]
+    prompts = [r["prompt"] for r in records]
     common = dict(
         max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature,
@@ -197,9 +230,9 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     ref_fn, baseline = None, None
     ref_metrics: dict[str, float] = {}
     if cfg.reference:
-        reference, _ = load_policy(cfg.reference)
+        reference, _ = load_policy(cfg.reference, merged=True)
         ref_metrics, ref_rows = evaluate_policy(
-            reference, tokenizer, query, qmask, texts, reward_fn, gold_fn=gold_fn, **common
+            reference, tokenizer, query, qmask, prompts, reward_fn, gold_fn=gold_fn, **common
         )
         baseline = torch.tensor([r[2] for r in ref_rows])
 
@@ -214,7 +247,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         tokenizer,
         query,
         qmask,
-        texts,
+        prompts,
         reward_fn,
         ref_logprobs_fn=ref_fn,
         gold_fn=gold_fn,
@@ -224,6 +257,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     for k, v in ref_metrics.items():
         if k in ("eval/score", "eval/gold_score", "eval/length", "eval/eos_rate"):
             metrics["eval/reference_" + k.split("/", 1)[1]] = v
+    if cfg.reference:
+        metrics.update(comparison_metrics(rows, ref_rows, seed=cfg.seed))
     metrics["time/eval_s"] = time.time() - t0
     tracker.log(metrics, step=0)
     tracker.log_table("eval/samples", ["prompt", "response", "score", "kl", "gold_score"], rows, step=0)

@@ -26,11 +26,19 @@ from rlhf.errors import UserError
 
 
 class RewardFunction:
-    """``fn(prompts, responses) -> FloatTensor [N]``; ``name`` says what it is."""
+    """``fn(prompts, responses, finished=None) -> FloatTensor [N]``; ``name`` says what it is.
+
+    ``prompts`` as in the data contracts (text or chat messages), ``responses`` the text without
+    the stop token, ``finished[i]`` whether response ``i`` ended with the stop token (None: all
+    did). Only a reward model reads ``finished`` (it appends EOS to finished responses, as in its
+    training data); scorers judge the text.
+    """
 
     name: str = "reward"
 
-    def __call__(self, prompts: Sequence[Any], responses: Sequence[str]) -> torch.Tensor:  # pragma: no cover
+    def __call__(
+        self, prompts: Sequence[Any], responses: Sequence[str], finished: Sequence[bool] | None = None
+    ) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
 
@@ -50,19 +58,30 @@ class RewardModelFunction(RewardFunction):
         self.name = f"rm:{Path(path).name}"
         self.truncated = 0  # sequences cut to max_length so far (prompt side)
 
-    def raw(self, prompts: Sequence[Any], responses: Sequence[str]) -> torch.Tensor:
+    def raw(
+        self, prompts: Sequence[Any], responses: Sequence[str], finished: Sequence[bool] | None = None
+    ) -> torch.Tensor:
         """Unnormalised scores ``[N]``."""
         from reward_models.model import score_texts
 
         scores, enc = score_texts(
-            self.model, self.tokenizer, prompts, responses, self.max_length, self.batch_size, self.device
+            self.model,
+            self.tokenizer,
+            prompts,
+            responses,
+            self.max_length,
+            self.batch_size,
+            self.device,
+            finished=finished,
         )
         self.truncated += enc.truncated
         return scores
 
-    def __call__(self, prompts: Sequence[Any], responses: Sequence[str]) -> torch.Tensor:
+    def __call__(
+        self, prompts: Sequence[Any], responses: Sequence[str], finished: Sequence[bool] | None = None
+    ) -> torch.Tensor:
         _check_lengths(prompts, responses)
-        return (self.raw(prompts, responses) - self.offset) / self.scale
+        return (self.raw(prompts, responses, finished) - self.offset) / self.scale
 
 
 class ScorerFunction(RewardFunction):
@@ -74,7 +93,9 @@ class ScorerFunction(RewardFunction):
         self.scorer = get_scorer(spec)
         self.name = getattr(self.scorer, "name", spec)
 
-    def __call__(self, prompts: Sequence[Any], responses: Sequence[str]) -> torch.Tensor:
+    def __call__(
+        self, prompts: Sequence[Any], responses: Sequence[str], finished: Sequence[bool] | None = None
+    ) -> torch.Tensor:
         from reward_models.model import prompt_as_text
 
         _check_lengths(prompts, responses)
@@ -96,10 +117,12 @@ class WeightedRewardFunction(RewardFunction):
         self.parts = parts
         self.name = " + ".join(f"{w:g}*{f.name}" for w, f in parts)
 
-    def __call__(self, prompts: Sequence[Any], responses: Sequence[str]) -> torch.Tensor:
+    def __call__(
+        self, prompts: Sequence[Any], responses: Sequence[str], finished: Sequence[bool] | None = None
+    ) -> torch.Tensor:
         total = torch.zeros(len(responses), dtype=torch.float32)
         for w, f in self.parts:
-            total += w * f(prompts, responses)
+            total += w * f(prompts, responses, finished)
         return total
 
 

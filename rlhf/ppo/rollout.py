@@ -65,11 +65,14 @@ def sample_rollout(
     generator: torch.Generator | None,
     batch_size: int = 0,
     value_head: torch.nn.Module | None = None,
+    row_seeds: list[int] | None = None,
 ) -> Rollout:
     """Pure sampling (top_k = 0, top_p = 1: ppo.md item 3), in chunks of ``batch_size`` rows.
 
     Every chunk is padded to ``max_new_tokens`` columns so chunks concatenate. With a
     ``value_head`` (PPO's shared value model) the values come from the sampling forwards.
+    ``row_seeds`` (one per query): each row samples from its own random stream, so a row's
+    response does not depend on the chunking (evaluation); otherwise ``generator`` is used.
     """
     from rlhf.generation import sample_responses
 
@@ -89,6 +92,7 @@ def sample_rollout(
             top_k=0,
             top_p=1.0,
             value_head=value_head,
+            row_seeds=row_seeds[i : i + step] if row_seeds is not None else None,
         )
         pad = max_new_tokens - s.tokens.shape[1]
         toks.append(torch.nn.functional.pad(s.tokens, (0, pad), value=pad_token_id))
@@ -110,10 +114,19 @@ def sample_rollout(
     )
 
 
-def decode_responses(tokenizer, tokens: torch.Tensor, mask: torch.Tensor) -> list[str]:
-    """Text of each response (special tokens such as EOS dropped), for the reward function."""
+def decode_responses(
+    tokenizer, tokens: torch.Tensor, mask: torch.Tensor, has_stop: torch.Tensor
+) -> list[str]:
+    """Text of each response without its final stop token, for the reward function and scorers.
+
+    Exactly as ``rlhf generate`` writes candidates (the data reward models train on): special
+    tokens the policy sampled mid-response are kept, and the stop token that ended a response is
+    dropped — whether it ended is passed along separately (``has_stop``), and the reward model
+    appends EOS only to responses that had one (:func:`reward_models.model.encode_conversations`).
+    """
     lengths = mask.sum(-1).tolist()
+    stopped = has_stop.tolist()
     return [
-        tokenizer.decode(tokens[i, : int(n)].tolist(), skip_special_tokens=True)
-        for i, n in enumerate(lengths)
+        tokenizer.decode(tokens[i, : int(n) - int(bool(stop))].tolist(), skip_special_tokens=False)
+        for i, (n, stop) in enumerate(zip(lengths, stopped))
     ]

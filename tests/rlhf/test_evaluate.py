@@ -6,14 +6,25 @@ import pytest
 import torch
 
 from rlhf.config import ConfigError
-from rlhf.evaluate import evaluate_policy, resolve_stop_token, win_rate
+from rlhf.evaluate import comparison_metrics, evaluate_policy, resolve_stop_token
+from rlhf.stats import win_rate_ci
 
 
 def test_win_rate_counts_ties_half():
-    assert win_rate(torch.tensor([1.0, 2.0, 3.0, 0.0]), torch.tensor([0.0, 2.0, 4.0, 0.0])) == pytest.approx(
-        0.5
-    )
-    assert win_rate(torch.tensor([5.0]), torch.tensor([1.0])) == 1.0
+    assert win_rate_ci([1.0, 2.0, 3.0, 0.0], [0.0, 2.0, 4.0, 0.0]).value == pytest.approx(0.5)
+    assert win_rate_ci([5.0], [1.0]).value == 1.0
+
+
+def test_comparison_metrics_pair_prompts_and_bracket_their_values():
+    rows = [["p", "r", s, 0.0, g] for s, g in ((1.0, 0.9), (2.0, 0.1), (0.5, 0.5), (3.0, 0.8))]
+    ref = [["p", "r", s, 0.0, g] for s, g in ((0.0, 0.1), (2.0, 0.2), (1.0, 0.5), (1.0, 0.0))]
+    m = comparison_metrics(rows, ref)
+    assert m["eval/win_rate"] == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+    assert m["eval/gold_win_rate"] == pytest.approx((1 + 0 + 0.5 + 1) / 4)
+    assert m["eval/score_diff"] == pytest.approx((1 + 0 - 0.5 + 2) / 4)
+    assert m["eval/gold_score_diff"] == pytest.approx((0.8 - 0.1 + 0 + 0.8) / 4)
+    for key in ("eval/win_rate", "eval/gold_win_rate", "eval/score_diff", "eval/gold_score_diff"):
+        assert m[key + "_ci_low"] <= m[key] <= m[key + "_ci_high"]
 
 
 def test_resolve_stop_token():
@@ -35,7 +46,7 @@ def test_evaluate_policy_self_reference_has_zero_kl():
     prompts = ["Say hi.", "Name a fruit.", "Describe rain in a few words."]
     q, qm = left_pad(encode_queries(tok, prompts, 64), tok.pad_token_id)
 
-    def reward(p, r):
+    def reward(p, r, finished=None):
         return torch.tensor([float(len(x)) for x in r])
 
     common = dict(max_new_tokens=6, temperature=0.7, stop_token_id=tok.eos_token_id, batch_size=2, seed=1)
@@ -57,3 +68,25 @@ def test_evaluate_policy_self_reference_has_zero_kl():
     assert m2["eval/win_rate"] == 0.5  # all ties against itself
     assert abs(m2["eval/kl"]) < 1e-4  # KL of a policy to itself (sampler vs. scoring pass agree)
     assert m2["eval/gold_score"] == 1.0 and 1 <= m2["eval/length"] <= 6
+
+
+def test_evaluation_does_not_depend_on_the_batch_size():
+    """Each prompt samples from its own random stream: any batch size gives the same responses."""
+    from rlhf.models import load_policy
+    from rlhf.ppo.rollout import encode_queries, left_pad
+
+    model, tok = load_policy("tiny")
+    prompts = ["Say hi.", "Name a fruit.", "Describe rain in a few words.", "Count to three.", "Why?"]
+    q, qm = left_pad(encode_queries(tok, prompts, 64), tok.pad_token_id)
+
+    def reward(p, r, finished=None):
+        return torch.tensor([float(len(x)) for x in r])
+
+    common = dict(max_new_tokens=8, temperature=1.0, stop_token_id=tok.eos_token_id, seed=3)
+    runs = [evaluate_policy(model, tok, q, qm, prompts, reward, batch_size=b, **common) for b in (1, 2, 5)]
+    responses = [[row[1] for row in rows] for _, rows in runs]
+    assert responses[0] == responses[1] == responses[2]
+    assert runs[0][0] == runs[1][0] == runs[2][0]
+    # and the first prompts' responses do not depend on how many prompts follow
+    _, fewer = evaluate_policy(model, tok, q[:2], qm[:2], prompts[:2], reward, batch_size=2, **common)
+    assert [row[1] for row in fewer] == responses[0][:2]
