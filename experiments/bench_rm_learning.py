@@ -1,26 +1,23 @@
-"""Learning check: does a reward model trained on noisy simulated rankings recover the gold scorer?
+"""Learning check: which reward model recovers the preference simulated annotators follow?
 
 Simulated annotators rank candidates by a gold scorer plus Bradley–Terry noise and ties; the reward
-model never sees the scorer, only their rankings. The default gold prefers 10-word answers
-(``length:target=10``) and the candidates are the first 160 shipped train prompts × 4 samples of
-48 tokens; a quarter of the prompts are held out. On them this prints
+model never sees the scorer, only their rankings. Each *choice* below trains one reward model on the
+same rankings (the shipped preset ``rm_smollm2.yaml`` with a few fields changed) and is scored on the
+same held-out prompts (a quarter of them), printed as a table:
 
-- the reward model's pair accuracy against the annotators (``eval/pair_accuracy``),
-- its accuracy against the gold scorer on pairs the gold scorer separates (``eval/gold_pair_accuracy``),
-- the annotators' own agreement with the gold scorer on the same pairs (``eval/annotator_gold_accuracy``):
-  what a model learning from those annotators should come close to,
-- chance (0.5);
-- with ``--probe``: ridge regressions from the frozen backbone's features straight to the
-  noise-free gold scores, i.e. how much of the gold signal the representation carries at all.
+- accuracy against the gold scorer on every held-out pair it separates, with a 95 % bootstrap
+  interval over prompts (``eval/gold_pair_accuracy``);
+- the annotators' own accuracy on those pairs (the ceiling), chance (0.5);
+- accuracy against the annotators and Kendall τ-b, the reward's correlation with length (the gold's
+  own beside it), and the training time (the frozen-layer cache included).
 
-    .venv/bin/python experiments/bench_rm_learning.py                  # ~8 min on 2 cores
-    .venv/bin/python experiments/bench_rm_learning.py --scorer vader --probe   # sentiment: hard at 135M
-    .venv/bin/python experiments/bench_rm_learning.py --candidates FILE top_layers=4
+    .venv/bin/python experiments/bench_rm_learning.py --scorer vader          # the quickstart's gold
+    .venv/bin/python experiments/bench_rm_learning.py --choices default,last-top2 --scorer "length:target=10"
+    .venv/bin/python experiments/bench_rm_learning.py --candidates FILE --probe
 
 Without ``--candidates`` the candidates are sampled from ``--model`` first (``--source lab``: the
-shipped train prompts; ``--source sentiment``: the 48 prompts of bench_rm_vs_trl.py). Training is
-the shipped preset (``rm_smollm2.yaml``: top 2 layers, the rest frozen and cached) at lr 3e-4 for
-up to 8 epochs with early stopping; extra ``KEY=VALUE`` arguments override its fields.
+shipped train prompts; ``--source sentiment``: the 48 prompts of bench_rm_vs_trl.py). ``--probe``
+adds ridge probes of the frozen backbone's features fitted to the noise-free gold scores.
 """
 
 from __future__ import annotations
@@ -29,6 +26,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -42,91 +40,86 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from experiments.bench_rm_vs_trl import add_data_args, simulated_data  # noqa: E402
 
+# name → (what it is, the fields changed from the shipped preset)
+CHOICES: dict[str, tuple[str, dict]] = {
+    "last-top2": (
+        "last token, all 30 layers, top 2 train (the preset before this table)",
+        {"pooling": "last", "layers": 0, "top_layers": 2, "epochs": 3.0},
+    ),
+    "mean-top2": ("mean over the response, all 30 layers, top 2 train", {"layers": 0, "top_layers": 2}),
+    "mean-16": ("mean, first 16 layers, top 1 trains", {"layers": 16}),
+    "default": ("mean, first 8 layers, top 1 trains (the shipped preset)", {}),
+    "mean-3": ("mean, first 3 layers, top 1 trains", {"layers": 3}),
+    "mean-8-head": ("mean, first 8 layers, head only (frozen backbone)", {"top_layers": 0, "lr": 1e-3}),
+    "lora-30": (
+        "mean, all 30 layers, LoRA r 16 on every attention projection",
+        {"layers": 0, "trainable": "lora", "lora_r": 16, "lora_alpha": 32, "lr": 3e-4, "epochs": 3.0},
+    ),
+}
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_args(ap)
+    ap.add_argument(
+        "--choices",
+        default=",".join(CHOICES),
+        help=f"comma-separated reward-model choices to compare (default all): {', '.join(CHOICES)}",
+    )
     ap.add_argument(
         "--probe",
         action="store_true",
         help="also fit ridge probes on the frozen backbone's features to the noise-free gold scores: "
         "how much of the gold signal the representation carries at all (last token vs mean-pooled)",
     )
-    ap.add_argument("--loss", default="grouped_bt")
     ap.add_argument(
         "--config",
         default=str(Path(__file__).parent / "configs" / "rm_smollm2.yaml"),
-        help="reward-model preset YAML (model, loss, epochs, budget overridden by the options here)",
+        help="reward-model preset YAML that every choice starts from",
     )
-    ap.add_argument("--epochs", type=float, default=8.0, help="at most; early stopping on held-out loss")
-    ap.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (the preset's is 1e-4)")
-    ap.add_argument("--budget_s", type=float, default=0.0, help="training time limit (0 = epochs decide)")
     ap.add_argument("--out", default="runs/bench_rm_learning")
     ap.add_argument(
         "overrides",
         nargs="*",
         metavar="KEY=VALUE",
-        help="more reward-model config fields, e.g. top_layers=4 batch_size=16 (YAML values)",
+        help="fields changed for every choice, e.g. batch_size=16 (YAML values)",
     )
     args = ap.parse_args(argv)
-
-    from reward_models.evaluate import RMEvalConfig, run_rm_eval
-    from reward_models.simulate import gold_pair_agreement
-    from reward_models.train import RMTrainConfig, run_rm_train
-    from rlhf.config import build_config
-    from rlhf.scorers import get_scorer
-    from rlhf.tracking import TrackingConfig
-
-    out = Path(args.out)
-    cands, rankings, train_records, held_records, train, held = simulated_data(args, out)
-    off = TrackingConfig(mode="disabled")
-    # the shipped preset (default experiments/configs/rm_smollm2.yaml) with this run's data and budget
-    overrides = {
-        "rankings": str(train),
-        "eval_rankings": str(held),
-        "model": args.model,
-        "loss": args.loss,
-        "epochs": args.epochs,
-        "lr": args.lr,
-        "max_time_s": args.budget_s,
-        "seed": args.seed,
-        "runs_dir": str(out),
-        "experiment": "learning",
-        "tracking": {"mode": "disabled"},
-    }
+    names = [c.strip() for c in args.choices.split(",") if c.strip()]
+    unknown = [c for c in names if c not in CHOICES]
+    if unknown:
+        ap.error(f"unknown choice {unknown[0]!r}; choices: {', '.join(CHOICES)}")
+    common = {}
     for item in args.overrides:
         key, sep, value = item.partition("=")
         if not sep:
             ap.error(f"override {item!r} is not KEY=VALUE")
-        overrides[key] = yaml.safe_load(value)
-    s = run_rm_train(build_config(RMTrainConfig, args.config or None, overrides))
-    ev = run_rm_eval(
-        RMEvalConfig(
-            reward_model=s["model_dir"],
-            rankings=str(held),
-            runs_dir=str(out),
-            experiment="learning",
-            tracking=off,
-        )
+        common[key] = yaml.safe_load(value)
+
+    from reward_models.simulate import gold_pair_agreement
+    from rlhf.scorers import get_scorer
+
+    out = Path(args.out)
+    cands, rankings, train_records, held_records, train, held = simulated_data(args, out)
+    print(
+        f"{len(train_records)} training rankings, {len(held_records)} held out; annotators agree with "
+        f"the gold scorer on {gold_pair_agreement(rankings, args.tie_threshold):.3f} of its pairs",
+        flush=True,
     )
+    rows = []
+    for name in names:
+        what, fields = CHOICES[name]
+        row = run_choice(args, name, {**fields, **common}, train, held, out)
+        rows.append({"choice": name, "what": what, **row})
+        print(json.dumps(rows[-1]), flush=True)
+    print()
+    print(table(rows, args.scorer))
     result = {
+        "scorer": args.scorer,
         "rankings_train": len(train_records),
         "rankings_held": len(held_records),
-        "annotator_gold_agreement_all": gold_pair_agreement(rankings, args.tie_threshold),
-        "rm_pair_accuracy_vs_annotators": ev["eval/pair_accuracy"],
-        "rm_pair_accuracy_vs_gold": ev.get("eval/gold_pair_accuracy"),
-        "annotators_accuracy_vs_gold_same_pairs": ev.get("eval/annotator_gold_accuracy"),
-        "rm_gold_spearman": ev.get("eval/gold_spearman"),
+        "rows": rows,
     }
-    print("\nheld-out pairs the gold scorer separates:")
-    print(f"  reward model vs gold      {result['rm_pair_accuracy_vs_gold']:.3f}")
-    print(
-        f"  annotators vs gold        {result['annotators_accuracy_vs_gold_same_pairs']:.3f}  (their own agreement)"
-    )
-    print("  chance                    0.500")
-    print(f"  reward model vs annotators {result['rm_pair_accuracy_vs_annotators']:.3f}")
-    gap = result["annotators_accuracy_vs_gold_same_pairs"] - result["rm_pair_accuracy_vs_gold"]
-    print(f"  gap to the annotators     {gap:+.3f}")
     if args.probe:
         held_ids = {r["prompt_id"] for r in held_records}
         result["probe"] = probe_ceiling(
@@ -137,6 +130,74 @@ def main(argv=None) -> int:
             print(f"  {name:<24}  {acc:.3f}")
     (out / "results.json").write_text(json.dumps(result, indent=2))
     return 0
+
+
+def run_choice(args, name: str, fields: dict, train: Path, held: Path, out: Path) -> dict:
+    """Train one reward model on ``train``, evaluate it on ``held``: the figures of one table row."""
+    from reward_models.evaluate import RMEvalConfig, run_rm_eval
+    from reward_models.train import RMTrainConfig, run_rm_train
+    from rlhf.config import build_config
+    from rlhf.tracking import TrackingConfig
+
+    settings = {
+        "rankings": str(train),
+        "eval_rankings": str(held),
+        "model": args.model,
+        "seed": args.seed,
+        "runs_dir": str(out / name),
+        "experiment": "learning",
+        "tracking": {"mode": "disabled"},
+        **fields,
+    }
+    t0 = time.time()
+    s = run_rm_train(build_config(RMTrainConfig, args.config or None, settings))
+    seconds = time.time() - t0
+    ev = run_rm_eval(
+        RMEvalConfig(
+            reward_model=s["model_dir"],
+            rankings=str(held),
+            runs_dir=str(out / name),
+            experiment="learning",
+            tracking=TrackingConfig(mode="disabled"),
+        )
+    )
+    keys = (
+        "eval/gold_pair_accuracy",
+        "eval/gold_pair_accuracy_ci_low",
+        "eval/gold_pair_accuracy_ci_high",
+        "eval/annotator_gold_accuracy",
+        "eval/pair_accuracy",
+        "eval/kendall_tau",
+        "eval/length_corr",
+        "eval/gold_length_corr",
+        "eval/gold_pairs",
+    )
+    return {"seconds": round(seconds, 1), **{k.split("/", 1)[1]: ev.get(k) for k in keys}}
+
+
+def table(rows: list[dict], scorer: str) -> str:
+    """The rows as a Markdown table (what the experiments README keeps)."""
+    head = (
+        f"| choice (gold `{scorer}`) | vs gold [95 % CI] | annotators vs gold | vs annotators | τ-b "
+        "| length corr (gold's) | time |\n|---|---|---|---|---|---|---|"
+    )
+    lines = [head]
+    for r in rows:
+        f = _formatter(r)
+        lines.append(
+            f"| {r['what']} | **{f('gold_pair_accuracy')}** [{f('gold_pair_accuracy_ci_low')}, "
+            f"{f('gold_pair_accuracy_ci_high')}] | {f('annotator_gold_accuracy')} | {f('pair_accuracy')} | "
+            f"{f('kendall_tau')} | {f('length_corr')} ({f('gold_length_corr')}) | {r['seconds']:.0f} s |"
+        )
+    return "\n".join(lines)
+
+
+def _formatter(row: dict):
+    def f(key: str) -> str:
+        v = row.get(key)
+        return f"{v:.3f}" if isinstance(v, (int, float)) else "–"
+
+    return f
 
 
 def probe_ceiling(model_name: str, cands: list[dict], scorer, held_ids: set, tie_threshold: float) -> dict:

@@ -1,7 +1,7 @@
 """``rlhf quickstart``: the whole loop on the embedded defaults, in one command.
 
-It runs the shipped experiment ``experiments/quickstart.yaml`` (generate → simulate → export →
-reward model train and eval → SFT → PPO → eval), so the quickstart and
+It runs the shipped experiment ``experiments/quickstart.yaml`` (SFT → generate from the SFT
+policy → simulate → export → reward model train and eval → PPO → eval), so the quickstart and
 ``rlhf experiment run experiments/quickstart.yaml`` are one pipeline with one cache: a second
 ``rlhf quickstart`` reuses every stage whose config and inputs did not change. Every stage is a
 W&B run (offline by default) in one group, every output under ``runs/<experiment>/<stage>/``.
@@ -21,6 +21,7 @@ import argparse
 from importlib import resources
 from pathlib import Path
 
+from experiments.evidence import evidence_lines
 from rlhf.config import parse_overrides
 
 PRESETS = ("tiny", "smollm2")
@@ -54,33 +55,56 @@ def run_quickstart(args: argparse.Namespace) -> dict:
 
 
 def print_summary(summary: dict) -> None:
+    """Stage times, then every figure of the run with its 95 % interval, reference and verdict."""
     stages = summary["stages"]
     print("\n== quickstart summary ==")
     for name, st in stages.items():
         secs = st.get("seconds")
         took = f"{secs:7.1f} s" if isinstance(secs, (int, float)) else "       "
         print(f"  {name:<9} {st.get('status', ''):<7} {took}")
-    acc = stages.get("rm_eval", {}).get("eval/pair_accuracy")
-    if acc is not None:
-        print(f"  reward model held-out pair accuracy: {acc:.3f}")
-    ev = stages.get("eval", {})
-    rows = [
-        ("reward-model score", "eval/score"),
-        ("gold score", "eval/gold_score"),
-        ("length (tokens)", "eval/length"),
-        ("EOS rate", "eval/eos_rate"),
-    ]
-    for label, key in rows:
-        after, before = ev.get(key), ev.get("eval/reference_" + key.split("/", 1)[1])
-        if after is not None:
-            ref = f"SFT {before:8.3f}  →  " if before is not None else ""
-            print(f"  {label:<20} {ref}PPO {after:8.3f}")
-    for label, key in (("KL to the SFT policy", "eval/kl"), ("win rate vs SFT (RM)", "eval/win_rate")):
-        if ev.get(key) is not None:
-            print(f"  {label:<20} {ev[key]:.4f}")
-    curves = stages.get("ppo", {}).get("learning_curves")
+    rm, ppo, ev = stages.get("rm_eval", {}), stages.get("ppo", {}), stages.get("eval", {})
+    if rm:
+        print(
+            f"\n  reward model, {_int(rm.get('eval/prompts'))} held-out prompts ({_int(rm.get('eval/gold_pairs'))} gold pairs)"
+        )
+        _row("accuracy vs gold", rm, "eval/gold_pair_accuracy", "chance 0.5")
+        _row("annotators vs gold", rm, "eval/annotator_gold_accuracy", "the ceiling")
+        _row("accuracy vs annotators", rm, "eval/pair_accuracy", "chance 0.5")
+        _row("Kendall τ vs annotators", rm, "eval/kendall_tau", "chance 0")
+        if rm.get("eval/length_corr") is not None:
+            own = rm.get("eval/gold_length_corr")
+            ref = f"the gold's own {own:.3f}" if own is not None else ""
+            print(f"    {'reward-length corr.':<26}{rm['eval/length_corr']:>7.3f}{'':<18}  {ref}")
+    if ppo.get("ppo/score_gain") is not None:
+        print(f"\n  PPO, {_int(ppo.get('updates'))} updates")
+        _row("training score gain", ppo, "ppo/score_gain", "last quarter − first quarter; 0 = no learning")
+    if ev:
+        print(
+            f"\n  held-out evaluation, {_int(ev.get('eval/prompts'))} prompts (SFT and PPO sample with the same random numbers)"
+        )
+        for label, key in (
+            ("reward-model score", "eval/score"),
+            ("gold score", "eval/gold_score"),
+            ("length (tokens)", "eval/length"),
+            ("EOS rate", "eval/eos_rate"),
+        ):
+            after, before = ev.get(key), ev.get("eval/reference_" + key.split("/", 1)[1])
+            if after is not None and before is not None:
+                print(f"    {label:<26}SFT {before:7.3f}  →  PPO {after:7.3f}")
+        _row("RM score difference", ev, "eval/score_diff", "PPO − SFT; 0 = no change")
+        _row("RM win rate vs SFT", ev, "eval/win_rate", "chance 0.5")
+        _row("gold win rate vs SFT", ev, "eval/gold_win_rate", "chance 0.5")
+        _row("gold score difference", ev, "eval/gold_score_diff", "PPO − SFT")
+        if ev.get("eval/kl") is not None:
+            print(f"    {'KL to the SFT policy':<26}{ev['eval/kl']:>7.3f}")
+    claims = summary.get("evidence") or []
+    if claims:
+        print("\n  verdicts (yes: the whole 95 % interval is on the better side of the reference):")
+        for line in evidence_lines(claims):
+            print(f"    {line}")
+    curves = ppo.get("learning_curves")
     if curves:
-        print(f"  PPO learning curves: {curves}")
+        print(f"\n  PPO learning curves: {curves}")
     out_dir = Path(summary["dir"])
     print(f"  summary: {out_dir / 'experiment_summary.json'}")
     print(
@@ -88,13 +112,27 @@ def print_summary(summary: dict) -> None:
     )
 
 
+def _int(value) -> str:
+    return str(int(value)) if isinstance(value, (int, float)) else "?"
+
+
+def _row(label: str, stage: dict, key: str, reference: str) -> None:
+    value = stage.get(key)
+    if value is None:
+        return
+    low, high = stage.get(key + "_ci_low"), stage.get(key + "_ci_high")
+    ci = f"[{low:.3f}, {high:.3f}]" if low is not None and high is not None else ""
+    print(f"    {label:<26}{value:>7.3f} {ci:<17}  {reference}")
+
+
 def _annotate(file: str, preset: str | None, overrides: dict, args: argparse.Namespace) -> dict:
-    """Run only the generate stage (cached like any other), then serve its candidates."""
+    """Run the generate stage and what it needs (the SFT policy), cached like any other, then serve
+    its candidates."""
     from annotation_app.app import serve_candidates
     from experiments import runner
 
     exp = runner.parse_experiment(runner.load_raw(file), file, preset, overrides)
-    plan = [n for n in runner.build_plan(exp) if n.name == "generate"]
+    plan = runner.upstream_of(runner.build_plan(exp), "generate")  # SFT first: candidates come from it
     ctx = runner.RunContext(
         exp, Path(exp.runs_dir), [f"experiment={exp.name}"], {}, args.from_stage, False, file
     )

@@ -5,6 +5,7 @@ as ``rlhf <stage> --help``); see ``experiments/README.md`` for the full format. 
 
     name: kl_sweep                      # the W&B group and runs/<name>/
     seed: 0                             # seed of every stage (a stage section may set its own)
+    gold: vader                         # the gold scorer: simulate.scorer, ppo/eval.gold (unless set)
     stages:
       generate: {model: tiny, limit: 16}
       simulate: {scorer: vader}
@@ -17,7 +18,7 @@ as ``rlhf <stage> --help``); see ``experiments/README.md`` for the full format. 
     presets: {tiny: {generate.model: tiny}}   # named override sets: --preset tiny
 
 **Wiring.** Outputs flow as in ``rlhf quickstart`` unless a section sets the field itself:
-generate.candidates → simulate/annotate; their rankings → export, rm_train; rm_train.model_dir and
+sft.policy_dir → a later generate's model (candidates come from the SFT policy); generate.candidates → simulate/annotate; their rankings → export, rm_train; rm_train.model_dir and
 eval_rankings → rm_eval; sft.policy_dir → ppo/baseline policy; rm_train.model_dir → ppo/baseline
 reward; ppo.policy_dir → eval policy (sft as reference). Any string may reference an output with
 ``${stage.key}``.
@@ -63,6 +64,7 @@ from typing import Any
 
 import yaml
 
+from experiments.evidence import learning_evidence
 from rlhf.config import build_config, parse_overrides, read_yaml, to_dict
 from rlhf.errors import ConfigError, UserError
 
@@ -82,12 +84,16 @@ LIBRARY_STAGES: dict[str, tuple[str, str, str]] = {
 # Stages implemented here (annotation by people; the round bookkeeping of the closed loop).
 INTERNAL_STAGES = ("annotate", "prompts", "select", "collect")
 USER_STAGES = tuple(LIBRARY_STAGES) + ("annotate",)
+# The stage fields a top-level ``gold:`` fills in (where the stage's section does not set them): the
+# simulated annotators follow it, PPO and evaluation report it. It never reaches a reward.
+GOLD_FIELDS = {"simulate": "scorer", "ppo": "gold", "baseline": "gold", "eval": "gold"}
 # Result keys that name files or folders a later run needs; a cached stage whose outputs are gone reruns.
 OUTPUT_KEYS = ("candidates", "rankings", "out", "model_dir", "eval_rankings", "policy_dir", "prompts")
 TOP_LEVEL_KEYS = (
     "name",
     "description",
     "seed",
+    "gold",
     "runs_dir",
     "tracking",
     "stages",
@@ -217,6 +223,14 @@ def parse_experiment(
                 "(name a stage freely and give `stage: <kind>`)"
             )
         clean[name] = section
+    gold = raw.get("gold")
+    if gold is not None:
+        if not isinstance(gold, str) or not gold.strip():
+            raise ConfigError(f"gold: expected a gold scorer spec such as vader, got {gold!r}")
+        for section_name, section in clean.items():
+            field_name = GOLD_FIELDS.get(stage_kind(section_name, section))
+            if field_name and field_name not in section:
+                clean[section_name] = {**section, field_name: gold}
     name = str(raw.get("name") or Path(path).stem or "experiment")
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise ConfigError(
@@ -371,7 +385,11 @@ def default_wiring(kind: str, latest: dict[str, str]) -> dict[str, str]:
 
     rankings = next((f"${{{latest[k]}.rankings}}" for k in ("_rankings",) if k in latest), None)
     wires: dict[str, str | None] = {}
-    if kind in ("simulate", "annotate"):
+    if kind == "generate":
+        # InstructGPT's order: comparisons are sampled from the SFT policy that PPO will start from,
+        # so the reward model is trained on the distribution it will score
+        wires["model"] = ref("sft", "policy_dir")
+    elif kind in ("simulate", "annotate"):
         wires["candidates"] = ref("_candidates", "candidates")
     elif kind in ("export", "rm_train"):
         wires["rankings"] = rankings
@@ -518,6 +536,19 @@ def build_plan(exp: Experiment) -> list[Node]:
                     f"stages.{node.name}: reference ${{{ref}.…}} names no stage; stages: {', '.join(names)}"
                 )
     return plan
+
+
+def upstream_of(plan: list[Node], name: str) -> list[Node]:
+    """The nodes of ``plan`` that ``name`` needs (itself included), in plan order."""
+    by_name = {n.name: n for n in plan}
+    needed: set[str] = set()
+    todo = [name]
+    while todo:
+        current = todo.pop()
+        if current not in needed:
+            needed.add(current)
+            todo.extend(by_name[current].refs())
+    return [n for n in plan if n.name in needed]
 
 
 # ----------------------------------------------------------------------------- hashing and caching
@@ -1167,6 +1198,9 @@ def _finish(ctx: RunContext, plan: list[Node], results: dict, out_dir: Path) -> 
     }
     if ctx.dry_run:
         return summary
+    evidence = learning_evidence(summary["stages"])
+    if evidence:
+        summary["evidence"] = evidence
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "experiment_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     ran = [n for n, s in summary["stages"].items() if s.get("status") == "ran"]

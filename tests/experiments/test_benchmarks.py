@@ -15,16 +15,23 @@ TINY_RM = Path(bench_rm_learning.__file__).resolve().parent / "configs" / "rm_ti
 DATA = ["--model", "tiny", "--prompts", "10", "--max_new_tokens", "10", "--scorer", "length:target=4"]
 
 
-def test_learning_check_reports_model_and_annotators_against_gold(in_tmp, capsys):
-    rc = bench_rm_learning.main([*DATA, "--config", str(TINY_RM), "--epochs", "2", "--out", "learn"])
+def test_learning_check_compares_choices_against_gold_with_intervals(in_tmp, capsys):
+    rc = bench_rm_learning.main(
+        [*DATA, "--config", str(TINY_RM), "--choices", "default,last-top2", "--out", "learn"]
+        + ["layers=0", "top_layers=1", "epochs=2"]  # the tiny model has 2 layers
+    )
     assert rc == 0
     res = json.loads((in_tmp / "learn" / "results.json").read_text())
     assert res["rankings_train"] > 0 and res["rankings_held"] > 0
-    # the annotators follow the gold scorer with noise: well above chance on the pairs it separates
-    assert res["annotators_accuracy_vs_gold_same_pairs"] > 0.6
-    assert 0.0 <= res["rm_pair_accuracy_vs_gold"] <= 1.0
+    assert [r["choice"] for r in res["rows"]] == ["default", "last-top2"]
+    for row in res["rows"]:
+        # the annotators follow the gold scorer with noise: well above chance on the pairs it separates
+        assert row["annotator_gold_accuracy"] > 0.6 and row["seconds"] > 0
+        assert (
+            row["gold_pair_accuracy_ci_low"] <= row["gold_pair_accuracy"] <= row["gold_pair_accuracy_ci_high"]
+        )
     out = capsys.readouterr().out
-    assert "reward model vs gold" in out and "gap to the annotators" in out
+    assert "| choice (gold `length:target=4`)" in out and "[95 % CI]" in out
 
 
 def test_rm_vs_trl_table_has_every_trainer(in_tmp, capsys):

@@ -39,8 +39,14 @@ def _statuses(cwd: Path) -> dict[str, str]:
 def test_quickstart_tiny_runs_the_whole_loop_then_reuses_it(tmp_path):
     stdout = _quickstart(tmp_path)
     assert _statuses(tmp_path) == {s: "ran" for s in STAGES}
-    assert "reward model held-out pair accuracy" in stdout
-    assert "gold score" in stdout and "SFT" in stdout and "PPO" in stdout
+    # every figure with its interval and reference, then the verdicts
+    assert "accuracy vs gold" in stdout and "chance 0.5" in stdout
+    assert "gold win rate vs SFT" in stdout and "SFT" in stdout and "PPO" in stdout
+    assert "verdicts" in stdout and "PPO beat SFT on the gold scorer:" in stdout
+    evidence = json.loads((tmp_path / "runs" / "quickstart_tiny" / "experiment_summary.json").read_text())[
+        "evidence"
+    ]
+    assert {c["verdict"] for c in evidence} <= {"yes", "no", "unclear"} and len(evidence) >= 5
     root = tmp_path / "runs" / "quickstart_tiny"
     assert (root / "ppo" / "learning_curves.png").stat().st_size > 1000
 

@@ -1,0 +1,85 @@
+"""Did the rankings make the policy better? The figures of a pipeline run, each with its interval,
+its reference (chance, the annotators' ceiling) and a verdict.
+
+:func:`learning_evidence` reads the stage results of an experiment (``rm_eval``, ``ppo``, ``eval``,
+as in ``experiment_summary.json``) and returns the claims the lab can make, each as
+
+    {"claim": ..., "value": v, "ci": [low, high], "reference": r, "verdict": "yes" | "no" | "unclear"}
+
+A verdict is ``yes`` when the whole 95 % interval lies on the better side of the reference, ``no``
+when it lies on the other side, and ``unclear`` when the interval contains it: an interval that
+straddles chance is not evidence either way. :func:`evidence_lines` renders them for people.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def _verdict(low: float | None, high: float | None, reference: float) -> str:
+    if low is None or high is None or math.isnan(low) or math.isnan(high):
+        return "unclear"
+    if low > reference:
+        return "yes"
+    if high < reference:
+        return "no"
+    return "unclear"
+
+
+def _claim(stage: dict, key: str, claim: str, reference: float, note: str = "") -> dict[str, Any] | None:
+    value = stage.get(key)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    low, high = stage.get(key + "_ci_low"), stage.get(key + "_ci_high")
+    return {
+        "claim": claim,
+        "key": key,
+        "value": float(value),
+        "ci": [low, high],
+        "reference": reference,
+        "note": note,
+        "verdict": _verdict(low, high, reference),
+    }
+
+
+def learning_evidence(stages: dict[str, dict]) -> list[dict[str, Any]]:
+    """The claims supported (or not) by a run's ``rm_eval``, ``ppo`` and ``eval`` results."""
+    rm, ppo, ev = stages.get("rm_eval", {}), stages.get("ppo", {}), stages.get("eval", {})
+    ceiling = rm.get("eval/annotator_gold_accuracy")
+    claims = [
+        _claim(
+            rm,
+            "eval/gold_pair_accuracy",
+            "the reward model learned the preference the annotators follow (held-out gold pair accuracy)",
+            0.5,
+            f"chance 0.5; the annotators themselves {ceiling:.3f}" if ceiling is not None else "chance 0.5",
+        ),
+        _claim(
+            rm, "eval/pair_accuracy", "the reward model agrees with held-out annotators (pair accuracy)", 0.5
+        ),
+        _claim(rm, "eval/kendall_tau", "the reward model ranks like held-out annotators (Kendall τ-b)", 0.0),
+        _claim(
+            ppo,
+            "ppo/score_gain",
+            "PPO raised its training reward (last quarter of updates minus the first)",
+            0.0,
+        ),
+        _claim(ev, "eval/score_diff", "PPO beat SFT on the reward model (held-out score difference)", 0.0),
+        _claim(
+            ev, "eval/gold_win_rate", "PPO beat SFT on the gold scorer (held-out win rate)", 0.5, "chance 0.5"
+        ),
+        _claim(ev, "eval/gold_score_diff", "PPO raised the gold score over SFT (held-out difference)", 0.0),
+    ]
+    return [c for c in claims if c is not None]
+
+
+def evidence_lines(claims: list[dict[str, Any]]) -> list[str]:
+    """One line per claim: ``claim: yes, 0.71 [0.64, 0.78] (reference 0.5; note)``."""
+    out = []
+    for c in claims:
+        low, high = c["ci"]
+        ci = f" [{low:.3f}, {high:.3f}]" if low is not None and not math.isnan(low) else " (no interval)"
+        ref = f"reference {c['reference']:g}" + (f"; {c['note']}" if c["note"] else "")
+        out.append(f"{c['claim']}: {c['verdict']}, {c['value']:.3f}{ci} ({ref})")
+    return out
