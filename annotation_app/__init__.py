@@ -1,4 +1,4 @@
-"""annotation_app package: the annotation app (issue 3).
+"""annotation_app package: the annotation app.
 
 ``store`` (SQLite: users, leases, rankings, audit log), ``agreement`` (τ-b, Krippendorff's α,
 win/tie/loss agreement), ``io`` (import candidates, export rankings/pairs), ``control`` and

@@ -1,4 +1,4 @@
-"""Agreement between annotators who ranked the same prompts (rankings.md, "Agreement").
+"""Agreement between annotators who ranked the same prompts (docs/rankings.md, "Agreement").
 
 Pure functions over tiers (a ranking is a list of tiers, best first, each a list of labels):
 

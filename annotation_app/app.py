@@ -5,7 +5,7 @@ idempotency in :mod:`annotation_app.store`, the rank-selector logic in
 :mod:`annotation_app.control`, how untrusted text is shown in :mod:`annotation_app.text`,
 statistics in :mod:`annotation_app.agreement`, export in :mod:`annotation_app.io`.
 
-Security (issue 3, "Security"):
+Security:
 
 * login through ``launch(auth=...)`` checking the store's scrypt hashes (off the event loop,
   5 wrong passwords per user name per 5 minutes, then refused): every Gradio route that serves the app

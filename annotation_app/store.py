@@ -3,7 +3,7 @@
 No Gradio here: the page, the scripted API and the command line all go through :class:`Store`,
 so validation, assignment and idempotency are written (and tested) once.
 
-Durability and concurrency (environment-notes.md, "SQLite under concurrent writers"):
+Durability and concurrency (docs/environment.md, "SQLite under concurrent writers"):
 
 * WAL journal, ``busy_timeout``, ``synchronous=FULL`` (an acknowledged submit survives a crash
   or power loss);

@@ -44,13 +44,16 @@ from experiments.bench_rm_vs_trl import add_data_args, simulated_data  # noqa: E
 CHOICES: dict[str, tuple[str, dict]] = {
     "last-top2": (
         "last token, all 30 layers, top 2 train (the preset before this table)",
-        {"pooling": "last", "layers": 0, "top_layers": 2, "epochs": 3.0},
+        {"pooling": "last", "layers": 0, "top_layers": 2, "lr": 1e-4, "epochs": 3.0},
     ),
-    "mean-top2": ("mean over the response, all 30 layers, top 2 train", {"layers": 0, "top_layers": 2}),
-    "mean-16": ("mean, first 16 layers, top 1 trains", {"layers": 16}),
-    "default": ("mean, first 8 layers, top 1 trains (the shipped preset)", {}),
-    "mean-3": ("mean, first 3 layers, top 1 trains", {"layers": 3}),
-    "mean-8-head": ("mean, first 8 layers, head only (frozen backbone)", {"top_layers": 0, "lr": 1e-3}),
+    "mean-top2": (
+        "mean over the response, all 30 layers, top 2 train",
+        {"layers": 0, "top_layers": 2, "lr": 1e-4, "epochs": 6.0},
+    ),
+    "mean-16-head": ("mean, first 16 layers, head only", {"layers": 16}),
+    "default": ("mean, first 8 layers, head only (the shipped preset)", {}),
+    "mean-8-top1": ("mean, first 8 layers, the 8th trains too", {"top_layers": 1, "lr": 1e-4, "epochs": 6.0}),
+    "mean-3-head": ("mean, first 3 layers, head only", {"layers": 3}),
     "lora-30": (
         "mean, all 30 layers, LoRA r 16 on every attention projection",
         {"layers": 0, "trainable": "lora", "lora_r": 16, "lora_alpha": 32, "lr": 3e-4, "epochs": 3.0},

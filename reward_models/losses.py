@@ -9,11 +9,11 @@ One batch element is one ranking of one prompt's K candidates:
 
 From ``tiers`` every unordered pair ``{i, j}`` of valid candidates is either *strict* (different
 tiers: the lower tier index wins) or a *tie* (same tier). ``C > B = D > A`` over A..D has 5 strict
-pairs and 1 tie (rankings.md).
+pairs and 1 tie (docs/rankings.md).
 
 Every loss returns ``(loss [B], valid [B] bool)``: the per-group negative log-likelihood and
 whether the group carries any evidence for that loss (a group with no strict pair carries none
-for Bradley–Terry). :func:`reduce_groups` averages over valid groups. Formulas: rankings.md.
+for Bradley–Terry). :func:`reduce_groups` averages over valid groups. Formulas: docs/rankings.md.
 
 Where this deviates from the papers:
 

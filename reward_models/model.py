@@ -1,25 +1,33 @@
-"""A reward model: a scalar head on a causal-LM backbone, reading the last real token.
+"""A reward model: a scalar head on a causal-LM backbone, reading the response.
 
 The weights live in an ordinary ``AutoModelForSequenceClassification`` (``num_labels=1``), so a
-saved reward-model dir loads anywhere transformers does (TRL, vLLM, ...). The forward pass is our
-own, in :class:`RewardModel`, for two reasons:
+saved reward-model dir loads anywhere transformers does (TRL, vLLM, ...); ``rlhf_reward.json``
+says how to read it (``pooling``, ``layers``, ``normalization``). The forward pass is our own, in
+:class:`RewardModel`, for three reasons:
 
-1. **Last real token, any padding.** The score is read at the last position where
-   ``attention_mask`` is 1 (not "the last non-pad id", which breaks when pad == EOS). We pad on the
-   right, so every real token keeps the positions it has when scored alone: the same text scores
-   the same alone and in a padded batch (tested).
-2. **Frozen lower layers are computed once.** With ``trainable="top"`` only the top N decoder
+1. **Pooling.** ``mean`` (the lab's default): the head reads the mean of the final states over the
+   response tokens (EOS included when the response ended) — a per-token reward, averaged. On the
+   lab's data it learned every gold preference tried far better than ``last``, the state at the
+   last real token (InstructGPT's head), which transformers' own sequence-classification forward
+   reads (docs/reward-models.md). Outside the lab, load the dir with transformers and pool the same
+   way, or use :func:`load_reward_model` / :func:`rlhf.rewards.load_reward_fn`.
+2. **Any padding.** We pad on the right, so every real token keeps the positions it has when scored
+   alone: the same text scores the same alone and in a padded batch (tested).
+3. **Frozen lower layers are computed once.** With ``trainable="top"`` only the top N decoder
    layers (+ final norm + head) learn; the lower layers' output for a text never changes, so
    :meth:`RewardModel.lower_hidden` computes it once and :meth:`RewardModel.forward` takes it as
-   ``hidden`` on every later epoch. On a 2-core CPU this removes most of the compute.
+   ``hidden`` on every later epoch. On a 2-core CPU this removes most of the compute. ``layers``
+   keeps only the backbone's first decoder layers (they carry more of a response's content than
+   the last ones, and a shallower model scores faster in PPO).
 
 Splitting the layer stack relies on the decoder layout shared by Llama, Mistral, Qwen2 and SmolLM
 (``backbone.layers``, ``backbone.norm``, ``inputs_embeds`` accepted); the stack is swapped for a
 slice of itself for the duration of a call, so transformers' own mask and rotary code still run.
 
 Text is formatted with :func:`rlhf.models.format_conversation` (the same chat template and the
-same text the policy produced), and truncated from the *left* (the prompt side) when longer
-than ``max_length``: the response, which is what is being judged, is kept whole when it fits.
+same text the policy produced; EOS only after a response that ended), and truncated from the
+*left* (the prompt side) when longer than ``max_length``: the response, which is what is being
+judged, is kept whole when it fits.
 """
 
 from __future__ import annotations

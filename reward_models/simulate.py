@@ -9,7 +9,7 @@ Each simulated annotator has its own seed. For one prompt with gold scores ``s_1
    within ``tie_threshold`` of the previous candidate's (so near-equal responses are tied the way
    a person would tie them, and a tier is never split by a clearly better response).
 
-Output follows the rankings contract (architecture.md) with two extra fields for evaluation:
+Output follows the rankings contract (docs/architecture.md) with two extra fields for evaluation:
 ``gold`` (the gold score per label) and ``gold_scorer`` (its spec), so reward-model evaluation can
 measure agreement with the gold scorer.
 """

@@ -41,7 +41,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def _set_offline_defaults() -> None:
     # No model hub is reachable by default; TRL and transformers otherwise start telemetry
-    # threads and hub look-ups that hang until they time out (environment-notes.md).
+    # threads and hub look-ups that hang until they time out (docs/environment.md).
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

@@ -1,4 +1,4 @@
-"""The lab's data contracts (architecture.md): loaders with validation, atomic writers, derived pairs.
+"""The lab's data contracts (docs/architecture.md): loaders with validation, atomic writers, derived pairs.
 
 Loaders (``load_prompts``, ``load_demonstrations``, ``load_candidates``, ``load_rankings``,
 ``load_pairs``) take a *source*: a ``.jsonl`` / ``.json`` / ``.parquet`` file, a folder written by
@@ -13,7 +13,7 @@ JSON, NaN/Infinity (not JSON, though Python writes them), duplicate keys, non-UT
 byte-order mark, lines over 1 MB. Writers are atomic (temp file + rename): a failed write never
 leaves a partial file behind.
 
-Also here: ``rankings_to_pairs`` (rankings.md "Derived pairs") and the ``rlhf export`` command.
+Also here: ``rankings_to_pairs`` (docs/rankings.md "Derived pairs") and the ``rlhf export`` command.
 """
 
 from __future__ import annotations
@@ -741,7 +741,7 @@ def validate_ranking(rec: Any) -> tuple[dict | None, Problems]:
         return None, problems
     clean["ranking"] = str(ranking)
     clean["tiers"] = [list(t) for t in ranking.tiers]
-    # An all-tied ranking carries no strict preference: flag it so consumers can see why (rankings.md).
+    # An all-tied ranking carries no strict preference: flag it so consumers can see why (docs/rankings.md).
     clean["flags"] = list(flags) + (["all_tied"] if ranking.all_tied and "all_tied" not in flags else [])
     return clean, problems
 
@@ -878,7 +878,7 @@ def ranking_of(rec: dict) -> Ranking:
 
 
 def rankings_to_pairs(rankings: Iterable[dict]) -> list[dict]:
-    """Every pair of candidates of every ranking (rankings.md, "Derived pairs").
+    """Every pair of candidates of every ranking (docs/rankings.md, "Derived pairs").
 
     Per ranking of K candidates: C(K, 2) rows, the strict ones first (``chosen`` = the winner's
     text, ``tie`` false), then the tied ones (``tie`` true, ``chosen`` the earlier label). Rows

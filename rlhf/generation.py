@@ -15,7 +15,7 @@ third of the forward-pass rate. The loop:
    top-p filtered); the returned log-prob of each sampled token is ``log_softmax(logits /
    temperature)`` of the *unfiltered* distribution, i.e. exactly what a training forward
    computes. Under pure sampling (the default, and the only setting PPO may use for its old
-   log-probs, ppo.md item 3) these are the sampling log-probs and PPO's first-minibatch ratio is 1.
+   log-probs, docs/ppo.md item 3) these are the sampling log-probs and PPO's first-minibatch ratio is 1.
 
 Deviation from ``model.generate``: none in distribution (same logits, same sampling rule); the
 random stream differs, so the same seed gives different (equally distributed) samples.

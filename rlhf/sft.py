@@ -8,7 +8,7 @@ evaluation loss. The result is a policy directory (``rlhf_policy.json``) that ``
 from.
 
 Precision is set explicitly (``bf16=False`` on a CPU without bf16 hardware: TRL's default
-autocast makes every matmul crawl there, environment-notes.md), W&B reporting inside TRL is off
+autocast makes every matmul crawl there, docs/environment.md), W&B reporting inside TRL is off
 (``report_to="none"``) and the metrics go through the lab's tracker instead, with
 ``job_type=sft``.
 """
@@ -122,7 +122,7 @@ def split_heldout(records: list[dict], fraction: float, seed: int) -> tuple[list
 
 def bf16_supported() -> bool:
     """bf16 for TRL's trainers only on a CUDA device that has it; never on a CPU (TRL's flag does
-    nothing useful there: environment-notes.md, and bench_ppo_vs_trl.py found it a no-op)."""
+    nothing useful there: docs/environment.md, and bench_ppo_vs_trl.py found it a no-op)."""
     from rlhf.models import bf16_hardware
 
     return bf16_hardware("cuda")

@@ -21,7 +21,7 @@ Deviations from the N+ reference code (all on purpose):
 - ``batch_size`` counts episodes per update over *all* processes (each of N processes samples
   ``batch_size / N``), so a run's algorithm does not change with the number of processes;
 - the rollout's log-probs are the old log-probs (no extra forward) unless
-  ``recompute_old_logprobs``; ``val/ratio_first_minibatch`` shows the check of ppo.md item 5;
+  ``recompute_old_logprobs``; ``val/ratio_first_minibatch`` shows the check of docs/ppo.md item 5;
 - ``mixed_precision: bf16`` (or ``auto`` where the hardware has bf16) runs every forward under
   bf16 autocast — sampling, reward model, reference, training — with fp32 weights, gradients and
   Adam; the old log-probs (and values) then come from a forward identical to training's, since
@@ -36,7 +36,7 @@ Deviations from the N+ reference code (all on purpose):
   same outputs and gradients, fewer token forwards;
 - Adam is torch's fused implementation where the parameters allow (10× faster steps on a CPU);
 - a separate critic is a full trainable copy (of the reward model's backbone or the policy's),
-  also with a LoRA policy; ppo.md's "critic as a second adapter" is not implemented — use
+  also with a LoRA policy; a critic as a second adapter (docs/ppo.md item 17) is not implemented — use
   ``value_model=shared`` for the one-copy configuration.
 """
 
@@ -60,7 +60,7 @@ from rlhf.models import MIXED_PRECISION, MIXED_PRECISION_HELP
 from rlhf.ppo import math as pm
 from rlhf.tracking import TrackingConfig
 
-RANK_SEED_STRIDE = 100_003  # seed + rank · stride: distinct streams per process (ppo.md item 18)
+RANK_SEED_STRIDE = 100_003  # seed + rank · stride: distinct streams per process (docs/ppo.md item 18)
 
 
 class NonFiniteError(UserError):

@@ -61,7 +61,7 @@ def masked_whiten(
     """``(x - mean) / std`` with statistics over valid entries only; padded entries become 0.
 
     ``shift_mean=False`` only rescales (used for rewards in some recipes; advantages shift too).
-    Whitening over padding would pull the mean towards 0 and shrink the std (ppo.md item 12).
+    Whitening over padding would pull the mean towards 0 and shrink the std (docs/ppo.md item 12).
     """
     mean, var = masked_mean(x, mask), masked_var(x, mask)
     out = (x - mean) * torch.rsqrt(var + eps)
@@ -90,7 +90,7 @@ def logprobs_from_logits(
     """Log-probability of each ``tokens[b, t]`` under ``softmax(logits[b, t] / temperature)``.
 
     ``logits``: ``[B, T, V]``; ``tokens``: ``[B, T]`` → ``[B, T]``. The temperature must be the
-    sampling temperature in every pass (rollout, reference, training: ppo.md item 4), otherwise the
+    sampling temperature in every pass (rollout, reference, training: docs/ppo.md item 4), otherwise the
     ratio and the KL compare two different distributions.
     """
     logits = logits.float() / temperature
@@ -108,7 +108,7 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
 def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
     """Per-token estimate of KL(policy ‖ reference) from samples of the policy. ``[B, T]`` → ``[B, T]``.
 
-    - ``k1`` = ``logp - ref_logp``: unbiased, can be negative per token (ppo.md item 9 default).
+    - ``k1`` = ``logp - ref_logp``: unbiased, can be negative per token (docs/ppo.md item 9 default).
     - ``k3`` = ``(r - 1) - log r`` with ``r = exp(ref_logp - logp)``: unbiased, always ≥ 0, lower
       variance (Schulman's note).
     """
@@ -133,7 +133,7 @@ def first_true_index(x: torch.Tensor) -> torch.Tensor:
 def truncate_after_stop(
     tokens: torch.Tensor, stop_token_id: int, pad_token_id: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep each response up to and including its first stop token; pad the rest (ppo.md item 6).
+    """Keep each response up to and including its first stop token; pad the rest (docs/ppo.md item 6).
 
     ``tokens``: ``[B, T]`` → ``(truncated [B, T], mask [B, T])``; the mask marks the kept tokens
     (computed from positions, so a sampled pad id before the stop still counts as a token).
@@ -145,7 +145,7 @@ def truncate_after_stop(
 
 
 def apply_missing_eos_penalty(scores: torch.Tensor, has_stop: torch.Tensor, penalty: float) -> torch.Tensor:
-    """Subtract ``penalty`` from the score of every response that never emitted the stop token (ppo.md item 8).
+    """Subtract ``penalty`` from the score of every response that never emitted the stop token (docs/ppo.md item 8).
 
     ``scores``: ``[B]``, ``has_stop``: ``[B]`` bool → ``[B]``.
     """
@@ -155,7 +155,7 @@ def apply_missing_eos_penalty(scores: torch.Tensor, has_stop: torch.Tensor, pena
 def kl_penalized_rewards(
     scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token rewards ``-β·kl_t``, plus the score at the last valid token (ppo.md items 7, 9).
+    """Per-token rewards ``-β·kl_t``, plus the score at the last valid token (docs/ppo.md items 7, 9).
 
     ``scores``: ``[B]``; ``kl``, ``mask``: ``[B, T]`` → ``(rewards [B, T], non_score_reward [B, T])``.
     Padded positions get reward 0. A row with no valid token is not expected (the stop token is
@@ -180,7 +180,7 @@ def gae(
     ``δ_t = r_t + γ V_{t+1} - V_t`` and ``A_t = Σ_{l≥0} (γλ)^l δ_{t+l}``, with ``V`` = 0 after the
     last valid token (the episode ends there). Computed as ``δ @ D`` with the upper-triangular
     discount matrix ``D[s, t] = (γλ)^(s-t)`` for ``s ≥ t``. Returns ``A + V`` are computed here, before
-    any whitening of ``A`` (ppo.md item 12). Padded positions get 0.
+    any whitening of ``A`` (docs/ppo.md item 12). Padded positions get 0.
     """
     mask = mask.to(values.dtype)
     values = values * mask
@@ -231,7 +231,7 @@ def policy_loss(
     clip: float = 0.2,
     n_tokens: float | None = None,
 ) -> tuple[torch.Tensor, PolicyLossStats]:
-    """Clipped surrogate ``max(-A·ρ, -A·clip(ρ, 1-ε, 1+ε))`` averaged over valid tokens (ppo.md item 13).
+    """Clipped surrogate ``max(-A·ρ, -A·clip(ρ, 1-ε, 1+ε))`` averaged over valid tokens (docs/ppo.md item 13).
 
     All inputs ``[B, T]``. ``n_tokens``: divide the masked sum by this count instead of the
     micro-batch's own (the minibatch's token count, for exact gradient accumulation).

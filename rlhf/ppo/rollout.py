@@ -25,7 +25,7 @@ def encode_queries(tokenizer, prompts: list, max_prompt_tokens: int) -> list[lis
 
 
 def left_pad(seqs: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token lists → ``(ids [B, L], mask [B, L])`` (ppo.md item 2: generation needs left padding)."""
+    """Left-pad token lists → ``(ids [B, L], mask [B, L])`` (docs/ppo.md item 2: generation needs left padding)."""
     L = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), L), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), L), dtype=torch.long)
@@ -67,7 +67,7 @@ def sample_rollout(
     value_head: torch.nn.Module | None = None,
     row_seeds: list[int] | None = None,
 ) -> Rollout:
-    """Pure sampling (top_k = 0, top_p = 1: ppo.md item 3), in chunks of ``batch_size`` rows.
+    """Pure sampling (top_k = 0, top_p = 1: docs/ppo.md item 3), in chunks of ``batch_size`` rows.
 
     Every chunk is padded to ``max_new_tokens`` columns so chunks concatenate. With a
     ``value_head`` (PPO's shared value model) the values come from the sampling forwards.

@@ -1,6 +1,6 @@
 """The policy and its value function as one trainable module, plus the scoring forward passes.
 
-Two value models (ppo.md item 14):
+Two value models (docs/ppo.md item 14):
 
 - ``critic``: a separate backbone with a scalar head, initialised from the reward model's
   backbone (the N+ default) when the reward model shares the policy's tokenizer, else from a
@@ -13,7 +13,7 @@ themselves and the value loss starts small). Dropout is off in every model (the 
 set it to 0): with dropout, the first-minibatch ratio would not be 1 and the KL would be noise.
 
 Every forward here takes a left-padded query and a right-padded response and computes
-``position_ids`` from the attention mask (ppo.md item 2), and only the logits of the response
+``position_ids`` from the attention mask (docs/ppo.md item 2), and only the logits of the response
 positions (``logits_to_keep``), which skips the large vocabulary projection over the prompt.
 The prompt prefix all queries share runs once per forward (:func:`forward_query_response`).
 """

@@ -42,7 +42,7 @@ def test_quickstart_tiny_runs_the_whole_loop_then_reuses_it(tmp_path):
     # every figure with its interval and reference, then the verdicts
     assert "accuracy vs gold" in stdout and "chance 0.5" in stdout
     assert "gold win rate vs SFT" in stdout and "SFT" in stdout and "PPO" in stdout
-    assert "verdicts" in stdout and "PPO beat SFT on the gold scorer:" in stdout
+    assert "verdicts" in stdout and "PPO beat SFT on the gold scorer (held-out win rate):" in stdout
     evidence = json.loads((tmp_path / "runs" / "quickstart_tiny" / "experiment_summary.json").read_text())[
         "evidence"
     ]

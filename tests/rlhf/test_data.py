@@ -455,7 +455,7 @@ def test_tiers_must_agree_with_the_ranking(tmp_path):
 def test_pairs_of_c_b_d_a_by_hand():
     pairs = rankings_to_pairs([ranking_rec("p1", "C > B = D > A")])
     got = [(p["chosen_label"], p["rejected_label"], p["tie"]) for p in pairs]
-    # rankings.md: strict (C,B) (C,D) (C,A) (B,A) (D,A) and the tie {B,D}: C(4,2) = 6 rows.
+    # docs/rankings.md: strict (C,B) (C,D) (C,A) (B,A) (D,A) and the tie {B,D}: C(4,2) = 6 rows.
     assert got == [
         ("C", "B", False),
         ("C", "D", False),

@@ -1,4 +1,4 @@
-"""The ranking grammar of shared/docs/rankings.md: hand-checked cases, exhaustive small K, properties."""
+"""The ranking grammar of docs/rankings.md: hand-checked cases, exhaustive small K, properties."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def test_the_worked_example_of_rankings_md():
     assert r.tiers == (("C",), ("B", "D"), ("A",))
     assert str(r) == "C > B = D > A"
     assert r.labels == ("A", "B", "C", "D")
-    # rankings.md, "Derived pairs": the five strict pairs and the one tie, in this order.
+    # docs/rankings.md, "Derived pairs": the five strict pairs and the one tie, in this order.
     assert r.pairs() == [("C", "B"), ("C", "D"), ("C", "A"), ("B", "A"), ("D", "A")]
     assert r.ties() == [("B", "D")]
     assert [r.tier_of(x) for x in "ABCD"] == [2, 1, 0, 1]
@@ -93,7 +93,7 @@ def test_bad_labels_argument_is_a_caller_bug():
             parse_ranking("A", bad)
 
 
-# ----------------------------------------------------------------------------- errors (rankings.md table)
+# ----------------------------------------------------------------------------- errors (docs/rankings.md table)
 
 ERROR_CASES = [
     # text, code, 1-based position or None, substrings the message must contain
