@@ -63,7 +63,7 @@ CHOICES: dict[str, tuple[str, dict]] = {
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_data_args(ap)
+    add_data_args(ap, per_prompt=1)  # one ranking per prompt, as in the quickstart
     ap.add_argument(
         "--choices",
         default=",".join(CHOICES),

@@ -131,9 +131,9 @@ def make_candidates(args) -> list[dict]:
     return cands
 
 
-def add_data_args(ap: argparse.ArgumentParser, tie_threshold: float = 0.05) -> None:
+def add_data_args(ap: argparse.ArgumentParser, tie_threshold: float = 0.05, per_prompt: int = 0) -> None:
     """The simulated-rankings options both reward-model benchmarks share (same defaults but the
-    tie threshold)."""
+    tie threshold and how many annotators rank each prompt)."""
     ap.add_argument("--model", default="smollm2-135m-instruct", help="backbone (and candidate sampler)")
     ap.add_argument("--candidates", default="", help="reuse a candidates JSONL instead of sampling")
     ap.add_argument(
@@ -152,7 +152,13 @@ def add_data_args(ap: argparse.ArgumentParser, tie_threshold: float = 0.05) -> N
         help="the gold scorer the simulated annotators follow (any rlhf.scorers spec: vader, "
         "length:target=N, ...); the reward model never sees it",
     )
-    ap.add_argument("--annotators", type=int, default=3, help="simulated annotators per prompt")
+    ap.add_argument("--annotators", type=int, default=3, help="simulated annotators in the pool")
+    ap.add_argument(
+        "--per_prompt",
+        type=int,
+        default=per_prompt,
+        help="distinct annotators ranking each prompt (0: all of them; the quickstart has 1)",
+    )
     ap.add_argument("--temperature", type=float, default=0.2, help="annotator noise (BT temperature)")
     ap.add_argument(
         "--tie_threshold",
@@ -179,7 +185,7 @@ def simulated_data(args, out: Path):
         temperature=args.temperature,
         tie_threshold=args.tie_threshold,
         seed=args.seed,
-        per_prompt=args.annotators,
+        per_prompt=args.per_prompt or args.annotators,
         scorer_name=args.scorer,
     )
     train_records, held_records = split(rankings, 0.25, args.seed)
@@ -240,6 +246,7 @@ def run_ours(args, loss: str, train: Path, held: Path, out: Path) -> dict:
         loss=loss,
         trainable="top",
         top_layers=args.top_layers,
+        pooling="last",  # what TRL's sequence-classification head reads: like for like
         max_length=args.max_length,
         batch_size=args.batch_size,
         lr=args.lr,

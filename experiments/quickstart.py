@@ -62,6 +62,9 @@ def print_summary(summary: dict) -> None:
         secs = st.get("seconds")
         took = f"{secs:7.1f} s" if isinstance(secs, (int, float)) else "       "
         print(f"  {name:<9} {st.get('status', ''):<7} {took}")
+    ran = [st["seconds"] for st in stages.values() if st.get("status") == "ran" and st.get("seconds")]
+    if ran:
+        print(f"  {'total':<17} {sum(ran):7.1f} s  ({sum(ran) / 60:.1f} min in the stages that ran)")
     rm, ppo, ev = stages.get("rm_eval", {}), stages.get("ppo", {}), stages.get("eval", {})
     if rm:
         print(
@@ -168,7 +171,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--preset",
         choices=PRESETS,
         default="smollm2",
-        help="smollm2 (default: the embedded SmolLM2-135M-Instruct, about 18 min on 2 cores) or "
+        help="smollm2 (default: the embedded SmolLM2-135M-Instruct, about 11 min on 2 cores) or "
         "tiny (a few-layer model built in code, about a minute)",
     )
     p.add_argument(

@@ -16,6 +16,7 @@ checkpointing is off, nothing goes to the Hub, and TRL's own W&B reporting is of
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,21 +86,35 @@ class BaselineConfig:
         check_reward_spec(self.reward)
 
 
-def trl_reward_func(reward_fn):
+def trl_reward_func(reward_fn, stop_token_ids: Collection[int] = ()):
     """The lab's reward function as a TRL reward function ``(prompts, completions, **kw) -> list[float]``.
 
     TRL passes conversational prompts/completions as chat messages; the lab's reward functions take
-    the prompt text and the response text (a reward model re-applies its own chat template).
+    the prompt text and the response text (a reward model re-applies its own chat template). TRL's
+    ``completion_ids`` keep the stop token of a completion that ended, so the reward sees the same
+    finished flags as in the lab's PPO (a reward model appends EOS only to those; docs/ppo.md).
     """
     from rlhf.data import prompt_text
 
-    def lab_reward(prompts, completions, **kwargs) -> list[float]:
+    stops = set(stop_token_ids)
+
+    def lab_reward(prompts, completions, completion_ids=None, **kwargs) -> list[float]:
         p = [prompt_text(x) for x in prompts]
         c = [x[-1]["content"] if isinstance(x, list) else str(x) for x in completions]
-        return [float(v) for v in reward_fn(p, c)]
+        finished = None
+        if completion_ids is not None and stops:
+            finished = [bool(ids) and int(ids[-1]) in stops for ids in completion_ids]
+        return [float(v) for v in reward_fn(p, c, finished)]
 
     lab_reward.__name__ = "lab_reward"  # TRL logs rewards/<name>/mean
     return lab_reward
+
+
+def _stop_token_ids(model, tokenizer) -> set[int]:
+    """The ids that end a completion for TRL: the tokenizer's EOS and every EOS the model declares."""
+    declared = model.generation_config.eos_token_id
+    declared = [] if declared is None else [declared] if isinstance(declared, int) else list(declared)
+    return {tokenizer.eos_token_id, *declared} - {None}
 
 
 def _tracker_callback(tracker):
@@ -203,7 +218,7 @@ def run_baseline(cfg: BaselineConfig) -> dict[str, Any]:
         Trainer, args = RLOOTrainer, RLOOConfig(**common)
     trainer = Trainer(
         model=model,
-        reward_funcs=trl_reward_func(reward_fn),
+        reward_funcs=trl_reward_func(reward_fn, _stop_token_ids(model, tokenizer)),
         args=args,
         train_dataset=train_ds,
         processing_class=tokenizer,

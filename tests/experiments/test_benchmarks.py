@@ -17,7 +17,17 @@ DATA = ["--model", "tiny", "--prompts", "10", "--max_new_tokens", "10", "--score
 
 def test_learning_check_compares_choices_against_gold_with_intervals(in_tmp, capsys):
     rc = bench_rm_learning.main(
-        [*DATA, "--config", str(TINY_RM), "--choices", "default,last-top2", "--out", "learn"]
+        [
+            *DATA,
+            "--per_prompt",
+            "3",
+            "--config",
+            str(TINY_RM),
+            "--choices",
+            "default,last-top2",
+            "--out",
+            "learn",
+        ]
         + ["layers=0", "top_layers=1", "epochs=2"]  # the tiny model has 2 layers
     )
     assert rc == 0

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from experiments import runner
 
 HELPERS = Path(__file__).resolve().parents[1] / "rlhf" / "ppo_helpers.py"
@@ -45,3 +47,35 @@ def test_tiny_loop_learns_a_learnable_gold(tmp_path):
     assert claims["eval/gold_win_rate"]["verdict"] == "yes", claims["eval/gold_win_rate"]
     assert ev["eval/gold_win_rate_ci_low"] > 0.5 and ev["eval/gold_score_diff"] > 0
     assert claims["eval/score_diff"]["verdict"] == "yes"
+
+
+# The SmolLM2 default run (about 11 minutes on 2 cores): `pytest -m slow tests/experiments/test_learning.py`.
+# It holds the default quickstart to the figures the lab promises, on its own 160 held-out prompts.
+
+
+@pytest.fixture(scope="module")
+def smollm2_quickstart(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("smollm2") / "runs"
+    summary = runner.run_experiment(str(QUICKSTART), [f"runs_dir={runs}", "tracking.mode=disabled"])
+    return json.loads((Path(summary["dir"]) / "experiment_summary.json").read_text())
+
+
+@pytest.mark.slow
+def test_smollm2_quickstart_ppo_beats_sft_on_the_gold(smollm2_quickstart):
+    rm, ppo, ev = (smollm2_quickstart["stages"][s] for s in ("rm_eval", "ppo", "eval"))
+    assert rm["eval/gold_pair_accuracy_ci_low"] > 0.5 and rm["eval/kendall_tau_ci_low"] > 0
+    assert rm["eval/length_corr"] <= rm["eval/gold_length_corr"]
+    assert ppo["ppo/score_gain_ci_low"] > 0  # the training score rose by more than its noise
+    assert ev["eval/score_diff_ci_low"] > 0  # held out, PPO beats SFT on its own reward ...
+    assert ev["eval/prompts"] >= 128
+    assert ev["eval/gold_win_rate"] >= 0.65 and ev["eval/gold_win_rate_ci_low"] > 0.5  # ... and on the gold
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=False,
+    reason="measured 0.705 [0.648, 0.759] against VADER (annotators 0.848): the mean of one frozen "
+    "layer carries about that much of VADER's signal (docs/reward-models.md, Limits)",
+)
+def test_smollm2_reward_model_reaches_0_72_against_the_gold(smollm2_quickstart):
+    assert smollm2_quickstart["stages"]["rm_eval"]["eval/gold_pair_accuracy"] >= 0.72

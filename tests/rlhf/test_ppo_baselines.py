@@ -24,6 +24,23 @@ def test_trl_reward_func_wraps_lab_reward():
     assert fn(prompts=prompts, completions=completions) == pytest.approx([1.0, 0.0])
 
 
+def test_trl_reward_func_tells_the_reward_which_completions_ended():
+    from rlhf.baselines import trl_reward_func
+
+    seen = []
+
+    def reward(prompts, responses, finished=None):
+        seen.append(finished)
+        return [0.0] * len(responses)
+
+    fn = trl_reward_func(reward, stop_token_ids={2, 7})
+    prompts = [[{"role": "user", "content": "hi"}]] * 3
+    completions = [[{"role": "assistant", "content": "a"}]] * 3
+    fn(prompts=prompts, completions=completions, completion_ids=[[5, 2], [5, 6], [7]])
+    fn(prompts=prompts, completions=completions)  # no ids: the reward decides (None)
+    assert seen == [[True, False, True], None]
+
+
 def test_validation():
     from rlhf.baselines import BaselineConfig
 
