@@ -4,7 +4,8 @@
 #
 # Both create (or reuse) a virtual environment in .venv, install a CPU build of torch first
 # (pip takes the local CPU wheel on this kind of machine instead of a multi-GB CUDA download),
-# then the lab with its dev extras.
+# then the lab with every extra and the dev tools, at the exact versions of constraints.txt (the
+# lock CI tests; pyproject.toml keeps the supported ranges).
 
 PYTHON  ?= python3
 VENV    ?= .venv
@@ -19,19 +20,20 @@ export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install quickstart test lint format chromium download clean help
+.PHONY: install quickstart test lint format chromium download clean help constraints
 
 help:
 	@echo "make quickstart   run the whole loop on the embedded SmolLM2 (PRESET=tiny for the fast preset)"
 	@echo "make test         ruff + pytest (installs the venv and Debian's chromium for browser tests)"
 	@echo "make download     fetch the embedded base model into the cache (~/.cache/rlhf-lab)"
+	@echo "make constraints  re-pin constraints.txt after changing a range in pyproject.toml"
 	@echo "make lint | format | clean"
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	@touch $@
 
 install: $(STAMP)
@@ -43,6 +45,16 @@ chromium:
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null \
 	  || echo "warning: could not install chromium; browser tests will be skipped"; }
+
+# Re-pin after changing a range in pyproject.toml: install without the lock, then freeze.
+constraints:
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q --upgrade -e ".[dev]"
+	{ echo "# The exact versions make installs and CI tests (pip -c); pyproject.toml holds the ranges."; \
+	  echo "# Regenerate with make constraints. torch is pinned by the Makefile (TORCH)."; \
+	  $(BIN)/python -m pip freeze --exclude-editable | grep -v '^torch=='; } > constraints.txt
+	@touch $(STAMP)
 
 download: $(STAMP)
 	$(BIN)/rlhf download

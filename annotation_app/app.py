@@ -48,6 +48,7 @@ from annotation_app import agreement  # noqa: E402
 from annotation_app.control import ranks_to_text, text_to_ranks  # noqa: E402
 from annotation_app.store import Item, LoginThrottle, Store, StoreError  # noqa: E402
 from annotation_app.text import safe_markdown, visible_text  # noqa: E402
+from rlhf.data import EXPORT_FORMATS  # noqa: E402
 from rlhf.errors import UserError  # noqa: E402
 from rlhf.rankings import ALL_LABELS  # noqa: E402
 
@@ -260,7 +261,7 @@ def build_app(store: Store, *, project: str | None = None, max_k: int | None = N
                 a_prompts = gr.Dataframe(label="Per prompt", interactive=False, elem_id="admin-prompts")
                 with gr.Row():
                     a_format = gr.Radio(
-                        ["rankings", "pairs"], value="rankings", label="Export format", elem_id="admin-format"
+                        list(EXPORT_FORMATS), value="rankings", label="Export format", elem_id="admin-format"
                     )
                     a_export = gr.Button("Export JSONL", elem_id="admin-export")
                 a_file = gr.File(label="Export", interactive=False, elem_id="admin-file")

@@ -19,6 +19,8 @@ import math
 import sys
 
 from annotation_app.store import DEFAULT_PROJECT, ROLES, Store, StoreError
+from rlhf.data import EXPORT_FORMATS, TRL_STYLES
+from rlhf.errors import require_extra
 
 
 def _open(db: str, create: bool = False) -> Store:
@@ -92,8 +94,17 @@ def _import(args) -> int:
 def _export(args) -> int:
     from annotation_app.io import export_rankings
 
-    res = export_rankings(_open(args.db), args.out, fmt=args.format, project=args.project)
+    res = export_rankings(
+        _open(args.db),
+        args.out,
+        fmt=args.format,
+        project=args.project,
+        trl_style=args.trl_style,
+        model=args.model,
+    )
     print(f"wrote {res['records']} {res['format']} records ({res['rankings']} rankings) to {res['out']}")
+    if "ties_out" in res:
+        print(f"wrote {res['ties']} tied pairs (not preferences: TRL must not see them) to {res['ties_out']}")
     return 0
 
 
@@ -136,6 +147,7 @@ def _stats(args) -> int:
 
 
 def _serve(args) -> int:
+    require_extra("gradio", "app", "the annotation app")
     from annotation_app.app import serve
 
     _open(args.db)
@@ -218,14 +230,28 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "export",
-        help="export submitted rankings or derived pairs",
-        description="Export submitted rankings (the rankings contract) or derived pairs (ties "
-        "kept as tie=true rows; prompt/chosen/rejected load in TRL's RewardTrainer). "
-        "OUT ending in .jsonl writes JSONL, any other path an HF dataset folder.",
+        help="export submitted rankings, derived pairs or TRL's preference format",
+        description="Export submitted rankings (the rankings contract), derived pairs (ties kept as "
+        "tie=true rows, for pair losses that model ties) or trl (strict pairs only, for TRL's "
+        "RewardTrainer/DPOTrainer; the tied pairs go to OUT_STEM.ties.jsonl beside it), as "
+        "`rlhf export` writes them. OUT ending in .jsonl writes JSONL, .parquet parquet, any "
+        "other path an HF dataset folder.",
     )
     db_arg(p)
-    p.add_argument("--format", choices=("rankings", "pairs"), default="rankings", help="what to export")
-    p.add_argument("--out", required=True, help="output: FILE.jsonl or a dataset folder")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="rankings", help="what to export")
+    p.add_argument(
+        "--trl-style",
+        choices=TRL_STYLES,
+        default="conversational",
+        help="format trl: chat messages (conversational, default) or strings with --model's chat "
+        "template applied (standard)",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="format trl, style standard: the model whose chat template the responses were sampled under",
+    )
+    p.add_argument("--out", required=True, help="output: FILE.jsonl, FILE.parquet or a dataset folder")
     p.add_argument("--project", default=None, help="only this project (default: all)")
     p.set_defaults(func=_export)
 

@@ -3,10 +3,11 @@
 * :func:`import_candidates` validates every row with ``rlhf.data.load_candidates`` (the
   candidates contract; all bad rows reported at once with their numbers), applies the app's own
   limits (response size), and inserts idempotently: importing the same file twice adds nothing.
-* :func:`export_rankings` writes the submitted rankings (the rankings contract) or the derived
-  pairs (``rlhf.data.rankings_to_pairs``: tie rows kept with ``tie: true``; the
-  ``prompt``/``chosen``/``rejected`` columns load in TRL's RewardTrainer) as JSONL or an HF
-  dataset directory (``rlhf.data.save_records``).
+* :func:`export_rankings` writes the submitted rankings in any of ``rlhf export``'s formats,
+  through the same functions (``rlhf.data.build_export`` / ``write_export``): ``rankings`` (the
+  rankings contract), ``pairs`` (every derived pair, tie rows kept with ``tie: true``) or ``trl``
+  (strict pairs for TRL's RewardTrainer/DPOTrainer, the ties in ``<out stem>.ties.jsonl``), as
+  JSONL, parquet or an HF dataset directory.
 * :func:`load_project_config` reads an annotation project YAML (name, quorum, lease, guidelines).
 """
 
@@ -110,15 +111,28 @@ def import_candidates(
     return {**result, "rows": len(records)}
 
 
-def export_rankings(store: Store, out: str, fmt: str = "rankings", project: str | None = None) -> dict:
-    """Write submitted rankings (``fmt="rankings"``) or derived pairs (``"pairs"``) to ``out``."""
-    from rlhf.data import rankings_to_pairs, save_records
+def export_rankings(
+    store: Store,
+    out: str,
+    fmt: str = "rankings",
+    project: str | None = None,
+    trl_style: str = "conversational",
+    model: str | None = None,
+) -> dict:
+    """Write the submitted rankings to ``out`` in export format ``fmt`` (``rlhf.data.EXPORT_FORMATS``).
 
-    if fmt not in ("rankings", "pairs"):
-        raise UserError(f"unknown export format {fmt!r}; valid formats: rankings, pairs", code="bad_format")
+    Returns ``{"format", "records", "rankings", "out"}``, plus ``"ties"`` and ``"ties_out"`` for
+    format ``trl``. ``trl_style`` and ``model`` as in ``rlhf export``.
+    """
+    from rlhf.data import build_export, check_export_options, write_export
+
+    check_export_options(fmt, trl_style, model)  # before the store is read
     rankings = store.submitted_rankings(project)
     if not rankings:
         raise StoreError("there are no submitted rankings to export yet", code="nothing_to_export")
-    records = rankings if fmt == "rankings" else rankings_to_pairs(rankings)
-    save_records(records, out)
-    return {"format": fmt, "records": len(records), "rankings": len(rankings), "out": str(out)}
+    export = build_export(rankings, fmt, trl_style=trl_style, model=model)
+    path, ties = write_export(export, out)
+    result = {"format": fmt, "records": len(export.records), "rankings": len(rankings), "out": str(path)}
+    if ties is not None:
+        result.update(ties=len(export.ties), ties_out=str(ties))
+    return result

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from experiments.evidence import evidence_lines
 from rlhf.config import parse_overrides
+from rlhf.errors import require_extra
 
 PRESETS = ("tiny", "smollm2")
 
@@ -131,6 +132,7 @@ def _row(label: str, stage: dict, key: str, reference: str) -> None:
 def _annotate(file: str, preset: str | None, overrides: dict, args: argparse.Namespace) -> dict:
     """Run the generate stage and what it needs (the SFT policy), cached like any other, then serve
     its candidates."""
+    require_extra("gradio", "app", "the annotation app (--annotate)")
     from annotation_app.app import serve_candidates
     from experiments import runner
 

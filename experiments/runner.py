@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import hashlib
 import importlib
 import importlib.util
@@ -57,6 +58,7 @@ import random
 import re
 import shlex
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,8 +67,19 @@ from typing import Any
 import yaml
 
 from experiments.evidence import learning_evidence
-from rlhf.config import build_config, parse_overrides, read_yaml, to_dict
+from rlhf.config import (
+    ConfigProblems,
+    build_config,
+    did_you_mean,
+    from_dict,
+    parse_overrides,
+    problems_of,
+    read_yaml,
+    to_dict,
+)
 from rlhf.errors import ConfigError, UserError
+from rlhf.scorers import get_scorer
+from rlhf.tracking import TrackingConfig
 
 # kind → (module, config class, run function). Imported lazily: a stage's heavy imports only load
 # when a pipeline uses it.
@@ -170,6 +183,7 @@ def apply_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
             raise ConfigError(
                 f"override {key}={value!r}: {head!r} is neither a stage of this experiment "
                 f"({', '.join(stages) or 'none'}) nor a top-level key ({', '.join(TOP_LEVEL_KEYS)})"
+                f"{did_you_mean(head, [*stages, *TOP_LEVEL_KEYS])}"
             )
     return out
 
@@ -191,13 +205,14 @@ def parse_experiment(
     unknown = sorted(set(raw) - set(TOP_LEVEL_KEYS))
     if unknown:
         raise ConfigError(
-            f"{path or 'experiment'}: unknown key {unknown[0]!r}; valid keys: {', '.join(TOP_LEVEL_KEYS)}"
+            f"{path or 'experiment'}: unknown key {unknown[0]!r}{did_you_mean(unknown[0], TOP_LEVEL_KEYS)}; "
+            f"valid keys: {', '.join(TOP_LEVEL_KEYS)}"
         )
     if preset:
         presets = raw.get("presets") or {}
         if preset not in presets:
             raise ConfigError(
-                f"preset {preset!r} is not defined in {path or 'the experiment'}; "
+                f"preset {preset!r} is not defined in {path or 'the experiment'}{did_you_mean(preset, presets)}; "
                 f"presets: {', '.join(presets) or 'none'}"
             )
         raw = apply_overrides(raw, presets[preset] or {})
@@ -219,8 +234,8 @@ def parse_experiment(
         kind = stage_kind(name, section)
         if kind not in USER_STAGES:
             raise ConfigError(
-                f"stages.{name}: unknown stage {kind!r}; stages: {', '.join(USER_STAGES)} "
-                "(name a stage freely and give `stage: <kind>`)"
+                f"stages.{name}: unknown stage {kind!r}{did_you_mean(kind, USER_STAGES)}; stages: "
+                f"{', '.join(USER_STAGES)} (name a stage freely and give `stage: <kind>`)"
             )
         clean[name] = section
     gold = raw.get("gold")
@@ -242,12 +257,14 @@ def parse_experiment(
     seed = raw.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError(f"seed: expected an integer, got {seed!r}")
+    tracking = raw.get("tracking") or {}
+    from_dict(TrackingConfig, tracking, prefix="tracking.")  # once here, not once in every stage's config
     exp = Experiment(
         name=name,
         stages=clean,
         seed=seed,
         runs_dir=str(raw.get("runs_dir", "runs")),
-        tracking=dict(raw.get("tracking") or {}),
+        tracking=dict(tracking),
         sweep=raw.get("sweep"),
         rounds=rounds,
         round=dict(raw.get("round") or {}),
@@ -375,6 +392,8 @@ class Node:
 
 
 RANKINGS_PRODUCERS = ("simulate", "annotate", "collect")
+# The fields of the human annotation stage (it has no config class: run_annotate reads them).
+ANNOTATE_FIELDS = ("candidates", "db", "project", "quorum", "wait", "poll_s", "timeout_s", "guidelines")
 
 
 def default_wiring(kind: str, latest: dict[str, str]) -> dict[str, str]:
@@ -533,7 +552,8 @@ def build_plan(exp: Experiment) -> list[Node]:
         for ref in node.refs():
             if ref not in names:
                 raise ConfigError(
-                    f"stages.{node.name}: reference ${{{ref}.…}} names no stage; stages: {', '.join(names)}"
+                    f"stages.{node.name}: reference ${{{ref}.…}} names no stage{did_you_mean(ref, names)}; "
+                    f"stages: {', '.join(names)}"
                 )
     return plan
 
@@ -733,12 +753,23 @@ def _library_config(ctx: RunContext, node: Node, fields: dict):
         "tracking": tracking,
     }
     fields = dict(fields)
-    preset_file = _find_preset(fields.pop("config", None), ctx.exp.path)
     fields.pop("stage", None)
     try:
+        preset_file = _find_preset(fields.pop("config", None), ctx.exp.path)
         return build_config(cls, preset_file, fields, base=common)
-    except ConfigError as err:
-        raise ConfigError(f"stages.{node.name}: {err}") from None
+    except ConfigProblems as err:  # from the field types: every line starts with its key
+        raise ConfigProblems([f"stages.{node.name}.{line}" for line in err.problems]) from None
+    except UserError as err:  # from the config's own validate(): free text
+        raise ConfigProblems([_stage_line(node.name, cls, str(err))]) from None
+
+
+def _stage_line(stage: str, cls: type, problem: str) -> str:
+    """``stages.<stage>.<field>: …`` when ``problem`` starts with a field of ``cls`` (``kl_coef: …``),
+    else ``stages.<stage>: <problem>``."""
+    head, sep, rest = problem.partition(": ")
+    if sep and re.split(r"[.\[]", head, maxsplit=1)[0] in {f.name for f in dataclasses.fields(cls)}:
+        return f"stages.{stage}.{head}: {rest}"
+    return f"stages.{stage}: {problem}"
 
 
 def _stage_dir_name(kind: str, cfg: Any) -> str:
@@ -775,7 +806,10 @@ def run_plan(ctx: RunContext, plan: list[Node]) -> dict[str, dict]:
     if ctx.force_from:
         names = [n.name for n in plan]
         if ctx.force_from not in names:
-            raise ConfigError(f"--from {ctx.force_from!r}: no such stage; stages: {', '.join(names)}")
+            raise ConfigError(
+                f"--from {ctx.force_from!r}: no such stage{did_you_mean(ctx.force_from, names)}; "
+                f"stages: {', '.join(names)}"
+            )
     for kind in dict.fromkeys(n.kind for n in plan if n.kind in LIBRARY_STAGES):
         module = LIBRARY_STAGES[kind][0]
         if importlib.util.find_spec(module) is None:  # fail before the first stage runs, not hours later
@@ -784,7 +818,9 @@ def run_plan(ctx: RunContext, plan: list[Node]) -> dict[str, dict]:
                 f"remove it from the experiment or install it",
                 code="stage_unavailable",
             )
-    precheck_fields(plan)
+    problems = check_plan(ctx, plan)
+    if problems:
+        raise ConfigProblems(problems, where=ctx.file or ctx.exp.name)
     status: dict[str, dict] = {}
     for node in plan:
         fields = _node_fields(node)
@@ -851,36 +887,168 @@ def run_plan(ctx: RunContext, plan: list[Node]) -> dict[str, dict]:
     return results
 
 
-def precheck_fields(plan: list[Node]) -> None:
-    """Reject misspelt fields and invalid choices of every stage before the first stage runs (a typo in
-    the PPO section must not surface only after an hour of generation and reward-model training)."""
-    import dataclasses
+# ----------------------------------------------------------------------------- checking the plan before any stage runs
 
-    for node in plan:
-        if node.kind not in LIBRARY_STAGES:
-            continue
-        module, cls_name, _ = LIBRARY_STAGES[node.kind]
+
+def check_plan(ctx: RunContext, plan: list[Node]) -> list[str]:
+    """Every problem any stage of ``plan`` would stop on that can be known before the first one runs,
+    one line each (``stages.<stage>.<field>: <problem>``), so a typo in the last stage does not
+    surface only after an hour of generation and reward-model training.
+
+    Each library stage's config is built exactly as it will be for the run (``_library_config``: the
+    field types, choices and the config's own ``validate()``), with every ``${stage.key}`` replaced
+    by a stand-in for that output (:func:`_stand_in`); then the inputs the section names itself are
+    checked (:data:`INPUT_CHECKS`). Inputs an earlier stage produces do not exist yet: the stage
+    that writes them is checked instead.
+    """
+    problems: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="rlhf-plan-") as tmp:
+        for node in plan:
+            problems += _node_problems(ctx, node, Path(tmp))
+    # the config's validate() and an input check may find the same problem: say it once
+    return list(dict.fromkeys(problems))
+
+
+def _node_problems(ctx: RunContext, node: Node, stand_in_root: Path) -> list[str]:
+    fields = _node_fields(node)
+    wired = {k for k, v in fields.items() if REF.search(json.dumps(v))}
+    if node.kind == "annotate":
+        unknown = [k for k in fields if k not in (*ANNOTATE_FIELDS, "stage")]
+        problems = [
+            f"stages.{node.name}.{key}: unknown key{did_you_mean(key, ANNOTATE_FIELDS)}; "
+            f"valid keys: {', '.join(ANNOTATE_FIELDS)}"
+            for key in unknown
+        ]
+        return problems + _input_problems(node, fields, wired)
+    if node.kind not in LIBRARY_STAGES:
+        return []  # the round bookkeeping stages (prompts, select, collect) take only wired values
+    try:
+        cfg = _library_config(ctx, node, _resolve(fields, _stand_in_outputs(fields, stand_in_root)))
+    except UserError as err:
+        # still check the inputs the section names, so every problem of the stage is listed at once
+        return problems_of(err) + _input_problems(node, fields, wired)
+    return _input_problems(node, vars(cfg), wired)
+
+
+def _input_problems(node: Node, values: dict, wired: set[str]) -> list[str]:
+    problems = []
+    for name, check in INPUT_CHECKS.items():
+        value = values.get(name)
+        if name in wired or not value or not isinstance(value, (str, list)):
+            continue  # produced upstream, unset (optional), or a wrong type the config already reported
         try:
-            cls = getattr(importlib.import_module(module), cls_name)
-        except (ImportError, AttributeError) as err:
-            raise UserError(
-                f"stage {node.name!r}: the {node.kind} stage is not available ({err})",
-                code="stage_unavailable",
-            ) from None
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        for key, value in node.section.items():
-            if key in ("config", "stage"):
-                continue
-            if key not in fields:
-                raise ConfigError(
-                    f"stages.{node.name}: unknown config key {key!r}; valid keys: {', '.join(fields)}"
-                )
-            choices = fields[key].metadata.get("choices")
-            if choices and isinstance(value, str) and not REF.search(value) and value not in choices:
-                raise ConfigError(
-                    f"stages.{node.name}.{key}: {value!r} is not valid; choose one of "
-                    f"{', '.join(map(str, choices))}"
-                )
+            check(value)
+        except UserError as err:
+            message = str(err)
+            if not message.startswith(f"{name}: "):
+                message = f"{name}: {message}"
+            problems.append(f"stages.{node.name}.{message}")
+    return problems
+
+
+def _stand_in_outputs(fields: dict, root: Path) -> dict[str, dict[str, str]]:
+    """``{stage: {key: stand-in}}`` for every ``${stage.key}`` in ``fields`` (the shape of the results
+    :func:`_resolve` reads)."""
+    outputs: dict[str, dict[str, str]] = {}
+    for match in REF.finditer(json.dumps(fields)):
+        stage, key = match.groups()
+        outputs.setdefault(stage, {})[key] = _stand_in(root, stage, key)
+    return outputs
+
+
+def _stand_in(root: Path, stage: str, key: str) -> str:
+    """An existing path shaped like output ``key`` of ``stage`` will be, so a config that reads it
+    passes its own checks unchanged: a reward-model dir (with its metadata file) for ``model_dir``,
+    an empty dir for the other ``*_dir`` outputs, an empty JSON Lines file for data
+    (docs/architecture.md lists what each stage writes)."""
+    from reward_models.model import META_FILE
+
+    path = root / f"{stage}.{key}"
+    if key.endswith("_dir"):
+        path.mkdir(exist_ok=True)
+        if key == "model_dir":
+            (path / META_FILE).write_text("{}")
+        return str(path)
+    path = path.with_name(path.name + ".jsonl")
+    path.touch()
+    return str(path)
+
+
+def _check_model(name: str) -> None:
+    from rlhf.models import check_model_name  # imports torch: only when a plan is checked
+
+    check_model_name(name)
+
+
+def _check_scorer(spec: str) -> None:
+    get_scorer(spec)  # builds it: a module:function spec is imported, a python: file is run
+
+
+def _check_reward(reward: str | list[dict]) -> None:
+    """A reward as :func:`rlhf.rewards.load_reward_fn` reads it: parts that name a directory must be
+    reward-model dirs (``check_reward_spec``, the rule PPO and the baselines apply), the others are
+    scorer specs."""
+    from rlhf.ppo.loop import check_reward_spec
+
+    check_reward_spec(reward)  # also rejects a list item without `spec`
+    for part in [reward] if isinstance(reward, str) else [item["spec"] for item in reward]:
+        if not Path(str(part)).expanduser().is_dir():
+            _check_scorer(str(part))
+
+
+def _check_reward_model_dir(path: str) -> None:
+    from reward_models.model import read_meta
+
+    read_meta(path)
+
+
+DATA_FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet")  # the files rlhf.data reads
+
+
+def _check_data_source(source: str) -> None:
+    """A data source as :mod:`rlhf.data` reads it: ``lab:<name>``, an existing file or dataset
+    folder, or (only with the Hub online) a Hub dataset id."""
+    from huggingface_hub import constants
+
+    from rlhf.data import LAB_SOURCES
+
+    if source.startswith("lab:"):
+        name = source[len("lab:") :]
+        if name not in LAB_SOURCES:
+            raise ConfigError(
+                f"unknown shipped data {source!r}{did_you_mean(name, LAB_SOURCES, 'lab:')}; "
+                f"choose {' or '.join('lab:' + n for n in LAB_SOURCES)}"
+            )
+        return
+    path = Path(source).expanduser()
+    if path.exists():
+        return
+    local = source.startswith((".", "/", "~")) or path.suffix.lower() in DATA_FILE_SUFFIXES
+    if not local and not constants.HF_HUB_OFFLINE:
+        return  # may be a Hub dataset id; the stage fetches it
+    siblings = [p.name for p in path.parent.iterdir()] if path.parent.is_dir() else []
+    hint = did_you_mean(path.name, siblings, f"{path.parent}/" if str(path.parent) != "." else "")
+    offline = "" if local else " (and the Hub is offline, HF_HUB_OFFLINE=1, so it is no Hub dataset)"
+    raise ConfigError(f"{source}: no such file or dataset folder{hint}{offline}")
+
+
+# The input fields of the stages, by name (a field name means the same in every stage, see
+# `rlhf <stage> --help`) → the check each gets before any stage runs.
+INPUT_CHECKS = {
+    "model": _check_model,
+    "policy": _check_model,
+    "reference": _check_model,
+    "norm_policy": _check_model,
+    "scorer": _check_scorer,
+    "gold": _check_scorer,
+    "reward": _check_reward,
+    "reward_model": _check_reward_model_dir,
+    "prompts": _check_data_source,
+    "demonstrations": _check_data_source,
+    "candidates": _check_data_source,
+    "rankings": _check_data_source,
+    "eval_rankings": _check_data_source,
+}
 
 
 def _tokenise(cfg_dict: dict, real_fields: dict, hashed_fields: dict) -> None:
@@ -918,8 +1086,7 @@ INTERNAL_OUTPUTS = ("rankings", "candidates", "prompts")
 def log_internal_stage(ctx: RunContext, node: Node, fields: dict, result: dict) -> None:
     """Record an internal stage as a W&B run (group = experiment, job_type = its kind) with its inputs and
     outputs as artifacts, so round r's lineage reads rankings → collected rankings → reward model → policy."""
-    from rlhf.config import from_dict
-    from rlhf.tracking import TrackingConfig, start_stage
+    from rlhf.tracking import start_stage
 
     tracking = {**ctx.exp.tracking}
     tracking["tags"] = list(tracking.get("tags") or []) + ctx.tags + [f"round={node.round}"]
@@ -1057,16 +1224,11 @@ def run_select(fields: dict, run_dir: Path) -> dict:
 
 
 def run_annotate(ctx: RunContext, node: Node, fields: dict, run_dir: Path) -> dict:
-    """Human annotation: import the candidates into the app DB; go on once every prompt has its quorum."""
+    """Human annotation: import the candidates into the app DB; go on once every prompt has its quorum.
+    Its fields (:data:`ANNOTATE_FIELDS`) were checked with the whole plan (:func:`check_plan`)."""
     from annotation_app.io import export_rankings, import_candidates
     from annotation_app.store import Store
 
-    known = {"candidates", "db", "project", "quorum", "wait", "poll_s", "timeout_s", "guidelines", "stage"}
-    bad = sorted(set(fields) - known)
-    if bad:
-        raise ConfigError(
-            f"stages.{node.name}: unknown key {bad[0]!r}; valid keys: {', '.join(sorted(known - {'stage'}))}"
-        )
     db = fields.get("db") or str(Path(ctx.exp.runs_dir) / ctx.exp.name / "annotate" / "lab.db")
     project = str(fields.get("project") or (f"{ctx.exp.name}-r{node.round}"))
     Path(db).parent.mkdir(parents=True, exist_ok=True)
@@ -1135,14 +1297,16 @@ def run_experiment(
         ctx = RunContext(exp, Path(exp.runs_dir), base_tags, {}, force_from, dry_run, file)
         return _finish(ctx, plan, run_plan(ctx, plan), Path(exp.runs_dir) / exp.name)
     points = sweep_points(exp.sweep)
+    chosen = [(i, values) for i, values in enumerate(points) if not only or i in only]
+    problems = check_sweep(raw, file, preset, ov, [values for _, values in chosen])
+    if problems:
+        raise ConfigProblems(problems, where=file)
     print(
         f"sweep {exp.name}: {len(points)} runs ({exp.sweep.get('method', 'grid')} over "
         f"{', '.join(exp.sweep['parameters'])}), one after another"
     )
     summaries = []
-    for i, values in enumerate(points):
-        if only and i not in only:
-            continue
+    for i, values in chosen:
         print(f"\n######## sweep run {i + 1}/{len(points)}: {sweep_run_id(values)}", flush=True)
         point_exp = parse_experiment(raw, file, preset, {**ov, **values})
         summaries.append(_run_point(point_exp, file, values, force_from, dry_run, base_tags))
@@ -1159,11 +1323,35 @@ def run_experiment(
     return sweep_summary
 
 
-def _run_point(exp: Experiment, file: str, values: dict, force_from, dry_run, base_tags) -> dict:
-    run_id = sweep_run_id(values)
-    prefix = Path(exp.runs_dir) / exp.name / "sweep" / run_id
+def check_sweep(raw: dict, file: str, preset: str | None, overrides: dict, points: list[dict]) -> list[str]:
+    """The problems of every sweep point (each its own experiment), found before the first one runs.
+    A problem every point has is listed once; the others name the sweep runs that have them."""
+    found: dict[str, list[str]] = {}  # problem → the sweep runs that have it
+    for values in points:
+        try:
+            exp = parse_experiment(raw, file, preset, {**overrides, **values})
+            ctx = _point_context(exp, file, values, force_from=None, dry_run=True, base_tags=[])
+            problems = check_plan(ctx, build_plan(exp))
+        except UserError as err:
+            problems = problems_of(err)
+        for problem in problems:
+            found.setdefault(problem, []).append(sweep_run_id(values))
+    return [
+        problem if len(runs) == len(points) else f"sweep run {', '.join(runs)}: {problem}"
+        for problem, runs in found.items()
+    ]
+
+
+def _point_context(exp: Experiment, file: str, values: dict, force_from, dry_run, base_tags) -> RunContext:
+    """A sweep point runs in runs/<experiment>/sweep/<values>/, tagged with its values."""
+    prefix = Path(exp.runs_dir) / exp.name / "sweep" / sweep_run_id(values)
     tags = base_tags + [f"{k}={v}" for k, v in values.items()][:10]
-    ctx = RunContext(exp, prefix, tags, dict(values), force_from, dry_run, file)
+    return RunContext(exp, prefix, tags, dict(values), force_from, dry_run, file)
+
+
+def _run_point(exp: Experiment, file: str, values: dict, force_from, dry_run, base_tags) -> dict:
+    ctx = _point_context(exp, file, values, force_from, dry_run, base_tags)
+    prefix = ctx.prefix
     plan = build_plan(exp)
     if os.environ.get("WANDB_SWEEP_ID"):  # launched by `wandb agent`
         ctx.agent_stage = (exp.sweep or {}).get("agent_stage") or plan[-1].name
@@ -1243,9 +1431,14 @@ def _auto_compare(exp: Experiment, root: Path) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides or [])
     if args.wandb_sweep:
-        exp = parse_experiment(load_raw(args.file), args.file, args.preset, parse_overrides(overrides))
+        raw, parsed_overrides = load_raw(args.file), parse_overrides(overrides)
+        exp = parse_experiment(raw, args.file, args.preset, parsed_overrides)
         if not exp.sweep:
             raise ConfigError(f"--wandb-sweep: {args.file} has no `sweep:` block")
+        # the agent runs each point later: a typo must stop the sweep before it is created
+        problems = check_sweep(raw, args.file, args.preset, parsed_overrides, sweep_points(exp.sweep))
+        if problems:
+            raise ConfigProblems(problems, where=args.file)
         spec = wandb_sweep_yaml(exp, args.file, args.preset, overrides)
         Path(args.wandb_sweep).parent.mkdir(parents=True, exist_ok=True)
         Path(args.wandb_sweep).write_text(yaml.safe_dump(spec, sort_keys=False))

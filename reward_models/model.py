@@ -9,8 +9,8 @@ says how to read it (``pooling``, ``layers``, ``normalization``). The forward pa
    response tokens (EOS included when the response ended) — a per-token reward, averaged. On the
    lab's data it learned every gold preference tried far better than ``last``, the state at the
    last real token (InstructGPT's head), which transformers' own sequence-classification forward
-   reads (docs/reward-models.md). Outside the lab, load the dir with transformers and pool the same
-   way, or use :func:`load_reward_model` / :func:`rlhf.rewards.load_reward_fn`.
+   reads (docs/reward-models.md). In the lab, :func:`rlhf.rewards.load_reward_fn` scores as
+   trained; outside it, :func:`score_like_the_lab` does the same with plain transformers.
 2. **Any padding.** We pad on the right, so every real token keeps the positions it has when scored
    alone: the same text scores the same alone and in a padded batch (tested).
 3. **Frozen lower layers are computed once.** With ``trainable="top"`` only the top N decoder
@@ -36,9 +36,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
-import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +45,7 @@ import torch
 from torch import nn
 
 from rlhf.errors import UserError
+from rlhf.fsio import atomic_dir, recover_dir
 
 META_FILE = "rlhf_reward.json"
 TRAINABLE = ("top", "full", "lora")
@@ -350,7 +348,9 @@ def truncate_layers(seq_model: nn.Module, n: int) -> None:
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
-    p = Path(path) / META_FILE
+    """``rlhf_reward.json`` of a reward-model dir; every reader of such a dir starts here, so this is
+    where a save killed between its two renames is undone (:func:`rlhf.fsio.recover_dir`)."""
+    p = recover_dir(path) / META_FILE
     if not p.is_file():
         raise UserError(f"{path} is not a reward-model directory (no {META_FILE})", code="bad_reward_model")
     try:
@@ -379,7 +379,8 @@ def load_reward_model(path: str | os.PathLike, device: str = "cpu"):
 def save_reward_model(
     model: RewardModel, tokenizer, out_dir: str | os.PathLike, meta: dict[str, Any]
 ) -> Path:
-    """Write HF model (LoRA merged in) + tokenizer + ``rlhf_reward.json``, atomically (temp dir + rename)."""
+    """Write HF model (LoRA merged in) + tokenizer + ``rlhf_reward.json``, atomically
+    (:func:`rlhf.fsio.atomic_dir`: a crash leaves the old reward-model dir or the new one)."""
     seq_model = model.seq_model
     if hasattr(seq_model, "merge_and_unload"):
         import copy
@@ -389,23 +390,12 @@ def save_reward_model(
     meta = dict(meta)
     if model.tie_param is not None:
         meta["tie_param"] = float(model.tie_param.detach())
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         with _quiet_transformers():
             seq_model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}-{time.monotonic_ns()}")
-            os.rename(out_dir, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.rename(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return Path(out_dir)
 
 
 # ----------------------------------------------------------------------------- text → tokens
@@ -575,3 +565,63 @@ def score_texts(
     finally:
         model.train(was_training)
     return scores, enc
+
+
+# ----------------------------------------------------------------------------- outside the lab
+
+
+def score_like_the_lab(
+    model_dir: str | os.PathLike,
+    prompts: Sequence[Any],
+    responses: Sequence[str],
+    finished: Sequence[bool] | None = None,
+) -> list[float]:
+    """The lab's normalised rewards from a reward-model dir with plain torch and transformers.
+
+    For people outside the lab: it imports nothing from the lab and reads only the dir, so it can
+    be copied into any project; it gives the numbers :func:`rlhf.rewards.load_reward_fn` gives
+    (tested). ``AutoModelForSequenceClassification``'s own forward does not: it reads the last
+    token, and normalises nothing. What the lab does, step by step:
+
+    1. Text: the chat template with the generation prompt, the response, then EOS only when the
+       response ended (``finished[i]``; default: all did), tokenized without special tokens.
+    2. Length: keep the last ``max_length`` tokens (``rlhf_reward.json``), cutting the prompt side.
+    3. Pooling (``pooling`` in ``rlhf_reward.json``): ``mean`` averages the final hidden states
+       over the response's tokens, then applies the head; ``last`` reads the last token (what
+       ``model(input_ids).logits`` is). The dir holds only the decoder layers the lab kept
+       (``layers``), so the backbone needs no cutting.
+    4. Normalisation: ``(reward - offset) / scale`` with ``normalization`` from ``rlhf_reward.json``.
+
+    ``prompts`` are text (one user turn) or chat messages. One sequence at a time, no padding.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    meta = json.loads((Path(model_dir) / META_FILE).read_text())
+    norm = meta.get("normalization") or {}
+    offset, scale = float(norm.get("offset", 0.0)), float(norm.get("scale", 1.0)) or 1.0
+    max_length = int(meta.get("max_length", 512))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
+    backbone = getattr(model, model.base_model_prefix)  # the decoder without its head (`model.score`)
+    rewards = []
+    for i, (prompt, response) in enumerate(zip(prompts, responses)):
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ended = True if finished is None else bool(finished[i])
+        text = prompt_text + response + (tokenizer.eos_token if ended else "")
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        # The response starts where the tokens stop matching the prompt's alone (a tokenizer may
+        # merge across the boundary); at least the last token is the response's.
+        start = next(
+            (j for j, (a, b) in enumerate(zip(ids, prompt_ids)) if a != b), min(len(ids), len(prompt_ids))
+        )
+        start = min(start, len(ids) - 1)
+        cut = max(len(ids) - max_length, 0)
+        ids, start = ids[cut:], max(start - cut, 0)
+        with torch.no_grad():
+            hidden = backbone(input_ids=torch.tensor([ids])).last_hidden_state[0]
+            pooled = hidden[start:].mean(0) if meta.get("pooling", "last") == "mean" else hidden[-1]
+            reward = float(model.score(pooled))
+        rewards.append((reward - offset) / scale)
+    return rewards

@@ -50,6 +50,7 @@ from reward_models import losses as L
 from rlhf.config import ConfigError, add_config_arguments, config_from_args, option, to_dict
 from rlhf.errors import UserError
 from rlhf.models import MIXED_PRECISION, MIXED_PRECISION_HELP, autocast_bf16, use_bf16
+from rlhf.nonfinite import gradient_norm, stop_if_non_finite
 from rlhf.tracking import Tracker, TrackingConfig, start_stage
 
 # ----------------------------------------------------------------------------- config
@@ -60,6 +61,11 @@ class RMTrainConfig:
     rankings: str = option("", help="rankings file (JSONL of the rankings contract, or a dataset dir)")
     eval_rankings: str = option(
         "", help="held-out rankings file; empty = split eval_fraction of the prompts off"
+    )
+    skip_bad_rows: bool = option(
+        False,
+        help="leave out rankings that break the rankings contract (counted in data/bad_rows) instead "
+        "of stopping with exit 2 and a list of every bad row with its line number",
     )
     eval_fraction: float = option(0.2, help="fraction of prompts held out when eval_rankings is empty")
     val_fraction: float = option(
@@ -189,36 +195,34 @@ class RMTrainConfig:
 # ----------------------------------------------------------------------------- reading and checking data
 
 
-def read_records(source: str, what: str = "rankings") -> list[dict]:
-    """Records of a JSONL/JSON file (read here, so bad rows can be counted, not just rejected),
-    or of any other source :func:`rlhf.data.load_rankings` understands."""
-    p = Path(source)
-    if p.suffix in (".jsonl", ".json"):
-        if not p.is_file():
-            raise UserError(f"{what} file not found: {source}", code="not_found")
-        text = p.read_text(encoding="utf-8")
-        if p.suffix == ".json":
-            try:
-                data = json.loads(text)
-            except ValueError as err:
-                raise UserError(f"{source}: not valid JSON ({err})", code="bad_data") from None
-            if not isinstance(data, list):
-                raise UserError(f"{source}: expected a JSON list of {what} records", code="bad_data")
-            return data
-        out = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                out.append(json.loads(line))
-            except ValueError as err:
-                raise UserError(f"{source} line {n}: not valid JSON ({err.msg})", code="bad_data") from None
-        return out
-    if not p.exists() and not p.suffix == "":
-        raise UserError(f"{what} file not found: {source}", code="not_found")
-    from rlhf.data import load_rankings
+def read_records(source: str, *, skip_bad_rows: bool = False, report: DataReport | None = None) -> list[dict]:
+    """The rankings of ``source`` (any source :mod:`rlhf.data` reads), each checked against the
+    rankings contract (docs/rankings.md). As in every stage, a bad row stops the run: one error lists
+    every bad row with its line number (exit 2). With ``skip_bad_rows`` they are left out instead,
+    and counted in ``report`` (``data/bad_rows``, with a few of them as examples)."""
+    # rlhf.data's reader keeps each row's line number and reports unreadable lines as rows too
+    from rlhf.data import DataError, RowError, _read_source, validate_ranking
 
-    return load_rankings(source)
+    rows = _read_source(source)
+    errors = list(rows.errors)
+    records = []
+    for unit, number, rec in rows.rows:
+        clean, problems = validate_ranking(rec)
+        if clean is None:
+            errors += [RowError(number, fld or None, msg, unit) for fld, msg in problems]
+        else:
+            records.append(clean)
+    if not errors:
+        return records
+    errors.sort(key=lambda e: e.row or 0)
+    if not skip_bad_rows:
+        raise DataError.from_rows(rows.name, errors, "rankings")
+    if report is not None:
+        n_bad = len({(e.unit, e.row) for e in errors})
+        report.records += n_bad
+        report.bad_rows += n_bad
+        report.examples += [f"{e} (skipped)" for e in errors[:3]]
+    return records
 
 
 @dataclass
@@ -251,6 +255,7 @@ class DataReport:
     records: int = 0
     used_rankings: int = 0
     prompts: int = 0
+    bad_rows: int = 0  # rows that break the rankings contract, left out with skip_bad_rows
     one_candidate: int = 0
     label_mismatch: int = 0
     bad_record: int = 0
@@ -280,6 +285,7 @@ class DataReport:
         if self.all_tied and not self.all_tied_dropped:
             out.append(f"  {self.all_tied} all tied: kept (the tie-aware loss learns from them)")
         skipped = [
+            ("bad_rows", "bad rows (they break the rankings contract): skipped, as skip_bad_rows asks"),
             ("one_candidate", "with fewer than 2 candidates: skipped"),
             ("label_mismatch", "whose ranking labels do not match the candidates: skipped"),
             ("bad_record", "missing fields or malformed: skipped"),
@@ -669,12 +675,14 @@ def run_rm_train(cfg: RMTrainConfig) -> dict:
     t_start = time.time()
     # 1. read and check the data (before any model loads, so bad input fails fast)
     report = DataReport()
-    records = read_records(cfg.rankings)
+    records = read_records(cfg.rankings, skip_bad_rows=cfg.skip_bad_rows, report=report)
     groups = build_groups(records, report, cfg.loss)
     if cfg.eval_rankings:
         held_report = DataReport()
-        held = build_groups(read_records(cfg.eval_rankings), held_report, cfg.loss)
+        held_records = read_records(cfg.eval_rankings, skip_bad_rows=cfg.skip_bad_rows, report=held_report)
+        held = build_groups(held_records, held_report, cfg.loss)
         train_groups = groups
+        report.bad_rows += held_report.bad_rows
         report.examples += [f"(eval file) {e}" for e in held_report.examples]
     else:
         train_groups, held = split_groups(groups, cfg.eval_fraction, cfg.seed)
@@ -812,6 +820,16 @@ def run_rm_train(cfg: RMTrainConfig) -> dict:
             unit="step",
             disable=not main,
         )
+
+        def where(step: int) -> dict[str, Any]:
+            """Where a non-finite loss or gradient stopped training, for its error message."""
+            return {
+                "at": f"step {step}",
+                "last_good": _latest_checkpoint(run_dir),
+                "hint": "Try a lower lr.",
+                "progress": bar,
+            }
+
         t_train, seen_at_start = time.time(), state["rankings_seen"]
         last_eval: dict[str, float] = {}
         stop_reason = "done"
@@ -826,6 +844,7 @@ def run_rm_train(cfg: RMTrainConfig) -> dict:
                 batch = make_batch(groups_b, pad_id, cache)
                 with amp():
                     loss, _, _ = batch_loss(cfg, model, raw_tie, batch)
+                stop_if_non_finite(loss, "loss", **where(state["step"] + 1))
                 micro += 1
                 sync = micro % cfg.grad_accum == 0
                 if sync or world == 1:
@@ -836,6 +855,8 @@ def run_rm_train(cfg: RMTrainConfig) -> dict:
                 state["rankings_seen"] += int(batch.tiers.shape[0]) * world
                 if not sync:
                     continue
+                trained = [p for group in optimizer.param_groups for p in group["params"]]
+                stop_if_non_finite(gradient_norm(trained), "gradient norm", **where(state["step"] + 1))
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -918,6 +939,7 @@ def run_rm_train(cfg: RMTrainConfig) -> dict:
             "run_dir": str(run_dir),
             "model_dir": str(model_dir),
             "eval_rankings": str(eval_path),
+            "data/bad_rows": report.bad_rows,  # skipped (skip_bad_rows): in the experiment's summary too
             "rm/steps": state["step"],
             "rm/best_step": state["best_step"],
             "rm/stop": stop_reason,

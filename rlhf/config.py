@@ -11,19 +11,22 @@ option with its default. A config is built from, in order of precedence:
    bare form ``ppo.kl_coef=0.05``. Values are parsed as YAML (``true``, ``1e-5``, ``[1, 2]``).
 
 Unknown keys and wrong types raise :class:`~rlhf.errors.ConfigError` naming the key, the bad
-value and what is valid. The resolved config is saved next to the run's outputs
-(:func:`save_config`) and sent to the tracker (:func:`to_dict`).
+value and what is valid (with a did-you-mean suggestion for a misspelt name); every bad field of
+a config is listed at once (:class:`ConfigProblems`). The resolved config is saved next to the
+run's outputs (:func:`save_config`) and sent to the tracker (:func:`to_dict`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import hashlib
 import json
 import re
 import types
 import typing
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, Union
 
@@ -46,6 +49,37 @@ def option(default: Any = _MISSING, help: str = "", *, default_factory: Any = _M
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+class ConfigProblems(ConfigError):
+    """Several config problems found at once. ``problems`` holds one line each (``key: problem``);
+    the message is that line alone when there is one, else a count and every line indented."""
+
+    def __init__(self, problems: Sequence[str], where: str = ""):
+        self.problems = list(problems)
+        if len(self.problems) == 1:
+            message = self.problems[0]
+        else:
+            heading = f"{len(self.problems)} config problems" + (f" in {where}" if where else "")
+            message = heading + ":\n  " + "\n  ".join(self.problems)
+        super().__init__(message)
+
+
+def problems_of(err: Exception) -> list[str]:
+    """The problem lines of an error: a :class:`ConfigProblems`' own list, else its one message."""
+    return list(getattr(err, "problems", None) or [str(err)])
+
+
+def did_you_mean(word: object, options: Iterable[object], prefix: str = "") -> str:
+    """`` (did you mean 'x'?)`` for the option closest to a misspelt ``word``, or ``""`` when none is
+    close (difflib's similarity ratio ≥ 0.6, the default of :func:`difflib.get_close_matches`) and
+    none starts with it (``smollm2`` for ``smollm2-135m-instruct``). ``prefix`` is shown before the
+    suggestion but not compared (``inner.`` of ``inner.lr``)."""
+    word, names = str(word), [str(o) for o in options]
+    close = difflib.get_close_matches(word, names, n=1)
+    if not close and len(word) >= 3:
+        close = [n for n in names if n.startswith(word)][:1]
+    return f" (did you mean {prefix + close[0]!r}?)" if close else ""
 
 
 def exact_div(a: int, b: int, what: str) -> int:
@@ -90,7 +124,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is typing.Literal:
         if value in typing.get_args(tp):
             return value
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, typing.get_args(tp)))}")
+        options = typing.get_args(tp)
+        raise ConfigError(
+            f"{key}: {value!r} is not one of {', '.join(map(repr, options))}{did_you_mean(value, options)}"
+        )
     if tp is type(None):
         if value is None:
             return None
@@ -146,26 +183,38 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
-    """Build dataclass ``cls`` from a (nested) mapping, rejecting unknown keys and wrong types."""
+    """Build dataclass ``cls`` from a (nested) mapping, rejecting unknown keys and wrong types (all of
+    them at once, in one :class:`ConfigProblems`), then run the config's own ``validate()``."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]!s}; valid keys here: {', '.join(prefix + k for k in fields)}"
-        )
+    # Every bad field is collected, so one run of the command shows them all (not one per attempt).
+    problems: list[str] = []
     kwargs = {}
     for name, value in data.items():
-        f = fields[name]
-        val = _coerce(value, hints[name], prefix + name)
-        choices = f.metadata.get("choices")
-        if choices is not None and val not in choices:
-            raise ConfigError(
-                f"{prefix}{name}: {val!r} is not valid; choose one of {', '.join(map(str, choices))}"
+        key = prefix + name
+        if name not in fields:
+            problems.append(
+                f"{key}: unknown config key{did_you_mean(name, fields, prefix)}; "
+                f"valid keys here: {', '.join(prefix + k for k in fields)}"
             )
+            continue
+        try:
+            val = _coerce(value, hints[name], key)
+        except ConfigError as err:
+            problems.extend(problems_of(err))
+            continue
+        choices = fields[name].metadata.get("choices")
+        if choices is not None and val not in choices:
+            problems.append(
+                f"{key}: {val!r} is not valid{did_you_mean(val, choices)}; "
+                f"choose one of {', '.join(map(str, choices))}"
+            )
+            continue
         kwargs[name] = val
+    if problems:
+        raise ConfigProblems(problems)
     try:
         obj = cls(**kwargs)
     except TypeError as err:  # a required field is missing

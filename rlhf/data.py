@@ -13,7 +13,9 @@ JSON, NaN/Infinity (not JSON, though Python writes them), duplicate keys, non-UT
 byte-order mark, lines over 1 MB. Writers are atomic (temp file + rename): a failed write never
 leaves a partial file behind.
 
-Also here: ``rankings_to_pairs`` (docs/rankings.md "Derived pairs") and the ``rlhf export`` command.
+Also here: ``rankings_to_pairs`` (docs/rankings.md "Derived pairs"), ``rankings_to_trl`` (TRL's
+preference format), ``ranking_for_export`` (one schema for exported rankings) and the
+``rlhf export`` command.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -34,6 +36,7 @@ from typing import Any
 
 from rlhf.config import ConfigError, add_config_arguments, config_from_args, option
 from rlhf.errors import UserError
+from rlhf.fsio import replace_dir_atomically
 from rlhf.rankings import ALL_LABELS, MAX_K, MIN_K, Ranking, RankingError, parse_ranking
 from rlhf.tracking import TrackingConfig
 
@@ -688,7 +691,7 @@ def validate_candidates(rec: Any) -> tuple[dict | None, Problems]:
 def validate_ranking(rec: Any) -> tuple[dict | None, Problems]:
     """Rankings contract: a candidates record plus ``ranking`` (parsed by the grammar, must be
     complete), ``tiers`` (must agree with it; derived when absent), ``annotator``, ``flags``,
-    ``created_at``. Extra fields (e.g. simulated ``gold`` scores) are kept."""
+    ``created_at``, optional ``gold`` (see :func:`_check_gold`). Other extra fields are kept."""
     clean, problems = validate_candidates(rec)
     if not isinstance(rec, dict):
         return None, problems
@@ -737,6 +740,8 @@ def validate_ranking(rec: Any) -> tuple[dict | None, Problems]:
         flags = []
     if rec.get("created_at") is not None and not isinstance(rec["created_at"], str):
         problems.append(("created_at", f"must be a string timestamp, got {_type_name(rec['created_at'])}"))
+    if rec.get("gold") is not None and labels is not None:
+        clean["gold"] = _check_gold(rec["gold"], labels, problems)
     if problems or ranking is None:
         return None, problems
     clean["ranking"] = str(ranking)
@@ -744,6 +749,41 @@ def validate_ranking(rec: Any) -> tuple[dict | None, Problems]:
     # An all-tied ranking carries no strict preference: flag it so consumers can see why (docs/rankings.md).
     clean["flags"] = list(flags) + (["all_tied"] if ranking.all_tied and "all_tied" not in flags else [])
     return clean, problems
+
+
+def _check_gold(value: Any, labels: list[str], problems: Problems) -> dict[str, float] | None:
+    """``gold``, the simulated annotators' gold score per candidate, as a ``{label: score}`` object.
+
+    Two forms are read: the list aligned with ``candidates`` that exported rankings hold (one
+    schema for any K, docs/architecture.md "Data contracts"), and the ``{label: score}`` object
+    that ``rlhf simulate`` writes. Every reader in the lab uses the object, so both become one;
+    a null score (no gold for that candidate) is left out of it.
+    """
+    if isinstance(value, list):
+        if len(value) != len(labels):
+            problems.append(
+                ("gold", f"has {len(value)} scores for {len(labels)} candidates; give one per candidate")
+            )
+            return None
+        scores = dict(zip(labels, value))
+    elif isinstance(value, dict):
+        unknown = [lab for lab in value if lab not in labels]
+        if unknown:
+            problems.append(
+                ("gold", f"scores {unknown[0]!r}, which is not a candidate label ({', '.join(labels)})")
+            )
+            return None
+        scores = dict(value)
+    else:
+        problems.append(
+            ("gold", f"must be a list of scores aligned with the candidates, got {_type_name(value)}")
+        )
+        return None
+    for label, score in scores.items():
+        if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
+            problems.append(("gold", f"the score of {label} must be a number or null, got {score!r}"))
+            return None
+    return {label: float(score) for label, score in scores.items() if score is not None}
 
 
 def validate_pair(rec: Any) -> tuple[dict | None, Problems]:
@@ -883,7 +923,8 @@ def rankings_to_pairs(rankings: Iterable[dict]) -> list[dict]:
     Per ranking of K candidates: C(K, 2) rows, the strict ones first (``chosen`` = the winner's
     text, ``tie`` false), then the tied ones (``tie`` true, ``chosen`` the earlier label). Rows
     have ``prompt_id``, ``prompt`` (plain text), ``chosen``, ``rejected``, ``tie``, ``annotator``,
-    ``chosen_label``, ``rejected_label``: TRL's RewardTrainer reads ``prompt/chosen/rejected``.
+    ``chosen_label``, ``rejected_label``. TRL would read the tie rows as preferences too: give TRL
+    :func:`rankings_to_trl`'s rows instead.
     """
     out = []
     for rec in rankings:
@@ -905,6 +946,127 @@ def rankings_to_pairs(rankings: Iterable[dict]) -> list[dict]:
                     }
                 )
     return out
+
+
+def prompt_messages(prompt: Any) -> list[dict]:
+    """A prompt as chat messages: text is one user turn, the conversation ``rlhf.models.format_prompt``
+    renders. No system message is added: the chat template adds its own default when it has one
+    (SmolLM2's does), in the lab and in TRL alike, so both render the same text."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return [dict(message) for message in prompt]
+
+
+TRL_STYLES = ("conversational", "standard")  # TRL's dataset formats (trl/data_utils.py)
+
+
+def rankings_to_trl(
+    rankings: Iterable[dict], style: str = "conversational", tokenizer: Any = None
+) -> tuple[list[dict], list[dict]]:
+    """``(preferences, ties)``: the derived pairs split for TRL's RewardTrainer and DPOTrainer.
+
+    TRL reads every row of a preference dataset as "chosen beats rejected", so the strict pairs
+    go to ``preferences`` (``prompt``, ``chosen``, ``rejected``, then ``prompt_id``, ``annotator``,
+    ``chosen_label``, ``rejected_label``, which TRL's trainers drop) and the tied pairs to
+    ``ties`` (``prompt``, ``response_a``, ``response_b``, ``tie``: true, ``prompt_id``,
+    ``annotator``, ``label_a``, ``label_b``: not loadable as preferences by mistake). Pairs come
+    in :func:`rankings_to_pairs`' order.
+
+    ``style`` is one of TRL's dataset formats (trl/data_utils.py): ``conversational`` (chat
+    messages; TRL applies the tokenizer's chat template) or ``standard`` (plain strings, formatted
+    here with ``tokenizer``'s chat template exactly as the lab formats them, EOS after the
+    responses that ended).
+    """
+    if style not in TRL_STYLES:
+        raise ConfigError(f"unknown TRL style {style!r}; valid styles: {', '.join(TRL_STYLES)}")
+    if style == "standard" and tokenizer is None:
+        raise ConfigError(
+            "the standard TRL style needs the tokenizer whose chat template formats the prompts"
+        )
+    preferences, ties = [], []
+    for rec in rankings:
+        prompt, completion = _trl_prompt_and_completions(rec, style, tokenizer)
+        for pair in rankings_to_pairs([rec]):
+            a, b = pair["chosen_label"], pair["rejected_label"]
+            who = {"prompt_id": pair["prompt_id"], "annotator": pair["annotator"]}
+            if pair["tie"]:
+                ties.append(
+                    {
+                        "prompt": prompt,
+                        "response_a": completion[a],
+                        "response_b": completion[b],
+                        "tie": True,
+                        **who,
+                        "label_a": a,
+                        "label_b": b,
+                    }
+                )
+            else:
+                preferences.append(
+                    {
+                        "prompt": prompt,
+                        "chosen": completion[a],
+                        "rejected": completion[b],
+                        **who,
+                        "chosen_label": a,
+                        "rejected_label": b,
+                    }
+                )
+    return preferences, ties
+
+
+def _trl_prompt_and_completions(rec: dict, style: str, tokenizer: Any) -> tuple[Any, dict[str, Any]]:
+    """A ranking's prompt and each candidate's completion (by label) in TRL's ``style``."""
+    texts = {c["label"]: c["text"] for c in rec["candidates"]}
+    if style == "conversational":
+        completions = {label: [{"role": "assistant", "content": text}] for label, text in texts.items()}
+        return prompt_messages(rec["prompt"]), completions
+    from rlhf.models import format_conversation, format_prompt
+
+    # `rlhf generate` records whether a response ended with EOS; a response cut at the length
+    # limit is formatted without it, as the lab's reward model reads it (docs/reward-models.md).
+    ended = {c["label"]: bool((c.get("gen") or {}).get("finished", True)) for c in rec["candidates"]}
+    prompt = format_prompt(tokenizer, rec["prompt"])
+    completions = {
+        label: format_conversation(tokenizer, rec["prompt"], text, eos=ended[label])[len(prompt) :]
+        for label, text in texts.items()
+    }
+    return prompt, completions
+
+
+# ----------------------------------------------------------------------------- exported rankings
+
+
+def ranking_for_export(rec: dict) -> dict:
+    """A validated ranking as exported: the same columns, of the same types, for any ranking.
+
+    ``gold`` becomes a list aligned with ``candidates`` (an object keyed A, B, C, ... loads in
+    ``datasets`` as a struct whose fields change with K) and is null when the ranking has no gold
+    scores, as is ``gold_scorer``: human and simulated rankings share one schema. The lab's
+    loaders read the list back into the ``{label: score}`` object (:func:`_check_gold`).
+    """
+    labels = [c["label"] for c in rec["candidates"]]
+    gold = rec.get("gold")
+    out = {k: v for k, v in rec.items() if k not in ("gold", "gold_scorer")}
+    out["gold"] = [gold.get(label) for label in labels] if gold else None
+    out["gold_scorer"] = rec.get("gold_scorer")
+    return out
+
+
+def exported_rankings_types() -> dict[str, Any]:
+    """Arrow types of the exported rankings' columns that can be all null or all empty in a file.
+
+    JSON Lines carries no types, so ``datasets`` infers ``null`` for a column that is null in
+    every row; parquet and dataset folders store these types instead (:func:`save_records`).
+    """
+    import pyarrow as pa
+
+    return {
+        "flags": pa.list_(pa.string()),
+        "created_at": pa.string(),
+        "gold": pa.list_(pa.float64()),
+        "gold_scorer": pa.string(),
+    }
 
 
 # ----------------------------------------------------------------------------- writers
@@ -988,22 +1150,6 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> Path:
     return path
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished folder ``tmp`` to ``out``, replacing an old ``out`` only after success."""
-    old = None
-    if out.exists():
-        old = _temp_sibling(out, "old")
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def output_kind(out: str | os.PathLike) -> str:
     """``jsonl``, ``parquet`` or ``dataset`` (a ``save_to_disk`` folder) for an output path."""
     p = Path(out)
@@ -1026,9 +1172,16 @@ def output_kind(out: str | os.PathLike) -> str:
     return kind
 
 
-def save_records(records: Sequence[dict], out: str | os.PathLike) -> Path:
+def save_records(
+    records: Sequence[dict], out: str | os.PathLike, column_types: Mapping[str, Any] | None = None
+) -> Path:
     """Save records as ``.jsonl``, ``.parquet``, or (any other path) an HF dataset folder
-    (``datasets.load_from_disk`` reads it). Atomic: nothing is left at ``out`` on failure."""
+    (``datasets.load_from_disk`` reads it). Atomic: nothing is left at ``out`` on failure.
+
+    ``column_types`` (column name → pyarrow type) fixes those columns' types in parquet and
+    dataset folders, where they would be inferred from the values (``null`` for a column that is
+    null in every row); JSON Lines has no types to fix.
+    """
     out = Path(out)
     kind = output_kind(out)
     if kind == "jsonl":
@@ -1037,21 +1190,24 @@ def save_records(records: Sequence[dict], out: str | os.PathLike) -> Path:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         if kind == "parquet":
-            _save_parquet(records, out)
+            _save_parquet(records, out, column_types or {})
         else:
-            _save_dataset(records, out)
+            _save_dataset(records, out, column_types or {})
     except OSError as err:
         raise DataError(f"cannot write {out}: {err.strerror or err}", code="output") from None
     return out
 
 
-def _save_parquet(records: list[dict], out: Path) -> None:
+def _save_parquet(records: list[dict], out: Path, column_types: Mapping[str, Any]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         table = pa.Table.from_pylist(records)
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+        for name, type_ in column_types.items():
+            if name in table.column_names:
+                table = table.set_column(table.column_names.index(name), name, table[name].cast(type_))
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as err:
         raise DataError(
             f"cannot store these records as parquet ({err}); write .jsonl instead", code="output"
         ) from None
@@ -1064,35 +1220,55 @@ def _save_parquet(records: list[dict], out: Path) -> None:
         raise
 
 
-def _save_dataset(records: list[dict], out: Path) -> None:
+def _save_dataset(records: list[dict], out: Path, column_types: Mapping[str, Any]) -> None:
     import datasets
-    import pyarrow as pa
 
-    try:
-        ds = datasets.Dataset.from_list(records)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as err:
-        first = (str(err).splitlines() or [""])[0]
-        raise DataError(
-            f"cannot store these records as an HF dataset ({first}); write .jsonl instead", code="output"
-        ) from None
-    tmp = _temp_sibling(out, "tmp")
     quiet = datasets.is_progress_bar_enabled()
-    if quiet:  # a bar for a save that takes milliseconds is noise
+    if quiet:  # bars for steps that take milliseconds are noise
         datasets.disable_progress_bars()
     try:
-        ds.save_to_disk(str(tmp))
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        ds = _typed_dataset(records, column_types)
+        tmp = _temp_sibling(out, "tmp")
+        try:
+            ds.save_to_disk(str(tmp))
+            replace_dir_atomically(tmp, out)  # a crash leaves the old folder or the new one
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     finally:
         if quiet:
             datasets.enable_progress_bars()
 
 
+def _typed_dataset(records: list[dict], column_types: Mapping[str, Any]) -> Any:
+    """``datasets.Dataset.from_list(records)`` with the ``column_types`` it has set, the rest inferred."""
+    import datasets
+    import pyarrow as pa
+
+    try:
+        ds = datasets.Dataset.from_list(records)
+        typed = {name: type_ for name, type_ in column_types.items() if name in ds.column_names}
+        if typed:
+            ds = ds.cast(
+                datasets.Features(
+                    {**ds.features, **datasets.Features.from_arrow_schema(pa.schema(list(typed.items())))}
+                )
+            )
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError, ValueError) as err:
+        first = (str(err).splitlines() or [""])[0]
+        raise DataError(
+            f"cannot store these records as an HF dataset ({first}); write .jsonl instead", code="output"
+        ) from None
+    return ds
+
+
 # ----------------------------------------------------------------------------- rlhf export
 
-EXPORT_FORMATS = ("pairs", "rankings")
+# What each format is for (docs/architecture.md, "Data contracts"):
+#   rankings: the validated rankings, ties included, for the lab's losses over whole rankings;
+#   pairs:    every derived pair with its `tie` flag, for pair losses that model ties;
+#   trl:      strict pairs only, for TRL's RewardTrainer and DPOTrainer; ties in a file beside it.
+EXPORT_FORMATS = ("pairs", "rankings", "trl")
 
 
 @dataclass
@@ -1104,9 +1280,21 @@ class ExportConfig:
     )
     format: str = option(
         "pairs",
-        help="pairs = every pair of candidates per ranking (prompt/chosen/rejected, "
-        "tie rows included); rankings = the validated rankings themselves",
+        help="pairs = every pair of candidates per ranking, tie rows included (pair losses with ties); "
+        "rankings = the validated rankings themselves; trl = strict pairs only for TRL's "
+        "RewardTrainer/DPOTrainer, tied pairs written to <out stem>.ties.jsonl beside it",
         choices=EXPORT_FORMATS,
+    )
+    trl_style: str = option(
+        "conversational",
+        help="format trl: conversational = prompt/chosen/rejected as chat messages (TRL applies the "
+        "chat template); standard = plain strings with the chat template of --model already applied",
+        choices=TRL_STYLES,
+    )
+    model: str = option(
+        "",
+        help="format trl, style standard: the model (alias or dir) whose chat template the "
+        "responses were sampled under, e.g. smollm2-135m-instruct",
     )
     out: str = option(
         "",
@@ -1114,7 +1302,9 @@ class ExportConfig:
         "(default: <run_dir>/<format>.jsonl)",
     )
     drop_ties: bool = option(
-        False, help="leave out tie pairs (format pairs) or all-tied rankings (format rankings)"
+        False,
+        help="leave out tie pairs (format pairs), all-tied rankings (format rankings) "
+        "or the ties file (format trl)",
     )
     experiment: str = option("default", help="experiment name (W&B group; runs/<experiment>/)")
     runs_dir: str = option("runs", help="root folder of run directories")
@@ -1124,11 +1314,82 @@ class ExportConfig:
     def validate(self) -> None:
         if not self.rankings:
             raise ConfigError("export: --rankings is required (a rankings JSONL file or dataset folder)")
+        check_export_options(self.format, self.trl_style, self.model)
         if self.out:
             try:
                 output_kind(self.out)
             except DataError as err:
                 raise ConfigError(str(err)) from None
+
+
+def check_export_options(fmt: str, trl_style: str = "conversational", model: str | None = None) -> None:
+    """One clear error for an unknown format or TRL style, or a standard TRL export without a model."""
+    if fmt not in EXPORT_FORMATS:
+        raise ConfigError(f"unknown export format {fmt!r}; valid formats: {', '.join(EXPORT_FORMATS)}")
+    if fmt != "trl":
+        return
+    if trl_style not in TRL_STYLES:
+        raise ConfigError(f"unknown TRL style {trl_style!r}; valid styles: {', '.join(TRL_STYLES)}")
+    if trl_style == "standard" and not model:
+        raise ConfigError(
+            "export: the standard TRL style needs --model, the model whose chat template the responses "
+            "were sampled under (e.g. --model smollm2-135m-instruct)"
+        )
+
+
+@dataclass
+class Export:
+    """What one export writes: ``records`` at the output and, for format trl, ``ties`` beside it."""
+
+    format: str
+    records: list[dict]
+    ties: list[dict] | None = None
+
+
+def build_export(
+    rankings: Sequence[dict],
+    fmt: str,
+    *,
+    drop_ties: bool = False,
+    trl_style: str = "conversational",
+    model: str | None = None,
+) -> Export:
+    """The records of one export format from validated rankings (the one home of every format,
+    used by ``rlhf export`` and ``rlhf annotate export``)."""
+    check_export_options(fmt, trl_style, model)
+    if fmt == "pairs":
+        return Export(fmt, [p for p in rankings_to_pairs(rankings) if not (drop_ties and p["tie"])])
+    if fmt == "rankings":
+        kept = [r for r in rankings if not (drop_ties and "all_tied" in r["flags"])]
+        return Export(fmt, [ranking_for_export(r) for r in kept])
+    tokenizer = None
+    if trl_style == "standard":
+        from rlhf.models import load_tokenizer
+
+        tokenizer = load_tokenizer(model)
+    preferences, ties = rankings_to_trl(rankings, trl_style, tokenizer)
+    if not preferences:
+        raise DataError(
+            f"no strict preference to export: all {len(ties)} pairs of these {len(rankings)} rankings "
+            "are ties, and TRL's trainers read every row as chosen beats rejected",
+            code="empty",
+        )
+    return Export(fmt, preferences, None if drop_ties else ties)
+
+
+def ties_path(out: str | os.PathLike) -> Path:
+    """Where format trl writes the tied pairs: ``<out stem>.ties.jsonl`` beside the output."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.ties.jsonl")
+
+
+def write_export(export: Export, out: str | os.PathLike) -> tuple[Path, Path | None]:
+    """Write an export (atomically, file by file); returns the output and the ties file (or None)."""
+    column_types = exported_rankings_types() if export.format == "rankings" else None
+    path = save_records(export.records, out, column_types)
+    if export.ties is None:
+        return path, None
+    return path, write_jsonl(ties_path(out), export.ties)
 
 
 def export_stats(rankings: Sequence[dict], pairs: Sequence[dict]) -> dict[str, int]:
@@ -1147,7 +1408,7 @@ def export_stats(rankings: Sequence[dict], pairs: Sequence[dict]) -> dict[str, i
 
 
 def run_export(cfg: ExportConfig) -> dict:
-    """Load and validate rankings, write them (or their derived pairs), log the file as a W&B dataset.
+    """Load and validate rankings, write one export format, log the file(s) as W&B datasets.
 
     Everything is validated before the run dir or the output is touched, so bad input leaves no
     file behind.
@@ -1156,18 +1417,16 @@ def run_export(cfg: ExportConfig) -> dict:
 
     cfg.validate()
     rankings = load_rankings(cfg.rankings)
-    pairs = rankings_to_pairs(rankings)
-    stats = export_stats(rankings, pairs)
-    if cfg.format == "pairs":
-        records = [p for p in pairs if not (cfg.drop_ties and p["tie"])]
-    else:
-        records = [r for r in rankings if not (cfg.drop_ties and "all_tied" in r["flags"])]
-    stats["export/written"] = len(records)
+    stats = export_stats(rankings, rankings_to_pairs(rankings))
+    export = build_export(
+        rankings, cfg.format, drop_ties=cfg.drop_ties, trl_style=cfg.trl_style, model=cfg.model
+    )
+    stats["export/written"] = len(export.records)
     out = Path(cfg.out) if cfg.out else stage_run_dir(cfg, "export") / f"{cfg.format}.jsonl"
     tracker = start_stage(cfg, "export")
     try:
         tracker.use_artifact(cfg.rankings, "rankings", "dataset")
-        path = save_records(records, out)
+        path, ties = write_export(export, out)
         tracker.log(stats, step=0)
         tracker.summary(stats)
         if cfg.format == "pairs":
@@ -1182,34 +1441,41 @@ def run_export(cfg: ExportConfig) -> dict:
                 "rejected",
             ]
             tracker.log_table(
-                "export/sample_pairs", cols, [[p[c] for c in cols] for p in records[:20]], step=0
+                "export/sample_pairs", cols, [[p[c] for c in cols] for p in export.records[:20]], step=0
             )
-        tracker.log_artifact(
-            path,
-            f"{cfg.experiment}-{cfg.format}",
-            "dataset",
-            metadata={"format": cfg.format, "drop_ties": cfg.drop_ties, "source": cfg.rankings, **stats},
-        )
+        metadata = {"format": cfg.format, "drop_ties": cfg.drop_ties, "source": cfg.rankings, **stats}
+        if cfg.format == "trl":
+            metadata["trl_style"] = cfg.trl_style
+        tracker.log_artifact(path, f"{cfg.experiment}-{cfg.format}", "dataset", metadata=metadata)
+        if ties is not None:
+            tracker.log_artifact(ties, f"{cfg.experiment}-{cfg.format}-ties", "dataset", metadata=metadata)
     finally:
         tracker.finish()
     dropped = " (ties dropped)" if cfg.drop_ties else ""
+    beside = f"; {len(export.ties)} tied pairs → {ties}" if ties is not None else ""
     print(
         f"export: {stats['export/rankings']} rankings of {stats['export/prompts']} prompts → "
         f"{stats['export/strict_pairs']} strict pairs, {stats['export/tie_pairs']} tie pairs, "
-        f"{stats['export/all_tied_rankings']} all-tied rankings; wrote {len(records)} {cfg.format}{dropped} → {path}"
+        f"{stats['export/all_tied_rankings']} all-tied rankings; wrote {len(export.records)} "
+        f"{cfg.format}{dropped} → {path}{beside}"
     )
-    return {"run_dir": str(tracker.run_dir), "out": str(path), "format": cfg.format, **stats}
+    result = {"run_dir": str(tracker.run_dir), "out": str(path), "format": cfg.format, **stats}
+    if ties is not None:
+        result["ties_out"] = str(ties)
+    return result
 
 
 def add_parser(subparsers):
     p = subparsers.add_parser(
         "export",
-        help="turn rankings into a preference dataset (rankings + derived pairs)",
+        help="turn rankings into a preference dataset (rankings, derived pairs, or TRL's format)",
         description=(
             "Validate rankings (every bad row is reported with its line number) and write them, or the "
             "pairs derived from them, as JSONL, parquet or an HF dataset folder. From C > B = D > A the "
-            "pairs are (C,B) (C,D) (C,A) (B,A) (D,A) plus the tie {B,D} (tie=true); the prompt/chosen/"
-            "rejected columns load in TRL's RewardTrainer. The output is logged as a W&B dataset artifact."
+            "pairs are (C,B) (C,D) (C,A) (B,A) (D,A) plus the tie {B,D}. --format pairs keeps the tie "
+            "as a row with tie=true (for pair losses that model ties); --format trl writes the strict pairs "
+            "in TRL's preference format for RewardTrainer/DPOTrainer and the ties to <out "
+            "stem>.ties.jsonl beside it. The output is logged as a W&B dataset artifact."
         ),
     )
     add_config_arguments(p, ExportConfig)

@@ -61,7 +61,9 @@ from typing import Any
 
 import torch
 
-from rlhf.errors import ConfigError, UserError
+from rlhf.config import did_you_mean
+from rlhf.errors import ConfigError, UserError, require_extra
+from rlhf.fsio import atomic_dir, recover_dir, replace_dir_atomically
 
 SMOLLM2 = "smollm2-135m-instruct"
 TINY = "tiny"
@@ -178,25 +180,21 @@ def check_cache(path: Path) -> str | None:
 
 
 def _install_atomically(tmp_out: Path, target: Path, force: bool) -> Path:
-    """Rename the finished ``tmp_out`` to ``target``; with ``force`` replace what is there."""
+    """Swap the finished ``tmp_out`` in as ``target`` (:func:`rlhf.fsio.replace_dir_atomically`);
+    without ``force`` a valid copy that another process finished meanwhile is kept instead."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    old = None
-    if target.exists():
-        if not force and check_cache(target) is None:
-            # Another process finished first: keep its copy, drop ours.
-            shutil.rmtree(tmp_out, ignore_errors=True)
-            return target
-        old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.monotonic_ns()}")
-        os.rename(target, old)
+    recover_dir(target)  # a swap killed midway left only the backup: that copy counts too
+    if not force and target.exists() and check_cache(target) is None:
+        # Another process finished first: keep its copy, drop ours.
+        shutil.rmtree(tmp_out, ignore_errors=True)
+        return target
     try:
-        os.rename(tmp_out, target)
+        replace_dir_atomically(tmp_out, target)
     except OSError:
         if target.exists() and check_cache(target) is None:  # lost a race to another process
             shutil.rmtree(tmp_out, ignore_errors=True)
         else:
             raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     return target
 
 
@@ -387,8 +385,7 @@ def _shared_gguf_parse():
     path and ``gguf.get_tensor_name_map`` is memoised; both are restored on exit. transformers
     imports both names from ``gguf`` at call time, which is what makes the swap effective.
     """
-    import gguf as gguf_pkg
-
+    gguf_pkg = require_extra("gguf", "embedded", "reading the embedded model's GGUF file")
     orig_reader, orig_map = gguf_pkg.GGUFReader, gguf_pkg.get_tensor_name_map
     readers: dict[Any, Any] = {}
 
@@ -472,7 +469,7 @@ def download(name: str = SMOLLM2, force: bool = False, log: Callable[[str], None
         raise UserError(
             f"unknown model {name!r} to download; choose one of {', '.join(ALIASES)}", code="unknown_model"
         )
-    target = alias_dir(name)
+    target = recover_dir(alias_dir(name))  # a swap killed midway left only the backup: use it
     if not force and target.exists() and check_cache(target) is None:
         log(f"rlhf download: {name} is already in {target} (use --force to fetch it again)")
         return target
@@ -533,16 +530,47 @@ def resolve_model_path(name: str | os.PathLike) -> str:
         if why is not None:
             raise _corrupt(name, target, why)
         return str(target)
-    p = Path(name).expanduser()
+    p = recover_dir(Path(name).expanduser())  # a save killed between its two renames (rlhf/fsio.py)
     if p.is_dir():
         return str(p)
-    if p.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise UserError(
-            f"model {name!r}: no such model directory; give an alias ({', '.join(ALIASES)}), "
-            "a local model directory or a Hub id",
-            code="model_not_found",
-        )
+    if _is_local_path(name):
+        raise _model_not_found(name, "no such model directory")
     return name  # a Hub id
+
+
+def check_model_name(name: str) -> None:
+    """Reject a name :func:`resolve_model_path` could not load, without downloading or loading
+    anything: neither an alias, nor an existing local dir, nor a Hub id that can be fetched (with
+    the Hub offline, only a model already in the local Hugging Face cache can; docs/environment.md)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    name = str(name)
+    if name in ALIASES or Path(name).expanduser().is_dir():
+        return
+    if _is_local_path(name):
+        raise _model_not_found(name, "no such model directory")
+    try:
+        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except HFValidationError:
+        raise _model_not_found(name, "not an alias, a local directory or a valid Hub id") from None
+    if constants.HF_HUB_OFFLINE and not cached:
+        raise _model_not_found(
+            name, "the Hub is offline and it is not an alias, a local directory or a cached Hub model"
+        )
+
+
+def _is_local_path(name: str) -> bool:
+    """Whether ``name`` can only mean a local path (so, missing, it is not taken for a Hub id)."""
+    return Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def _model_not_found(name: str, why: str) -> UserError:
+    return UserError(
+        f"model {name!r}: {why}{did_you_mean(name, ALIASES)}; give an alias ({', '.join(ALIASES)}), "
+        "a local model directory or a Hub id",
+        code="model_not_found",
+    )
 
 
 def _is_adapter_dir(path: str) -> bool:
@@ -743,27 +771,9 @@ def load_policy(
     return model, load_tokenizer(name)
 
 
-def _atomic_dir(out_dir: Path, fill: Callable[[Path], None]) -> Path:
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        fill(tmp)
-        old = None
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}-{time.monotonic_ns()}")
-            os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
-
-
 def write_policy_dir(model, tokenizer, out_dir: str | os.PathLike, meta: dict[str, Any]) -> Path:
-    """Save model (or just the PEFT adapter) + tokenizer + ``rlhf_policy.json``, atomically.
+    """Save model (or just the PEFT adapter) + tokenizer + ``rlhf_policy.json``, atomically
+    (:func:`rlhf.fsio.atomic_dir`: a crash leaves the old policy dir or the new one).
 
     ``meta`` should name ``base`` (the model the policy started from) and ``stage``; for an
     adapter without ``base`` the adapter's ``base_model_name_or_path`` is used.
@@ -776,14 +786,12 @@ def write_policy_dir(model, tokenizer, out_dir: str | os.PathLike, meta: dict[st
     if is_peft and not meta.get("base"):
         raise UserError("write_policy_dir: an adapter policy needs meta['base']", code="bad_policy_dir")
     meta.setdefault("format", "peft_adapter" if is_peft else "full")
-
-    def fill(tmp: Path) -> None:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / POLICY_META).write_text(json.dumps(meta, indent=2, default=str))
         _relax_permissions(tmp)
-
-    return _atomic_dir(Path(out_dir), fill)
+    return Path(out_dir)
 
 
 # ----------------------------------------------------------------------------- chat formatting

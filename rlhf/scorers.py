@@ -26,11 +26,14 @@ import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from rlhf.errors import UserError
+from rlhf.config import did_you_mean
+from rlhf.errors import UserError, require_extra
 
 Scorer = Callable[[Sequence[str], Sequence[str]], list[float]]
 
 KINDS = "vader, length:target=N, keywords:good=a|b,bad=c, module:function, python:FILE.py:function"
+# The names a spec starts with (a misspelt one gets a did-you-mean suggestion).
+KIND_NAMES = ("vader", "length", "keywords", "python")
 
 
 class ScorerError(UserError):
@@ -43,9 +46,8 @@ class VaderScorer:
     name = "vader"
 
     def __init__(self):
-        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
-        self._analyzer = SentimentIntensityAnalyzer()
+        vader = require_extra("vaderSentiment.vaderSentiment", "vader", "the vader scorer")
+        self._analyzer = vader.SentimentIntensityAnalyzer()
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
         return [float(self._analyzer.polarity_scores(r)["compound"]) for r in responses]
@@ -218,4 +220,4 @@ def get_scorer(spec: str) -> Scorer:
         body and re.fullmatch(r"[A-Za-z_][\w.]*", kind) and re.fullmatch(r"[A-Za-z_]\w*", body)
     ):
         return CallableScorer(load_callable(spec), spec)
-    raise ScorerError(f"unknown scorer {spec!r}; valid kinds: {KINDS}")
+    raise ScorerError(f"unknown scorer {spec!r}{did_you_mean(kind, KIND_NAMES)}; valid kinds: {KINDS}")

@@ -9,16 +9,16 @@ A checkpoint is a directory ``checkpoints/update_000012/`` holding
   shuffling generators of that process;
 - ``done`` — written last, so a directory without it (a crash mid-save) is never resumed from.
 
-The directory is filled under a temporary name and renamed into place, so the last good
-checkpoint stays intact whatever happens during the next save.
+The directory is filled under a temporary name and swapped into place with
+:func:`rlhf.fsio.replace_dir_atomically`, so the last good checkpoint stays intact whatever
+happens during the next save (also when a resume saves the same update again). Old checkpoints
+lose ``done`` before the rest of them is deleted, so a half-deleted one is never resumed from.
 """
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from rlhf.errors import UserError
+from rlhf.fsio import recover_dir, recover_dirs_in, replace_dir_atomically
 
 PREFIX = "update_"
 
@@ -38,6 +39,7 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     """Complete checkpoints under ``ckpt_root``, oldest first."""
     if not ckpt_root.is_dir():
         return []
+    recover_dirs_in(ckpt_root)  # a save killed mid-swap left only the backup of a checkpoint
     found = [
         p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "done").exists()
     ]
@@ -92,10 +94,9 @@ def save_checkpoint(
     barrier()
     if is_main:
         (tmp / "done").write_text(str(update))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_dir_atomically(tmp, final)
         for old in list_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
+            (old / "done").unlink(missing_ok=True)
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
@@ -108,7 +109,7 @@ def resolve_resume(resume: str, ckpt_root: Path) -> Path | None:
     if resume == "auto":
         found = list_checkpoints(ckpt_root)
         return found[-1] if found else None
-    p = Path(resume)
+    p = recover_dir(Path(resume))
     if not (p / "done").exists() or not (p / "state.pt").exists():
         raise UserError(
             f"resume: {resume!r} is not a complete PPO checkpoint directory "
@@ -129,11 +130,3 @@ def load_checkpoint(path: Path, rank: int) -> tuple[dict[str, Any], dict[str, An
         )
     rng = torch.load(rng_file, map_location="cpu", weights_only=False)
     return state, rng
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)

@@ -56,15 +56,13 @@ import torch
 
 from rlhf.config import ConfigError, config_hash, exact_div, option, to_dict
 from rlhf.errors import UserError
+from rlhf.fsio import recover_dir
 from rlhf.models import MIXED_PRECISION, MIXED_PRECISION_HELP
+from rlhf.nonfinite import NonFiniteError, stop_if_non_finite
 from rlhf.ppo import math as pm
 from rlhf.tracking import TrackingConfig
 
 RANK_SEED_STRIDE = 100_003  # seed + rank · stride: distinct streams per process (docs/ppo.md item 18)
-
-
-class NonFiniteError(UserError):
-    code = "non_finite"
 
 
 @dataclass
@@ -271,7 +269,7 @@ def check_reward_spec(reward: str | list[dict]) -> None:
     for spec in _spec_parts(reward):
         if not _looks_like_path(spec):
             continue
-        p = Path(spec).expanduser()
+        p = recover_dir(Path(spec).expanduser())  # a save killed mid-swap left only its backup
         if not p.is_dir():
             raise ConfigError(
                 f"reward: reward-model directory {spec!r} does not exist; give a reward-model dir "
@@ -661,6 +659,15 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
     last_metrics: dict[str, float] = {}
     interrupted = False
     last_good = None
+
+    def where(update: int, epoch: int) -> dict[str, Any]:
+        """Where a non-finite loss or gradient stopped the run, for its error message."""
+        return {
+            "at": f"update {update}, epoch {epoch + 1}",
+            "last_good": last_good,
+            "hint": "Try a lower learning_rate or score_clip.",
+        }
+
     from tqdm.auto import tqdm
 
     bar = tqdm(
@@ -670,7 +677,8 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
         unit="update",
         disable=not accelerator.is_main_process,
     )
-    with _Interrupt() as interrupt:
+    # The bar is closed however the loop ends, so an error message starts on a line of its own.
+    with bar, _Interrupt() as interrupt:
         for update in range(start_update + 1, n_updates + 1):
             t_start = time.time()
             # 1. rollout ---------------------------------------------------------------------------
@@ -806,12 +814,7 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
                                 n_tokens=n_tok,
                             )
                             loss = pg_loss + cfg.vf_coef * vf_loss
-                            if not pm.is_finite(loss):
-                                raise NonFiniteError(
-                                    f"non-finite loss at update {update}, epoch {epoch + 1}; stopped before the "
-                                    f"optimiser step (last good checkpoint: {last_good or 'none'}). Try a lower "
-                                    "learning_rate or score_clip."
-                                )
+                            stop_if_non_finite(loss, "loss", **where(update, epoch))
                             accelerator.backward(loss)
                         with torch.no_grad():
                             ent = pm.masked_mean(
@@ -830,7 +833,8 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
                             mb_stats[key] += float(val)
                     if epoch == 0 and mb_start == 0:
                         first_ratio = mb_stats["ratio"]
-                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                    grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                    stop_if_non_finite(grad_norm, "gradient norm", **where(update, epoch))
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     for key, val in mb_stats.items():
@@ -930,7 +934,6 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
                     flush=True,
                 )
                 break
-    bar.close()
 
     if not interrupted and eval_q is not None and start_update < n_updates:
         last_eval = run_evaluation(n_updates)

@@ -132,7 +132,7 @@ def test_cache_reruns_only_what_changed(tmp_path, capsys):
         },
     )
     assert main(["experiment", "run", f2]) == 2
-    assert "stages.simulate: unknown config key 'scorr'" in capsys.readouterr().err
+    assert "stages.simulate.scorr: unknown config key (did you mean 'scorer'?)" in capsys.readouterr().err
     assert not (runs / "typo").exists()
 
 

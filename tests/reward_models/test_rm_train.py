@@ -30,7 +30,8 @@ TRAIN_ARGS = ["--config", str(CONFIGS / "rm_tiny.yaml"), "tracking.mode=offline"
 
 
 def bad_records() -> list[dict]:
-    """One of each kind of bad input the issue lists."""
+    """One of each kind of awkward input: the first two break the rankings contract (bad rows), the
+    others are valid but need care (all tied, an empty response, mixed K, a long prompt)."""
     good = make_records(6, seed=99)
     one = copy.deepcopy(good[0])
     one["candidates"] = one["candidates"][:1]
@@ -70,6 +71,8 @@ def trained(tmp_path_factory):
             "t",
             "--save_every",
             "20",
+            "--skip_bad_rows",
+            "true",
             *TRAIN_ARGS,
         ]
     )
@@ -117,13 +120,14 @@ def test_bad_input_is_counted_and_reported(trained):
     _, run_dir = trained
     report = json.loads((run_dir / "data_report.json").read_text())
     assert report["records"] == 107
-    assert report["one_candidate"] == 1 and report["label_mismatch"] == 1
+    assert report["bad_rows"] == 2  # one candidate, labels that do not match: skipped (skip_bad_rows)
     assert report["all_tied_dropped"] >= 1  # grouped BT has no strict pair to learn from
     assert report["empty_responses"] == 1
     assert report["truncated"] >= 4  # the long prompt's 4 candidates
     assert set(report["k_counts"]) == {"3", "4"} or set(report["k_counts"]) == {3, 4}
     first = _metrics(run_dir)[0]
-    assert first["data/one_candidate"] == 1 and first["data/mixed_k"] == 1
+    assert first["data/bad_rows"] == 2 and first["data/mixed_k"] == 1
+    assert json.loads((run_dir / "summary.json").read_text())["data/bad_rows"] == 2
 
 
 def test_eval_writes_metrics_plot_and_table(trained):
@@ -222,9 +226,55 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path, capsys, argv, code, words):
     assert not (tmp_path / "runs").exists()  # rejected before anything is written
 
 
+def _with_bad_rows(path: Path) -> Path:
+    """12 good rankings with three bad rows among them: lines 3 and 6 break the contract, line 9 is
+    not JSON."""
+    lines = [json.dumps(r) for r in make_records(12, seed=4)]
+    one_candidate, mismatch = bad_records()[:2]
+    lines.insert(2, json.dumps(one_candidate))
+    lines.insert(5, json.dumps(mismatch))
+    lines.insert(8, "{not json")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+QUICK_ARGS = ["--max_steps", "2", "--normalize", "false", "--model", "tiny", "tracking.mode=disabled"]
+
+
+def test_bad_rows_stop_the_run_listing_every_one(tmp_path, capsys):
+    """Like every other stage: exit 2 with every bad row and its line number, before anything is written."""
+    data = _with_bad_rows(tmp_path / "r.jsonl")
+    rc = main(["rm", "train", "--rankings", str(data), "--runs_dir", str(tmp_path / "runs"), *QUICK_ARGS])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error[bad_rows]: 3 bad rows in" in err
+    assert "line 3: candidates" in err and "line 6: tiers" in err and "line 9: not valid JSON" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_skip_bad_rows_trains_and_reports_how_many(tmp_path, capsys):
+    data = _with_bad_rows(tmp_path / "r.jsonl")
+    runs = tmp_path / "runs"
+    argv = ["rm", "train", "--rankings", str(data), "--runs_dir", str(runs), "--skip_bad_rows", "true"]
+    assert main([*argv, *QUICK_ARGS]) == 0
+    out = capsys.readouterr().out
+    assert "data: 15 ranking records → 12 used" in out and "3 bad rows" in out
+    summary = json.loads((runs / "default" / "rm_train" / "summary.json").read_text())
+    assert summary["data/bad_rows"] == 3
+
+
 def test_no_usable_rankings_fails_cleanly(tmp_path, capsys):
     data = write_records(tmp_path / "r.jsonl", bad_records()[:2])
-    rc = main(["rm", "train", "--rankings", str(data), "--runs_dir", str(tmp_path / "runs")])
+    argv = [
+        "rm",
+        "train",
+        "--rankings",
+        str(data),
+        "--runs_dir",
+        str(tmp_path / "runs"),
+        "--skip_bad_rows",
+        "true",
+    ]
+    rc = main(argv)
     err = capsys.readouterr().err
     assert rc == 2 and "error[no_data]" in err and not (tmp_path / "runs").exists()
 

@@ -31,7 +31,7 @@ def test_every_subcommand_has_help(name, capsys):
 def test_unknown_option_is_one_line_exit_2(in_tmp, capsys):
     assert main(["simulate", "--candidates", "c.jsonl", "--temprature", "0.1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "unknown config key temprature" in err[0]
+    assert len(err) == 1 and "temprature: unknown config key" in err[0]
 
 
 def test_wrong_type_is_one_line_exit_2(in_tmp, capsys):

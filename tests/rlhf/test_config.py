@@ -69,8 +69,8 @@ def test_exponent_without_a_dot_is_a_number():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"stepz": 1}, "unknown config key stepz"),
-        ({"inner.lrr": 1}, "unknown config key inner.lrr"),
+        ({"stepz": 1}, "stepz: unknown config key"),
+        ({"inner.lrr": 1}, "inner.lrr: unknown config key"),
         ({"flag": "yes please"}, "flag: expected true or false"),
         ({"inner.kind": "k2"}, "inner.kind: 'k2' is not valid; choose one of k1, k3"),
         ({"tags": "a"}, "tags: expected list of str"),

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
+from rlhf.errors import MissingExtraError
 from rlhf.scorers import ScorerError, get_scorer
 
 
@@ -69,3 +72,11 @@ def test_callable_must_return_one_float_per_response(tmp_path):
         get_scorer(f"python:{f}:short")(["a", "b"], ["a", "b"])
     with pytest.raises(ScorerError, match="non-finite"):
         get_scorer(f"python:{f}:nan")(["a"], ["a"])
+
+
+def test_a_missing_optional_package_names_the_extra_that_installs_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vaderSentiment.vaderSentiment", None)  # import raises ImportError
+    with pytest.raises(
+        MissingExtraError, match=r"the vader scorer needs the vaderSentiment package.*rlhf-lab\[vader\]"
+    ):
+        get_scorer("vader")

@@ -1,0 +1,101 @@
+"""Saving a directory so that a crash leaves the old version or the new one, never neither.
+
+Every directory the lab saves — policy dirs, reward-model dirs, PPO checkpoints, the model
+cache, HF dataset folders — is first written completely under a temporary name next to its final
+place, then swapped in by :func:`replace_dir_atomically`. ``rename(2)`` is atomic, but it cannot
+replace a non-empty directory (POSIX: "If *new* names an existing directory, it shall be required
+to be an empty directory", https://pubs.opengroup.org/onlinepubs/9699919799/functions/rename.html),
+so the swap takes two renames and a delete:
+
+1. ``final`` → ``.final.old`` (the backup),
+2. the temporary directory → ``final``,
+3. delete the backup.
+
+A process killed between 1 and 2 leaves no ``final`` but a complete backup. :func:`recover_dir`
+renames that backup back to ``final``; the loaders of saved directories call it before looking
+(and so does the next save), so a reader finds the old version. Killed during 3, ``final`` is
+already the new version and the half-deleted backup is removed by the next save. Killed before
+1, ``final`` was never touched; the temporary directory is left behind, a hidden name
+(``.final.tmp-*``) that nothing loads.
+
+This protects against a killed process (Ctrl-C, SIGKILL, out of memory), not against a power cut:
+nothing is fsync'ed. One process writes a given directory at a time; the model cache, which
+several processes may build at once, settles that race itself (:mod:`rlhf.models`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+BACKUP_SUFFIX = ".old"
+
+
+def backup_path(final: str | os.PathLike) -> Path:
+    """Where :func:`replace_dir_atomically` keeps the old ``final`` during the swap."""
+    final = Path(final)
+    return final.with_name(f".{final.name}{BACKUP_SUFFIX}")
+
+
+def recover_dir(final: str | os.PathLike) -> Path:
+    """Finish a swap interrupted between its two renames: if ``final`` is missing but its backup
+    exists, rename the backup back to ``final``. Returns ``final``; a no-op otherwise."""
+    final = Path(final)
+    backup = backup_path(final)
+    if final.exists() or not backup.is_dir():
+        return final
+    try:
+        os.rename(backup, final)
+    except OSError:
+        if not final.exists():  # not another process recovering or saving it at the same moment
+            raise
+    return final
+
+
+def recover_dirs_in(parent: str | os.PathLike) -> None:
+    """:func:`recover_dir` for every interrupted swap of a directory directly inside ``parent``."""
+    parent = Path(parent)
+    if not parent.is_dir():
+        return
+    for backup in parent.glob(f".*{BACKUP_SUFFIX}"):
+        recover_dir(parent / backup.name[1 : -len(BACKUP_SUFFIX)])
+
+
+def replace_dir_atomically(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Move the complete directory ``tmp`` to ``final``, replacing an existing ``final`` by the
+    three steps of the module docstring. ``tmp`` must be on the same file system (a sibling).
+
+    If step 2 fails, the backup is moved back, so ``final`` is as it was before the call."""
+    tmp, final = Path(tmp), Path(final)
+    backup = backup_path(final)
+    recover_dir(final)  # a crash of an earlier save left only the backup: that is the current version
+    if final.exists():
+        shutil.rmtree(backup, ignore_errors=True)  # the leftover of an earlier, finished swap
+        os.rename(final, backup)
+    try:
+        os.rename(tmp, final)
+    except BaseException:
+        recover_dir(final)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+    return final
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """``with atomic_dir(out) as tmp:`` fill ``tmp``; when the block ends without an error, ``tmp``
+    replaces ``out`` (:func:`replace_dir_atomically`). On an error ``tmp`` is deleted and ``out``
+    is left as it was."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        replace_dir_atomically(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
