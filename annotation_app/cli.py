@@ -4,7 +4,7 @@ A round end to end::
 
     rlhf annotate users add alice --role admin --db lab.db        # asks for a password
     rlhf annotate import runs/x/generate/candidates.jsonl --db lab.db \\
-        --project-config experiments/configs/annotation_project.yaml
+        --project_config experiments/configs/annotation_project.yaml
     rlhf annotate serve --db lab.db                               # http://127.0.0.1:7860
     rlhf annotate stats --db lab.db
     rlhf annotate export --db lab.db --format pairs --out prefs   # HF dataset dir (or .jsonl)
@@ -184,7 +184,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--project", default=None, help="only serve prompts of this project (default: all)")
     p.set_defaults(func=_serve)
 
-    users = sub.add_parser("users", help="manage annotator and admin accounts")
+    users = sub.add_parser(
+        "users",
+        help="manage annotator and admin accounts",
+        description="Add annotator and admin accounts, or list them.",
+    )
     usub = users.add_subparsers(dest="users_command", metavar="ACTION")
     p = usub.add_parser(
         "add",
@@ -197,7 +201,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--replace", action="store_true", help="reset the password/role of an existing user")
     db_arg(p)
     p.set_defaults(func=_users_add)
-    p = usub.add_parser("list", help="list users and roles")
+    p = usub.add_parser("list", help="list users and roles", description="List every user and their role.")
     db_arg(p)
     p.set_defaults(func=_users_list)
     users.set_defaults(func=lambda a: users.print_help() or 0)
@@ -212,7 +216,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("file", help="candidates file: prompt_id, prompt, candidates [{label, text, model, gen}]")
     db_arg(p)
     p.add_argument(
-        "--project-config",
+        "--project_config",
         default=None,
         help="project YAML (project, quorum, lease_minutes, guidelines or guidelines_file), "
         "e.g. experiments/configs/annotation_project.yaml",
@@ -222,10 +226,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--quorum", type=int, default=None, help="rankings needed per prompt (default 3)")
     p.add_argument(
-        "--lease-minutes", type=float, default=None, help="minutes an annotator holds a prompt (default 30)"
+        "--lease_minutes", type=float, default=None, help="minutes an annotator holds a prompt (default 30)"
     )
     p.add_argument("--guidelines", default=None, help="Markdown file with the annotation guidelines")
-    p.add_argument("--max-chars", type=int, default=20_000, help="longest response accepted, in characters")
+    p.add_argument("--max_chars", type=int, default=20_000, help="longest response accepted, in characters")
     p.set_defaults(func=_import)
 
     p = sub.add_parser(
@@ -240,7 +244,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     db_arg(p)
     p.add_argument("--format", choices=EXPORT_FORMATS, default="rankings", help="what to export")
     p.add_argument(
-        "--trl-style",
+        "--trl_style",
         choices=TRL_STYLES,
         default="conversational",
         help="format trl: chat messages (conversational, default) or strings with --model's chat "
@@ -255,7 +259,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--project", default=None, help="only this project (default: all)")
     p.set_defaults(func=_export)
 
-    p = sub.add_parser("stats", help="progress per annotator and prompt, agreement, tie rate, time per item")
+    p = sub.add_parser(
+        "stats",
+        help="progress per annotator and prompt, agreement, tie rate, time per item",
+        description="Print the progress per annotator and prompt, the agreement between annotators, "
+        "the tie rate and the time per item.",
+    )
     db_arg(p)
     p.add_argument("--project", default=None, help="agreement over this project only (default: all)")
     p.add_argument("--json", action="store_true", help="print everything as JSON")

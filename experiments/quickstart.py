@@ -176,13 +176,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="smollm2 (default: the embedded SmolLM2-135M-Instruct, about 11 min on 2 cores) or "
         "tiny (a few-layer model built in code, about a minute)",
     )
-    p.add_argument(
-        "--runs-dir",
-        "--runs_dir",
-        dest="runs_dir",
-        default=None,
-        help="root folder of run directories (default runs/)",
-    )
+    p.add_argument("--runs_dir", default=None, help="root folder of run directories (default runs/)")
     p.add_argument("--seed", type=int, default=None, help="seed of every stage (default 0)")
     p.add_argument(
         "--from",

@@ -29,6 +29,9 @@ with the size and mtime of local input files). The key and the stage's result ar
 ``stage.json`` in the stage's run dir (and in ``runs/<name>/.cache/``, so runs of a sweep share
 identical upstream stages). A stage reruns when its key changed, its outputs are gone, or
 ``--from`` names it or one of its inputs; everything downstream of a changed stage gets a new key.
+A stage that reruns with another config first moves the earlier result aside, to
+``runs/<name>/<stage>@<its key[:8]>/`` (its cache entry follows), so both stay on disk and going back
+to the earlier override reuses it.
 
 **Annotation by people** (stage ``annotate``): the candidates are imported into the annotation app's
 database; when every prompt has reached its quorum the submitted rankings are exported and the
@@ -60,6 +63,7 @@ import shlex
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -369,8 +373,12 @@ def wandb_sweep_yaml(exp: Experiment, file: str, preset: str | None, overrides: 
     out = {"name": exp.name, "method": sweep.get("method", "grid"), "command": command, "parameters": params}
     if sweep.get("metric"):
         out["metric"] = sweep["metric"]
-    if exp.tracking.get("project"):
-        out["project"] = exp.tracking["project"]
+    # the project the stage runs log to (tracking.project, default rlhf-lab): without it `wandb sweep`
+    # creates the sweep in the user's default project and the agent's runs land apart from the stages
+    tracking = from_dict(TrackingConfig, exp.tracking)
+    out["project"] = tracking.project
+    if tracking.entity:
+        out["entity"] = tracking.entity
     return out
 
 
@@ -688,6 +696,48 @@ def store_result(key: str, node: Node, result: dict, seconds: float, cache_dir: 
     (cache_dir / f"{key}.json").write_text(text)
 
 
+def keep_earlier_result(run_dir: Path, key: str, cache_dir: Path) -> Path | None:
+    """Move the finished result of another config out of ``run_dir`` before the stage reruns there with
+    config ``key``: to ``<run_dir>@<its key[:8]>/`` beside it, its ``stage.json`` and cache entry
+    rewritten to point there. Going back to that config reuses it, and both runs stay on disk to
+    compare. Returns where it went, or None when ``run_dir`` holds no finished result of another config
+    (an interrupted run stays, so that the rerun may resume it)."""
+    try:
+        info = json.loads((run_dir / "stage.json").read_text())
+    except (OSError, ValueError):
+        return None
+    earlier_key = info.get("key")
+    if not earlier_key or earlier_key == key:
+        return None
+    target = run_dir.with_name(f"{run_dir.name}@{earlier_key[:8]}")
+    suffix = 2
+    while target.exists():  # the same config ran here twice (a --from rerun): keep both
+        target = run_dir.with_name(f"{run_dir.name}@{earlier_key[:8]}-{suffix}")
+        suffix += 1
+    moves = {str(run_dir): str(target), str(run_dir.resolve()): str(target.resolve())}
+    run_dir.rename(target)
+    info["result"] = _moved_paths(info.get("result") or {}, moves)
+    text = json.dumps(info, indent=2)
+    (target / "stage.json").write_text(text)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    (cache_dir / f"{earlier_key}.json").write_text(text)
+    return target
+
+
+def _moved_paths(value: Any, moves: dict[str, str]) -> Any:
+    """``value`` with every path under a moved folder (``moves``: old → new) pointing at the new place."""
+    if isinstance(value, str):
+        for old, new in moves.items():
+            if value == old or value.startswith(old + os.sep):
+                return new + value[len(old) :]
+        return value
+    if isinstance(value, list):
+        return [_moved_paths(v, moves) for v in value]
+    if isinstance(value, dict):
+        return {k: _moved_paths(v, moves) for k, v in value.items()}
+    return value
+
+
 # ----------------------------------------------------------------------------- running
 
 
@@ -695,13 +745,16 @@ def store_result(key: str, node: Node, result: dict, seconds: float, cache_dir: 
 class RunContext:
     exp: Experiment
     prefix: Path  # runs_dir given to the stages of this run (sweep runs nest under runs/<exp>/sweep/<id>)
-    tags: list[str]
-    sweep_values: dict  # this sweep point's values (in each stage's own config, and as W&B tags)
+    tags: list[str]  # W&B tags of every stage run (stage_tracking adds each stage's own)
+    sweep_values: dict  # this sweep point's values (in each stage's own config)
     force_from: str | None = None
     dry_run: bool = False
     file: str = ""
     status: dict = field(default_factory=dict)  # per stage: ran / cached / forced, key, seconds
     agent_stage: str | None = None  # under `wandb agent`: the stage that reports to the agent's sweep run
+    # per stage: the swept values it depends on (sweep_dependencies), in its run name, tags and config.sweep
+    stage_values: dict[str, dict] = field(default_factory=dict)
+    shared_stages: set[str] = field(default_factory=set)  # stages one run of which serves several points
 
 
 AGENT_ENV = ("WANDB_RUN_ID", "WANDB_SWEEP_ID")
@@ -726,6 +779,25 @@ class agent_run_env:
         return False
 
 
+def stage_tracking(ctx: RunContext, node: Node) -> dict:
+    """The tracking config of one stage's W&B run: the experiment's ``tracking:`` section plus the run's
+    name, tags and ``sweep`` (config.sweep) from the swept values the stage depends on, and nothing from
+    the values it does not: one run of a stage that several sweep points share carries only the values
+    they have in common and the tag ``shared``. Names read ``kl_sweep-ppo-kl_coef=0.01-seed=1`` (a
+    key of the stage's own section without its ``ppo.``) and ``closed_loop-ppo@2`` (round 2)."""
+    values = ctx.stage_values.get(node.name, {})
+    tracking = to_dict(from_dict(TrackingConfig, ctx.exp.tracking))
+    tags = list(tracking["tags"]) + ctx.tags + [f"{k}={v}" for k, v in values.items()][:10]
+    if node.name in ctx.shared_stages:
+        tags.append("shared")
+    if ctx.exp.rounds > 1:
+        tags.append(f"round={node.round}")
+    own_prefix = node.name.split("@", 1)[0] + "."
+    swept = [f"{k.removeprefix(own_prefix)}={v}" for k, v in values.items()]
+    name = "-".join([ctx.exp.name, node.name, *swept])
+    return {**tracking, "name": name, "tags": tags, "sweep": dict(values)}
+
+
 def _runs_dir_for(ctx: RunContext, node: Node) -> Path:
     if not node.folder:
         return ctx.prefix
@@ -742,18 +814,16 @@ def _library_config(ctx: RunContext, node: Node, fields: dict):
             code="stage_unavailable",
         ) from None
     cls = getattr(mod, cls_name)
-    tracking = {"project": "rlhf-lab", "mode": "auto", "tags": [], "entity": None, **ctx.exp.tracking}
-    tracking["tags"] = (
-        list(tracking.get("tags") or []) + ctx.tags + ([f"round={node.round}"] if ctx.exp.rounds > 1 else [])
-    )
     common = {
         "experiment": ctx.exp.name,
         "runs_dir": str(_runs_dir_for(ctx, node)),
         "seed": ctx.exp.seed,
-        "tracking": tracking,
+        "tracking": stage_tracking(ctx, node),
     }
     fields = dict(fields)
     fields.pop("stage", None)
+    if isinstance(fields.get("tracking"), dict):  # a section's `tracking:` refines its run's, keeps the name
+        common["tracking"].update(fields.pop("tracking"))
     try:
         preset_file = _find_preset(fields.pop("config", None), ctx.exp.path)
         return build_config(cls, preset_file, fields, base=common)
@@ -868,6 +938,11 @@ def run_plan(ctx: RunContext, plan: list[Node]) -> dict[str, dict]:
             flush=True,
         )
         t0 = time.time()
+        # A finished result of another config moves aside first (the annotate folder stays: it holds the
+        # annotation database every run of the experiment shares).
+        kept = keep_earlier_result(run_dir, key, cache_dir) if node.kind != "annotate" else None
+        if kept is not None:
+            print(f"   (the earlier result of {node.name} is kept in {kept})", flush=True)
         # The stage is about to overwrite its run dir: until it finishes, that dir holds no valid result
         # (an interrupted rerun must not leave an old stage.json vouching for half-written outputs).
         (run_dir / "stage.json").unlink(missing_ok=True)
@@ -1088,15 +1163,13 @@ def log_internal_stage(ctx: RunContext, node: Node, fields: dict, result: dict) 
     outputs as artifacts, so round r's lineage reads rankings → collected rankings → reward model → policy."""
     from rlhf.tracking import start_stage
 
-    tracking = {**ctx.exp.tracking}
-    tracking["tags"] = list(tracking.get("tags") or []) + ctx.tags + [f"round={node.round}"]
     cfg = InternalStageConfig(
         experiment=ctx.exp.name,
         runs_dir=str(_runs_dir_for(ctx, node)),
         seed=ctx.exp.seed,
         round=node.round,
         params=json.loads(json.dumps(fields, default=str)),
-        tracking=from_dict(TrackingConfig, tracking),
+        tracking=from_dict(TrackingConfig, stage_tracking(ctx, node)),
     )
     tracker = start_stage(cfg, node.kind)
     try:
@@ -1289,10 +1362,15 @@ def run_experiment(
     raw = load_raw(file)
     exp = parse_experiment(raw, file, preset, ov)
     base_tags = [f"experiment={exp.name}"]
+
+    def variant(values: dict) -> Experiment:  # the experiment at one sweep point
+        return parse_experiment(raw, file, preset, {**ov, **values})
+
     if exp.sweep is None or sweep_run:
         if sweep_run:  # one point of a `wandb agent` sweep: place it like a local sweep run
             values = {k: v for k, v in ov.items() if k in (exp.sweep or {}).get("parameters", {})}
-            return _run_point(exp, file, values, force_from, dry_run, base_tags)
+            points = sweep_points(exp.sweep) if exp.sweep else []
+            return _run_point(exp, file, values, force_from, dry_run, base_tags, variant, points)
         plan = build_plan(exp)
         ctx = RunContext(exp, Path(exp.runs_dir), base_tags, {}, force_from, dry_run, file)
         return _finish(ctx, plan, run_plan(ctx, plan), Path(exp.runs_dir) / exp.name)
@@ -1308,8 +1386,9 @@ def run_experiment(
     summaries = []
     for i, values in chosen:
         print(f"\n######## sweep run {i + 1}/{len(points)}: {sweep_run_id(values)}", flush=True)
-        point_exp = parse_experiment(raw, file, preset, {**ov, **values})
-        summaries.append(_run_point(point_exp, file, values, force_from, dry_run, base_tags))
+        summaries.append(
+            _run_point(variant(values), file, values, force_from, dry_run, base_tags, variant, points)
+        )
     root = Path(exp.runs_dir) / exp.name
     root.mkdir(parents=True, exist_ok=True)
     sweep_summary = {
@@ -1343,14 +1422,68 @@ def check_sweep(raw: dict, file: str, preset: str | None, overrides: dict, point
 
 
 def _point_context(exp: Experiment, file: str, values: dict, force_from, dry_run, base_tags) -> RunContext:
-    """A sweep point runs in runs/<experiment>/sweep/<values>/, tagged with its values."""
+    """A sweep point runs in runs/<experiment>/sweep/<values>/ (its stages are tagged with the values
+    each depends on: :func:`stage_tracking`)."""
     prefix = Path(exp.runs_dir) / exp.name / "sweep" / sweep_run_id(values)
-    tags = base_tags + [f"{k}={v}" for k, v in values.items()][:10]
-    return RunContext(exp, prefix, tags, dict(values), force_from, dry_run, file)
+    return RunContext(exp, prefix, list(base_tags), dict(values), force_from, dry_run, file)
 
 
-def _run_point(exp: Experiment, file: str, values: dict, force_from, dry_run, base_tags) -> dict:
+def sweep_dependencies(
+    variant: Callable[[dict], Experiment], values: dict, points: list[dict]
+) -> tuple[dict[str, dict], set[str]]:
+    """For the sweep point ``values``: the swept values each of its stages depends on, and the stages it
+    shares with another point of ``points`` (``variant(values)`` is the experiment at a point).
+
+    A stage depends on a swept key when giving that key another of its swept values changes what the
+    stage is made of (:func:`stage_fingerprints`). A stage is shared when another point has the same
+    values for every key it depends on: the cache hands that point the same run.
+    """
+    mine = stage_fingerprints(variant(values))
+    depends: dict[str, dict] = {name: {} for name in mine}
+    for key, value in values.items():
+        other = next((p[key] for p in points if key in p and p[key] != value), None)
+        if other is None:
+            continue  # one value in the whole sweep: no stage differs by it
+        changed = stage_fingerprints(variant({**values, key: other}))
+        for name, fingerprint in mine.items():
+            if changed.get(name) != fingerprint:
+                depends[name][key] = value
+    shared = {
+        name
+        for name, own in depends.items()
+        if any(p != values and all(p.get(k) == v for k, v in own.items()) for p in points)
+    }
+    return depends, shared
+
+
+def stage_fingerprints(exp: Experiment) -> dict[str, str]:
+    """Stage instance → a digest of what its result is made of: its kind, its fields (W&B settings
+    aside), its seed and the digests of the stages it reads. It is what :func:`stage_key` covers,
+    known before anything runs (defaults and input file sizes aside: every sweep point has the same)."""
+    prints: dict[str, str] = {}
+    for node in build_plan(exp):
+        fields = {k: v for k, v in _node_fields(node).items() if k != "tracking"}
+        seed = fields.get("seed", exp.seed) if node.kind in LIBRARY_STAGES else exp.seed
+        inputs = {ref: prints.get(ref) for ref in sorted(node.refs())}
+        blob = json.dumps(
+            {"kind": node.kind, "fields": fields, "seed": seed, "inputs": inputs}, sort_keys=True, default=str
+        )
+        prints[node.name] = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return prints
+
+
+def _run_point(
+    exp: Experiment,
+    file: str,
+    values: dict,
+    force_from,
+    dry_run,
+    base_tags,
+    variant: Callable[[dict], Experiment],
+    points: list[dict],
+) -> dict:
     ctx = _point_context(exp, file, values, force_from, dry_run, base_tags)
+    ctx.stage_values, ctx.shared_stages = sweep_dependencies(variant, values, points)
     prefix = ctx.prefix
     plan = build_plan(exp)
     if os.environ.get("WANDB_SWEEP_ID"):  # launched by `wandb agent`
@@ -1487,17 +1620,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="rerun this stage and everything after it that uses its outputs, even if cached",
     )
     r.add_argument(
-        "--dry-run", action="store_true", help="print which stages would run or be reused; run nothing"
+        "--dry_run", action="store_true", help="print which stages would run or be reused; run nothing"
     )
     r.add_argument(
-        "--wandb-sweep",
+        "--wandb_sweep",
         metavar="OUT.yaml",
         default=None,
         help="write the W&B sweep YAML for the file's sweep block (and print how to start the agent) "
         "instead of running locally",
     )
     r.add_argument(
-        "--sweep-run",
+        "--sweep_run",
         action="store_true",
         help="(used by wandb agent) run one sweep point given as overrides, in its sweep folder",
     )

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from reward_models import losses as L
+from rlhf.cli import progress_bar
 from rlhf.config import ConfigError, add_config_arguments, config_from_args, option
 from rlhf.errors import UserError
 from rlhf.stats import bootstrap_ci
@@ -170,7 +171,6 @@ def run_rm_eval(cfg: RMEvalConfig) -> dict:
         load_reward_model,
         prompt_as_text,
         read_meta,
-        score_ids,
     )
     from reward_models.train import DataReport, build_groups, read_records
 
@@ -207,7 +207,7 @@ def run_rm_eval(cfg: RMEvalConfig) -> dict:
                 flat_finished.append(g.finished[ci] if g.finished else True)
                 where.append((gi, ci))
         enc = encode_conversations(tokenizer, flat_prompts, flat_texts, max_length, flat_finished)
-        raw = score_ids(model, enc.ids, tokenizer.pad_token_id, cfg.batch_size, starts=enc.starts)
+        raw = _score_batch_by_batch(model, enc.ids, tokenizer.pad_token_id, cfg.batch_size, enc.starts)
         kmax = max(g.k for g in groups)
         grid = torch.zeros(len(groups), kmax, dtype=torch.float64)
         for (gi, ci), r in zip(where, raw.tolist()):
@@ -424,6 +424,28 @@ def run_rm_eval(cfg: RMEvalConfig) -> dict:
         "plot": str(plot),
         **metrics,
     }
+
+
+def _score_batch_by_batch(model, ids: list[list[int]], pad_id: int, batch_size: int, starts: list[int]):
+    """Rewards ``[N]`` of every candidate (:func:`reward_models.model.score_ids`), one batch per
+    call so that a progress bar follows the scoring.
+
+    The batches are the ones a single call forms (shortest sequences first, ``batch_size`` each):
+    every call gets rows already in that order, which its own stable sort keeps, so the rewards
+    are the same to the last bit.
+    """
+    from reward_models.model import score_ids
+
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    rewards = torch.empty(len(ids), dtype=torch.float32)
+    with progress_bar(len(ids), "rm eval: scoring", "seq") as bar:
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            rewards[rows] = score_ids(
+                model, [ids[i] for i in rows], pad_id, batch_size, starts=[starts[i] for i in rows]
+            )
+            bar.update(len(rows))
+    return rewards
 
 
 def _print(metrics: dict, run_dir: Path) -> None:

@@ -248,14 +248,15 @@ def _quiet_transformers():
     """Silence the load report ("score.weight MISSING": expected, the head is new) and bars."""
     from transformers.utils import logging as hf_logging
 
-    level = hf_logging.get_verbosity()
+    level, bars_were_on = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(level)
-        hf_logging.enable_progress_bar()
+        if bars_were_on:  # restore, never force on: `rlhf` hides library bars by default
+            hf_logging.enable_progress_bar()
 
 
 def _load_seq_model(path: str, tokenizer) -> nn.Module:

@@ -359,7 +359,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML config; command-line options override it")
     group = parser.add_argument_group(
-        "config fields", "any field can also be given as key=value after the options, e.g. seed=3"
+        "config fields",
+        "any field can also be given as key=value after the options, e.g. seed=3; "
+        "dashes may stand for underscores (--runs-dir for --runs_dir)",
     )
     for name, f, tp in _iter_fields(cls):
         help_text = f.metadata.get("help", "")

@@ -17,6 +17,7 @@ The same :func:`evaluate_policy` runs inside PPO every ``eval_every`` updates, s
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
+from rlhf.cli import progress_bar
 from rlhf.config import ConfigError, add_config_arguments, config_from_args, option
 from rlhf.tracking import TrackingConfig
 
@@ -83,6 +86,7 @@ def evaluate_policy(
     batch_size: int,
     seed: int,
     sampling_context: Callable | None = None,
+    progress: str | None = "eval",
 ) -> tuple[dict[str, float], list[list]]:
     """Sample, score and measure one response per query. Returns ``(metrics, rows)``.
 
@@ -97,23 +101,26 @@ def evaluate_policy(
     reference's precision, where the sampler's own log-probs would round differently (bf16); by
     default the sampler's are used. ``rows`` are ``[prompt, response, score, kl, gold]`` for a sample table.
     ``sampling_context()`` wraps the sampling only (PPO passes one that merges a LoRA adapter).
+    ``progress`` labels the bar that follows the sampling, None draws none. The bar clears its line
+    when done: inside PPO it sits under PPO's own bar.
     """
     import contextlib
 
     from rlhf.data import prompt_text
-    from rlhf.ppo.rollout import decode_responses, sample_rollout
+    from rlhf.ppo.rollout import decode_responses
 
     prompt_texts = [prompt_text(p) for p in prompts]
-    with sampling_context() if sampling_context is not None else contextlib.nullcontext():
-        ro = sample_rollout(
+    bar = progress_bar(len(prompts), progress or "", "prompt", enabled=progress is not None, transient=True)
+    with bar, sampling_context() if sampling_context is not None else contextlib.nullcontext():
+        ro = _sample_batch_by_batch(
             policy,
             query,
             query_mask,
+            bar,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             stop_token_id=stop_token_id,
             pad_token_id=tokenizer.pad_token_id,
-            generator=None,
             batch_size=batch_size,
             row_seeds=eval_row_seeds(seed, query.shape[0]),
         )
@@ -145,6 +152,57 @@ def evaluate_policy(
         metrics["eval/win_rate"] = win_rate_ci(scores.tolist(), baseline_scores.tolist(), n_resamples=0).value
     rows = [[p, r, float(s), float(k), g] for p, r, s, k, g in zip(prompt_texts, responses, scores, kl, gold)]
     return metrics, rows
+
+
+def _sample_batch_by_batch(
+    policy,
+    query: torch.Tensor,
+    query_mask: torch.Tensor,
+    bar,
+    *,
+    batch_size: int,
+    row_seeds: list[int],
+    pad_token_id: int,
+    **sampling,
+):
+    """:func:`rlhf.ppo.rollout.sample_rollout` over every query, called one batch at a time so that
+    ``bar`` follows the sampling, the slow part of an evaluation (scoring is one pass after it).
+
+    The result is the Rollout of a single call: the batches are the ones that call would sample
+    (``batch_size`` rows each, every row from its own random stream), and each batch's columns are
+    padded to the longest response before they are stacked, as that call pads and trims them.
+    """
+    from rlhf.ppo.rollout import Rollout, sample_rollout
+
+    step = batch_size or query.shape[0]  # 0 = one batch, as sample_rollout reads it
+    batches = []
+    for start in range(0, query.shape[0], step):
+        rows = slice(start, start + step)
+        batch = sample_rollout(
+            policy,
+            query[rows],
+            query_mask[rows],
+            generator=None,
+            batch_size=batch_size,
+            row_seeds=row_seeds[rows],
+            pad_token_id=pad_token_id,
+            **sampling,
+        )
+        batches.append(batch)
+        bar.update(batch.tokens.shape[0])
+    width = max(b.tokens.shape[1] for b in batches)
+
+    def stacked(name: str, fill: float) -> torch.Tensor:
+        return torch.cat(
+            [F.pad(getattr(b, name), (0, width - b.tokens.shape[1]), value=fill) for b in batches]
+        )
+
+    return Rollout(
+        stacked("tokens", pad_token_id),
+        stacked("mask", 0),
+        stacked("logprobs", 0.0),
+        torch.cat([b.has_stop for b in batches]),
+    )
 
 
 def comparison_metrics(rows: list[list], ref_rows: list[list], seed: int = 0) -> dict[str, float]:
@@ -232,7 +290,15 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.reference:
         reference, _ = load_policy(cfg.reference, merged=True)
         ref_metrics, ref_rows = evaluate_policy(
-            reference, tokenizer, query, qmask, prompts, reward_fn, gold_fn=gold_fn, **common
+            reference,
+            tokenizer,
+            query,
+            qmask,
+            prompts,
+            reward_fn,
+            gold_fn=gold_fn,
+            progress="eval: reference",
+            **common,
         )
         baseline = torch.tensor([r[2] for r in ref_rows])
 
@@ -252,6 +318,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         ref_logprobs_fn=ref_fn,
         gold_fn=gold_fn,
         baseline_scores=baseline,
+        progress="eval: policy",
         **common,
     )
     for k, v in ref_metrics.items():
@@ -272,7 +339,8 @@ def add_parser(subparsers):
     p = subparsers.add_parser(
         "eval",
         help="score a policy on held-out prompts (reward model, gold scorer, KL, length)",
-        description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n", 2)[1],
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # keep the docstring's list of metrics
     )
     add_config_arguments(p, EvalConfig)
 

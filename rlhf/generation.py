@@ -133,6 +133,18 @@ def _preallocated_layer_class():
     return PreallocatedLayer
 
 
+def response_text(tokenizer, token_ids: list[int], finished: bool) -> str:
+    """The text of a sampled response, as reward models train on it and score it.
+
+    The stop token that ended a finished response is dropped (the reward model appends EOS back to
+    finished responses only: docs/reward-models.md); special tokens the policy sampled mid-response
+    are kept, so the text is what the policy wrote. ``rlhf generate`` and PPO's rollouts both decode
+    through here, so training and scoring see the same bytes.
+    """
+    body = token_ids[:-1] if finished and token_ids else token_ids
+    return tokenizer.decode(body, skip_special_tokens=False)
+
+
 def _new_cache(model, capacity: int):
     """A DynamicCache for ``model``, with preallocated layers where that is safe (see above)."""
     from transformers import DynamicCache
@@ -547,13 +559,10 @@ def generate_candidates(
             for j in range(k):
                 row = r * k + j
                 n = lengths[row]
-                # The text is the response *without* its EOS (format_conversation adds it back);
-                # special tokens the model sampled mid-response are kept so the text is faithful.
-                body = tokens[row, : n - 1 if finished[row] else n].tolist()
                 cands.append(
                     {
                         "label": labels[j],
-                        "text": tokenizer.decode(body, skip_special_tokens=False),
+                        "text": response_text(tokenizer, tokens[row, :n].tolist(), finished[row]),
                         "model": model_name,
                         "gen": {
                             "temperature": temperature,

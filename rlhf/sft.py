@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlhf.cli import progress_bar
 from rlhf.config import ConfigError, add_config_arguments, config_from_args, config_hash, option, to_dict
 from rlhf.tracking import TrackingConfig
 
@@ -153,6 +154,41 @@ def _tracker_callback(tracker):
     return _ToTracker()
 
 
+def _progress_callback():
+    from transformers import TrainerCallback
+
+    class _ToTerminal(TrainerCallback):
+        """The lab's progress bar over the optimiser steps, with the last logged losses as numbers.
+
+        It replaces Trainer's own bar and the dicts Trainer prints at every log (every number
+        formatted as a string: ``{'loss': '2.888', ...}``); the full logs go to the tracker.
+        """
+
+        def __init__(self):
+            self.bar = None
+            self.latest: dict[str, str] = {}  # the last training and held-out losses, both in view
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.bar = progress_bar(
+                state.max_steps, "sft", "step", enabled=state.is_world_process_zero, initial=state.global_step
+            )
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            losses = {k: f"{v:.4f}" for k, v in (logs or {}).items() if k in ("loss", "eval_loss")}
+            if self.bar is not None and losses:
+                self.latest.update(losses)
+                self.bar.set_postfix(self.latest)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.bar.close()
+            self.bar = None
+
+    return _ToTerminal()
+
+
 def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     """Fine-tune ``cfg.model`` on the demonstrations; write the policy dir. Returns a summary."""
     cfg.validate()
@@ -178,20 +214,22 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
 
     import torch
     from datasets import Dataset
+    from transformers import PrinterCallback
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
     from rlhf.models import causal_lm_lora_config, load_policy, resolve_model_path, write_policy_dir
     from rlhf.tracking import start_stage
 
+    # start_stage records the demonstrations (lab:demonstrations included) as the run's input dataset
     tracker = start_stage(cfg, "sft", job_type="sft")
     run_dir = tracker.run_dir
     out_dir = Path(cfg.output_dir) if cfg.output_dir else run_dir / "policy"
-    if Path(cfg.demonstrations).exists():
-        tracker.use_artifact(cfg.demonstrations, name="demonstrations", type="dataset")
 
     torch.manual_seed(cfg.seed)
     base_path = resolve_model_path(cfg.model)
+    if Path(base_path).is_dir():  # the base model is an input too: an alias or a folder, not a Hub id
+        tracker.use_artifact(base_path, name=f"base-{cfg.model}", type="model")
     model, tokenizer = load_policy(cfg.model)
     peft_config = None
     if cfg.lora:
@@ -229,7 +267,8 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
         dataloader_num_workers=0,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        disable_tqdm=False,
+        # Trainer's bar and its printed log dicts give way to the lab's bar (_progress_callback).
+        disable_tqdm=True,
         save_only_model=True,
     )
     trainer = SFTTrainer(
@@ -239,8 +278,9 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[_tracker_callback(tracker)],
+        callbacks=[_tracker_callback(tracker), _progress_callback()],
     )
+    trainer.remove_callback(PrinterCallback)  # what Trainer prints logs with when disable_tqdm is set
     n_trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     t0 = time.time()
     train_out = trainer.train()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB_DISABLE_GIT", "true")
 os.environ.setdefault("WANDB_CONSOLE", "off")
+# offline runs stage by-value artifacts under WANDB_DATA_DIR (default ~/.local/share/wandb)
+os.environ.setdefault("WANDB_DATA_DIR", tempfile.mkdtemp(prefix="rlhf-tests-wandb-"))
 
 # The user's real cache (where `make test` put SmolLM2) is remembered before tests switch
 # RLHF_LAB_HOME to a private directory, so slow tests can reuse the downloaded model.

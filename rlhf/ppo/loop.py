@@ -212,7 +212,12 @@ class PPOConfig:
         local_mb = exact_div(
             self.minibatch_size, world_size, f"minibatch_size / number of processes ({world_size})"
         )
-        exact_div(local_mb, self.micro_batch_size, "minibatch_size per process / micro_batch_size")
+        if local_mb % self.micro_batch_size:
+            raise ConfigError(
+                f"micro_batch_size: {self.micro_batch_size} does not divide the {local_mb} episodes of a "
+                f"minibatch per process (minibatch_size {self.minibatch_size} over {world_size} "
+                f"process(es)); use a divisor of {local_mb}"
+            )
         del local_batch
         if self.temperature <= 0:
             raise ConfigError(f"temperature: {self.temperature} must be > 0")
@@ -591,6 +596,7 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
                 eval_chats,
                 reward_fn,
                 gold_fn=gold_fn,
+                progress="ppo: eval reference",
                 **eval_common,
             )
         baseline_scores = torch.tensor([row[2] for row in ref_rows])
@@ -614,6 +620,7 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
                 gold_fn=gold_fn,
                 baseline_scores=baseline_scores,
                 sampling_context=lambda: merged_lora(policy_model()),
+                progress="ppo: eval",
                 **eval_common,
             )
         tracker.log(metrics, step=update)

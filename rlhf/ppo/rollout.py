@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf.generation import response_text
 from rlhf.ppo.math import truncate_after_stop
 
 
@@ -117,16 +118,11 @@ def sample_rollout(
 def decode_responses(
     tokenizer, tokens: torch.Tensor, mask: torch.Tensor, has_stop: torch.Tensor
 ) -> list[str]:
-    """Text of each response without its final stop token, for the reward function and scorers.
-
-    Exactly as ``rlhf generate`` writes candidates (the data reward models train on): special
-    tokens the policy sampled mid-response are kept, and the stop token that ended a response is
-    dropped — whether it ended is passed along separately (``has_stop``), and the reward model
-    appends EOS only to responses that had one (:func:`reward_models.model.encode_conversations`).
-    """
+    """Text of each response for the reward function and scorers, exactly as ``rlhf generate``
+    writes candidates (:func:`rlhf.generation.response_text`); whether a response ended is passed
+    along separately (``has_stop``)."""
     lengths = mask.sum(-1).tolist()
-    stopped = has_stop.tolist()
     return [
-        tokenizer.decode(tokens[i, : int(n) - int(bool(stop))].tolist(), skip_special_tokens=False)
-        for i, (n, stop) in enumerate(zip(lengths, stopped))
+        response_text(tokenizer, tokens[i, : int(n)].tolist(), bool(stop))
+        for i, (n, stop) in enumerate(zip(lengths, has_stop.tolist()))
     ]

@@ -163,7 +163,7 @@ def test_cli_subprocess_help():
         text=True,
         timeout=60,
     )
-    assert res.returncode == 0 and "--project-config" in res.stdout and "adds nothing" in res.stdout
+    assert res.returncode == 0 and "--project_config" in res.stdout and "adds nothing" in res.stdout
 
 
 def test_serve_refuses_a_database_without_users(tmp_path, capsys):

@@ -9,8 +9,20 @@ from pathlib import Path
 
 import pytest
 import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-from experiments.compare import compare_runs, curve, final_value, mean_std
+from experiments.compare import (
+    LABEL_MAX_CHARS,
+    compare_runs,
+    curve,
+    draw_figure,
+    final_value,
+    find_run_dirs,
+    group_runs,
+    load_run,
+    mean_std,
+    short_values,
+)
 from rlhf.cli import main
 
 
@@ -80,8 +92,6 @@ def test_compare_groups_by_swept_fields_and_averages_seeds(sweep_root, tmp_path)
 
 def test_sqrt_x_axis_and_final_value_fallback(sweep_root):
     run_dir = next(sweep_root.rglob("ppo"))
-    from experiments.compare import load_run
-
     run = load_run(run_dir)
     xs, ys = curve(run, "objective/scores", "sqrt:objective/kl")
     assert xs == [0.0, 1.0, 2.0] and len(ys) == 3
@@ -129,7 +139,7 @@ def test_report_offline_is_a_clear_error(capsys, monkeypatch):
     assert "offline" in err and "rlhf compare" in err
 
 
-def test_runs_that_differ_only_in_paths_are_labelled_by_folder(tmp_path):
+def test_runs_that_differ_only_in_paths_are_labelled_by_the_part_that_differs(tmp_path):
     for name in ("eval", "eval_rloo"):
         run = tmp_path / name / "exp" / "eval" if name != "eval" else tmp_path / "eval"
         run.mkdir(parents=True)
@@ -137,5 +147,117 @@ def test_runs_that_differ_only_in_paths_are_labelled_by_folder(tmp_path):
         score = 1.0 if name == "eval" else 2.0
         (run / "metrics.jsonl").write_text(json.dumps({"step": 0, "_time": 0, "eval/score": score}) + "\n")
     res = compare_runs([str(tmp_path)], ["eval/score"], str(tmp_path / "out"))
-    assert res["group_by"] == []
-    assert res["groups"] == {"eval": {"eval/score": (1.0, 0.0)}, "eval_rloo": {"eval/score": (2.0, 0.0)}}
+    assert res["group_by"] == ["policy"]
+    assert res["groups"] == {
+        "policy=eval": {"eval/score": (1.0, 0.0)},
+        "policy=eval_rloo": {"eval/score": (2.0, 0.0)},
+    }
+
+
+# ----------------------------------------------------------------------------- plots a reader takes in at a glance
+
+
+def make_stage_run(root: Path, folder: str, kind: str, config: dict, rows: list[dict]) -> Path:
+    """A run dir as `rlhf experiment run` writes it: ``stage.json`` names the stage and its kind."""
+    run = root / folder
+    run.mkdir(parents=True)
+    (run / "stage.json").write_text(json.dumps({"stage": Path(folder).parts[0], "kind": kind}))
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    lines = [json.dumps({"step": i, "_time": 0.0, **row}) for i, row in enumerate(rows)]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return run
+
+
+def ppo_config(**fields) -> dict:
+    """A PPO config as the runs write it: many fields, most equal or unset in every run."""
+    unset = {f"option_{i}": None for i in range(40)}
+    shared = {"experiment": "exp_tiny", "gold": "length:target=6", "response_length": 8, "seed": 0}
+    return {**unset, **shared, **fields}
+
+
+def ppo_rows(final: float) -> list[dict]:
+    return [{"objective/scores": final * i / 3, "objective/kl": 0.5 * i} for i in range(4)]
+
+
+@pytest.fixture
+def mixed_root(tmp_path) -> Path:
+    """Two PPO runs, three reward-model runs and an RLOO baseline, as one experiment folder holds them."""
+    root = tmp_path / "runs" / "exp"
+    for name, kl in (("ppo", 0.01), ("ppo_strong", 0.2)):
+        make_stage_run(root, name, "ppo", ppo_config(kl_coef=kl), ppo_rows(1.0 if kl == 0.01 else 0.5))
+    for seed in range(3):
+        make_stage_run(root, f"rm_train_{seed}", "rm_train", {"seed": seed}, [{"train/loss": 0.7}] * 3)
+    make_stage_run(root, "rloo/exp/baseline_rloo", "baseline", {"seed": 0}, [{"objective/scores": 0.1}] * 3)
+    return root
+
+
+def test_compare_plots_ppo_by_default_and_only_ppo(mixed_root, tmp_path, capsys):
+    res = compare_runs([str(mixed_root)], out=str(tmp_path / "cmp"))
+    assert res["stage"] == "ppo" and res["runs"] == 2
+    assert set(res["groups"]) == {"kl_coef=0.01", "kl_coef=0.2"}
+    out = capsys.readouterr().out
+    assert "stage ppo (2 runs)" in out and "rm_train (3)" in out and "--stage" in out
+    page = Path(res["html"]).read_text()
+    assert page.count("<li>") == 2 and "rm_train" not in page and "stage ppo" in page
+
+
+def test_without_ppo_the_commonest_stage_kind_is_plotted(mixed_root, tmp_path):
+    for name in ("ppo", "ppo_strong"):
+        for f in (mixed_root / name).iterdir():
+            f.unlink()
+        (mixed_root / name).rmdir()
+    res = compare_runs([str(mixed_root)], out=str(tmp_path / "cmp"))
+    assert res["stage"] == "rm_train" and res["runs"] == 3
+
+
+def test_stage_matches_the_kind_and_the_stage_name(mixed_root):
+    by_kind = find_run_dirs([str(mixed_root)], stage="baseline")
+    by_name = find_run_dirs([str(mixed_root)], stage="rloo")
+    assert by_kind == by_name == [mixed_root / "rloo" / "exp" / "baseline_rloo"]
+
+
+def test_labels_name_only_the_fields_that_differ(tmp_path):
+    root = tmp_path / "runs" / "exp"
+    for kl in (0.01, 0.2):
+        for seed in (0, 1):
+            extra = {"lora_r": 8} if kl == 0.2 else {}  # set in two runs, unset (None) in the others
+            config = ppo_config(kl_coef=kl, seed=seed, **extra)
+            make_stage_run(root, f"kl{kl}_s{seed}/ppo", "ppo", config, ppo_rows(kl + seed))
+    res = compare_runs([str(root)], out=str(tmp_path / "cmp"), title="{experiment}, gold: {gold}")
+    assert set(res["groups"]) == {"kl_coef=0.01", "kl_coef=0.2, lora_r=8"}
+    page = Path(res["html"]).read_text()
+    assert "kl_coef=0.01, seed=1" in page and "kl_coef=0.2, lora_r=8, seed=0" in page  # each curve's label
+    assert "=None" not in page and "option_" not in page and "response_length" not in page
+    assert "<h1>exp_tiny, gold: length:target=6</h1>" in page  # placeholders: the runs' config values
+    csv_groups = [line.split(",")[0] for line in Path(res["csv"]).read_text().splitlines()[1:]]
+    assert csv_groups == ['"kl_coef=0.01"', '"kl_coef=0.2']  # the table uses the same short labels
+
+
+def test_long_labels_and_paths_are_shortened():
+    policies = ["/data/runs/exp/ppo/policy", "/data/runs/exp/rloo/exp/baseline_rloo/policy"]
+    assert short_values(policies) == ["ppo", "baseline_rloo"]  # the part that differs, its last folder
+    assert short_values(["tiny", "HuggingFaceTB/SmolLM2-135M"]) == ["tiny", "SmolLM2-135M"]
+    assert short_values([0.01, None]) == ["0.01", "None"]
+
+
+def test_legend_lies_inside_the_figure_and_clear_of_the_panels(tmp_path):
+    root = tmp_path / "runs" / "exp"
+    for kl in (0.01, 0.05, 0.2):
+        for seed in (0, 1):
+            config = ppo_config(kl_coef=kl, seed=seed, note=f"a rather long description, variant {kl}")
+            make_stage_run(root, f"kl{kl}_s{seed}/ppo", "ppo", config, ppo_rows(kl + seed))
+    runs = [load_run(d) for d in find_run_dirs([str(root)], stage="ppo")]
+    _, groups = group_runs(runs)
+    assert all(len(r["series"]) <= LABEL_MAX_CHARS for r in runs)
+    metrics = ["objective/scores", "objective/kl"]
+    fig = draw_figure(groups, metrics, "step", "a title", "ppo")
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    (legend,) = fig.legends
+    box = legend.get_window_extent(renderer)
+    assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and fig.bbox.y0 <= box.y0 and box.y1 <= fig.bbox.y1
+    assert len(legend.get_texts()) == 6  # one entry per run: group and seed
+    for ax in fig.axes:
+        assert not box.overlaps(ax.get_tightbbox(renderer))  # below the panels, their tick labels included
+        assert ax.get_xlabel() == "PPO update" and "(" in ax.get_ylabel()  # axis labels with units

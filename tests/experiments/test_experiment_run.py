@@ -263,18 +263,23 @@ def test_sweep_two_seeds_by_two_kl_values_compare_and_wandb_group(tmp_path):
     csv = (out / "final.csv").read_text().splitlines()
     assert len(csv) == 3 and all(line.split(",")[1] == "2" for line in csv[1:])  # 2 seeds per group
 
-    # the W&B runs of the sweep share one group and carry the swept values in their config
-    seen = set()
+    # the W&B runs of the sweep share one group and carry the swept values in their config (under
+    # config.sweep too, what `rlhf report` groups by), each under its own name
+    seen, names = set(), set()
     for point in sweep["runs"]:
         ppo_dir = Path(point["stages"]["ppo"]["run_dir"])
         (wandb_dir,) = list((ppo_dir / "wandb").glob("offline-run-*"))
         run = _leet(wandb_dir)
         cfg = run["config"]["update"]
+        kl, seed = point["values"]["ppo.kl_coef"], point["values"]["ppo.seed"]
         assert run["run_group"] == "kl_tiny" and run["job_type"] == "ppo"
-        assert cfg["kl_coef"] == point["values"]["ppo.kl_coef"] and cfg["seed"] == point["values"]["ppo.seed"]
-        assert f"ppo.kl_coef={point['values']['ppo.kl_coef']}" in run["tags"]
+        assert cfg["kl_coef"] == kl and cfg["seed"] == seed
+        assert cfg["sweep"]["ppo"] == {"kl_coef": kl, "seed": seed}
+        assert f"ppo.kl_coef={kl}" in run["tags"] and "shared" not in run["tags"]
+        assert run["display_name"] == f"kl_tiny-ppo-kl_coef={kl}-seed={seed}"
         seen.add((cfg["kl_coef"], cfg["seed"]))
-    assert len(seen) == 4
+        names.add(run["display_name"])
+    assert len(seen) == 4 and len(names) == 4
 
 
 def test_wandb_sweep_file(tmp_path, capsys):
@@ -295,7 +300,49 @@ def test_wandb_sweep_file(tmp_path, capsys):
     )
     spec = yaml.safe_load(out.read_text())
     assert spec["parameters"]["ppo.kl_coef"] == {"values": [0.01, 0.2]}
+    assert spec["project"] == "rlhf-lab"  # where the stage runs log: the agent's runs join them
     assert "wandb agent" in capsys.readouterr().out
+
+
+def test_each_stage_run_is_named_and_tagged_by_the_swept_values_it_depends_on():
+    from experiments.runner import (
+        RunContext,
+        build_plan,
+        load_raw,
+        parse_experiment,
+        stage_tracking,
+        sweep_dependencies,
+        sweep_points,
+    )
+
+    file = str(REPO / "experiments" / "kl_sweep.yaml")
+    raw = load_raw(file)
+    points = sweep_points(parse_experiment(raw, file, "tiny").sweep)
+
+    def variant(values):
+        return parse_experiment(raw, file, "tiny", values)
+
+    names: dict[str, set[str]] = {}
+    for values in points:
+        exp = variant(values)
+        ctx = RunContext(exp, Path("runs"), [f"experiment={exp.name}"], values)
+        ctx.stage_values, ctx.shared_stages = sweep_dependencies(variant, values, points)
+        for node in build_plan(exp):
+            tracking = stage_tracking(ctx, node)
+            names.setdefault(node.name, set()).add(tracking["name"])
+            if node.name == "ppo":
+                kl, seed = values["ppo.kl_coef"], values["ppo.seed"]
+                assert tracking["name"] == f"kl_sweep_tiny-ppo-kl_coef={kl}-seed={seed}"
+                assert tracking["sweep"] == values and f"ppo.seed={seed}" in tracking["tags"]
+            else:  # one run serves every point: none of the first point's values, the tag `shared`
+                assert tracking["sweep"] == {} and "shared" in tracking["tags"]
+                assert not any(t.startswith("ppo.") for t in tracking["tags"])
+    assert len(names["ppo"]) == 4 and all(len(n) == 1 for stage, n in names.items() if stage != "ppo")
+
+    loop = parse_experiment(load_raw(REPO / "experiments" / "closed_loop.yaml"), "closed_loop.yaml")
+    ctx = RunContext(loop, Path("runs"), [], {})
+    tracking = {n.name: stage_tracking(ctx, n) for n in build_plan(loop)}
+    assert tracking["ppo@2"]["name"] == "closed_loop-ppo@2" and "round=2" in tracking["ppo@2"]["tags"]
 
 
 def test_human_annotation_stops_with_resume_command_then_continues(tmp_path, capsys):
@@ -443,14 +490,69 @@ def test_uncertainty_selection_round(tmp_path):
     assert sel["select/disagreement_selected"] >= sel["select/disagreement_rest"]
 
 
-def test_shipped_quickstart_tiny_reruns_nothing_then_only_ppo(tmp_path):
+def _artifacts(stage_dir: Path) -> dict[str, list[tuple[str, str]]]:
+    """The artifacts of a stage's offline W&B run: ``{"in": [(name, type)], "out": [...]}``, and the
+    records themselves under ``"records"``."""
+    (wandb_dir,) = list((stage_dir / "wandb").glob("offline-run-*"))
+    out = subprocess.run(
+        [str(WANDB), "leet", "inspect", "--json", str(wandb_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    records = [
+        r["artifact"] for r in map(json.loads, filter(str.strip, out.splitlines())) if r["type"] == "artifact"
+    ]
+    records = [a for a in records if not a["type"].startswith("wandb-")]  # (W&B's own, for tables)
+    return {
+        "in": [(a["name"], a["type"]) for a in records if a.get("use_after_commit")],
+        "out": [(a["name"], a["type"]) for a in records if not a.get("use_after_commit")],
+        "records": records,
+    }
+
+
+def test_shipped_quickstart_tiny_offline_lineage_and_reruns_that_keep_earlier_results(tmp_path):
     runs = tmp_path / "runs"
     qs = str(REPO / "experiments" / "quickstart.yaml")
-    common = ["--preset", "tiny", f"runs_dir={runs}", "tracking.mode=disabled"]
-    summary = runs / "quickstart_tiny" / "experiment_summary.json"
+    common = ["--preset", "tiny", f"runs_dir={runs}", "tracking.mode=offline"]
+    root = runs / "quickstart_tiny"
+    summary = root / "experiment_summary.json"
     assert main(["experiment", "run", qs, *common]) == 0
     assert ran(summary) == {"generate", "simulate", "export", "rm_train", "rm_eval", "sft", "ppo", "eval"}
+
+    # Lineage in the offline run files: every input is the artifact its producer logged, so after
+    # `wandb sync` the graph reads candidates → rankings → reward model → policies across runs.
+    exp = "quickstart_tiny"
+    assert _artifacts(root / "simulate")["in"] == [(f"{exp}-candidates", "dataset")]
+    assert (f"{exp}-rankings", "dataset") in _artifacts(root / "rm_train")["in"]
+    ppo = _artifacts(root / "ppo")
+    assert {(f"{exp}-reward-model", "model"), (f"{exp}-sft-policy", "model")} <= set(ppo["in"])
+    assert ppo["out"] == [(f"{exp}-ppo-policy", "model")]
+    evaluation = _artifacts(root / "eval")
+    assert {(f"{exp}-ppo-policy", "model"), (f"{exp}-sft-policy", "model")} <= set(evaluation["in"])
+    produced = next(a for a in ppo["records"] if a["name"] == f"{exp}-ppo-policy")
+    used = next(a for a in evaluation["records"] if a["name"] == f"{exp}-ppo-policy")
+    assert used["digest"] == produced["digest"]
+    sft = _artifacts(root / "sft")  # SFT records its demonstrations and its base model
+    assert ("demonstrations", "dataset") in sft["in"] and ("base-tiny", "model") in sft["in"]
+    # the KB-sized datasets are in the artifacts themselves (a teammate can download them)
+    candidates = next(a for a in _artifacts(root / "generate")["records"] if a["name"] == f"{exp}-candidates")
+    assert all("local_path" in e and "ref" not in e for e in candidates["manifest"]["contents"])
+
     assert main(["experiment", "run", qs, *common]) == 0
     assert ran(summary) == set()
+    # another kl_coef: ppo and eval rerun, and the earlier results move aside instead of being overwritten
     assert main(["experiment", "run", qs, *common, "ppo.kl_coef=0.1"]) == 0
     assert ran(summary) == {"ppo", "eval"}
+    (earlier_ppo,) = root.glob("ppo@*")
+    assert yaml.safe_load((earlier_ppo / "config.yaml").read_text())["kl_coef"] == 0.05
+    assert yaml.safe_load((root / "ppo" / "config.yaml").read_text())["kl_coef"] == 0.1
+    assert (earlier_ppo / "policy").is_dir() and (root / "ppo" / "policy").is_dir()
+    # going back to the earlier value reuses what was moved
+    assert main(["experiment", "run", qs, *common]) == 0
+    assert ran(summary) == set()
+    stages = json.loads(summary.read_text())["stages"]
+    assert stages["ppo"]["run_dir"] == str(earlier_ppo) and stages["eval"]["run_dir"].startswith(
+        str(root / "eval@")
+    )

@@ -8,11 +8,13 @@ writes into ``experiment_summary.json`` (the same claims ``rlhf quickstart`` pri
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from experiments import runner
+from tests.conftest import REAL_LAB_HOME
 
 HELPERS = Path(__file__).resolve().parents[1] / "rlhf" / "ppo_helpers.py"
 QUICKSTART = Path(runner.__file__).resolve().parent / "quickstart.yaml"
@@ -56,11 +58,17 @@ def test_tiny_loop_learns_a_learnable_gold(tmp_path):
 @pytest.fixture(scope="module")
 def smollm2_quickstart(tmp_path_factory):
     runs = tmp_path_factory.mktemp("smollm2") / "runs"
-    summary = runner.run_experiment(str(QUICKSTART), [f"runs_dir={runs}", "tracking.mode=disabled"])
+    private_home = os.environ.get("RLHF_LAB_HOME")
+    os.environ["RLHF_LAB_HOME"] = str(REAL_LAB_HOME)  # the SmolLM2 `make test` downloaded
+    try:
+        summary = runner.run_experiment(str(QUICKSTART), [f"runs_dir={runs}", "tracking.mode=disabled"])
+    finally:
+        os.environ["RLHF_LAB_HOME"] = private_home
     return json.loads((Path(summary["dir"]) / "experiment_summary.json").read_text())
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # about 11 minutes alone on 2 cores; the suite's 900 s is for one test
 def test_smollm2_quickstart_ppo_beats_sft_on_the_gold(smollm2_quickstart):
     rm, ppo, ev = (smollm2_quickstart["stages"][s] for s in ("rm_eval", "ppo", "eval"))
     assert rm["eval/gold_pair_accuracy_ci_low"] > 0.5 and rm["eval/kendall_tau_ci_low"] > 0

@@ -11,10 +11,12 @@ from rlhf.generation import (
     Samples,
     filter_logits,
     generate_candidates,
+    response_text,
     sample_from_logits,
     sample_responses,
 )
 from rlhf.models import format_prompt, load_policy
+from rlhf.ppo.rollout import decode_responses
 
 PROMPTS = [
     {"prompt_id": "p1", "prompt": "Hi"},
@@ -423,3 +425,21 @@ def test_shared_prefix_prefill_gives_the_same_logprobs(tiny):
         model, query, qmask, generator=torch.Generator().manual_seed(5), share_prefix=False, **kw
     )
     assert torch.equal(plain.tokens, shared.tokens)  # same logits up to rounding → same draws
+
+
+def test_rollouts_and_candidates_decode_to_the_same_bytes(tiny):
+    """PPO's reward sees what the reward model trained on: the stop token of a finished response
+    dropped, special tokens sampled mid-response kept, a cut response whole."""
+    _, tok = tiny
+    eos, words = tok.eos_token_id, tok.encode("hello there", add_special_tokens=False)
+    special = tok.convert_tokens_to_ids(tok.all_special_tokens[0])
+    finished = [*words, special, *words, eos]
+    cut = [*words, *words, special]
+    tokens = torch.tensor([finished, [*cut, tok.pad_token_id]])
+    mask = torch.tensor([[1] * len(finished), [1] * len(cut) + [0]])
+    texts = decode_responses(tok, tokens, mask, torch.tensor([True, False]))
+
+    assert texts == [response_text(tok, finished, True), response_text(tok, cut, False)]
+    assert texts[0] == tok.decode(finished[:-1], skip_special_tokens=False)  # EOS dropped, special kept
+    assert tok.decode([special], skip_special_tokens=False) in texts[0]
+    assert texts[1] == tok.decode(cut, skip_special_tokens=False)

@@ -12,6 +12,8 @@ from rlhf.config import ConfigError, build_config
 from rlhf.ppo.loop import PPOConfig, _build_models, run_ppo
 from tests.rlhf import ppo_helpers
 
+CONFIGS = Path(__file__).resolve().parents[2] / "experiments" / "configs"
+
 REWARD = "tests.rlhf.ppo_helpers:ascii_fraction"
 
 
@@ -62,6 +64,16 @@ def test_validation_before_any_model_loads(tmp_path):
         _cfg(tmp_path, reward=[{"spec": "vader", "weight": 1.0}, {"spec": str(tmp_path / "not_rm")}])
 
 
+def test_shipped_ppo_configs_say_what_to_change_under_two_processes(tmp_path):
+    tiny = build_config(PPOConfig, str(CONFIGS / "ppo_tiny.yaml"), {"runs_dir": str(tmp_path)})
+    tiny.validate(world_size=2)  # the shipped 2-process check runs as it is
+    cfg = _cfg(tmp_path, total_episodes=32, batch_size=32, minibatch_size=16, micro_batch_size=16)
+    with pytest.raises(
+        ConfigError, match=r"micro_batch_size: 16 does not divide the 8 episodes.*divisor of 8"
+    ):
+        cfg.validate(world_size=2)
+
+
 def test_cli_bad_config_exits_2_without_run_dir(tmp_path, capsys):
     from rlhf.cli import main
 
@@ -85,7 +97,7 @@ def test_cli_bad_config_exits_2_without_run_dir(tmp_path, capsys):
     )
     assert rc == 2
     err = capsys.readouterr().err
-    assert "error[config]" in err and "micro_batch_size" in err and "16 is not divisible by 5" in err
+    assert "error[config]" in err and "micro_batch_size: 5 does not divide the 16 episodes" in err
     assert not (tmp_path / "runs").exists()
 
 

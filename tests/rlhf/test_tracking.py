@@ -73,7 +73,11 @@ def test_offline_run_is_named_grouped_and_readable(in_tmp):
         20,
     ]
     table = next(h["item"] for h in history if "samples._type" in h["item"])
-    assert table["samples._type"] == "table-file" and table["samples.nrows"] == 1 and table["_step"] == 3
+    assert (
+        table["samples._type"] == "incremental-table-file"
+        and table["samples.nrows"] == 1
+        and table["_step"] == 3
+    )
     names = [r["artifact"]["name"] for r in records if r["type"] == "artifact"]
     assert "exp-a-rankings" in names
 
