@@ -173,7 +173,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--preset",
         choices=PRESETS,
         default="smollm2",
-        help="smollm2 (default: the embedded SmolLM2-135M-Instruct, about 11 min on 2 cores) or "
+        help="smollm2 (default: the embedded SmolLM2-135M-Instruct, about 10 min on 2 cores) or "
         "tiny (a few-layer model built in code, about a minute)",
     )
     p.add_argument("--runs_dir", default=None, help="root folder of run directories (default runs/)")
