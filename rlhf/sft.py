@@ -213,22 +213,26 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
         )
 
     import torch
+    from accelerate import PartialState
     from datasets import Dataset
     from transformers import PrinterCallback
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
     from rlhf.models import causal_lm_lora_config, load_policy, resolve_model_path, write_policy_dir
-    from rlhf.tracking import start_stage
+    from rlhf.tracking import Tracker, stage_run_dir, start_stage
 
+    # Under `accelerate launch` every process trains (TRL's Trainer runs data-parallel), but only the
+    # main one tracks, writes the policy and prints: one W&B run, one writer.
+    is_main = PartialState(cpu=not torch.cuda.is_available()).is_main_process
     # start_stage records the demonstrations (lab:demonstrations included) as the run's input dataset
-    tracker = start_stage(cfg, "sft", job_type="sft")
-    run_dir = tracker.run_dir
+    tracker = start_stage(cfg, "sft", job_type="sft") if is_main else Tracker.noop()
+    run_dir = stage_run_dir(cfg, "sft")
     out_dir = Path(cfg.output_dir) if cfg.output_dir else run_dir / "policy"
 
     torch.manual_seed(cfg.seed)
     base_path = resolve_model_path(cfg.model)
-    if Path(base_path).is_dir():  # the base model is an input too: an alias or a folder, not a Hub id
+    if is_main and Path(base_path).is_dir():  # the base model is an input too (an alias or a folder)
         tracker.use_artifact(base_path, name=f"base-{cfg.model}", type="model")
     model, tokenizer = load_policy(cfg.model)
     peft_config = None
@@ -278,7 +282,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[_tracker_callback(tracker), _progress_callback()],
+        callbacks=[_tracker_callback(tracker), *([_progress_callback()] if is_main else [])],
     )
     trainer.remove_callback(PrinterCallback)  # what Trainer prints logs with when disable_tqdm is set
     n_trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
@@ -295,7 +299,11 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
         metrics = trainer.evaluate()
         summary["eval/loss"] = float(metrics["eval_loss"])  # the callback has logged it as eval/loss
 
-    final = trainer.model
+    trainer.accelerator.wait_for_everyone()
+    if not is_main:
+        trainer.accelerator.wait_for_everyone()  # until the main process has written the policy
+        return {"run_dir": str(run_dir), "policy_dir": str(out_dir), **summary}
+    final = trainer.accelerator.unwrap_model(trainer.model)
     final.eval()
     shutil.rmtree(run_dir / "trainer", ignore_errors=True)  # save_strategy="no": only TRL's empty output dir
     meta = {
@@ -319,6 +327,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
         f"sft: wrote policy to {out_dir}  (train loss {summary['train/loss_final']:.4f}"
         + (f", held-out loss {summary['eval/loss']:.4f})" if "eval/loss" in summary else ")")
     )
+    trainer.accelerator.wait_for_everyone()
     return {"run_dir": str(run_dir), "policy_dir": str(out_dir), **summary}
 
 

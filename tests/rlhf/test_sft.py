@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -99,3 +103,39 @@ def test_sft_missing_data_is_a_clear_error(tmp_path, capsys):
     assert rc == 2
     assert "nope.jsonl" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_sft_under_two_processes_makes_one_run_and_one_writer(tmp_path):
+    """`accelerate launch` with the shipped 2-process config: both processes train, the main one
+    alone tracks (one offline W&B run), writes the policy and prints."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        str(Path(sys.executable).with_name("accelerate")),
+        "launch",
+        "--config_file",
+        str(root / "experiments" / "accelerate" / "cpu_2proc.yaml"),
+        "--main_process_port",
+        "29534",
+        "-m",
+        "rlhf.cli",
+        "sft",
+        "--model",
+        "tiny",
+        "--lora",
+        "false",
+        "--max_examples",
+        "16",
+        "--batch_size",
+        "4",
+        "--runs_dir",
+        str(tmp_path / "runs"),
+        "--tracking.mode",
+        "offline",
+    ]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "default" / "sft"
+    assert out.stdout.count("sft: wrote policy") == 1
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
+    assert (run_dir / "policy" / "model.safetensors").exists()
