@@ -112,7 +112,8 @@ def print_summary(summary: dict) -> None:
     out_dir = Path(summary["dir"])
     print(f"  summary: {out_dir / 'experiment_summary.json'}")
     print(
-        f"  view the runs: wandb leet {out_dir}   (or `wandb sync {out_dir}/*/wandb/offline-run-*` to upload)"
+        f"  view the runs: wandb leet {out_dir}   (to upload, `wandb sync` its offline-run-* folders "
+        "oldest first: README, Viewing runs)"
     )
 
 
