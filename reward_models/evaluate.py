@@ -114,6 +114,20 @@ def ratio_of_sums(units: list[tuple[float, float]]) -> float:
     return sum(r for r, _ in units) / total if total else float("nan")
 
 
+def units_by_prompt(
+    right: torch.Tensor, total: torch.Tensor, prompt_of_row: torch.Tensor, n_prompts: int
+) -> list[tuple[float, float]]:
+    """Per-prompt ``(Σ right, Σ total)`` over the rows of each prompt (any trailing dims summed):
+    the units :func:`rlhf.stats.bootstrap_ci` resamples, since pairs of one prompt are not
+    independent."""
+
+    def summed(x: torch.Tensor) -> list[float]:
+        per_row = x.reshape(len(prompt_of_row), -1).sum(1).double()
+        return torch.zeros(n_prompts, dtype=torch.float64).index_add_(0, prompt_of_row, per_row).tolist()
+
+    return list(zip(summed(right), summed(total)))
+
+
 def _logliks(
     lw: torch.Tensor, lt: torch.Tensor, beats: torch.Tensor, ties: torch.Tensor
 ) -> tuple[float, float]:
@@ -171,6 +185,7 @@ def run_rm_eval(cfg: RMEvalConfig) -> dict:
         load_reward_model,
         prompt_as_text,
         read_meta,
+        score_ids,
     )
     from reward_models.train import DataReport, build_groups, read_records
 
@@ -207,7 +222,10 @@ def run_rm_eval(cfg: RMEvalConfig) -> dict:
                 flat_finished.append(g.finished[ci] if g.finished else True)
                 where.append((gi, ci))
         enc = encode_conversations(tokenizer, flat_prompts, flat_texts, max_length, flat_finished)
-        raw = _score_batch_by_batch(model, enc.ids, tokenizer.pad_token_id, cfg.batch_size, enc.starts)
+        with progress_bar(len(enc.ids), "rm eval: scoring", "seq") as bar:
+            raw = score_ids(
+                model, enc.ids, tokenizer.pad_token_id, cfg.batch_size, starts=enc.starts, on_batch=bar.update
+            )
         kmax = max(g.k for g in groups)
         grid = torch.zeros(len(groups), kmax, dtype=torch.float64)
         for (gi, ci), r in zip(where, raw.tolist()):
@@ -237,11 +255,8 @@ def run_rm_eval(cfg: RMEvalConfig) -> dict:
         )
         right = ((d > 0).double() + 0.5 * (d == 0).double()) * beats
         row_group = torch.tensor(rows)
-        per_group = [
-            (float(right[row_group == gi].sum()), float(beats[row_group == gi].sum()))
-            for gi in range(len(groups))
-        ]
-        metrics.update(bootstrap_ci(per_group, ratio_of_sums, seed=cfg.seed).as_dict("eval/pair_accuracy"))
+        per_prompt = units_by_prompt(right, beats, row_group, len(groups))
+        metrics.update(bootstrap_ci(per_prompt, ratio_of_sums, seed=cfg.seed).as_dict("eval/pair_accuracy"))
 
         # ties: log-likelihoods and 3-way accuracy under the model's tie model
         d_strict, d_tie = d[beats], d[ties]
@@ -313,14 +328,10 @@ def run_rm_eval(cfg: RMEvalConfig) -> dict:
         defined = [t for t in taus if not math.isnan(t)]
         metrics["eval/kendall_tau"] = sum(defined) / len(defined) if defined else float("nan")
         metrics["eval/tau_undefined"] = len(taus) - len(defined)
-        tau_groups = [
-            (
-                sum(t for t, r in zip(taus, rows) if r == gi and not math.isnan(t)),
-                sum(1 for t, r in zip(taus, rows) if r == gi and not math.isnan(t)),
-            )
-            for gi in range(len(groups))
-        ]
-        metrics.update(bootstrap_ci(tau_groups, ratio_of_sums, seed=cfg.seed).as_dict("eval/kendall_tau"))
+        tau = torch.tensor(taus, dtype=torch.float64)
+        tau_defined = ~tau.isnan()
+        per_prompt = units_by_prompt(tau.nan_to_num(0.0), tau_defined, row_group, len(groups))
+        metrics.update(bootstrap_ci(per_prompt, ratio_of_sums, seed=cfg.seed).as_dict("eval/kendall_tau"))
 
         # reward vs length over unique responses
         lengths = [len(t.split()) for t in flat_texts]
@@ -357,21 +368,17 @@ def run_rm_eval(cfg: RMEvalConfig) -> dict:
             if n_gold:
                 model_right = ((md > 0).double() + 0.5 * (md == 0).double()) * gbeats
                 metrics["eval/gold_pair_accuracy"] = float(model_right.sum() / n_gold)
-                per_prompt = [
-                    (float(model_right[gi].sum()), float(gbeats[gi].sum())) for gi in range(len(groups))
-                ]
+                every_prompt = torch.arange(len(groups))
+                per_prompt = units_by_prompt(model_right, gbeats, every_prompt, len(groups))
                 metrics.update(
                     bootstrap_ci(per_prompt, ratio_of_sums, seed=cfg.seed).as_dict("eval/gold_pair_accuracy")
                 )
                 # the annotators on the same gold pairs: strictly right = 1, tied = ½
-                gb = gbeats[torch.tensor(rows)]
+                gb = gbeats[row_group]
                 ti, tj = tiers[:, :, None], tiers[:, None, :]
                 ann_right = ((ti < tj).double() + 0.5 * (ti == tj).double()) * gb
                 metrics["eval/annotator_gold_accuracy"] = float(ann_right.sum() / gb.sum())
-                per_prompt = [
-                    (float(ann_right[row_group == gi].sum()), float(gb[row_group == gi].sum()))
-                    for gi in range(len(groups))
-                ]
+                per_prompt = units_by_prompt(ann_right, gb, row_group, len(groups))
                 metrics.update(
                     bootstrap_ci(per_prompt, ratio_of_sums, seed=cfg.seed).as_dict(
                         "eval/annotator_gold_accuracy"
@@ -424,28 +431,6 @@ def run_rm_eval(cfg: RMEvalConfig) -> dict:
         "plot": str(plot),
         **metrics,
     }
-
-
-def _score_batch_by_batch(model, ids: list[list[int]], pad_id: int, batch_size: int, starts: list[int]):
-    """Rewards ``[N]`` of every candidate (:func:`reward_models.model.score_ids`), one batch per
-    call so that a progress bar follows the scoring.
-
-    The batches are the ones a single call forms (shortest sequences first, ``batch_size`` each):
-    every call gets rows already in that order, which its own stable sort keeps, so the rewards
-    are the same to the last bit.
-    """
-    from reward_models.model import score_ids
-
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    rewards = torch.empty(len(ids), dtype=torch.float32)
-    with progress_bar(len(ids), "rm eval: scoring", "seq") as bar:
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            rewards[rows] = score_ids(
-                model, [ids[i] for i in rows], pad_id, batch_size, starts=[starts[i] for i in rows]
-            )
-            bar.update(len(rows))
-    return rewards
 
 
 def _print(metrics: dict, run_dir: Path) -> None:

@@ -36,7 +36,7 @@ import contextlib
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -507,13 +507,15 @@ def score_ids(
     device: str | torch.device = "cpu",
     share_prefix: bool = True,
     starts: Sequence[int] | None = None,
+    on_batch: Callable[[int], object] | None = None,
 ) -> torch.Tensor:
     """Rewards ``[N]`` for token sequences, batched by length (sorted, then restored to input order).
 
     ``starts[i]`` is where sequence ``i``'s response begins (mean pooling averages from there;
     default 0). Within a batch, the token prefix every sequence shares (the system prompt) runs
     once (:meth:`RewardModel.score_with_prefix`) when it ends before every response starts;
-    ``share_prefix=False`` runs every sequence whole.
+    ``share_prefix=False`` runs every sequence whole. ``on_batch(n)`` is called after each batch
+    of ``n`` sequences (a progress bar's ``update``).
     """
     from rlhf.generation import MIN_SHARED_PREFIX, common_prefix_length
 
@@ -539,6 +541,8 @@ def score_ids(
                 input_ids=input_ids.to(device), attention_mask=mask.to(device), pool_mask=pool.to(device)
             )
         out[chunk] = scores.float().cpu()
+        if on_batch is not None:
+            on_batch(len(chunk))
     return out
 
 

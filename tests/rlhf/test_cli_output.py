@@ -166,8 +166,7 @@ def test_evaluation_bar_changes_no_sample():
 
 
 def test_rm_eval_bar_changes_no_reward():
-    """rm eval scores one batch at a time for its bar: the rewards of one score_ids call, bit for bit."""
-    from reward_models.evaluate import _score_batch_by_batch
+    """rm eval's bar follows score_ids batch by batch: every sequence counted, the same rewards."""
     from reward_models.model import build_reward_model, encode_conversations, score_ids
 
     model, tok = build_reward_model("tiny", "top", top_layers=1, seed=0)
@@ -175,8 +174,10 @@ def test_rm_eval_bar_changes_no_reward():
     responses = ["Soup is a warm dish.", "Hello!", "Once upon a time.", "Because.", "Blue, I think."]
     enc = encode_conversations(tok, prompts, responses, 256)
     whole = score_ids(model.eval(), enc.ids, tok.pad_token_id, 2, starts=enc.starts)
-    batched = _score_batch_by_batch(model, enc.ids, tok.pad_token_id, 2, enc.starts)
+    bar = progress_bar(len(enc.ids), "test", "seq", file=io.StringIO())
+    batched = score_ids(model, enc.ids, tok.pad_token_id, 2, starts=enc.starts, on_batch=bar.update)
     assert torch.equal(batched, whole)
+    assert bar.n == len(enc.ids)
 
 
 def test_pip_progress_lines_drive_the_download_bar():
