@@ -543,14 +543,13 @@ def encode_groups(groups: list[Group], tokenizer, max_length: int, report: DataR
 @torch.no_grad()
 def _build_cache(model, groups: list[Group], pad_id: int, batch_size: int, progress: bool) -> dict:
     """Lower-layer hidden states ``[T_i, H]`` of every sequence, keyed by group (computed once)."""
-    from tqdm.auto import tqdm
-
     from reward_models.model import pad_right
+    from rlhf.cli import progress_bar
 
     flat = [(g, ci) for g in groups for ci in range(g.k)]
     flat.sort(key=lambda x: len(x[0].ids[x[1]]))
     cache: dict = {id(g): [None] * g.k for g in groups}
-    bar = tqdm(total=len(flat), desc="rm: caching frozen layers", unit="seq", disable=not progress)
+    bar = progress_bar(len(flat), "rm: caching frozen layers", "seq", enabled=progress)
     for s in range(0, len(flat), batch_size):
         chunk = flat[s : s + batch_size]
         ids, mask = pad_right([g.ids[ci] for g, ci in chunk], pad_id)
@@ -667,9 +666,9 @@ def reference_scores(
 def run_rm_train(cfg: RMTrainConfig) -> dict:
     """Train a reward model on rankings (see the module docstring); returns a summary dict."""
     from accelerate import Accelerator
-    from tqdm.auto import tqdm
 
     from reward_models.model import LoraSettings, build_reward_model, save_reward_model
+    from rlhf.cli import progress_bar
 
     cfg.validate()
     t_start = time.time()
@@ -813,13 +812,7 @@ def run_rm_train(cfg: RMTrainConfig) -> dict:
 
         # 5-6. the loop
         model.train()
-        bar = tqdm(
-            total=total_steps,
-            initial=state["step"],
-            desc=f"rm train ({cfg.loss})",
-            unit="step",
-            disable=not main,
-        )
+        bar = progress_bar(total_steps, f"rm train ({cfg.loss})", "step", enabled=main, initial=state["step"])
 
         def where(step: int) -> dict[str, Any]:
             """Where a non-finite loss or gradient stopped training, for its error message."""

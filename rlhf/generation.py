@@ -513,8 +513,7 @@ def generate_candidates(
     padding) but the output keeps the input order. Same seed, same inputs and batch size →
     identical candidates. ``stats`` (optional dict) receives ``n_tokens`` and ``seconds``.
     """
-    from tqdm.auto import tqdm
-
+    from rlhf.cli import progress_bar
     from rlhf.models import format_prompt
 
     if not 1 <= k <= 26:
@@ -531,7 +530,7 @@ def generate_candidates(
     device = next(model.parameters()).device
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     n_tokens, t0 = 0, time.perf_counter()
-    bar = tqdm(total=len(prompts) * k, desc="generate", unit="resp", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(len(prompts) * k, "generate", "resp", enabled=progress)
     for start in range(0, len(order), per_call):
         idx = order[start : start + per_call]
         width = max(len(encoded[i]) for i in idx)

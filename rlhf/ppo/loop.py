@@ -675,15 +675,9 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
             "hint": "Try a lower learning_rate or score_clip.",
         }
 
-    from tqdm.auto import tqdm
+    from rlhf.cli import progress_bar
 
-    bar = tqdm(
-        total=n_updates,
-        initial=start_update,
-        desc="ppo",
-        unit="update",
-        disable=not accelerator.is_main_process,
-    )
+    bar = progress_bar(n_updates, "ppo", "update", enabled=accelerator.is_main_process, initial=start_update)
     # The bar is closed however the loop ends, so an error message starts on a line of its own.
     with bar, _Interrupt() as interrupt:
         for update in range(start_update + 1, n_updates + 1):
