@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from rlhf.cli import progress_bar
 from rlhf.config import ConfigError, add_config_arguments, config_from_args, option
@@ -107,16 +106,17 @@ def evaluate_policy(
     import contextlib
 
     from rlhf.data import prompt_text
-    from rlhf.ppo.rollout import decode_responses
+    from rlhf.ppo.rollout import decode_responses, sample_rollout
 
     prompt_texts = [prompt_text(p) for p in prompts]
     bar = progress_bar(len(prompts), progress or "", "prompt", enabled=progress is not None, transient=True)
     with bar, sampling_context() if sampling_context is not None else contextlib.nullcontext():
-        ro = _sample_batch_by_batch(
+        ro = sample_rollout(
             policy,
             query,
             query_mask,
-            bar,
+            generator=None,
+            on_batch=bar.update,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             stop_token_id=stop_token_id,
@@ -152,57 +152,6 @@ def evaluate_policy(
         metrics["eval/win_rate"] = win_rate_ci(scores.tolist(), baseline_scores.tolist(), n_resamples=0).value
     rows = [[p, r, float(s), float(k), g] for p, r, s, k, g in zip(prompt_texts, responses, scores, kl, gold)]
     return metrics, rows
-
-
-def _sample_batch_by_batch(
-    policy,
-    query: torch.Tensor,
-    query_mask: torch.Tensor,
-    bar,
-    *,
-    batch_size: int,
-    row_seeds: list[int],
-    pad_token_id: int,
-    **sampling,
-):
-    """:func:`rlhf.ppo.rollout.sample_rollout` over every query, called one batch at a time so that
-    ``bar`` follows the sampling, the slow part of an evaluation (scoring is one pass after it).
-
-    The result is the Rollout of a single call: the batches are the ones that call would sample
-    (``batch_size`` rows each, every row from its own random stream), and each batch's columns are
-    padded to the longest response before they are stacked, as that call pads and trims them.
-    """
-    from rlhf.ppo.rollout import Rollout, sample_rollout
-
-    step = batch_size or query.shape[0]  # 0 = one batch, as sample_rollout reads it
-    batches = []
-    for start in range(0, query.shape[0], step):
-        rows = slice(start, start + step)
-        batch = sample_rollout(
-            policy,
-            query[rows],
-            query_mask[rows],
-            generator=None,
-            batch_size=batch_size,
-            row_seeds=row_seeds[rows],
-            pad_token_id=pad_token_id,
-            **sampling,
-        )
-        batches.append(batch)
-        bar.update(batch.tokens.shape[0])
-    width = max(b.tokens.shape[1] for b in batches)
-
-    def stacked(name: str, fill: float) -> torch.Tensor:
-        return torch.cat(
-            [F.pad(getattr(b, name), (0, width - b.tokens.shape[1]), value=fill) for b in batches]
-        )
-
-    return Rollout(
-        stacked("tokens", pad_token_id),
-        stacked("mask", 0),
-        stacked("logprobs", 0.0),
-        torch.cat([b.has_stop for b in batches]),
-    )
 
 
 def comparison_metrics(rows: list[list], ref_rows: list[list], seed: int = 0) -> dict[str, float]:

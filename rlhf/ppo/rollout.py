@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +68,7 @@ def sample_rollout(
     batch_size: int = 0,
     value_head: torch.nn.Module | None = None,
     row_seeds: list[int] | None = None,
+    on_batch: Callable[[int], object] | None = None,
 ) -> Rollout:
     """Pure sampling (top_k = 0, top_p = 1: docs/ppo.md item 3), in chunks of ``batch_size`` rows.
 
@@ -74,6 +76,7 @@ def sample_rollout(
     ``value_head`` (PPO's shared value model) the values come from the sampling forwards.
     ``row_seeds`` (one per query): each row samples from its own random stream, so a row's
     response does not depend on the chunking (evaluation); otherwise ``generator`` is used.
+    ``on_batch(n)`` is called after each chunk of ``n`` rows (a progress bar's ``update``).
     """
     from rlhf.generation import sample_responses
 
@@ -100,6 +103,8 @@ def sample_rollout(
         lps.append(torch.nn.functional.pad(s.logprobs, (0, pad), value=0.0))
         if s.values is not None:
             vals.append(torch.nn.functional.pad(s.values, (0, pad), value=0.0))
+        if on_batch is not None:
+            on_batch(s.tokens.shape[0])
     tokens, mask = truncate_after_stop(torch.cat(toks), stop_token_id, pad_token_id)
     logprobs = torch.cat(lps) * mask
     values = torch.cat(vals) * mask if vals else None

@@ -141,8 +141,9 @@ def test_rlhf_eval_draws_a_progress_bar_on_stderr(tmp_path, capsys):
 
 
 def test_evaluation_bar_changes_no_sample():
-    """evaluate_policy samples one batch at a time for its bar: the same Rollout as one call."""
-    from rlhf.evaluate import _sample_batch_by_batch, eval_row_seeds
+    """evaluate_policy's bar follows sample_rollout batch by batch: every prompt counted, the same
+    Rollout as without a bar."""
+    from rlhf.evaluate import eval_row_seeds
     from rlhf.models import load_policy
     from rlhf.ppo.rollout import encode_queries, left_pad, sample_rollout
 
@@ -159,7 +160,7 @@ def test_evaluation_bar_changes_no_sample():
     )
     whole = sample_rollout(model, q, qm, generator=None, **sampling)
     bar = progress_bar(len(prompts), "test", "prompt", file=io.StringIO())
-    batched = _sample_batch_by_batch(model, q, qm, bar, **sampling)
+    batched = sample_rollout(model, q, qm, generator=None, on_batch=bar.update, **sampling)
     for name in ("tokens", "mask", "logprobs", "has_stop"):
         assert torch.equal(getattr(batched, name), getattr(whole, name)), name
     assert bar.n == len(prompts)
