@@ -162,7 +162,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="annotate_command", metavar="ACTION")
+    sub = parser.add_subparsers(dest="annotate_command", metavar="ACTION", required=True)
 
     def db_arg(p):
         p.add_argument(
@@ -189,7 +189,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="manage annotator and admin accounts",
         description="Add annotator and admin accounts, or list them.",
     )
-    usub = users.add_subparsers(dest="users_command", metavar="ACTION")
+    usub = users.add_subparsers(dest="users_command", metavar="ACTION", required=True)
     p = usub.add_parser(
         "add",
         help="add a user (password from a prompt, or the first line of stdin)",
@@ -204,7 +204,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = usub.add_parser("list", help="list users and roles", description="List every user and their role.")
     db_arg(p)
     p.set_defaults(func=_users_list)
-    users.set_defaults(func=lambda a: users.print_help() or 0)
 
     p = sub.add_parser(
         "import",
@@ -270,5 +269,4 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print everything as JSON")
     p.set_defaults(func=_stats)
 
-    parser.set_defaults(func=lambda a: parser.print_help() or 0)
     return parser

@@ -1602,7 +1602,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = p.add_subparsers(dest="experiment_command", metavar="{run}")
+    sub = p.add_subparsers(dest="experiment_command", metavar="{run}", required=True)
     r = sub.add_parser(
         "run",
         help="run an experiment file (cached: only changed stages rerun)",
@@ -1638,7 +1638,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--only", default=None, metavar="I,J", help="run only these sweep points (0-based indices)"
     )
     r.set_defaults(func=_cmd_run, overrides=[])
-    p.set_defaults(func=lambda args: (p.print_help(), 0)[1])
     return p
 
 

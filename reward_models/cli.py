@@ -18,8 +18,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="rm_command", metavar="{train,eval}")
+    sub = parser.add_subparsers(dest="rm_command", metavar="{train,eval}", required=True)
     train.add_parser(sub)
     evaluate.add_parser(sub)
-    parser.set_defaults(func=lambda args: parser.print_help() or 0)
     return parser

@@ -15,8 +15,8 @@ The loop, top to bottom (:func:`run_rm_train`):
    prompt side;
 4. with frozen lower layers, compute their hidden states once (the cache);
 5. epochs of length-bucketed batches, gradient accumulation, AdamW with warm-up, under
-   ``accelerate`` (``accelerate launch --num_processes 2`` on CPU works: each process owns a
-   fixed shard of prompts, gradients are all-reduced);
+   ``accelerate`` (``accelerate launch --config_file experiments/accelerate/cpu_2proc.yaml`` on
+   CPU: each process owns a fixed shard of prompts, gradients are all-reduced);
 6. evaluate on the validation prompts every ``eval_every`` steps; keep the best validation loss;
    stop early after ``patience`` evaluations without improvement; score the held-out prompts once
    at the end (never used to choose anything); checkpoint every ``save_every`` steps
@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 from reward_models import losses as L
 from rlhf.config import ConfigError, add_config_arguments, config_from_args, option, to_dict
+from rlhf.distributed import require_data_parallel
 from rlhf.errors import UserError
 from rlhf.models import MIXED_PRECISION, MIXED_PRECISION_HELP, autocast_bf16, use_bf16
 from rlhf.nonfinite import gradient_norm, stop_if_non_finite
@@ -564,7 +565,13 @@ def _build_cache(model, groups: list[Group], pad_id: int, batch_size: int, progr
 def evaluate_groups(
     cfg: RMTrainConfig, model, raw_tie, groups: list[Group], pad_id: int, cache: dict | None, accelerator=None
 ) -> dict[str, float]:
-    """Held-out loss (mean over groups) and strict-pair accuracy, summed across processes."""
+    """Held-out loss (mean over groups) and strict-pair accuracy, summed across processes.
+
+    The forwards go through the unwrapped model: each DDP forward is a collective (it broadcasts
+    the module's buffers), and processes whose shards hold different numbers of groups would wait
+    on each other forever. Only the sums are reduced."""
+    if accelerator is not None:
+        model = accelerator.unwrap_model(model)
     was = model.training
     model.eval()
     tot = torch.zeros(4, dtype=torch.float64)  # loss·groups, groups, correct, pairs
@@ -697,6 +704,7 @@ def run_rm_train(cfg: RMTrainConfig) -> dict:
         )
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    require_data_parallel(accelerator, "rm train")
     main = accelerator.is_main_process
     bf16 = use_bf16(cfg.mixed_precision, accelerator.device)
 
@@ -867,7 +875,10 @@ def run_rm_train(cfg: RMTrainConfig) -> dict:
                     loss=f"{float(loss.detach()):.4f}",
                     val_acc=f"{last_eval.get('val/pair_accuracy', float('nan')):.3f}",
                 )
-                out_of_time = cfg.max_time_s and time.time() - t_train >= cfg.max_time_s
+                out_of_time = bool(cfg.max_time_s) and time.time() - t_train >= cfg.max_time_s
+                if cfg.max_time_s and world > 1:  # clocks differ: all processes stop after the same step
+                    flag = torch.tensor([float(out_of_time)], device=accelerator.device)
+                    out_of_time = bool(accelerator.reduce(flag, "sum") > 0)
                 if val and (
                     (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps or out_of_time
                 ):
@@ -989,7 +1000,7 @@ def run_rm_train(cfg: RMTrainConfig) -> dict:
                 f"rm train: {state['step']} steps in {train_time:.1f}s ({throughput:.2f} rankings/s; {stop_reason}); "
                 f"held-out pair accuracy {acc:.3f} on {len(held)} prompts; normalised on {norm['source']} "
                 f"(offset {norm['offset']:.3f}, scale {norm['scale']:.3f}) → {model_dir} "
-                f"[{time.time() - t_start:.1f}s total]",
+                f"[{time.time() - t_start:.1f}s total" + (f", {world} processes]" if world > 1 else "]"),
                 flush=True,
             )
         accelerator.wait_for_everyone()
@@ -1012,5 +1023,8 @@ def add_parser(subparsers):
         "train", help="train a reward model on rankings with ties", description=__doc__.split("\n\n")[0]
     )
     add_config_arguments(p, RMTrainConfig)
-    p.set_defaults(func=lambda args: run_rm_train(config_from_args(args, RMTrainConfig)) and 0)
+    # trains in every process of a launch (rlhf/distributed.py)
+    p.set_defaults(
+        func=lambda args: run_rm_train(config_from_args(args, RMTrainConfig)) and 0, across_processes=True
+    )
     return p

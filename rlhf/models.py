@@ -814,12 +814,15 @@ def load_policy(
     return model, load_tokenizer(name)
 
 
-def write_policy_dir(model, tokenizer, out_dir: str | os.PathLike, meta: dict[str, Any]) -> Path:
+def write_policy_dir(
+    model, tokenizer, out_dir: str | os.PathLike, meta: dict[str, Any], state_dict: dict | None = None
+) -> Path:
     """Save model (or just the PEFT adapter) + tokenizer + ``rlhf_policy.json``, atomically
     (:func:`rlhf.fsio.atomic_dir`: a crash leaves the old policy dir or the new one).
 
     ``meta`` should name ``base`` (the model the policy started from) and ``stage``; for an
-    adapter without ``base`` the adapter's ``base_model_name_or_path`` is used.
+    adapter without ``base`` the adapter's ``base_model_name_or_path`` is used. ``state_dict``
+    replaces the model's own weights: the full ones gathered from a sharded (FSDP) launch.
     """
     meta = dict(meta)
     is_peft = hasattr(model, "peft_config")
@@ -830,7 +833,7 @@ def write_policy_dir(model, tokenizer, out_dir: str | os.PathLike, meta: dict[st
         raise UserError("write_policy_dir: an adapter policy needs meta['base']", code="bad_policy_dir")
     meta.setdefault("format", "peft_adapter" if is_peft else "full")
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         (tmp / POLICY_META).write_text(json.dumps(meta, indent=2, default=str))
         _relax_permissions(tmp)

@@ -214,6 +214,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
 
     import torch
     from accelerate import PartialState
+    from accelerate.utils import DistributedType
     from datasets import Dataset
     from transformers import PrinterCallback
     from trl import SFTConfig as TRLSFTConfig
@@ -274,6 +275,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
         # Trainer's bar and its printed log dicts give way to the lab's bar (_progress_callback).
         disable_tqdm=True,
         save_only_model=True,
+        ddp_find_unused_parameters=False,  # every trainable weight takes part in every forward
     )
     trainer = SFTTrainer(
         model=model,
@@ -300,6 +302,10 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
         summary["eval/loss"] = float(metrics["eval_loss"])  # the callback has logged it as eval/loss
 
     trainer.accelerator.wait_for_everyone()
+    full_state = None
+    if trainer.accelerator.distributed_type == DistributedType.FSDP:
+        # Sharded weights exist whole only once every process has sent its shard to the main one.
+        full_state = trainer.accelerator.get_state_dict(trainer.model)
     if not is_main:
         trainer.accelerator.wait_for_everyone()  # until the main process has written the policy
         return {"run_dir": str(run_dir), "policy_dir": str(out_dir), **summary}
@@ -314,7 +320,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
         "demonstrations": cfg.demonstrations,
         "config": to_dict(cfg),
     }
-    write_policy_dir(final, tokenizer, out_dir, meta)
+    write_policy_dir(final, tokenizer, out_dir, meta, state_dict=full_state)
     tracker.log_artifact(
         out_dir,
         name=f"{cfg.experiment}-sft-policy",
@@ -344,5 +350,5 @@ def add_parser(subparsers):
         run_sft(config_from_args(args, SFTConfig))
         return 0
 
-    p.set_defaults(func=_run)
+    p.set_defaults(func=_run, across_processes=True)  # trains in every process of a launch
     return p

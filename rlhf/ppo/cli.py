@@ -27,5 +27,5 @@ def add_parser(subparsers):
         summary = run_ppo(config_from_args(args, PPOConfig))
         return 130 if summary.get("interrupted") else 0
 
-    p.set_defaults(func=_run)
+    p.set_defaults(func=_run, across_processes=True)  # trains in every process of a launch
     return p

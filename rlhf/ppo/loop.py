@@ -55,6 +55,7 @@ from typing import Any
 import torch
 
 from rlhf.config import ConfigError, config_hash, exact_div, option, to_dict
+from rlhf.distributed import require_data_parallel
 from rlhf.errors import UserError
 from rlhf.fsio import recover_dir
 from rlhf.models import MIXED_PRECISION, MIXED_PRECISION_HELP
@@ -455,6 +456,7 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    require_data_parallel(accelerator, "ppo")
     world, rank = accelerator.num_processes, accelerator.process_index
     cfg.validate(world)  # before any model loads
     from rlhf.models import autocast_bf16, use_bf16

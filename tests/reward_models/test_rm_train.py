@@ -362,49 +362,6 @@ def test_each_response_is_encoded_once_per_prompt_whatever_the_annotators():
     assert batch.tiers.shape == (6, 4) and batch.row_of_ranking.tolist() == [0, 0, 0, 1, 1, 1]
 
 
-@pytest.mark.slow
-def test_accelerate_launch_with_two_cpu_processes(tmp_path):
-    import subprocess
-    import sys
-
-    data = write_records(tmp_path / "r.jsonl", make_records(40, seed=2))
-    accelerate = Path(sys.executable).parent / "accelerate"
-    proc = subprocess.run(
-        [
-            str(accelerate),
-            "launch",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--cpu",
-            "-m",
-            "rlhf.cli",
-            "rm",
-            "train",
-            "--rankings",
-            str(data),
-            "--runs_dir",
-            str(tmp_path / "runs"),
-            "--config",
-            str(CONFIGS / "rm_tiny.yaml"),
-            "--epochs",
-            "1",
-            "tracking.mode=disabled",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert (tmp_path / "runs" / "default" / "rm_train" / "model" / "rlhf_reward.json").is_file()
-    assert proc.stdout.count("rm train:") == 1  # only the main process reports
-
-
 def test_tie_parameter_starts_at_the_data_tie_rate():
     """1 tied pair out of 12: Rao–Kupper (θ-1)/(θ+1) = 1/12 → θ = 13/11; Davidson ν/(2+ν) = 1/12 → ν = 2/11."""
     recs = make_records(2, seed=3)

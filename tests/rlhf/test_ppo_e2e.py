@@ -217,7 +217,9 @@ def test_accelerate_two_processes(sft_policy, tmp_path):
         "--response_length",
         "6",
         "--num_eval_prompts",
-        "0",
+        "2",  # the main process alone evaluates, between updates and at the end
+        "--eval_every",
+        "1",
         "--runs_dir",
         str(tmp_path / "runs"),
         "--tracking.mode",
@@ -229,6 +231,7 @@ def test_accelerate_two_processes(sft_policy, tmp_path):
     lines = _metrics(tmp_path / "runs" / "default" / "ppo" / "metrics.jsonl")
     steps = [m for m in lines if "objective/scores" in m]
     assert [m["step"] for m in steps] == [1, 2]
+    assert any(key.startswith("eval/") for m in lines for key in m)
     assert steps[0]["val/ratio_first_minibatch"] == pytest.approx(1.0, abs=1e-4)
     assert 0.0 <= steps[0]["objective/raw_scores"] <= 1.0
     assert (tmp_path / "runs" / "default" / "ppo" / "policy" / "model.safetensors").exists()
