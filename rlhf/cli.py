@@ -26,6 +26,7 @@ import importlib
 import os
 import re
 import sys
+import warnings
 
 import huggingface_hub.utils
 
@@ -249,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.parse_args([args.command, "--help"])
             return 0
         rank, n_processes = launch_rank_and_size()
+        if n_processes > 1:
+            # accelerate's DDP wrapper asks transformers a deprecated question, in every process
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
         if n_processes > 1 and not getattr(args, "across_processes", False):
             # A command with no multi-process path runs in process 0 alone (rlhf/distributed.py).
             if rank != 0:

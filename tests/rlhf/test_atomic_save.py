@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -97,6 +98,26 @@ def test_recover_dirs_in_recovers_every_interrupted_swap(tmp_path):
     recover_dirs_in(tmp_path)
     assert [_version(tmp_path / n) for n in ("a", "b", "c")] == ["a", "b", "c"]
     assert _siblings(tmp_path / "a") == ["a", "b", "c"]
+
+
+def test_only_the_leftovers_of_dead_writers_on_this_machine_are_removed(tmp_path):
+    final = tmp_path / "out"
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    host = socket.gethostname()
+    dead = _make_dir(tmp_path / f".out.tmp-{host}-{int(gone.stdout)}-abc", "v0")
+    (tmp_path / f".out.tmp-{host}-{int(gone.stdout)}-def").write_text("half a file")
+    live = _make_dir(tmp_path / f".out.tmp-{host}-{os.getpid()}-abc", "v0")  # a writer still at work
+    elsewhere = _make_dir(tmp_path / f".out.tmp-other-host-{int(gone.stdout)}-abc", "v0")  # a shared folder
+    unrelated = _make_dir(tmp_path / f".outer.tmp-{host}-{int(gone.stdout)}-abc", "v0")
+    with atomic_dir(final) as tmp:
+        (tmp / "v").write_text("v1")
+    assert (final / "v").read_text() == "v1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["out", live.name, elsewhere.name, unrelated.name]
+    )
+    assert not dead.exists()
 
 
 # ----------------------------------------------------------------------------- real savers, killed
@@ -243,9 +264,12 @@ def test_a_writer_killed_mid_save_leaves_the_old_or_the_new_version(tmp_path):
             assert line == f"paused {moment}", f"{kind}: {line!r}\n{proc.stderr.read()}"
             assert proc.returncode == -signal.SIGKILL
             assert target.exists() == (moment != BETWEEN_RENAMES)
-            _save, load, _name = SAVERS[kind]
+            save, load, _name = SAVERS[kind]
             assert load(target) == SURVIVOR[moment], (kind, moment)
             assert backup_path(target).exists() == (moment == AFTER_SWAP)  # the next save deletes it
+            save(target, 3)  # the next save also clears what the killed writer left half-written
+            assert load(target) == 3
+            assert [p.name for p in target.parent.iterdir() if p.name.startswith(f".{target.name}.")] == []
     finally:
         for _kind, _moment, _target, proc in writers:
             proc.kill()  # a no-op for the ones already killed

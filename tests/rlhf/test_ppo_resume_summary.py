@@ -64,6 +64,7 @@ def test_resumed_run_writes_the_same_summary(tmp_path, monkeypatch):
     full = run_ppo(_cfg(runs, prompts))
     assert not full["interrupted"]
     summary_full = json.loads(Path(full["run_dir"], "summary.json").read_text())
+    logged_full = _logged(Path(full["run_dir"]))
     shutil.rmtree(runs)  # the interrupted run writes to the very same paths
 
     ppo_helpers.reset_calls()
@@ -83,3 +84,19 @@ def test_resumed_run_writes_the_same_summary(tmp_path, monkeypatch):
         if summary_full.get(k, "<missing>") != summary_resumed.get(k, "<missing>")
     }
     assert not differ, differ
+    # the metrics and sample tables on disk too: the updates before the checkpoint are kept, once
+    logged_resumed = _logged(Path(resumed["run_dir"]))
+    assert sorted(logged_full) == sorted(logged_resumed) == ["metrics.jsonl", "table_samples.jsonl"]
+    assert [r["step"] for r in logged_resumed["table_samples.jsonl"]] == [1, 1, 2, 2, 4, 4, 6, 6, 8, 8]
+    for name, rows in logged_full.items():
+        assert rows == logged_resumed[name], name
+
+
+def _logged(run_dir: Path) -> dict[str, list[dict]]:
+    """The metrics and table files of a run, without timing and without the lines only a resumed run
+    writes (the "resumed from" notice)."""
+    out = {}
+    for path in [run_dir / "metrics.jsonl", *sorted(run_dir.glob("table_*.jsonl"))]:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        out[path.name] = [{k: v for k, v in r.items() if not _is_timing(k)} for r in rows]
+    return out
