@@ -96,6 +96,7 @@ LIBRARY_STAGES: dict[str, tuple[str, str, str]] = {
     "sft": ("rlhf.sft", "SFTConfig", "run_sft"),
     "ppo": ("rlhf.ppo.loop", "PPOConfig", "run_ppo"),
     "baseline": ("rlhf.baselines", "BaselineConfig", "run_baseline"),
+    "dpo": ("reward_models.dpo", "DPOStageConfig", "run_dpo"),
     "eval": ("rlhf.evaluate", "EvalConfig", "run_eval"),
 }
 # Stages implemented here (annotation by people; the round bookkeeping of the closed loop).
@@ -424,8 +425,10 @@ def default_wiring(kind: str, latest: dict[str, str]) -> dict[str, str]:
         wires = {"reward_model": ref("rm_train", "model_dir"), "rankings": ref("rm_train", "eval_rankings")}
     elif kind in ("ppo", "baseline"):
         wires = {"policy": ref("sft", "policy_dir"), "reward": ref("rm_train", "model_dir")}
+    elif kind == "dpo":
+        wires = {"policy": ref("sft", "policy_dir"), "rankings": rankings}
     elif kind == "eval":
-        policy = ref("ppo", "policy_dir") or ref("baseline", "policy_dir")
+        policy = ref("ppo", "policy_dir") or ref("baseline", "policy_dir") or ref("dpo", "policy_dir")
         wires = {
             "policy": policy,
             "reference": ref("sft", "policy_dir"),

@@ -441,6 +441,13 @@ def make_batch(groups: list[Group], pad_id: int, cache: dict | None) -> Batch:
     )
 
 
+def ranking_grid(flat: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Per-sequence values ``[N]`` laid out as every ranking's candidates ``[R, Kmax]`` (padding 0)."""
+    g, k = batch.grid
+    grid = flat.new_zeros(g * k).index_copy(0, batch.slot, flat).view(g, k)
+    return grid[batch.row_of_ranking]
+
+
 def batch_rewards(model, batch: Batch) -> torch.Tensor:
     """Rewards of every ranking's candidates ``[R, Kmax]`` (padding slots hold 0)."""
     flat = model(
@@ -449,9 +456,7 @@ def batch_rewards(model, batch: Batch) -> torch.Tensor:
         hidden=batch.hidden,
         pool_mask=batch.pool_mask,
     )
-    g, k = batch.grid
-    grid = flat.new_zeros(g * k).index_copy(0, batch.slot, flat).view(g, k)
-    return grid[batch.row_of_ranking]
+    return ranking_grid(flat, batch)
 
 
 def length_batches(groups: list[Group], batch_size: int, rng: random.Random) -> list[list[Group]]:

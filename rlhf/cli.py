@@ -42,6 +42,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rm": ("reward_models.cli", "train and evaluate reward models on rankings with ties"),
     "sft": ("rlhf.sft", "supervised fine-tuning of the base model on demonstrations"),
     "ppo": ("rlhf.ppo.cli", "PPO against a reward model, gold scorer or any reward function"),
+    "dpo": (
+        "reward_models.dpo",
+        "direct preference optimisation on rankings: DPO, tie-aware and listwise DPO",
+    ),
     "baseline": ("rlhf.baselines", "TRL's RLOO / GRPO on the same prompts and reward, for comparison"),
     "eval": ("rlhf.evaluate", "score a policy on held-out prompts (reward model, gold scorer, KL, length)"),
     "quickstart": ("experiments.quickstart", "the whole loop on the embedded defaults, in one command"),
@@ -249,10 +253,9 @@ def main(argv: list[str] | None = None) -> int:
         if func is None:
             parser.parse_args([args.command, "--help"])
             return 0
+        # accelerate's DDP wrapper and peft ask transformers a deprecated question: nothing to act on
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
         rank, n_processes = launch_rank_and_size()
-        if n_processes > 1:
-            # accelerate's DDP wrapper asks transformers a deprecated question, in every process
-            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
         if n_processes > 1 and not getattr(args, "across_processes", False):
             # A command with no multi-process path runs in process 0 alone (rlhf/distributed.py).
             if rank != 0:

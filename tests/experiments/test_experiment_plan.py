@@ -80,7 +80,7 @@ def test_overrides_reach_stage_sections_and_top_level_keys():
     "raw, match",
     [
         ({"stages": {"ppo": {}}, "colour": 1}, "unknown key 'colour'"),
-        ({"stages": {"dpo": {}}}, "unknown stage 'dpo'"),
+        ({"stages": {"kto": {}}}, "unknown stage 'kto'"),
         ({"stages": {}}, "stages"),
         ({"stages": {"ppo": {}}, "rounds": 2}, "needs a generate stage"),
         ({"stages": {"ppo": {}}, "name": "a b"}, "name"),
@@ -120,6 +120,19 @@ def test_default_wiring_follows_quickstart_and_explicit_refs_win():
         "reference": "${sft.policy_dir}",
         "reward": "${rm_train.model_dir}",
     }
+
+
+def test_dpo_takes_the_sft_policy_and_the_rankings_and_eval_judges_it():
+    exp = parse_experiment(
+        {"stages": {"sft": {}, "generate": {}, "simulate": {}, "dpo": {"loss": "rao_kupper"}, "eval": {}}}
+    )
+    plan = {n.name: {**n.wired, **n.section} for n in build_plan(exp)}
+    assert plan["dpo"] == {
+        "policy": "${sft.policy_dir}",
+        "rankings": "${simulate.rankings}",
+        "loss": "rao_kupper",
+    }
+    assert plan["eval"] == {"policy": "${dpo.policy_dir}", "reference": "${sft.policy_dir}"}
 
 
 def test_a_reference_to_a_missing_stage_is_an_error():
