@@ -97,6 +97,7 @@ LIBRARY_STAGES: dict[str, tuple[str, str, str]] = {
     "ppo": ("rlhf.ppo.loop", "PPOConfig", "run_ppo"),
     "baseline": ("rlhf.baselines", "BaselineConfig", "run_baseline"),
     "dpo": ("reward_models.dpo", "DPOStageConfig", "run_dpo"),
+    "kto": ("rlhf.kto", "KTOStageConfig", "run_kto"),
     "eval": ("rlhf.evaluate", "EvalConfig", "run_eval"),
 }
 # Stages implemented here (annotation by people; the round bookkeeping of the closed loop).
@@ -425,10 +426,11 @@ def default_wiring(kind: str, latest: dict[str, str]) -> dict[str, str]:
         wires = {"reward_model": ref("rm_train", "model_dir"), "rankings": ref("rm_train", "eval_rankings")}
     elif kind in ("ppo", "baseline"):
         wires = {"policy": ref("sft", "policy_dir"), "reward": ref("rm_train", "model_dir")}
-    elif kind == "dpo":
+    elif kind in ("dpo", "kto"):
         wires = {"policy": ref("sft", "policy_dir"), "rankings": rankings}
     elif kind == "eval":
-        policy = ref("ppo", "policy_dir") or ref("baseline", "policy_dir") or ref("dpo", "policy_dir")
+        trained = ("ppo", "baseline", "dpo", "kto")
+        policy = next((ref(k, "policy_dir") for k in trained if k in latest), None)
         wires = {
             "policy": policy,
             "reference": ref("sft", "policy_dir"),

@@ -117,28 +117,6 @@ def _stop_token_ids(model, tokenizer) -> set[int]:
     return {tokenizer.eos_token_id, *declared} - {None}
 
 
-def _tracker_callback(tracker):
-    from transformers import TrainerCallback
-
-    # Only the score shares a meaning with PPO's metric (TRL's kl/entropy are per-token means, PPO's
-    # objective/kl is per response), so only it is logged under PPO's name too.
-    rename = {"reward": "objective/scores"}
-
-    class _ToTracker(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            out = {}
-            for key, value in (logs or {}).items():
-                if isinstance(value, (int, float)):
-                    out[f"train/{key}"] = value
-                    if key in rename:
-                        out[rename[key]] = value
-            if out:
-                out["episodes"] = state.global_step * args.per_device_train_batch_size
-                tracker.log(out, step=state.global_step)
-
-    return _ToTracker()
-
-
 def run_baseline(cfg: BaselineConfig) -> dict[str, Any]:
     cfg.validate()
     import torch
@@ -153,6 +131,7 @@ def run_baseline(cfg: BaselineConfig) -> dict[str, Any]:
     from rlhf.scorers import get_scorer
     from rlhf.sft import bf16_supported
     from rlhf.tracking import start_stage
+    from rlhf.trainer_callbacks import TrackerCallback
 
     split_cfg = PPOConfig(
         prompts=cfg.prompts,
@@ -223,7 +202,15 @@ def run_baseline(cfg: BaselineConfig) -> dict[str, Any]:
         train_dataset=train_ds,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[_tracker_callback(tracker)],
+        # Only the score shares a meaning with PPO's metric (TRL's kl/entropy are per-token means,
+        # PPO's objective/kl is per response), so only it is logged under PPO's name too.
+        callbacks=[
+            TrackerCallback(
+                tracker,
+                aliases={"reward": "objective/scores"},
+                extra=lambda args, state: {"episodes": state.global_step * args.per_device_train_batch_size},
+            )
+        ],
     )
     t0 = time.time()
     trainer.train()

@@ -46,6 +46,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "reward_models.dpo",
         "direct preference optimisation on rankings: DPO, tie-aware and listwise DPO",
     ),
+    "kto": ("rlhf.kto", "KTO on rankings (desirable / undesirable responses) through TRL's KTOTrainer"),
     "baseline": ("rlhf.baselines", "TRL's RLOO / GRPO on the same prompts and reward, for comparison"),
     "eval": ("rlhf.evaluate", "score a policy on held-out prompts (reward model, gold scorer, KL, length)"),
     "quickstart": ("experiments.quickstart", "the whole loop on the embedded defaults, in one command"),

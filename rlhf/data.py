@@ -1014,6 +1014,47 @@ def rankings_to_trl(
     return preferences, ties
 
 
+def kto_label(ranking: Ranking, label: str) -> bool | None:
+    """KTO's binary label of one candidate of a ranking: desirable (True) when more candidates are
+    ranked below it than above it, undesirable (False) when fewer, none (None) when as many, as for
+    the middle of an odd ranking or a candidate tied with everything. A strict ranking of 4 gives
+    its top two True and its bottom two False; tiers count whole (``A > B = C > D``: A True, D
+    False, B and C none)."""
+    tier = next(t for t, members in enumerate(ranking.tiers) if label in members)
+    above = sum(len(members) for members in ranking.tiers[:tier])
+    below = sum(len(members) for members in ranking.tiers[tier + 1 :])
+    return None if above == below else below > above
+
+
+def rankings_to_kto(
+    rankings: Iterable[dict], style: str = "conversational", tokenizer: Any = None
+) -> list[dict]:
+    """Unpaired rows for TRL's KTOTrainer (``prompt``, ``completion``, ``label``, then ``prompt_id``,
+    ``annotator``, ``candidate_label``): every candidate a ranking labels (:func:`kto_label`), in
+    TRL's ``style`` as :func:`rankings_to_trl` writes it."""
+    if style not in TRL_STYLES:
+        raise ConfigError(f"unknown TRL style {style!r}; valid styles: {', '.join(TRL_STYLES)}")
+    rows = []
+    for rec in rankings:
+        prompt, completion = _trl_prompt_and_completions(rec, style, tokenizer)
+        ranking = ranking_of(rec)
+        for cand in rec["candidates"]:
+            desirable = kto_label(ranking, cand["label"])
+            if desirable is None:
+                continue
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "completion": completion[cand["label"]],
+                    "label": desirable,
+                    "prompt_id": str(rec["prompt_id"]),
+                    "annotator": rec.get("annotator") or "unknown",
+                    "candidate_label": cand["label"],
+                }
+            )
+    return rows
+
+
 def _trl_prompt_and_completions(rec: dict, style: str, tokenizer: Any) -> tuple[Any, dict[str, Any]]:
     """A ranking's prompt and each candidate's completion (by label) in TRL's ``style``."""
     texts = {c["label"]: c["text"] for c in rec["candidates"]}
@@ -1263,7 +1304,7 @@ def _typed_dataset(records: list[dict], column_types: Mapping[str, Any]) -> Any:
 #   rankings: the validated rankings, ties included, for the lab's losses over whole rankings;
 #   pairs:    every derived pair with its `tie` flag, for pair losses that model ties;
 #   trl:      strict pairs only, for TRL's RewardTrainer and DPOTrainer; ties in a file beside it.
-EXPORT_FORMATS = ("pairs", "rankings", "trl")
+EXPORT_FORMATS = ("pairs", "rankings", "trl", "kto")
 
 
 @dataclass
@@ -1277,12 +1318,14 @@ class ExportConfig:
         "pairs",
         help="pairs = every pair of candidates per ranking, tie rows included (pair losses with ties); "
         "rankings = the validated rankings themselves; trl = strict pairs only for TRL's "
-        "RewardTrainer/DPOTrainer, tied pairs written to <out stem>.ties.jsonl beside it",
+        "RewardTrainer/DPOTrainer, tied pairs written to <out stem>.ties.jsonl beside it; kto = "
+        "single responses labelled desirable (upper half of a ranking) or undesirable (lower half) "
+        "for TRL's KTOTrainer",
         choices=EXPORT_FORMATS,
     )
     trl_style: str = option(
         "conversational",
-        help="format trl: conversational = prompt/chosen/rejected as chat messages (TRL applies the "
+        help="formats trl and kto: conversational = prompt/chosen/rejected as chat messages (TRL applies the "
         "chat template); standard = plain strings with the chat template of --model already applied",
         choices=TRL_STYLES,
     )
@@ -1321,7 +1364,7 @@ def check_export_options(fmt: str, trl_style: str = "conversational", model: str
     """One clear error for an unknown format or TRL style, or a standard TRL export without a model."""
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; valid formats: {', '.join(EXPORT_FORMATS)}")
-    if fmt != "trl":
+    if fmt not in ("trl", "kto"):
         return
     if trl_style not in TRL_STYLES:
         raise ConfigError(f"unknown TRL style {trl_style!r}; valid styles: {', '.join(TRL_STYLES)}")
@@ -1362,6 +1405,8 @@ def build_export(
         from rlhf.models import load_tokenizer
 
         tokenizer = load_tokenizer(model)
+    if fmt == "kto":
+        return Export(fmt, rankings_to_kto(rankings, trl_style, tokenizer))
     preferences, ties = rankings_to_trl(rankings, trl_style, tokenizer)
     if not preferences:
         raise DataError(
@@ -1439,7 +1484,7 @@ def run_export(cfg: ExportConfig) -> dict:
                 "export/sample_pairs", cols, [[p[c] for c in cols] for p in export.records[:20]], step=0
             )
         metadata = {"format": cfg.format, "drop_ties": cfg.drop_ties, "source": cfg.rankings, **stats}
-        if cfg.format == "trl":
+        if cfg.format in ("trl", "kto"):
             metadata["trl_style"] = cfg.trl_style
         tracker.log_artifact(path, f"{cfg.experiment}-{cfg.format}", "dataset", metadata=metadata)
         if ties is not None:

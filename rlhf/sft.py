@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlhf.cli import progress_bar
 from rlhf.config import ConfigError, add_config_arguments, config_from_args, config_hash, option, to_dict
 from rlhf.tracking import TrackingConfig
 
@@ -129,66 +128,6 @@ def bf16_supported() -> bool:
     return bf16_hardware("cuda")
 
 
-def _tracker_callback(tracker):
-    from transformers import TrainerCallback
-
-    class _ToTracker(TrainerCallback):
-        """Forwards the Trainer's logs to the lab's tracker as ``train/*`` and ``eval/*``."""
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs:
-                return
-            out = {}
-            for key, value in logs.items():
-                if not isinstance(value, (int, float)):
-                    continue
-                if key.startswith("eval_"):
-                    out[f"eval/{key[5:]}"] = value
-                elif key.startswith("train_"):
-                    out[f"train/{key[6:]}"] = value
-                else:
-                    out[f"train/{key}"] = value
-            if out:
-                tracker.log(out, step=state.global_step)
-
-    return _ToTracker()
-
-
-def _progress_callback():
-    from transformers import TrainerCallback
-
-    class _ToTerminal(TrainerCallback):
-        """The lab's progress bar over the optimiser steps, with the last logged losses as numbers.
-
-        It replaces Trainer's own bar and the dicts Trainer prints at every log (every number
-        formatted as a string: ``{'loss': '2.888', ...}``); the full logs go to the tracker.
-        """
-
-        def __init__(self):
-            self.bar = None
-            self.latest: dict[str, str] = {}  # the last training and held-out losses, both in view
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.bar = progress_bar(
-                state.max_steps, "sft", "step", enabled=state.is_world_process_zero, initial=state.global_step
-            )
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.bar.update(state.global_step - self.bar.n)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            losses = {k: f"{v:.4f}" for k, v in (logs or {}).items() if k in ("loss", "eval_loss")}
-            if self.bar is not None and losses:
-                self.latest.update(losses)
-                self.bar.set_postfix(self.latest)
-
-        def on_train_end(self, args, state, control, **kwargs):
-            self.bar.close()
-            self.bar = None
-
-    return _ToTerminal()
-
-
 def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     """Fine-tune ``cfg.model`` on the demonstrations; write the policy dir. Returns a summary."""
     cfg.validate()
@@ -222,6 +161,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
 
     from rlhf.models import causal_lm_lora_config, load_policy, resolve_model_path, write_policy_dir
     from rlhf.tracking import Tracker, stage_run_dir, start_stage
+    from rlhf.trainer_callbacks import ProgressCallback, TrackerCallback
 
     # Under `accelerate launch` every process trains (TRL's Trainer runs data-parallel), but only the
     # main one tracks, writes the policy and prints: one W&B run, one writer.
@@ -272,7 +212,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
         dataloader_num_workers=0,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        # Trainer's bar and its printed log dicts give way to the lab's bar (_progress_callback).
+        # Trainer's bar and its printed log dicts give way to the lab's bar (ProgressCallback).
         disable_tqdm=True,
         save_only_model=True,
         ddp_find_unused_parameters=False,  # every trainable weight takes part in every forward
@@ -284,7 +224,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[_tracker_callback(tracker), *([_progress_callback()] if is_main else [])],
+        callbacks=[TrackerCallback(tracker), *([ProgressCallback("sft")] if is_main else [])],
     )
     trainer.remove_callback(PrinterCallback)  # what Trainer prints logs with when disable_tqdm is set
     n_trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)

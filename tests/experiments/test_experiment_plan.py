@@ -80,7 +80,7 @@ def test_overrides_reach_stage_sections_and_top_level_keys():
     "raw, match",
     [
         ({"stages": {"ppo": {}}, "colour": 1}, "unknown key 'colour'"),
-        ({"stages": {"kto": {}}}, "unknown stage 'kto'"),
+        ({"stages": {"orpo": {}}}, "unknown stage 'orpo'"),
         ({"stages": {}}, "stages"),
         ({"stages": {"ppo": {}}, "rounds": 2}, "needs a generate stage"),
         ({"stages": {"ppo": {}}, "name": "a b"}, "name"),
