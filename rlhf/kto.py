@@ -37,7 +37,11 @@ class KTOStageConfig:
     beta: float = option(
         0.1, help="β: the implicit reward's scale; larger keeps the policy nearer the reference"
     )
-    desirable_weight: float = option(1.0, help="λ_D: weight of the desirable responses' loss")
+    desirable_weight: float | None = option(
+        None,
+        help="λ_D: weight of the desirable responses' loss (null: n_undesirable / n_desirable, so both "
+        "kinds weigh the same in total, the low end of the KTO paper's recommended λ_D·n_D / λ_U·n_U of 1 to 4/3)",
+    )
     undesirable_weight: float = option(1.0, help="λ_U: weight of the undesirable responses' loss")
     lora: bool = option(
         True, help="train a LoRA adapter (the reference = the adapter disabled); false = all weights"
@@ -63,7 +67,7 @@ class KTOStageConfig:
         if not self.rankings:
             raise ConfigError("kto: rankings is required (a rankings JSONL file, e.g. from `rlhf simulate`)")
         for name in ("beta", "lr", "epochs", "desirable_weight", "undesirable_weight"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: {getattr(self, name)} must be > 0")
         if self.batch_size < 2:
             raise ConfigError(
@@ -107,7 +111,7 @@ def run_kto(cfg: KTOStageConfig) -> dict[str, Any]:
         args = KTOConfig(
             output_dir=str(run_dir / "trainer"),
             beta=cfg.beta,
-            desirable_weight=cfg.desirable_weight,
+            desirable_weight=cfg.desirable_weight or (len(rows) - n_desirable) / n_desirable,
             undesirable_weight=cfg.undesirable_weight,
             learning_rate=cfg.lr,
             num_train_epochs=cfg.epochs,
