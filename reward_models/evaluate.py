@@ -24,6 +24,11 @@ file) it reports, in ``metrics.json``, ``metrics.jsonl`` and the W&B run:
   ``eval/gold_pair_accuracy`` (the model against the gold scorer on pairs the gold scorer
   separates), ``eval/gold_spearman`` and ``eval/annotator_gold_accuracy`` (the annotators' own
   agreement with gold on the same pairs: the ceiling a model learning from them should approach);
+- RewardBench 2's measures (Malik et al. 2025, arXiv 2506.01937) on the lab's rankings:
+  ``eval/best_of_k_accuracy``, rankings with one best candidate whose best the model scores above
+  all K - 1 others (chance ``eval/best_of_k_chance`` = 1/K), and ``eval/ties_score`` on rankings
+  whose top tier is tied (:func:`ties_score` says how it is adapted); ``eval/gold_best_of_k_accuracy``
+  with the gold's best candidate instead; all with 95 % bootstrap intervals over prompts;
 - a table ``eval/worst_rankings`` of the rankings the model gets most wrong (lowest τ).
 """
 
@@ -126,6 +131,77 @@ def units_by_prompt(
         return torch.zeros(n_prompts, dtype=torch.float64).index_add_(0, prompt_of_row, per_row).tolist()
 
     return list(zip(summed(right), summed(total)))
+
+
+def best_of_k(rewards: torch.Tensor, tiers: torch.Tensor) -> torch.Tensor:
+    """RewardBench 2's accuracy unit, per ranking ``[R]``: 1 when the single best candidate (a top
+    tier of one) scores strictly above every other candidate, else 0; NaN for a ranking with no
+    single best (a tied top tier) or fewer than two candidates. Chance is 1/K.
+    ``rewards``, ``tiers`` ``[R, K]`` (tier -1 = padding)."""
+    valid = tiers >= 0
+    top = valid & (tiers == 0)
+    applies = (top.sum(1) == 1) & (valid.sum(1) >= 2)
+    best = rewards.masked_fill(~top, -math.inf).max(1).values
+    others = rewards.masked_fill(~valid | top, -math.inf).max(1).values
+    return torch.where(applies, (best > others).double(), torch.nan)
+
+
+def ties_outcomes(rewards: torch.Tensor, tiers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RewardBench 2's Ties units, per ranking whose top tier holds two or more tied candidates and
+    something below them (NaN for the others): ``accurate``, every tied best above every other
+    candidate; ``preferred``, the gap between the lowest tied best and the highest other larger than
+    the spread among the tied best (the correct answers are told apart from the wrong ones more
+    than from each other)."""
+    valid = tiers >= 0
+    top, rest = valid & (tiers == 0), valid & (tiers > 0)
+    applies = (top.sum(1) >= 2) & (rest.sum(1) >= 1)
+    lowest_top = rewards.masked_fill(~top, math.inf).min(1).values
+    highest_top = rewards.masked_fill(~top, -math.inf).max(1).values
+    highest_rest = rewards.masked_fill(~rest, -math.inf).max(1).values
+    gap = lowest_top - highest_rest
+    accurate = torch.where(applies, (gap > 0).double(), torch.nan)
+    preferred = torch.where(applies, (gap > highest_top - lowest_top).double(), torch.nan)
+    return accurate, preferred
+
+
+def ties_score(units: list[tuple[float, float, float]]) -> float:
+    """RewardBench 2's Ties score from per-prompt ``(Σ accurate, Σ preferred, rankings)``: 0.6 ·
+    accuracy + 0.4 · preferred. RewardBench 2 weighs these 0.30 and 0.20 and gives the other half to
+    terms that compare each tied prompt with a paired single-answer version of it, which rankings do
+    not have; the two kept terms are rescaled to sum to 1."""
+    n = sum(u[2] for u in units)
+    return (0.6 * sum(u[0] for u in units) + 0.4 * sum(u[1] for u in units)) / n if n else float("nan")
+
+
+def rewardbench2_metrics(
+    rewards: torch.Tensor,
+    tiers: torch.Tensor,
+    prompt_of_row: torch.Tensor,
+    n_prompts: int,
+    seed: int,
+    key: str,
+) -> dict[str, float]:
+    """``eval/{key}best_of_k_accuracy`` and ``eval/{key}ties_score`` with 95 % bootstrap intervals over
+    prompts, and how many rankings each covers (keys absent when none applies)."""
+    metrics: dict[str, float] = {}
+    won = best_of_k(rewards, tiers)
+    counted = ~won.isnan()
+    if counted.any():
+        units = units_by_prompt(won.nan_to_num(0.0), counted.double(), prompt_of_row, n_prompts)
+        metrics.update(bootstrap_ci(units, ratio_of_sums, seed=seed).as_dict(f"eval/{key}best_of_k_accuracy"))
+        metrics[f"eval/{key}best_of_k_rankings"] = int(counted.sum())
+        metrics[f"eval/{key}best_of_k_chance"] = float((1 / (tiers >= 0).sum(1).double())[counted].mean())
+    accurate, preferred = ties_outcomes(rewards, tiers)
+    counted = ~accurate.isnan()
+    if counted.any():
+        sums = [
+            units_by_prompt(x.nan_to_num(0.0), counted.double(), prompt_of_row, n_prompts)
+            for x in (accurate, preferred)
+        ]
+        units = [(a, p, n) for (a, n), (p, _) in zip(*sums)]
+        metrics.update(bootstrap_ci(units, ties_score, seed=seed).as_dict(f"eval/{key}ties_score"))
+        metrics[f"eval/{key}ties_rankings"] = int(counted.sum())
+    return metrics
 
 
 def _logliks(
@@ -307,6 +383,9 @@ def run_rm_eval(cfg: RMEvalConfig) -> dict:
         )
         tracker.log_image("eval/reliability", plot)
 
+        # RewardBench 2's best-of-K accuracy and Ties score on the annotators' rankings
+        metrics.update(rewardbench2_metrics(rewards, tiers, row_group, len(groups), cfg.seed, ""))
+
         # Kendall τ-b per ranking
         taus = []
         table = []
@@ -385,6 +464,14 @@ def run_rm_eval(cfg: RMEvalConfig) -> dict:
                     )
                 )
                 metrics["eval/gold_pairs"] = n_gold
+            # best-of-K against the gold: its best candidate (where it has one best) scored highest
+            gold_tiers = torch.where(
+                valid, (gold < gold.masked_fill(~valid, -math.inf).amax(1, keepdim=True)).long(), -1
+            )
+            every_prompt = torch.arange(len(groups))
+            metrics.update(
+                rewardbench2_metrics(grid, gold_tiers, every_prompt, len(groups), cfg.seed, "gold_")
+            )
             flat_gold = gold[valid].tolist()
             if len(set(flat_gold)) > 1:
                 metrics["eval/gold_spearman"] = float(spearmanr(grid[valid].tolist(), flat_gold).statistic)
@@ -443,6 +530,8 @@ def _print(metrics: dict, run_dir: Path) -> None:
         "eval/length_corr",
         "eval/gold_pair_accuracy",
         "eval/annotator_gold_accuracy",
+        "eval/best_of_k_accuracy",
+        "eval/ties_score",
     ]
 
     def fmt(k: str) -> str:
