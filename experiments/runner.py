@@ -1068,7 +1068,7 @@ def _check_reward(reward: str | list[dict]) -> None:
     """A reward as :func:`rlhf.rewards.load_reward_fn` reads it: parts that name a directory must be
     reward-model dirs (``check_reward_spec``, the rule PPO and the baselines apply), the others are
     scorer specs."""
-    from rlhf.ppo.loop import check_reward_spec
+    from rlhf.rewards import check_reward_spec
 
     check_reward_spec(reward)  # also rejects a list item without `spec`
     for part in [reward] if isinstance(reward, str) else [item["spec"] for item in reward]:

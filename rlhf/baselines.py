@@ -81,7 +81,7 @@ class BaselineConfig:
         exact_div(self.total_episodes, self.batch_size, "total_episodes / batch_size")
         if self.temperature <= 0 or self.learning_rate <= 0 or self.beta < 0:
             raise ConfigError("temperature and learning_rate must be > 0, beta ≥ 0")
-        from rlhf.ppo.loop import check_reward_spec
+        from rlhf.rewards import check_reward_spec
 
         check_reward_spec(self.reward)
 

@@ -9,7 +9,14 @@
   policy's works unchanged;
 - any :func:`rlhf.scorers.get_scorer` spec: ``vader``, ``length:target=40``, ``keywords:...``,
   ``package.module:function``, ``python:file.py:fn`` (a gold scorer);
-- a list of ``{"spec": ..., "weight": w}``: the weighted sum of those reward functions.
+- a list of ``{"spec": ..., "weight": w}``: the weighted sum of those reward functions;
+- ``ensemble:COMBINE:DIR,DIR,...``: several reward-model dirs as one reward (:class:`EnsembleRewardFunction`),
+  COMBINE being ``mean``, ``min`` (the worst case) or ``mean_minus_std`` (``mean_minus_std=0.5``
+  for another k than 1): the objectives Coste et al. (2024, arXiv 2310.02743) found to resist
+  over-optimisation; the members' spread is kept as the disagreement PPO logs.
+
+:func:`spec_parts`, :func:`reward_model_dirs` and :func:`check_reward_spec` read a spec without
+loading anything: every stage checks its reward with them before any model loads.
 
 Scoring runs under ``torch.no_grad`` in batches sorted by length.
 """
@@ -22,7 +29,11 @@ from typing import Any
 
 import torch
 
-from rlhf.errors import UserError
+from rlhf.errors import ConfigError, UserError
+from rlhf.fsio import recover_dir
+
+ENSEMBLE_PREFIX = "ensemble:"
+ENSEMBLE_COMBINES = ("mean", "min", "mean_minus_std")
 
 
 class RewardFunction:
@@ -126,6 +137,111 @@ class WeightedRewardFunction(RewardFunction):
         return total
 
 
+class EnsembleRewardFunction(RewardFunction):
+    """Reward models scoring together: per response the members' mean, their minimum (the worst
+    case), or mean − k · std (an uncertainty penalty). Every member is normalised on its own
+    reference samples, so their scores share a scale. ``last_disagreement`` holds the members'
+    standard deviation per response of the last call: where they disagree, the policy has found
+    something the rankings did not teach them (a reward-hacking signal)."""
+
+    def __init__(self, members: list[RewardFunction], combine: str, k: float = 1.0):
+        self.members, self.combine, self.k = members, combine, k
+        shown = f"mean_minus_std={k:g}" if combine == "mean_minus_std" else combine
+        self.name = f"ensemble({shown}) of {len(members)}"
+        self.last_disagreement: torch.Tensor | None = None
+
+    def __call__(
+        self, prompts: Sequence[Any], responses: Sequence[str], finished: Sequence[bool] | None = None
+    ) -> torch.Tensor:
+        scores = torch.stack([m(prompts, responses, finished).float() for m in self.members])  # [M, N]
+        spread = scores.std(0)
+        self.last_disagreement = spread
+        if self.combine == "min":
+            return scores.min(0).values
+        if self.combine == "mean_minus_std":
+            return scores.mean(0) - self.k * spread
+        return scores.mean(0)
+
+
+def parse_ensemble(spec: str) -> tuple[str, float, list[str]] | None:
+    """``ensemble:COMBINE:DIR,DIR,...`` → ``(combine, k, member dirs)``; None for any other spec."""
+    if not spec.startswith(ENSEMBLE_PREFIX):
+        return None
+    usage = "ensemble:COMBINE:DIR,DIR,... with COMBINE one of mean, min, mean_minus_std[=k]"
+    combine, sep, members = spec[len(ENSEMBLE_PREFIX) :].partition(":")
+    combine, _, k_text = combine.partition("=")
+    if not sep or combine not in ENSEMBLE_COMBINES:
+        raise ConfigError(f"reward {spec!r}: expected {usage}")
+    try:
+        k = float(k_text) if k_text else 1.0
+    except ValueError:
+        raise ConfigError(
+            f"reward {spec!r}: k in mean_minus_std=k must be a number, got {k_text!r}"
+        ) from None
+    if k_text and combine != "mean_minus_std":
+        raise ConfigError(f"reward {spec!r}: only mean_minus_std takes =k")
+    dirs = [m.strip() for m in members.split(",") if m.strip()]
+    if len(dirs) < 2:
+        raise ConfigError(f"reward {spec!r}: an ensemble needs at least two reward-model dirs ({usage})")
+    return combine, k, dirs
+
+
+def spec_parts(reward: str | list[dict]) -> list[str]:
+    """The single specs a reward names: itself, the items of a weighted list, an ensemble's members."""
+    specs = [reward] if isinstance(reward, str) else []
+    if not isinstance(reward, str):
+        for i, item in enumerate(reward):
+            if not isinstance(item, dict) or "spec" not in item:
+                raise ConfigError(
+                    f"reward[{i}]: expected a mapping with `spec` (and optional `weight`), got {item!r}"
+                )
+            specs.append(str(item["spec"]))
+    out = []
+    for spec in specs:
+        ensemble = parse_ensemble(spec)
+        out += ensemble[2] if ensemble else [spec]
+    return out
+
+
+def _looks_like_path(spec: str) -> bool:
+    if spec.startswith(("python:", "module:")) or spec == "vader":
+        return False
+    if ":" in spec and not spec.startswith((".", "/", "~")):
+        return False  # length:..., keywords:..., package.module:function
+    if any(c in spec for c in "*+") and not Path(spec).exists():
+        return False  # a weighted sum spec
+    return "/" in spec or spec.startswith((".", "~")) or Path(spec).exists()
+
+
+def reward_model_dirs(reward: str | list[dict]) -> list[str]:
+    """The reward-model dirs a reward spec names (an ensemble's members included)."""
+    return [s for s in spec_parts(reward) if _looks_like_path(s) and Path(s, "rlhf_reward.json").is_file()]
+
+
+def check_reward_spec(reward: str | list[dict]) -> None:
+    """A reward that names a directory must be a reward-model dir that exists, and an ensemble's
+    members must all be (checked before loading models)."""
+    for spec in [reward] if isinstance(reward, str) else []:
+        ensemble = parse_ensemble(spec)
+        for member in ensemble[2] if ensemble else []:
+            if not _looks_like_path(member):
+                raise ConfigError(f"reward: ensemble member {member!r} is not a reward-model dir")
+    for spec in spec_parts(reward):
+        if not _looks_like_path(spec):
+            continue
+        p = recover_dir(Path(spec).expanduser())  # a save killed mid-swap left only its backup
+        if not p.is_dir():
+            raise ConfigError(
+                f"reward: reward-model directory {spec!r} does not exist; give a reward-model dir "
+                "(with rlhf_reward.json) or a scorer spec such as vader or module:function"
+            )
+        if not (p / "rlhf_reward.json").is_file():
+            raise ConfigError(
+                f"reward: {spec!r} has no rlhf_reward.json; it is not a reward-model dir (train one "
+                "with `rlhf rm train`)"
+            )
+
+
 def _check_lengths(prompts: Sequence[Any], responses: Sequence[str]) -> None:
     if len(prompts) != len(responses):
         raise UserError(
@@ -167,6 +283,11 @@ def load_reward_fn(spec: Any, device: str = "cpu", batch_size: int = 16) -> Rewa
             f"reward spec must be a reward-model dir, a scorer spec or a weighted list, got {spec!r}",
             code="bad_reward",
         )
+    ensemble = parse_ensemble(str(spec))
+    if ensemble is not None:
+        combine, k, dirs = ensemble
+        check_reward_spec(str(spec))
+        return EnsembleRewardFunction([load_reward_fn(d, device, batch_size) for d in dirs], combine, k)
     path = Path(str(spec)).expanduser()
     if path.is_dir():
         if not (path / "rlhf_reward.json").is_file():

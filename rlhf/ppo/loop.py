@@ -57,10 +57,10 @@ import torch
 from rlhf.config import ConfigError, config_hash, exact_div, option, to_dict
 from rlhf.distributed import require_data_parallel
 from rlhf.errors import UserError
-from rlhf.fsio import recover_dir
 from rlhf.models import MIXED_PRECISION, MIXED_PRECISION_HELP
 from rlhf.nonfinite import NonFiniteError, stop_if_non_finite
 from rlhf.ppo import math as pm
+from rlhf.rewards import check_reward_spec, reward_model_dirs
 from rlhf.tracking import TrackingConfig
 
 RANK_SEED_STRIDE = 100_003  # seed + rank · stride: distinct streams per process (docs/ppo.md item 18)
@@ -241,51 +241,6 @@ class PPOConfig:
 
 def num_updates(cfg: PPOConfig) -> int:
     return exact_div(cfg.total_episodes, cfg.batch_size, "total_episodes / batch_size")
-
-
-def _spec_parts(reward: str | list[dict]) -> list[str]:
-    if isinstance(reward, str):
-        return [reward]
-    specs = []
-    for i, item in enumerate(reward):
-        if not isinstance(item, dict) or "spec" not in item:
-            raise ConfigError(
-                f"reward[{i}]: expected a mapping with `spec` (and optional `weight`), got {item!r}"
-            )
-        specs.append(str(item["spec"]))
-    return specs
-
-
-def _looks_like_path(spec: str) -> bool:
-    if spec.startswith(("python:", "module:")) or spec == "vader":
-        return False
-    if ":" in spec and not spec.startswith((".", "/", "~")):
-        return False  # length:..., keywords:..., package.module:function
-    if any(c in spec for c in "*+") and not Path(spec).exists():
-        return False  # a weighted sum spec
-    return "/" in spec or spec.startswith((".", "~")) or Path(spec).exists()
-
-
-def reward_model_dirs(reward: str | list[dict]) -> list[str]:
-    return [s for s in _spec_parts(reward) if _looks_like_path(s) and Path(s, "rlhf_reward.json").is_file()]
-
-
-def check_reward_spec(reward: str | list[dict]) -> None:
-    """A reward that names a directory must be a reward-model dir that exists (checked before loading models)."""
-    for spec in _spec_parts(reward):
-        if not _looks_like_path(spec):
-            continue
-        p = recover_dir(Path(spec).expanduser())  # a save killed mid-swap left only its backup
-        if not p.is_dir():
-            raise ConfigError(
-                f"reward: reward-model directory {spec!r} does not exist; give a reward-model dir "
-                "(with rlhf_reward.json) or a scorer spec such as vader or module:function"
-            )
-        if not (p / "rlhf_reward.json").is_file():
-            raise ConfigError(
-                f"reward: {spec!r} has no rlhf_reward.json; it is not a reward-model dir (train one "
-                "with `rlhf rm train`)"
-            )
 
 
 # ----------------------------------------------------------------------------- set-up helpers
@@ -741,6 +696,8 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
             prompts = [train_prompts[i]["prompt"] for i in idx]
             with amp():
                 raw_scores = reward_fn(prompts, texts, ro.has_stop.tolist())
+            # an ensemble's spread per response: large where the policy leaves what its members learned
+            disagreement = getattr(reward_fn, "last_disagreement", None)
             raw = torch.as_tensor(raw_scores, dtype=torch.float32).reshape(-1).to(accelerator.device)
             if not pm.is_finite(raw):
                 raise NonFiniteError(
@@ -875,6 +832,8 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
                     "val/value_mean": pm.masked_mean(values, mask_f),
                     "val/return_mean": pm.masked_mean(returns, mask_f),
                 }
+                if disagreement is not None:
+                    local["objective/rm_disagreement"] = disagreement.mean()
                 names = list(local)
                 vec = torch.tensor([float(local[k]) for k in names], device=accelerator.device)
                 vec = accelerator.reduce(vec, reduction="mean") if world > 1 else vec
@@ -915,13 +874,15 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
                 n = min(cfg.num_samples, local_batch)
                 shown = [prompt_text(p) for p in prompts[:n]]
                 gold = gold_fn(shown, texts[:n]) if gold_fn else [None] * n
+                columns = ["step", "prompt", "response", "score", "kl", "gold_score"]
                 rows = [
                     [update, shown[i], texts[i], float(scores[i]), float(kl_sum[i]), gold[i]]
                     for i in range(n)
                 ]
-                tracker.log_table(
-                    "samples", ["step", "prompt", "response", "score", "kl", "gold_score"], rows, step=update
-                )
+                if disagreement is not None:  # the ensemble's spread beside each score
+                    columns.append("rm_disagreement")
+                    rows = [row + [float(disagreement[i])] for i, row in enumerate(rows)]
+                tracker.log_table("samples", columns, rows, step=update)
             if cfg.eval_every and update % cfg.eval_every == 0 and update != n_updates:
                 last_eval = run_evaluation(update)
             stop = interrupt.requested

@@ -87,3 +87,50 @@ def test_directory_without_metadata_is_rejected(tmp_path):
 def test_length_mismatch_is_an_error():
     with pytest.raises(UserError):
         load_reward_fn("vader")(["a", "b"], ["x"])
+
+
+@pytest.fixture(scope="module")
+def two_rm_dirs(tmp_path_factory):
+    """Two reward models that differ in their initialisation (seed), as an ensemble's members."""
+    dirs = []
+    for seed in (3, 4):
+        model, tok = build_reward_model("tiny", "top", top_layers=1, seed=seed)
+        out = tmp_path_factory.mktemp(f"rm{seed}") / "model"
+        save_reward_model(model, tok, out, {"loss": "grouped_bt", "max_length": 128})
+        dirs.append(str(out))
+    return dirs
+
+
+def test_ensemble_combines_its_members_and_keeps_their_spread(two_rm_dirs):
+    a, b = (load_reward_fn(d)(PROMPTS, RESPONSES) for d in two_rm_dirs)
+    both = torch.stack([a, b])
+    spread = both.std(0)  # two members: |a - b| / √2
+    assert torch.allclose(spread, (a - b).abs() / 2**0.5, atol=1e-6)
+    joined = ",".join(two_rm_dirs)
+    mean = load_reward_fn(f"ensemble:mean:{joined}")
+    assert torch.allclose(mean(PROMPTS, RESPONSES), both.mean(0), atol=1e-6)
+    assert torch.allclose(mean.last_disagreement, spread, atol=1e-6)
+    worst = load_reward_fn(f"ensemble:min:{joined}")
+    assert torch.allclose(worst(PROMPTS, RESPONSES), torch.minimum(a, b), atol=1e-6)
+    penalised = load_reward_fn(f"ensemble:mean_minus_std=0.5:{joined}")
+    assert torch.allclose(penalised(PROMPTS, RESPONSES), both.mean(0) - 0.5 * spread, atol=1e-6)
+    assert penalised.name == "ensemble(mean_minus_std=0.5) of 2"
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("ensemble:median:a,b", "COMBINE one of mean, min, mean_minus_std"),
+        ("ensemble:min=2:{a},{b}", "only mean_minus_std takes =k"),
+        ("ensemble:mean_minus_std=x:{a},{b}", "must be a number"),
+        ("ensemble:mean:{a}", "at least two reward-model dirs"),
+        ("ensemble:mean:{a},./no/such/rm", "does not exist"),
+        ("ensemble:mean:{a},vader", "is not a reward-model dir"),
+    ],
+)
+def test_bad_ensemble_specs_name_the_problem(two_rm_dirs, spec, message):
+    from rlhf.rewards import check_reward_spec
+
+    spec = spec.format(a=two_rm_dirs[0], b=two_rm_dirs[1])
+    with pytest.raises(UserError, match=message):
+        check_reward_spec(spec)  # what every stage runs before loading a model
