@@ -18,8 +18,9 @@ The steps: read and check the rankings (exit 2 listing every bad row) → hold o
 the prompts → load the policy (an SFT adapter is merged in) and add a LoRA adapter, whose
 disabled state is the reference (or, without LoRA, a frozen copy) → the reference's
 log-probabilities of every candidate, once → epochs of length-bucketed batches of prompts →
-held-out implicit-reward accuracy against the annotators and the gold scorer, with 95 %
-bootstrap intervals over prompts → the policy dir (LoRA merged), as PPO writes it.
+held-out implicit-reward accuracy against the annotators and the gold scorer, and RewardBench 2's
+best-of-K accuracy (the implicit reward judged as a reward model, as RewardBench judges DPO
+models), with 95 % bootstrap intervals over prompts → the policy dir (LoRA merged), as PPO writes it.
 
 Metrics carry TRL's ``DPOTrainer`` names (``rewards/chosen``, ``rewards/rejected``,
 ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected``), computed over
@@ -39,7 +40,7 @@ from typing import Any
 import torch
 
 from reward_models import losses as L
-from reward_models.evaluate import ratio_of_sums
+from reward_models.evaluate import ratio_of_sums, rewardbench2_metrics
 from reward_models.train import (
     DataReport,
     Group,
@@ -217,6 +218,8 @@ def evaluate_held_out(
     bootstrap intervals over prompts."""
     policy.eval()
     annotator_units, rewards_by_group, loss_sum, used_sum = [], [], 0.0, 0
+    kmax = max(g.k for g in held)
+    ranking_rows, ranking_tiers, ranking_prompt = [], [], []  # every ranking, for RewardBench 2's measures
     for s in range(0, len(held), cfg.batch_size):
         chunk = held[s : s + cfg.batch_size]
         batch = make_batch(chunk, pad_id, None)
@@ -228,6 +231,10 @@ def evaluate_held_out(
             cfg.loss, rewards, batch.tiers, tie_param=tie_log_param(cfg.loss, raw_tie)
         )
         loss_sum, used_sum = loss_sum + float(loss) * used, used_sum + used
+        pad = kmax - rewards.shape[1]
+        ranking_rows.append(torch.nn.functional.pad(rewards.double(), (0, pad)))
+        ranking_tiers.append(torch.nn.functional.pad(batch.tiers, (0, pad), value=-1))
+        ranking_prompt.append(batch.row_of_ranking + s)
         rows = batch.row_of_ranking.tolist()
         for gi in range(len(chunk)):
             mine = [r for r, owner in enumerate(rows) if owner == gi]
@@ -236,6 +243,16 @@ def evaluate_held_out(
     policy.train()
     metrics = {"eval/loss": loss_sum / max(used_sum, 1), "eval/prompts": len(held)}
     metrics.update(bootstrap_ci(annotator_units, ratio_of_sums, seed=cfg.seed).as_dict("eval/pair_accuracy"))
+    metrics.update(
+        rewardbench2_metrics(
+            torch.cat(ranking_rows),
+            torch.cat(ranking_tiers),
+            torch.cat(ranking_prompt),
+            len(held),
+            cfg.seed,
+            "",
+        )
+    )
     gold_units = gold_pair_units(held, rewards_by_group)
     if gold_units:
         metrics.update(

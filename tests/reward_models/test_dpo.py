@@ -110,6 +110,7 @@ def test_dpo_learns_a_learnable_preference_through_the_command_line(tmp_path, lo
     assert summary["eval/gold_pair_accuracy"] > 0.75, summary
     assert summary["eval/gold_pair_accuracy_ci_low"] > 0.5
     assert summary["rewards/accuracies_last"] > 0.5
+    assert summary["eval/best_of_k_accuracy"] > summary["eval/best_of_k_chance"] == 0.25
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert {"rewards/chosen", "rewards/margins", "logps/rejected"} <= set(metrics[0])
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
