@@ -559,17 +559,26 @@ def legend_columns(labels: list[str], width_in: float) -> int:
 
 
 def _bars(ax, groups: dict[str, list[dict]], metric: str, colours: list[str]) -> None:
-    """One bar per group: the mean of the runs' final values, with their std as the error bar."""
-    labels, means, stds = [], [], []
+    """One bar per group: the mean of the runs' final values, with their std as the error bar; a
+    group of one run whose metric comes with its 95 % interval (``<metric>_ci_low`` / ``_ci_high``,
+    as evaluations log them) shows that interval instead."""
+    labels, means, below, above = [], [], [], []
     for label, members in groups.items():
         vals = [v for v in (final_value(r, metric) for r in members) if v is not None]
-        if vals:
-            m, sd = mean_std(vals)
-            labels.append(label)
-            means.append(m)
-            stds.append(sd)
+        if not vals:
+            continue
+        m, sd = mean_std(vals)
+        low, high = final_value(members[0], f"{metric}_ci_low"), final_value(members[0], f"{metric}_ci_high")
+        if len(vals) == 1 and low is not None and high is not None:
+            sd_low, sd_high = m - low, high - m
+        else:
+            sd_low = sd_high = sd
+        labels.append(label)
+        means.append(m)
+        below.append(sd_low)
+        above.append(sd_high)
     pos = list(range(len(labels)))
-    spread = stds if any(stds) else None  # one run per group: no error bar to draw
+    spread = [below, above] if any(below) or any(above) else None  # no error bar to draw
     ax.bar(pos, means, yerr=spread, capsize=4, color=[colours[i % len(colours)] for i in pos], alpha=0.85)
     ax.set_xticks(pos)
     ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=7)

@@ -261,3 +261,24 @@ def test_legend_lies_inside_the_figure_and_clear_of_the_panels(tmp_path):
     for ax in fig.axes:
         assert not box.overlaps(ax.get_tightbbox(renderer))  # below the panels, their tick labels included
         assert ax.get_xlabel() == "PPO update" and "(" in ax.get_ylabel()  # axis labels with units
+
+
+def test_a_single_evaluation_shows_its_bootstrap_interval_not_a_zero_std():
+    from matplotlib.figure import Figure
+
+    from experiments.compare import _bars
+
+    def run(value, low, high):
+        summary = {
+            "eval/gold_win_rate": value,
+            "eval/gold_win_rate_ci_low": low,
+            "eval/gold_win_rate_ci_high": high,
+        }
+        return {"summary": summary, "metrics": []}
+
+    ax = Figure().subplots()
+    _bars(
+        ax, {"ppo": [run(0.7, 0.6, 0.75)], "dpo": [run(0.6, 0.55, 0.7)]}, "eval/gold_win_rate", ["C0", "C1"]
+    )
+    caps = sorted(round(float(y), 3) for line in ax.lines for y in line.get_ydata())
+    assert caps == [0.55, 0.6, 0.7, 0.75]  # the interval's ends, drawn as the error bars' caps
