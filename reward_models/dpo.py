@@ -104,6 +104,9 @@ class DPOStageConfig:
     max_grad_norm: float = option(1.0, help="gradient clipping")
     epochs: float = option(1.0, help="passes over the training prompts")
     max_steps: int = option(0, help="stop after this many optimizer steps (0 = epochs decide)")
+    max_time_s: float = option(
+        0.0, help="stop after this many seconds of training (0 = no limit): equal budgets across methods"
+    )
     eval_every: int = option(0, help="evaluate on the held-out prompts every N steps (0 = only at the end)")
     mixed_precision: str = option(
         "auto", help="forwards under bf16 autocast. " + MIXED_PRECISION_HELP, choices=MIXED_PRECISION
@@ -122,6 +125,8 @@ class DPOStageConfig:
         for name in ("beta", "lr", "epochs", "tie_lr", "max_grad_norm"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: {getattr(self, name)} must be > 0")
+        if self.max_time_s < 0:
+            raise ConfigError(f"max_time_s: {self.max_time_s} must be ≥ 0 (0 = no limit)")
         for name in ("batch_size", "max_length", "lora_r"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: {getattr(self, name)} must be ≥ 1")
@@ -325,8 +330,9 @@ def run_dpo(cfg: DPOStageConfig) -> dict[str, Any]:
         # the loop: one optimizer step per batch of prompts, every ranking of them at once
         policy.train()
         bar = progress_bar(total_steps, f"dpo ({cfg.loss})", "step")
-        step, history, last_eval = 0, [], {}
-        while step < total_steps:
+        step, history, last_eval, out_of_time = 0, [], {}, False
+        t_train = time.time()
+        while step < total_steps and not out_of_time:
             epoch = step // steps_per_epoch
             for batch_groups in length_batches(train, cfg.batch_size, random.Random(f"{cfg.seed}:{epoch}")):
                 batch = make_batch(batch_groups, pad_id, None)
@@ -361,10 +367,11 @@ def run_dpo(cfg: DPOStageConfig) -> dict[str, Any]:
                 bar.set_postfix(
                     loss=f"{logs['train/loss']:.4f}", acc=f"{logs.get('rewards/accuracies', math.nan):.2f}"
                 )
-                if step >= total_steps:
+                out_of_time = bool(cfg.max_time_s) and time.time() - t_train >= cfg.max_time_s
+                if step >= total_steps or out_of_time:
                     break
         bar.close()
-        train_s = time.time() - t_start
+        train_s = time.time() - t_train
 
         final = evaluate_held_out(cfg, policy, raw_tie, held, ref, pad_id, amp)
         tracker.log(final, step=step)
@@ -392,6 +399,8 @@ def run_dpo(cfg: DPOStageConfig) -> dict[str, Any]:
             "dpo/train_prompts": len(train),
             "dpo/bf16": int(bf16),
             "time/train_s": round(train_s, 2),
+            "time/total_s": round(time.time() - t_start, 2),
+            "dpo/stop": f"time budget of {cfg.max_time_s:g}s reached" if out_of_time else "done",
             **{f"{k}_last": v for k, v in history[-1].items() if k.startswith(("train/loss", "rewards/"))},
             **final,
             **{f"dpo/{k}": v for k, v in tie_values(cfg.loss, raw_tie).items()},

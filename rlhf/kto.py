@@ -56,6 +56,9 @@ class KTOStageConfig:
     lr: float = option(5e-5, help="AdamW learning rate")
     epochs: float = option(1.0, help="passes over the labelled responses")
     max_steps: int = option(0, help="stop after this many optimizer steps (0 = epochs decide)")
+    max_time_s: float = option(
+        0.0, help="stop after this many seconds of training (0 = no limit): equal budgets across methods"
+    )
     logging_steps: int = option(5, help="log every N steps")
     output_dir: str = option("", help="policy dir to write (default: <run_dir>/policy)")
     seed: int = option(0, help="random seed")
@@ -73,6 +76,8 @@ class KTOStageConfig:
             raise ConfigError(
                 f"batch_size: {self.batch_size} must be ≥ 2 (KTO estimates its KL term within a batch)"
             )
+        if self.max_time_s < 0:
+            raise ConfigError(f"max_time_s: {self.max_time_s} must be ≥ 0 (0 = no limit)")
         for name in ("max_length", "lora_r", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: {getattr(self, name)} must be ≥ 1")
@@ -96,7 +101,7 @@ def run_kto(cfg: KTOStageConfig) -> dict[str, Any]:
     from trl import KTOConfig, KTOTrainer
 
     from rlhf.models import causal_lm_lora_config, load_policy, resolve_model_path, write_policy_dir
-    from rlhf.trainer_callbacks import ProgressCallback, TrackerCallback
+    from rlhf.trainer_callbacks import ProgressCallback, TimeBudgetCallback, TrackerCallback
 
     resolve_model_path(cfg.policy)  # an unknown policy stops here, before the run dir exists
     tracker = start_stage(cfg, "kto", job_type="kto")
@@ -128,6 +133,7 @@ def run_kto(cfg: KTOStageConfig) -> dict[str, Any]:
             disable_tqdm=True,
             dataloader_num_workers=0,
         )
+        budget = TimeBudgetCallback(cfg.max_time_s or float("inf"))
         trainer = KTOTrainer(
             model=policy,
             ref_model=None if cfg.lora else _frozen_copy(policy),
@@ -137,7 +143,7 @@ def run_kto(cfg: KTOStageConfig) -> dict[str, Any]:
             peft_config=causal_lm_lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules)
             if cfg.lora
             else None,
-            callbacks=[TrackerCallback(tracker), ProgressCallback("kto")],
+            callbacks=[TrackerCallback(tracker), ProgressCallback("kto"), budget],
         )
         trainer.remove_callback(PrinterCallback)
         t0 = time.time()
@@ -171,6 +177,7 @@ def run_kto(cfg: KTOStageConfig) -> dict[str, Any]:
             "kto/steps": out.global_step,
             "train/loss_final": float(out.training_loss),
             "time/train_s": round(train_s, 2),
+            "kto/stop": f"time budget of {cfg.max_time_s:g}s reached" if budget.stopped else "done",
         }
         tracker.summary(summary)
         print(

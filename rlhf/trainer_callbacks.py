@@ -4,6 +4,7 @@ its logs go to the lab's tracker, and the lab's progress bar replaces Trainer's 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -83,3 +84,18 @@ class ProgressCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         self.bar.close()
         self.bar = None
+
+
+class TimeBudgetCallback(TrainerCallback):
+    """Stops training once ``seconds`` have passed since it began (after the step under way), so
+    methods can be compared at an equal wall-clock budget. ``stopped`` says whether it did."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.started, self.stopped = seconds, 0.0, False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.time()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.time() - self.started >= self.seconds:
+            control.should_training_stop = self.stopped = True

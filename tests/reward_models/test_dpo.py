@@ -130,6 +130,7 @@ def test_lora_dpo_trains_only_the_adapter_and_writes_a_merged_policy(tmp_path):
     assert rc == 0
     from rlhf.models import load_policy
 
+    assert json.loads((tmp_path / "runs" / "default" / "dpo" / "summary.json").read_text())["dpo/steps"] == 2
     merged, _ = load_policy(str(tmp_path / "runs" / "default" / "dpo" / "policy"))
     base, _ = load_policy("tiny")
     changed = [n for n, p in merged.state_dict().items() if not torch.equal(p, base.state_dict()[n])]
@@ -150,3 +151,11 @@ def test_bad_input_stops_before_any_model_loads(tmp_path, capsys):
     assert main(["dpo", "--rankings", str(tmp_path / "bad.jsonl"), "--runs_dir", str(tmp_path / "runs")]) == 2
     assert "line 1" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_time_budget_stops_training_after_the_step_under_way(tmp_path):
+    rankings = write_records(tmp_path / "rankings.jsonl", make_records(24, seed=6))
+    args = ["dpo", "--policy", "tiny", "--rankings", str(rankings), "--max_time_s", "0.001", "--epochs", "3"]
+    assert main([*args, "--runs_dir", str(tmp_path / "runs"), "--tracking.mode", "disabled"]) == 0
+    summary = json.loads((tmp_path / "runs" / "default" / "dpo" / "summary.json").read_text())
+    assert summary["dpo/steps"] == 1 and summary["dpo/stop"] == "time budget of 0.001s reached"

@@ -81,3 +81,11 @@ def test_export_writes_the_rows_the_kto_stage_trains_on(tmp_path):
 
     assert written == rankings_to_kto(load_rankings(str(rankings)))
     assert {row["label"] for row in written} == {True, False}
+
+
+def test_a_time_budget_stops_kto_after_the_step_under_way(tmp_path):
+    rankings = write_records(tmp_path / "rankings.jsonl", make_records(12, seed=7))
+    args = ["kto", "--policy", "tiny", "--rankings", str(rankings), "--max_time_s", "0.001", "--epochs", "3"]
+    assert main([*args, "--runs_dir", str(tmp_path / "runs"), "--tracking.mode", "disabled"]) == 0
+    summary = json.loads((tmp_path / "runs" / "default" / "kto" / "summary.json").read_text())
+    assert summary["kto/steps"] == 1 and summary["kto/stop"] == "time budget of 0.001s reached"
