@@ -229,8 +229,9 @@ def differing_fields(runs: list[dict], keys: list[str]) -> list[str]:
 
 def grouping_fields(runs: list[dict]) -> list[str]:
     """Fields that name a run's group: the swept ones (seed excluded), else the config fields that differ.
-    Paths (every run of another experiment has its own) count only when nothing else differs, as when
-    one ``eval`` stage scores the policies of three trainers."""
+    Paths (every run of another experiment has its own) count only when nothing else tells the runs
+    apart: when one ``eval`` stage scores the policies of three trainers, or when the only other field
+    that differs is one that several runs leave unset."""
     if any(r["sweep"] is not None for r in runs):
         swept = [k for r in runs for k in (r["sweep"] or {}) if not is_seed(k)]
         return list(dict.fromkeys(swept))
@@ -238,7 +239,11 @@ def grouping_fields(runs: list[dict]) -> list[str]:
     keys = [k for k in keys if k.split(".")[0] not in IGNORED_FIELDS and not is_seed(k)]
     differ = differing_fields(runs, keys)
     not_paths = [k for k in differ if not any(is_path(r["config"].get(k)) for r in runs)]
-    return not_paths or differ
+    # runs that set none of those fields would share one label: their paths tell them apart
+    unnamed = [r for r in runs if all(r["config"].get(k) is None for k in not_paths)]
+    if not not_paths or len(unnamed) > 1:
+        return differ
+    return not_paths
 
 
 def seed_fields(runs: list[dict]) -> list[str]:

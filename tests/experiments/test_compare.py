@@ -154,6 +154,20 @@ def test_runs_that_differ_only_in_paths_are_labelled_by_the_part_that_differs(tm
     }
 
 
+def test_a_field_only_some_runs_set_does_not_merge_the_others(tmp_path):
+    """One evaluation made by an experiment (it records its round) and two made by hand (no round):
+    the policy, which every run sets, names the groups, not the round."""
+    for name, extra in (("ppo", {"round": 1}), ("dpo", {}), ("kto", {})):
+        run = tmp_path / name / "eval"
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text(yaml.safe_dump({"policy": f"runs/{name}/policy", **extra}))
+        (run / "metrics.jsonl").write_text(
+            json.dumps({"step": 0, "_time": 0, "eval/score": len(name)}) + "\n"
+        )
+    res = compare_runs([str(tmp_path)], ["eval/score"], str(tmp_path / "out"))
+    assert res["group_by"] == ["policy", "round"] and len(res["groups"]) == 3
+
+
 # ----------------------------------------------------------------------------- plots a reader takes in at a glance
 
 
