@@ -1,7 +1,8 @@
 """Every stage under `accelerate launch` with the shipped 2-process config (rlhf/distributed.py).
 
 The training stages (sft, ppo, rm train) train in both processes; sft and ppo have their own
-2-process tests in test_sft.py and test_ppo_e2e.py. Every other stage runs in process 0 alone:
+2-process tests in test_sft.py and test_ppo_e2e.py. Every other stage (dpo and kto too) runs in
+process 0 alone:
 the same output as a direct run, one writer, one W&B run. A user error prints one line.
 """
 
@@ -111,6 +112,12 @@ def test_each_stage_under_two_processes(tmp_path):
     out = launch([*eval_args, "--max_new_tokens", "6", *common], tmp_path, 29546)
     assert_ran_once(out, "eval")
     assert len(offline_runs(runs / "default" / "eval")) == 1
+
+    for stage, port in (("dpo", 29549), ("kto", 29550)):  # the direct methods: process 0 alone
+        direct = [stage, "--policy", "tiny", "--rankings", str(rankings), "--max_steps", "1"]
+        out = launch([*direct, *common], tmp_path, port)
+        assert_ran_once(out, stage)
+        assert out.stdout.count(" 1 steps in ") == 1 and len(offline_runs(runs / "default" / stage)) == 1
 
     prompts = ppo_helpers.write_prompts(tmp_path / "prompts.jsonl")
     baseline = ["baseline", "--algorithm", "rloo", "--policy", "tiny", "--prompts", str(prompts)]
