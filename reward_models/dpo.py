@@ -61,7 +61,7 @@ from reward_models.train import (
 from rlhf.config import ConfigError, add_config_arguments, config_from_args, config_hash, option, to_dict
 from rlhf.data import prompt_text
 from rlhf.errors import UserError
-from rlhf.models import MIXED_PRECISION, MIXED_PRECISION_HELP, autocast_bf16, use_bf16
+from rlhf.models import ADAPTER_HELP, ADAPTERS, MIXED_PRECISION, MIXED_PRECISION_HELP, autocast_bf16, use_bf16
 from rlhf.nonfinite import gradient_norm, stop_if_non_finite
 from rlhf.stats import bootstrap_ci
 from rlhf.tracking import TrackingConfig, start_stage
@@ -89,8 +89,10 @@ class DPOStageConfig:
     learn_tie_param: bool = option(True, help="learn θ / ν with the policy (else keep them fixed)")
     tie_lr: float = option(0.02, help="learning rate of the learned θ / ν")
     lora: bool = option(
-        True, help="train a LoRA adapter (the reference = the adapter disabled); false = all weights"
+        True,
+        help="train an adapter (LoRA unless adapter says otherwise; the reference = the adapter disabled); false = all weights",
     )
+    adapter: str = option("lora", help=ADAPTER_HELP, choices=ADAPTERS)
     lora_r: int = option(16, help="LoRA rank")
     lora_alpha: int = option(32, help="LoRA alpha")
     lora_target_modules: list[str] = option(
@@ -269,7 +271,7 @@ def evaluate_held_out(
 def build_policy(cfg: DPOStageConfig):
     """The policy to train and its reference: an SFT adapter is merged in first; with LoRA the
     reference is the same weights with the adapter disabled (None here), else a frozen copy."""
-    from rlhf.models import causal_lm_lora_config, load_policy
+    from rlhf.models import causal_lm_adapter_config, load_policy
 
     policy, tokenizer = load_policy(cfg.policy)
     if hasattr(policy, "peft_config"):
@@ -280,7 +282,9 @@ def build_policy(cfg: DPOStageConfig):
     from peft import get_peft_model
 
     return (
-        get_peft_model(policy, causal_lm_lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules)),
+        get_peft_model(
+            policy, causal_lm_adapter_config(cfg.adapter, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules)
+        ),
         None,
         tokenizer,
     )

@@ -25,6 +25,7 @@ from typing import Any
 from rlhf.config import ConfigError, add_config_arguments, config_from_args, config_hash, option, to_dict
 from rlhf.data import load_rankings, rankings_to_kto
 from rlhf.errors import UserError
+from rlhf.models import ADAPTER_HELP, ADAPTERS
 from rlhf.tracking import TrackingConfig, start_stage
 
 
@@ -44,8 +45,10 @@ class KTOStageConfig:
     )
     undesirable_weight: float = option(1.0, help="λ_U: weight of the undesirable responses' loss")
     lora: bool = option(
-        True, help="train a LoRA adapter (the reference = the adapter disabled); false = all weights"
+        True,
+        help="train an adapter (LoRA unless adapter says otherwise; the reference = the adapter disabled); false = all weights",
     )
+    adapter: str = option("lora", help=ADAPTER_HELP, choices=ADAPTERS)
     lora_r: int = option(16, help="LoRA rank")
     lora_alpha: int = option(32, help="LoRA alpha")
     lora_target_modules: list[str] = option(
@@ -100,7 +103,7 @@ def run_kto(cfg: KTOStageConfig) -> dict[str, Any]:
     from transformers import PrinterCallback
     from trl import KTOConfig, KTOTrainer
 
-    from rlhf.models import causal_lm_lora_config, load_policy, resolve_model_path, write_policy_dir
+    from rlhf.models import causal_lm_adapter_config, load_policy, resolve_model_path, write_policy_dir
     from rlhf.trainer_callbacks import ProgressCallback, TimeBudgetCallback, TrackerCallback
 
     resolve_model_path(cfg.policy)  # an unknown policy stops here, before the run dir exists
@@ -140,7 +143,9 @@ def run_kto(cfg: KTOStageConfig) -> dict[str, Any]:
             args=args,
             train_dataset=train,
             processing_class=tokenizer,
-            peft_config=causal_lm_lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules)
+            peft_config=causal_lm_adapter_config(
+                cfg.adapter, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules
+            )
             if cfg.lora
             else None,
             callbacks=[TrackerCallback(tracker), ProgressCallback("kto"), budget],

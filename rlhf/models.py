@@ -787,6 +787,29 @@ def _match_vocab(model, tokenizer) -> None:
             model.generation_config.eos_token_id = tokenizer.eos_token_id
 
 
+ADAPTERS = ("lora", "ia3")
+ADAPTER_HELP = (
+    "the adapter trained when lora=true: lora (low-rank updates of the lora_target_modules, rank "
+    "lora_r) or ia3 (IA3, Liu et al. 2022: learned rescaling of the attention keys and values and "
+    "of the feed-forward input, a few thousand weights; lora_r, lora_alpha and the targets are unused)"
+)
+
+
+def causal_lm_adapter_config(
+    adapter: str, r: int, alpha: int, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")
+):
+    """The peft config of a policy adapter (:data:`ADAPTERS`). Both kinds merge into the base
+    weights, so a trained policy is written as a plain model and the lab's sampler runs it, and
+    both switch off with ``disable_adapter()``, which is how PPO, DPO and KTO get the reference."""
+    if adapter == "ia3":
+        from peft import IA3Config
+
+        return IA3Config(task_type="CAUSAL_LM")  # peft's targets for the model's architecture
+    if adapter != "lora":
+        raise ConfigError(f"adapter: {adapter!r} is not valid; choose one of {', '.join(ADAPTERS)}")
+    return causal_lm_lora_config(r, alpha, target_modules)
+
+
 def causal_lm_lora_config(r: int, alpha: int, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")):
     """The lab's LoRA adapter for a causal-LM policy (no dropout, no bias), shared by SFT, PPO and
     the TRL baselines so the three train the same kind of adapter."""

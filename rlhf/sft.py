@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.config import ConfigError, add_config_arguments, config_from_args, config_hash, option, to_dict
+from rlhf.models import ADAPTER_HELP, ADAPTERS
 from rlhf.tracking import TrackingConfig
 
 
@@ -50,7 +51,10 @@ class SFTConfig:
     )
     max_examples: int = option(0, help="use at most this many training demonstrations (0 = all)")
     output_dir: str = option("", help="where to write the policy dir (default: runs/<experiment>/sft/policy)")
-    lora: bool = option(False, help="train a LoRA adapter instead of all weights")
+    lora: bool = option(
+        False, help="train an adapter (LoRA unless adapter says otherwise) instead of all weights"
+    )
+    adapter: str = option("lora", help=ADAPTER_HELP, choices=ADAPTERS)
     lora_r: int = option(16, help="LoRA rank")
     lora_alpha: int = option(32, help="LoRA alpha (scale = alpha / r)")
     lora_target_modules: list[str] = option(
@@ -159,7 +163,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
-    from rlhf.models import causal_lm_lora_config, load_policy, resolve_model_path, write_policy_dir
+    from rlhf.models import causal_lm_adapter_config, load_policy, resolve_model_path, write_policy_dir
     from rlhf.tracking import Tracker, stage_run_dir, start_stage
     from rlhf.trainer_callbacks import ProgressCallback, TrackerCallback
 
@@ -178,7 +182,9 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     model, tokenizer = load_policy(cfg.model)
     peft_config = None
     if cfg.lora:
-        peft_config = causal_lm_lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules)
+        peft_config = causal_lm_adapter_config(
+            cfg.adapter, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules
+        )
 
     train_ds = Dataset.from_list([to_trl_record(r) for r in train_records])
     eval_ds = Dataset.from_list([to_trl_record(r) for r in eval_records]) if eval_records else None

@@ -57,7 +57,7 @@ import torch
 from rlhf.config import ConfigError, config_hash, exact_div, option, to_dict
 from rlhf.distributed import require_data_parallel
 from rlhf.errors import UserError
-from rlhf.models import MIXED_PRECISION, MIXED_PRECISION_HELP
+from rlhf.models import ADAPTER_HELP, ADAPTERS, MIXED_PRECISION, MIXED_PRECISION_HELP
 from rlhf.nonfinite import NonFiniteError, stop_if_non_finite
 from rlhf.ppo import math as pm
 from rlhf.rewards import check_reward_spec, reward_model_dirs
@@ -146,8 +146,11 @@ class PPOConfig:
         choices=("auto", "reward", "policy"),
     )
     lora: bool = option(
-        False, help="train a LoRA adapter; the reference is the base with the adapter disabled"
+        False,
+        help="train an adapter (LoRA unless adapter says otherwise); the reference is the base with "
+        "the adapter disabled",
     )
+    adapter: str = option("lora", help=ADAPTER_HELP, choices=ADAPTERS)
     lora_r: int = option(16, help="LoRA rank")
     lora_alpha: int = option(32, help="LoRA alpha")
     lora_target_modules: list[str] = option(
@@ -280,7 +283,7 @@ def _load_prompt_sets(cfg: PPOConfig) -> tuple[list[dict], list[dict]]:
 
 def _build_models(cfg: PPOConfig):
     """Policy (+LoRA), reference, value model, tokenizer. Returns (policy, ref_model_or_None, pv, tokenizer)."""
-    from rlhf.models import causal_lm_lora_config, load_policy
+    from rlhf.models import causal_lm_adapter_config, load_policy
     from rlhf.ppo.value import PolicyAndValue, hidden_size_of, make_value_head
 
     policy, tokenizer = load_policy(cfg.policy)
@@ -292,7 +295,7 @@ def _build_models(cfg: PPOConfig):
     if cfg.lora:
         from peft import get_peft_model
 
-        lcfg = causal_lm_lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules)
+        lcfg = causal_lm_adapter_config(cfg.adapter, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules)
         policy = get_peft_model(policy, lcfg)  # base weights frozen; the reference = adapter disabled
     else:
         ref_model = copy.deepcopy(policy).eval()

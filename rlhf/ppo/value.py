@@ -20,6 +20,8 @@ The prompt prefix all queries share runs once per forward (:func:`forward_query_
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -145,7 +147,7 @@ def hidden_size_of(model: nn.Module) -> int:
 
 
 class merged_lora:
-    """Context manager: the LoRA adapter folded into the base weights, then the base restored *exactly*.
+    """Context manager: the adapter (LoRA or IA3) folded into the base weights, then the base restored *exactly*.
 
     Sampling through unmerged LoRA layers costs an extra pair of small matmuls per layer and step,
     which on a CPU more than doubled rollout time; merged, generation runs at the plain model's
@@ -172,7 +174,11 @@ class merged_lora:
 
     def __exit__(self, *exc):
         if self.layers:
-            self.model.unmerge_adapter()  # bookkeeping (merged_adapters) ...
+            with (
+                warnings.catch_warnings()
+            ):  # IA3's "unmerge can be inaccurate": the copy below makes it exact
+                warnings.filterwarnings("ignore", message="Unmerge result can be inaccurate")
+                self.model.unmerge_adapter()  # bookkeeping (merged_adapters) ...
             with torch.no_grad():  # ... and the exact weights
                 for m, w in zip(self.layers, self.saved):
                     m.get_base_layer().weight.copy_(w)
