@@ -986,7 +986,21 @@ def check_plan(ctx: RunContext, plan: list[Node]) -> list[str]:
         for node in plan:
             problems += _node_problems(ctx, node, Path(tmp))
     # the config's validate() and an input check may find the same problem: say it once
-    return list(dict.fromkeys(problems))
+    return _most_specific(list(dict.fromkeys(problems)))
+
+
+def _most_specific(problems: list[str]) -> list[str]:
+    """One line per problem: where the same message is reported for a stage (``stages.ppo: ...``)
+    and for one of its fields (``stages.ppo.reward: ...``), the field's line alone."""
+
+    def where_and_what(line: str) -> tuple[str, str]:
+        where, _, what = line.partition(": ")
+        return where, what
+
+    by_field = {what for where, what in map(where_and_what, problems) if where.count(".") >= 2}
+    return [
+        p for p in problems if where_and_what(p)[0].count(".") >= 2 or where_and_what(p)[1] not in by_field
+    ]
 
 
 def _node_problems(ctx: RunContext, node: Node, stand_in_root: Path) -> list[str]:
@@ -1068,10 +1082,10 @@ def _check_reward(reward: str | list[dict]) -> None:
     """A reward as :func:`rlhf.rewards.load_reward_fn` reads it: parts that name a directory must be
     reward-model dirs (``check_reward_spec``, the rule PPO and the baselines apply), the others are
     scorer specs."""
-    from rlhf.rewards import check_reward_spec
+    from rlhf.rewards import check_reward_spec, spec_parts
 
-    check_reward_spec(reward)  # also rejects a list item without `spec`
-    for part in [reward] if isinstance(reward, str) else [item["spec"] for item in reward]:
+    check_reward_spec(reward)  # also rejects a list item without `spec`, and checks an ensemble's members
+    for part in spec_parts(reward):
         if not Path(str(part)).expanduser().is_dir():
             _check_scorer(str(part))
 

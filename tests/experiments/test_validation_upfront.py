@@ -210,3 +210,15 @@ def test_did_you_mean():
     )
     assert did_you_mean("lrr", ["lr", "kind"], "inner.") == " (did you mean 'inner.lr'?)"
     assert did_you_mean("zzz", ["vader"]) == ""
+
+
+def test_a_problem_reported_for_a_stage_and_its_field_is_listed_once():
+    from experiments.runner import _most_specific
+
+    lines = [
+        "stages.ppo: reward 'x': bad",
+        "stages.ppo.reward: reward 'x': bad",
+        "stages.dpo: something else",
+        "stages.kto.beta: expected a number",
+    ]
+    assert _most_specific(lines) == lines[1:]
