@@ -791,7 +791,7 @@ ADAPTERS = ("lora", "ia3")
 ADAPTER_HELP = (
     "the adapter trained when lora=true: lora (low-rank updates of the lora_target_modules, rank "
     "lora_r) or ia3 (IA3, Liu et al. 2022: learned rescaling of the attention keys and values and "
-    "of the feed-forward input, a few thousand weights; lora_r, lora_alpha and the targets are unused)"
+    "of the feed-forward input, 57,600 weights for SmolLM2-135M; lora_r, lora_alpha and the targets are unused)"
 )
 
 
