@@ -41,6 +41,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from rlhf.errors import UserError
+from rlhf.rewards import parse_ensemble
 
 IGNORED_FIELDS = ("runs_dir", "experiment", "tracking", "out", "output_dir", "seed", "resume")
 # Which stage kind to plot when --stage is not given: PPO's learning curves are what most
@@ -259,11 +260,26 @@ def short_values(values: list[Any]) -> list[str]:
     all share at either end dropped), and of that its last folder unless two would then read alike:
     ``runs/x/ppo/policy``, ``runs/x/rloo/x/baseline_rloo/policy`` → ``ppo``, ``baseline_rloo``.
     An unset value (None) reads ``None``; labels leave such fields out."""
-    if not any(is_path(v) for v in values):
-        return [_fmt_value(v) for v in values]
-    present = [str(v) for v in values if v is not None]
-    tails = dict(zip(present, _distinct_tails([p.strip("/").split("/") for p in present])))
+    ensembles = {
+        str(v): _ensemble_label(str(v)) for v in values if isinstance(v, str) and _ensemble_label(str(v))
+    }
+    if not any(is_path(v) for v in values if str(v) not in ensembles):
+        return [ensembles.get(str(v)) or _fmt_value(v) for v in values]
+    present = [str(v) for v in values if v is not None and str(v) not in ensembles]
+    parts = [p.strip("/").split("/") for p in present]
+    # one path among other values: its last two folders (`rm_train/model`) say what it is
+    shown = _distinct_tails(parts) if len(parts) > 1 else ["/".join(parts[0][-2:])]
+    tails = {**dict(zip(present, shown)), **ensembles}
     return [tails[str(v)] if v is not None else "None" for v in values]
+
+
+def _ensemble_label(value: str) -> str | None:
+    """``ensemble:mean_minus_std:DIR,DIR,DIR`` as a label reads it: ``ensemble(mean_minus_std) of 3``."""
+    try:
+        parsed = parse_ensemble(value)
+    except UserError:
+        return None
+    return f"ensemble({parsed[0]}) of {len(parsed[2])}" if parsed else None
 
 
 def _distinct_tails(parts: list[list[str]]) -> list[str]:

@@ -296,3 +296,9 @@ def test_a_single_evaluation_shows_its_bootstrap_interval_not_a_zero_std():
     )
     caps = sorted(round(float(y), 3) for line in ax.lines for y in line.get_ydata())
     assert caps == [0.55, 0.6, 0.7, 0.75]  # the interval's ends, drawn as the error bars' caps
+
+
+def test_an_ensemble_reward_is_labelled_by_its_rule_and_size():
+    single = "runs/overoptimization/rm_train/model"
+    ensemble = f"ensemble:mean_minus_std:{single},runs/o/rm_deep/o/rm_train/model,runs/o/rm_listwise/o/rm_train/model"
+    assert short_values([single, ensemble]) == ["rm_train/model", "ensemble(mean_minus_std) of 3"]
