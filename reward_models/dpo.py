@@ -29,7 +29,6 @@ the strict pairs of the batch's rankings.
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 import time
@@ -40,7 +39,7 @@ from typing import Any
 import torch
 
 from reward_models import losses as L
-from reward_models.evaluate import ratio_of_sums, rewardbench2_metrics
+from reward_models.evaluate import ratio_of_sums, rewardbench2_metrics, units_by_prompt
 from reward_models.train import (
     DataReport,
     Group,
@@ -50,7 +49,6 @@ from reward_models.train import (
     initial_tie_value,
     length_batches,
     make_batch,
-    pair_stats,
     ranking_grid,
     read_records,
     split_groups,
@@ -220,13 +218,13 @@ def reference_logps(model, groups: list[Group], pad_id: int, batch_size: int, am
 @torch.no_grad()
 def evaluate_held_out(
     cfg: DPOStageConfig, policy, raw_tie, held: list[Group], ref: dict, pad_id: int, amp
-) -> dict:
+) -> tuple[dict, list[torch.Tensor]]:
     """Held-out loss and implicit-reward accuracy against the annotators and the gold, with 95 %
-    bootstrap intervals over prompts."""
+    bootstrap intervals over prompts; and each held-out group's implicit rewards ``[K]``."""
     policy.eval()
-    annotator_units, rewards_by_group, loss_sum, used_sum = [], [], 0.0, 0
+    rewards_by_group, loss_sum, used_sum = [], 0.0, 0
     kmax = max(g.k for g in held)
-    ranking_rows, ranking_tiers, ranking_prompt = [], [], []  # every ranking, for RewardBench 2's measures
+    ranking_rows, ranking_tiers, ranking_prompt = [], [], []  # every ranking, padded to kmax
     for s in range(0, len(held), cfg.batch_size):
         chunk = held[s : s + cfg.batch_size]
         batch = make_batch(chunk, pad_id, None)
@@ -242,43 +240,37 @@ def evaluate_held_out(
         ranking_rows.append(torch.nn.functional.pad(rewards.double(), (0, pad)))
         ranking_tiers.append(torch.nn.functional.pad(batch.tiers, (0, pad), value=-1))
         ranking_prompt.append(batch.row_of_ranking + s)
-        rows = batch.row_of_ranking.tolist()
-        for gi in range(len(chunk)):
-            mine = [r for r, owner in enumerate(rows) if owner == gi]
-            annotator_units.append(pair_stats(rewards[mine], batch.tiers[mine]))
         rewards_by_group += list(flat.split([g.k for g in chunk]))
     policy.train()
+    rewards, tiers, prompt_of_row = (
+        torch.cat(ranking_rows),
+        torch.cat(ranking_tiers),
+        torch.cat(ranking_prompt),
+    )
+    # strict pairs the implicit rewards order as the annotators did (equal rewards ½), per prompt
+    beats, _ = L.pair_masks(tiers)
+    d = rewards[:, :, None] - rewards[:, None, :]
+    right = ((d > 0).double() + 0.5 * (d == 0).double()) * beats
+    annotator_units = units_by_prompt(right, beats, prompt_of_row, len(held))
     metrics = {"eval/loss": loss_sum / max(used_sum, 1), "eval/prompts": len(held)}
     metrics.update(bootstrap_ci(annotator_units, ratio_of_sums, seed=cfg.seed).as_dict("eval/pair_accuracy"))
-    metrics.update(
-        rewardbench2_metrics(
-            torch.cat(ranking_rows),
-            torch.cat(ranking_tiers),
-            torch.cat(ranking_prompt),
-            len(held),
-            cfg.seed,
-            "",
-        )
-    )
+    metrics.update(rewardbench2_metrics(rewards, tiers, prompt_of_row, len(held), cfg.seed, ""))
     gold_units = gold_pair_units(held, rewards_by_group)
     if gold_units:
         metrics.update(
             bootstrap_ci(gold_units, ratio_of_sums, seed=cfg.seed).as_dict("eval/gold_pair_accuracy")
         )
-    return metrics
+    return metrics, rewards_by_group
 
 
 def build_policy(cfg: DPOStageConfig):
     """The policy to train and its reference: an SFT adapter is merged in first; with LoRA the
     reference is the same weights with the adapter disabled (None here), else a frozen copy."""
-    from rlhf.models import causal_lm_adapter_config, load_policy
+    from rlhf.models import causal_lm_adapter_config, frozen_copy, load_policy
 
-    policy, tokenizer = load_policy(cfg.policy)
-    if hasattr(policy, "peft_config"):
-        policy = policy.merge_and_unload()
+    policy, tokenizer = load_policy(cfg.policy, merged=True)
     if not cfg.lora:
-        reference = copy.deepcopy(policy).eval().requires_grad_(False)
-        return policy, reference, tokenizer
+        return policy, frozen_copy(policy), tokenizer
     from peft import get_peft_model
 
     return (
@@ -363,7 +355,7 @@ def run_dpo(cfg: DPOStageConfig) -> dict[str, Any]:
                 logs.update(preference_metrics(rewards, ranking_grid(logps, batch), batch.tiers))
                 logs.update({f"train/tie_{k}": v for k, v in tie_values(cfg.loss, raw_tie).items()})
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-                    last_eval = evaluate_held_out(cfg, policy, raw_tie, held, ref, pad_id, amp)
+                    last_eval, _ = evaluate_held_out(cfg, policy, raw_tie, held, ref, pad_id, amp)
                     logs.update(last_eval)
                 tracker.log(logs, step=step)
                 history.append(logs)
@@ -377,9 +369,9 @@ def run_dpo(cfg: DPOStageConfig) -> dict[str, Any]:
         bar.close()
         train_s = time.time() - t_train
 
-        final = evaluate_held_out(cfg, policy, raw_tie, held, ref, pad_id, amp)
+        final, held_rewards = evaluate_held_out(cfg, policy, raw_tie, held, ref, pad_id, amp)
         tracker.log(final, step=step)
-        _log_held_out_table(tracker, cfg, policy, held[:8], ref, pad_id, amp)
+        _log_held_out_table(tracker, held[:8], held_rewards[:8])
 
         out_dir = Path(cfg.output_dir) if cfg.output_dir else Path(tracker.run_dir) / "policy"
         model = policy.merge_and_unload() if cfg.lora else policy  # a plain model, as PPO writes it
@@ -426,18 +418,11 @@ def run_dpo(cfg: DPOStageConfig) -> dict[str, Any]:
         tracker.finish()
 
 
-def _log_held_out_table(
-    tracker, cfg: DPOStageConfig, policy, groups: list[Group], ref: dict, pad_id: int, amp
-) -> None:
-    """A few held-out prompts with each candidate's tier and implicit reward (a reader checks that
-    the preferred answers got the higher rewards)."""
-    if not groups:
-        return
-    with torch.no_grad(), amp():
-        logps = sequence_logps(policy.eval(), make_batch(groups, pad_id, None))
-    flat = implicit_rewards(logps.float(), torch.cat([ref[id(g)] for g in groups]), cfg.beta)
+def _log_held_out_table(tracker, groups: list[Group], rewards: list[torch.Tensor]) -> None:
+    """A few held-out prompts with each candidate's tier and the implicit reward the final evaluation
+    gave it (a reader checks that the preferred answers got the higher rewards)."""
     rows = []
-    for g, values in zip(groups, flat.split([g.k for g in groups])):
+    for g, values in zip(groups, rewards):
         for ci, label in enumerate(g.labels):
             rows.append(
                 [g.prompt_id, prompt_text(g.prompt), label, g.texts[ci], g.rankings[0][ci], float(values[ci])]

@@ -148,12 +148,8 @@ def run_baseline(cfg: BaselineConfig) -> dict[str, Any]:
     out_dir = Path(cfg.output_dir) if cfg.output_dir else run_dir / "policy"
 
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_policy(cfg.policy)
-    if hasattr(model, "peft_config"):
-        model = model.merge_and_unload()
-    reference, _ = load_policy(cfg.policy) if eval_prompts else (None, None)
-    if reference is not None and hasattr(reference, "peft_config"):
-        reference = reference.merge_and_unload()
+    model, tokenizer = load_policy(cfg.policy, merged=True)
+    reference, _ = load_policy(cfg.policy, merged=True) if eval_prompts else (None, None)
 
     def chat(p):
         return [{"role": "user", "content": p}] if isinstance(p, str) else list(p)

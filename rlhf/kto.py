@@ -103,7 +103,13 @@ def run_kto(cfg: KTOStageConfig) -> dict[str, Any]:
     from transformers import PrinterCallback
     from trl import KTOConfig, KTOTrainer
 
-    from rlhf.models import causal_lm_adapter_config, load_policy, resolve_model_path, write_policy_dir
+    from rlhf.models import (
+        causal_lm_adapter_config,
+        frozen_copy,
+        load_policy,
+        resolve_model_path,
+        write_policy_dir,
+    )
     from rlhf.trainer_callbacks import ProgressCallback, TimeBudgetCallback, TrackerCallback
 
     resolve_model_path(cfg.policy)  # an unknown policy stops here, before the run dir exists
@@ -111,9 +117,7 @@ def run_kto(cfg: KTOStageConfig) -> dict[str, Any]:
     try:
         run_dir = Path(tracker.run_dir)
         torch.manual_seed(cfg.seed)
-        policy, tokenizer = load_policy(cfg.policy)
-        if hasattr(policy, "peft_config"):
-            policy = policy.merge_and_unload()
+        policy, tokenizer = load_policy(cfg.policy, merged=True)
         columns = ("prompt", "completion", "label")
         train = Dataset.from_list([{k: r[k] for k in columns} for r in rows])
         args = KTOConfig(
@@ -139,7 +143,7 @@ def run_kto(cfg: KTOStageConfig) -> dict[str, Any]:
         budget = TimeBudgetCallback(cfg.max_time_s or float("inf"))
         trainer = KTOTrainer(
             model=policy,
-            ref_model=None if cfg.lora else _frozen_copy(policy),
+            ref_model=None if cfg.lora else frozen_copy(policy),
             args=args,
             train_dataset=train,
             processing_class=tokenizer,
@@ -193,12 +197,6 @@ def run_kto(cfg: KTOStageConfig) -> dict[str, Any]:
         return summary
     finally:
         tracker.finish()
-
-
-def _frozen_copy(model):
-    import copy
-
-    return copy.deepcopy(model).eval().requires_grad_(False)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -825,13 +825,21 @@ def causal_lm_lora_config(r: int, alpha: int, target_modules=("q_proj", "k_proj"
     )
 
 
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen, eval-mode copy of ``model``: the reference policy of a full fine-tuning run."""
+    import copy
+
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
 def load_policy(
     name: str, dtype: torch.dtype = torch.float32, *, is_trainable: bool = False, merged: bool = False
 ):
     """``(model, tokenizer)`` for an alias, HF dir, Hub id or policy dir (full model or adapter).
 
-    ``merged``: fold an adapter into the base weights (inference only: sampling through unmerged
-    LoRA layers more than doubles its time on a CPU)."""
+    ``merged``: fold an adapter into the base weights: sampling through unmerged LoRA layers more
+    than doubles its time on a CPU, and a stage that trains from an SFT adapter policy (PPO, DPO,
+    KTO, the baselines) starts from, and is referenced against, the merged SFT policy."""
     model = load_causal_lm(name, dtype, is_trainable=is_trainable)
     if merged and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()

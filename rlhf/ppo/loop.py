@@ -283,13 +283,11 @@ def _load_prompt_sets(cfg: PPOConfig) -> tuple[list[dict], list[dict]]:
 
 def _build_models(cfg: PPOConfig):
     """Policy (+LoRA), reference, value model, tokenizer. Returns (policy, ref_model_or_None, pv, tokenizer)."""
-    from rlhf.models import causal_lm_adapter_config, load_policy
+    from rlhf.models import causal_lm_adapter_config, frozen_copy, load_policy
     from rlhf.ppo.value import PolicyAndValue, hidden_size_of, make_value_head
 
-    policy, tokenizer = load_policy(cfg.policy)
-    if hasattr(policy, "peft_config"):
-        # An SFT LoRA policy: fold its adapter in; PPO's reference is this merged SFT policy.
-        policy = policy.merge_and_unload()
+    # An SFT adapter policy is folded in: PPO's reference is this merged SFT policy.
+    policy, tokenizer = load_policy(cfg.policy, merged=True)
     critic = _build_critic(cfg, policy, tokenizer) if cfg.value_model == "critic" else None
     ref_model = None
     if cfg.lora:
@@ -298,8 +296,7 @@ def _build_models(cfg: PPOConfig):
         lcfg = causal_lm_adapter_config(cfg.adapter, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules)
         policy = get_peft_model(policy, lcfg)  # base weights frozen; the reference = adapter disabled
     else:
-        ref_model = copy.deepcopy(policy).eval()
-        ref_model.requires_grad_(False)
+        ref_model = frozen_copy(policy)
     head = make_value_head(hidden_size_of(critic if critic is not None else policy))
     pv = PolicyAndValue(policy, head, critic)
     pv.eval()  # dropout is already 0; eval() also keeps any other train-time behaviour off
