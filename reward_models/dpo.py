@@ -56,17 +56,18 @@ from reward_models.train import (
     tie_rate,
     tie_values,
 )
+from rlhf.adapters import AdapterFields, policy_to_train, policy_to_write
 from rlhf.config import ConfigError, add_config_arguments, config_from_args, config_hash, option, to_dict
 from rlhf.data import prompt_text
 from rlhf.errors import UserError
-from rlhf.models import ADAPTER_HELP, ADAPTERS, MIXED_PRECISION, MIXED_PRECISION_HELP, autocast_bf16, use_bf16
+from rlhf.models import MIXED_PRECISION, MIXED_PRECISION_HELP, autocast_bf16, use_bf16
 from rlhf.nonfinite import gradient_norm, stop_if_non_finite
 from rlhf.stats import bootstrap_ci
 from rlhf.tracking import TrackingConfig, start_stage
 
 
 @dataclass
-class DPOStageConfig:
+class DPOStageConfig(AdapterFields):
     policy: str = option(
         "smollm2-135m-instruct", help="starting policy: the SFT policy dir, an alias or a model dir"
     )
@@ -90,12 +91,6 @@ class DPOStageConfig:
         True,
         help="train an adapter (LoRA unless adapter says otherwise; the reference = the adapter disabled); false = all weights",
     )
-    adapter: str = option("lora", help=ADAPTER_HELP, choices=ADAPTERS)
-    lora_r: int = option(16, help="LoRA rank")
-    lora_alpha: int = option(32, help="LoRA alpha")
-    lora_target_modules: list[str] = option(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], help="LoRA target module names"
-    )
     max_length: int = option(
         256, help="tokens per (prompt, response); longer ones lose the start of the prompt"
     )
@@ -118,6 +113,7 @@ class DPOStageConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
+        self.validate_adapter()
         if not self.rankings:
             raise ConfigError("dpo: rankings is required (a rankings JSONL file, e.g. from `rlhf simulate`)")
         if not 0 < self.eval_fraction < 1:
@@ -263,25 +259,6 @@ def evaluate_held_out(
     return metrics, rewards_by_group
 
 
-def build_policy(cfg: DPOStageConfig):
-    """The policy to train and its reference: an SFT adapter is merged in first; with LoRA the
-    reference is the same weights with the adapter disabled (None here), else a frozen copy."""
-    from rlhf.models import causal_lm_adapter_config, frozen_copy, load_policy
-
-    policy, tokenizer = load_policy(cfg.policy, merged=True)
-    if not cfg.lora:
-        return policy, frozen_copy(policy), tokenizer
-    from peft import get_peft_model
-
-    return (
-        get_peft_model(
-            policy, causal_lm_adapter_config(cfg.adapter, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules)
-        ),
-        None,
-        tokenizer,
-    )
-
-
 def run_dpo(cfg: DPOStageConfig) -> dict[str, Any]:
     """The ``dpo`` stage (module docstring); returns its summary with ``policy_dir``."""
     from rlhf.cli import progress_bar
@@ -298,7 +275,7 @@ def run_dpo(cfg: DPOStageConfig) -> dict[str, Any]:
     tracker = start_stage(cfg, "dpo", job_type="dpo")
     try:
         torch.manual_seed(cfg.seed)
-        policy, reference, tokenizer = build_policy(cfg)
+        policy, reference, tokenizer = policy_to_train(cfg.policy, cfg.lora, cfg)
         for line in report.lines():
             print(line, flush=True)
         encode_groups(train + held, tokenizer, cfg.max_length, report)
@@ -374,9 +351,9 @@ def run_dpo(cfg: DPOStageConfig) -> dict[str, Any]:
         _log_held_out_table(tracker, held[:8], held_rewards[:8])
 
         out_dir = Path(cfg.output_dir) if cfg.output_dir else Path(tracker.run_dir) / "policy"
-        model = policy.merge_and_unload() if cfg.lora else policy  # a plain model, as PPO writes it
+        model, base = policy_to_write(policy, cfg.policy)
         meta = {
-            "base": resolve_model_path(cfg.policy),
+            "base": base,
             "stage": "dpo",
             "loss": cfg.loss,
             "beta": cfg.beta,

@@ -122,8 +122,9 @@ def run_baseline(cfg: BaselineConfig) -> dict[str, Any]:
     import torch
     from datasets import Dataset
 
+    from rlhf.adapters import lora_config, require_mergeable_start
     from rlhf.evaluate import evaluate_policy, resolve_stop_token
-    from rlhf.models import causal_lm_lora_config, load_policy, resolve_model_path, write_policy_dir
+    from rlhf.models import load_policy, resolve_model_path, write_policy_dir
     from rlhf.ppo.loop import PPOConfig, _load_prompt_sets
     from rlhf.ppo.rollout import encode_queries, left_pad
     from rlhf.ppo.value import response_logprobs
@@ -143,6 +144,7 @@ def run_baseline(cfg: BaselineConfig) -> dict[str, Any]:
     reward_fn = load_reward_fn(cfg.reward)
     gold_fn = get_scorer(cfg.gold) if cfg.gold else None
     stage = f"baseline_{cfg.algorithm}"
+    require_mergeable_start(cfg.policy, stage)
     tracker = start_stage(cfg, stage, job_type="baseline")
     run_dir = tracker.run_dir
     out_dir = Path(cfg.output_dir) if cfg.output_dir else run_dir / "policy"
@@ -182,7 +184,7 @@ def run_baseline(cfg: BaselineConfig) -> dict[str, Any]:
     )
     peft_config = None
     if cfg.lora:
-        peft_config = causal_lm_lora_config(cfg.lora_r, cfg.lora_alpha)
+        peft_config = lora_config(cfg.lora_r, cfg.lora_alpha)
     if cfg.algorithm == "grpo":
         from trl import GRPOConfig, GRPOTrainer
 

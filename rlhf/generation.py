@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from rlhf.adapters import num_virtual_tokens
 from rlhf.config import option
 from rlhf.errors import ConfigError, UserError
 from rlhf.models import MIXED_PRECISION, MIXED_PRECISION_HELP, use_bf16
@@ -146,9 +147,12 @@ def response_text(tokenizer, token_ids: list[int], finished: bool) -> str:
 
 
 def _new_cache(model, capacity: int):
-    """A DynamicCache for ``model``, with preallocated layers where that is safe (see above)."""
+    """A DynamicCache for ``model``, with preallocated layers where that is safe (see above).
+    ``capacity`` counts the caller's tokens; a virtual-token policy's own positions are added."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
+
+    capacity += num_virtual_tokens(model)
 
     config = getattr(model, "config", None)
     try:

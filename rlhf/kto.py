@@ -22,15 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlhf.adapters import AdapterFields
 from rlhf.config import ConfigError, add_config_arguments, config_from_args, config_hash, option, to_dict
 from rlhf.data import load_rankings, rankings_to_kto
 from rlhf.errors import UserError
-from rlhf.models import ADAPTER_HELP, ADAPTERS
 from rlhf.tracking import TrackingConfig, start_stage
 
 
 @dataclass
-class KTOStageConfig:
+class KTOStageConfig(AdapterFields):
     policy: str = option(
         "smollm2-135m-instruct", help="starting policy: the SFT policy dir, an alias or a model dir"
     )
@@ -48,12 +48,6 @@ class KTOStageConfig:
         True,
         help="train an adapter (LoRA unless adapter says otherwise; the reference = the adapter disabled); false = all weights",
     )
-    adapter: str = option("lora", help=ADAPTER_HELP, choices=ADAPTERS)
-    lora_r: int = option(16, help="LoRA rank")
-    lora_alpha: int = option(32, help="LoRA alpha")
-    lora_target_modules: list[str] = option(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], help="LoRA target module names"
-    )
     max_length: int = option(256, help="tokens per (prompt, response)")
     batch_size: int = option(8, help="responses per optimizer step (KTO's KL estimate needs ≥ 2)")
     lr: float = option(5e-5, help="AdamW learning rate")
@@ -70,6 +64,7 @@ class KTOStageConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
+        self.validate_adapter()
         if not self.rankings:
             raise ConfigError("kto: rankings is required (a rankings JSONL file, e.g. from `rlhf simulate`)")
         for name in ("beta", "lr", "epochs", "desirable_weight", "undesirable_weight"):
@@ -103,8 +98,8 @@ def run_kto(cfg: KTOStageConfig) -> dict[str, Any]:
     from transformers import PrinterCallback
     from trl import KTOConfig, KTOTrainer
 
+    from rlhf.adapters import adapter_config, policy_to_write, require_mergeable_start
     from rlhf.models import (
-        causal_lm_adapter_config,
         frozen_copy,
         load_policy,
         resolve_model_path,
@@ -113,6 +108,7 @@ def run_kto(cfg: KTOStageConfig) -> dict[str, Any]:
     from rlhf.trainer_callbacks import ProgressCallback, TimeBudgetCallback, TrackerCallback
 
     resolve_model_path(cfg.policy)  # an unknown policy stops here, before the run dir exists
+    require_mergeable_start(cfg.policy, "kto")
     tracker = start_stage(cfg, "kto", job_type="kto")
     try:
         run_dir = Path(tracker.run_dir)
@@ -147,11 +143,7 @@ def run_kto(cfg: KTOStageConfig) -> dict[str, Any]:
             args=args,
             train_dataset=train,
             processing_class=tokenizer,
-            peft_config=causal_lm_adapter_config(
-                cfg.adapter, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules
-            )
-            if cfg.lora
-            else None,
+            peft_config=adapter_config(cfg) if cfg.lora else None,
             callbacks=[TrackerCallback(tracker), ProgressCallback("kto"), budget],
         )
         trainer.remove_callback(PrinterCallback)
@@ -159,13 +151,11 @@ def run_kto(cfg: KTOStageConfig) -> dict[str, Any]:
         out = trainer.train()
         train_s = time.time() - t0
 
-        final = trainer.accelerator.unwrap_model(trainer.model)
-        if cfg.lora:
-            final = final.merge_and_unload()  # a plain model, as PPO and DPO write it
+        final, base = policy_to_write(trainer.accelerator.unwrap_model(trainer.model), cfg.policy)
         out_dir = Path(cfg.output_dir) if cfg.output_dir else run_dir / "policy"
         shutil.rmtree(run_dir / "trainer", ignore_errors=True)  # save_strategy="no": an empty dir
         meta = {
-            "base": resolve_model_path(cfg.policy),
+            "base": base,
             "stage": "kto",
             "config_hash": config_hash(cfg),
             "lora_merged": cfg.lora,

@@ -61,6 +61,7 @@ from typing import Any
 
 import torch
 
+from rlhf.adapters import VirtualTokenPolicy, is_virtual_token_dir
 from rlhf.cli import progress_bar
 from rlhf.config import did_you_mean
 from rlhf.errors import ConfigError, UserError, require_extra
@@ -740,7 +741,8 @@ def _config_without_dropout(path: str):
 
 
 def load_causal_lm(name: str, dtype: torch.dtype = torch.float32, *, is_trainable: bool = False):
-    """A causal LM in eval mode with dropout off; a policy dir with an adapter → PeftModel.
+    """A causal LM in eval mode with dropout off; a policy dir with an adapter → PeftModel
+    (a prompt- or prefix-tuning adapter → :class:`rlhf.adapters.VirtualTokenPolicy`).
 
     For a policy dir holding a PEFT adapter, the base named in ``rlhf_policy.json["base"]``
     (or the adapter's ``base_model_name_or_path``) is loaded and the adapter applied
@@ -760,10 +762,19 @@ def load_causal_lm(name: str, dtype: torch.dtype = torch.float32, *, is_trainabl
         if not base:
             raise UserError(f"{path}: an adapter dir needs `base` in {POLICY_META}", code="bad_policy_dir")
         base_model = load_causal_lm(base, dtype)
+        if hasattr(base_model, "merge_and_unload"):  # an adapter over an SFT LoRA policy
+            base_model = base_model.merge_and_unload()
         tok = load_tokenizer(path)
         _match_vocab(base_model, tok)
-        model = PeftModel.from_pretrained(base_model, path, is_trainable=is_trainable)
-        return disable_dropout(model).eval()
+        if not is_virtual_token_dir(path):
+            return disable_dropout(
+                PeftModel.from_pretrained(base_model, path, is_trainable=is_trainable)
+            ).eval()
+        # peft refuses is_trainable for prompt learning; the virtual tokens are switched back on
+        model = disable_dropout(PeftModel.from_pretrained(base_model, path))
+        if is_trainable:
+            model.prompt_encoder.requires_grad_(True)
+        return VirtualTokenPolicy(model).eval()
     try:
         config = _config_without_dropout(path)
         model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
@@ -787,44 +798,6 @@ def _match_vocab(model, tokenizer) -> None:
             model.generation_config.eos_token_id = tokenizer.eos_token_id
 
 
-ADAPTERS = ("lora", "ia3")
-ADAPTER_HELP = (
-    "the adapter trained when lora=true: lora (low-rank updates of the lora_target_modules, rank "
-    "lora_r) or ia3 (IA3, Liu et al. 2022: learned rescaling of the attention keys and values and "
-    "of the feed-forward input, 57,600 weights for SmolLM2-135M; lora_r, lora_alpha and the targets are unused)"
-)
-
-
-def causal_lm_adapter_config(
-    adapter: str, r: int, alpha: int, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")
-):
-    """The peft config of a policy adapter (:data:`ADAPTERS`). Both kinds merge into the base
-    weights, so a trained policy is written as a plain model and the lab's sampler runs it, and
-    both switch off with ``disable_adapter()``, which is how PPO, DPO and KTO get the reference."""
-    if adapter == "ia3":
-        from peft import IA3Config
-
-        return IA3Config(task_type="CAUSAL_LM")  # peft's targets for the model's architecture
-    if adapter != "lora":
-        raise ConfigError(f"adapter: {adapter!r} is not valid; choose one of {', '.join(ADAPTERS)}")
-    return causal_lm_lora_config(r, alpha, target_modules)
-
-
-def causal_lm_lora_config(r: int, alpha: int, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")):
-    """The lab's LoRA adapter for a causal-LM policy (no dropout, no bias), shared by SFT, PPO and
-    the TRL baselines so the three train the same kind of adapter."""
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=0.0,
-        bias="none",
-        target_modules=list(target_modules),
-        task_type="CAUSAL_LM",
-    )
-
-
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A frozen, eval-mode copy of ``model``: the reference policy of a full fine-tuning run."""
     import copy
@@ -839,7 +812,8 @@ def load_policy(
 
     ``merged``: fold an adapter into the base weights: sampling through unmerged LoRA layers more
     than doubles its time on a CPU, and a stage that trains from an SFT adapter policy (PPO, DPO,
-    KTO, the baselines) starts from, and is referenced against, the merged SFT policy."""
+    KTO, the baselines) starts from, and is referenced against, the merged SFT policy. Virtual
+    tokens (prompt or prefix tuning) cannot be merged; such a policy stays an adapter."""
     model = load_causal_lm(name, dtype, is_trainable=is_trainable)
     if merged and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()

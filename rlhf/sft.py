@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlhf.adapters import AdapterFields
 from rlhf.config import ConfigError, add_config_arguments, config_from_args, config_hash, option, to_dict
-from rlhf.models import ADAPTER_HELP, ADAPTERS
 from rlhf.tracking import TrackingConfig
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(AdapterFields):
     model: str = option(
         "smollm2-135m-instruct", help="base model: alias (smollm2-135m-instruct, tiny), local dir or Hub id"
     )
@@ -54,13 +54,6 @@ class SFTConfig:
     lora: bool = option(
         False, help="train an adapter (LoRA unless adapter says otherwise) instead of all weights"
     )
-    adapter: str = option("lora", help=ADAPTER_HELP, choices=ADAPTERS)
-    lora_r: int = option(16, help="LoRA rank")
-    lora_alpha: int = option(32, help="LoRA alpha (scale = alpha / r)")
-    lora_target_modules: list[str] = option(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-        help="module names that get LoRA adapters",
-    )
     learning_rate: float = option(2e-5, help="peak learning rate (LoRA usually wants ~1e-4 or more)")
     lr_scheduler: str = option(
         "linear", help="learning-rate schedule", choices=("linear", "cosine", "constant")
@@ -84,6 +77,7 @@ class SFTConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
+        self.validate_adapter()
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"eval_fraction: {self.eval_fraction} must be in [0, 1)")
         for name in ("batch_size", "grad_accum", "max_length", "logging_steps", "lora_r"):
@@ -163,7 +157,8 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
-    from rlhf.models import causal_lm_adapter_config, load_policy, resolve_model_path, write_policy_dir
+    from rlhf.adapters import adapter_config
+    from rlhf.models import load_policy, resolve_model_path, write_policy_dir
     from rlhf.tracking import Tracker, stage_run_dir, start_stage
     from rlhf.trainer_callbacks import ProgressCallback, TrackerCallback
 
@@ -182,9 +177,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     model, tokenizer = load_policy(cfg.model)
     peft_config = None
     if cfg.lora:
-        peft_config = causal_lm_adapter_config(
-            cfg.adapter, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules
-        )
+        peft_config = adapter_config(cfg)
 
     train_ds = Dataset.from_list([to_trl_record(r) for r in train_records])
     eval_ds = Dataset.from_list([to_trl_record(r) for r in eval_records]) if eval_records else None

@@ -43,7 +43,6 @@ Deviations from the N+ reference code (all on purpose):
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import signal
@@ -54,10 +53,11 @@ from typing import Any
 
 import torch
 
+from rlhf.adapters import AdapterFields, policy_to_write
 from rlhf.config import ConfigError, config_hash, exact_div, option, to_dict
 from rlhf.distributed import require_data_parallel
 from rlhf.errors import UserError
-from rlhf.models import ADAPTER_HELP, ADAPTERS, MIXED_PRECISION, MIXED_PRECISION_HELP
+from rlhf.models import MIXED_PRECISION, MIXED_PRECISION_HELP, load_policy
 from rlhf.nonfinite import NonFiniteError, stop_if_non_finite
 from rlhf.ppo import math as pm
 from rlhf.rewards import check_reward_spec, reward_model_dirs
@@ -67,7 +67,7 @@ RANK_SEED_STRIDE = 100_003  # seed + rank · stride: distinct streams per proces
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(AdapterFields):
     # --- what to train, against what
     policy: str = option(
         "smollm2-135m-instruct", help="starting policy: the SFT policy dir, an alias or a model dir"
@@ -150,13 +150,6 @@ class PPOConfig:
         help="train an adapter (LoRA unless adapter says otherwise); the reference is the base with "
         "the adapter disabled",
     )
-    adapter: str = option("lora", help=ADAPTER_HELP, choices=ADAPTERS)
-    lora_r: int = option(16, help="LoRA rank")
-    lora_alpha: int = option(32, help="LoRA alpha")
-    lora_target_modules: list[str] = option(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-        help="module names that get LoRA adapters",
-    )
     # --- optimiser
     learning_rate: float = option(3e-6, help="Adam learning rate (LoRA usually wants ~1e-4 or more)")
     anneal_lr: bool = option(True, help="anneal the learning rate linearly to 0 over the run")
@@ -193,6 +186,7 @@ class PPOConfig:
 
     def validate(self, world_size: int = 1) -> None:
         """Reject bad values before any model loads (sizes divide, reward exists, ranges)."""
+        self.validate_adapter()
         for name in (
             "total_episodes",
             "batch_size",
@@ -283,27 +277,19 @@ def _load_prompt_sets(cfg: PPOConfig) -> tuple[list[dict], list[dict]]:
 
 def _build_models(cfg: PPOConfig):
     """Policy (+LoRA), reference, value model, tokenizer. Returns (policy, ref_model_or_None, pv, tokenizer)."""
-    from rlhf.models import causal_lm_adapter_config, frozen_copy, load_policy
+    from rlhf.adapters import policy_to_train
     from rlhf.ppo.value import PolicyAndValue, hidden_size_of, make_value_head
 
     # An SFT adapter policy is folded in: PPO's reference is this merged SFT policy.
-    policy, tokenizer = load_policy(cfg.policy, merged=True)
-    critic = _build_critic(cfg, policy, tokenizer) if cfg.value_model == "critic" else None
-    ref_model = None
-    if cfg.lora:
-        from peft import get_peft_model
-
-        lcfg = causal_lm_adapter_config(cfg.adapter, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules)
-        policy = get_peft_model(policy, lcfg)  # base weights frozen; the reference = adapter disabled
-    else:
-        ref_model = frozen_copy(policy)
+    policy, ref_model, tokenizer = policy_to_train(cfg.policy, cfg.lora, cfg)
+    critic = _build_critic(cfg, tokenizer) if cfg.value_model == "critic" else None
     head = make_value_head(hidden_size_of(critic if critic is not None else policy))
     pv = PolicyAndValue(policy, head, critic)
     pv.eval()  # dropout is already 0; eval() also keeps any other train-time behaviour off
     return policy, ref_model, pv, tokenizer
 
 
-def _build_critic(cfg: PPOConfig, policy, tokenizer):
+def _build_critic(cfg: PPOConfig, tokenizer):
     """The critic backbone: the reward model's (same tokenizer) or a copy of the policy's."""
     rm_dirs = reward_model_dirs(cfg.reward)
     if cfg.critic_init in ("auto", "reward") and rm_dirs:
@@ -323,7 +309,9 @@ def _build_critic(cfg: PPOConfig, policy, tokenizer):
                 f"critic_init=reward: the reward model {rm_dirs[0]} has a different tokenizer from "
                 "the policy; use critic_init=policy or value_model=shared"
             )
-    critic = copy.deepcopy(policy.get_decoder())  # called before LoRA is applied: plain weights
+    # A fresh load: the training policy's decoder may already carry the adapter's layers
+    start_policy, _ = load_policy(cfg.policy, merged=True)
+    critic = start_policy.get_decoder()
     critic.requires_grad_(True)
     return critic.eval()
 
@@ -432,7 +420,7 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
 
     from rlhf.data import prompt_text
     from rlhf.evaluate import evaluate_policy, resolve_stop_token
-    from rlhf.models import resolve_model_path, write_policy_dir
+    from rlhf.models import write_policy_dir
     from rlhf.ppo.checkpoint import load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
     from rlhf.ppo.rollout import decode_responses, encode_queries, left_pad, sample_rollout
     from rlhf.ppo.value import merged_lora, response_logprobs
@@ -934,11 +922,9 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
             tracker.log_image("learning_curves", png)
             summary["learning_curves"] = str(png)
         if not interrupted:
-            final = accelerator.unwrap_model(pv_train).policy
-            if cfg.lora:
-                final = final.merge_and_unload()  # a plain model: loads without knowing the SFT chain
+            final, base = policy_to_write(accelerator.unwrap_model(pv_train).policy, cfg.policy)
             meta = {
-                "base": resolve_model_path(cfg.policy),
+                "base": base,
                 "stage": "ppo",
                 "config_hash": config_hash(cfg),
                 "lora_merged": cfg.lora,
