@@ -48,6 +48,7 @@ from rlhf.errors import UserError
 from rlhf.fsio import atomic_dir, recover_dir
 
 META_FILE = "rlhf_reward.json"
+ENSEMBLE_FILE = "rlhf_ensemble.json"  # an ensemble dir's manifest (:func:`save_ensemble`)
 TRAINABLE = ("top", "full", "lora")
 POOLING = ("mean", "last")
 
@@ -352,6 +353,13 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     """``rlhf_reward.json`` of a reward-model dir; every reader of such a dir starts here, so this is
     where a save killed between its two renames is undone (:func:`rlhf.fsio.recover_dir`)."""
     p = recover_dir(path) / META_FILE
+    if not p.is_file() and is_ensemble_dir(path):
+        members = read_ensemble(path)["members"]
+        raise UserError(
+            f"{path} is an ensemble of {len(members)} reward models; this takes one of them, e.g. "
+            f"{members[0]} (as a reward, the ensemble dir works whole)",
+            code="bad_reward_model",
+        )
     if not p.is_file():
         raise UserError(f"{path} is not a reward-model directory (no {META_FILE})", code="bad_reward_model")
     try:
@@ -375,6 +383,40 @@ def load_reward_model(path: str | os.PathLike, device: str = "cpu"):
         pooling=meta.get("pooling", "last"),
     )
     return model.to(device).eval().requires_grad_(False), tokenizer, meta
+
+
+def is_ensemble_dir(path: str | os.PathLike) -> bool:
+    """A dir written by ``rlhf rm train --ensemble N``: member-0..N-1 and :data:`ENSEMBLE_FILE`."""
+    return (recover_dir(path) / ENSEMBLE_FILE).is_file()
+
+
+def read_ensemble(path: str | os.PathLike) -> dict[str, Any]:
+    """An ensemble dir's manifest, with ``members`` as paths (they are stored relative to it)."""
+    root = recover_dir(path)
+    manifest = json.loads((root / ENSEMBLE_FILE).read_text())
+    return {**manifest, "members": [str(Path(path) / m) for m in manifest["members"]]}
+
+
+def save_ensemble(
+    member_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, manifest: dict
+) -> Path:
+    """One dir holding trained reward models as ``member-<i>/`` and the manifest, written atomically
+    (a crash leaves the old dir or the new one). Members are hard-linked where the file system
+    allows (no second copy of the weights on disk), else copied."""
+    import shutil
+
+    def link_or_copy(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    names = [f"member-{i}" for i in range(len(member_dirs))]
+    with atomic_dir(out_dir) as tmp:
+        for name, member in zip(names, member_dirs):
+            shutil.copytree(member, tmp / name, copy_function=link_or_copy)
+        (tmp / ENSEMBLE_FILE).write_text(json.dumps({**manifest, "members": names}, indent=2, default=str))
+    return Path(out_dir)
 
 
 def save_reward_model(

@@ -34,6 +34,7 @@ count ½); ``data/*`` the input report; ``norm/offset``, ``norm/scale``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -52,7 +53,8 @@ from rlhf.distributed import require_data_parallel
 from rlhf.errors import UserError
 from rlhf.models import MIXED_PRECISION, MIXED_PRECISION_HELP, autocast_bf16, use_bf16
 from rlhf.nonfinite import gradient_norm, stop_if_non_finite
-from rlhf.tracking import Tracker, TrackingConfig, start_stage
+from rlhf.rewards import parse_ensemble_rule
+from rlhf.tracking import Tracker, TrackingConfig, stage_run_dir, start_stage
 
 # ----------------------------------------------------------------------------- config
 
@@ -162,6 +164,23 @@ class RMTrainConfig:
         choices=MIXED_PRECISION,
     )
     out: str = option("", help="reward-model dir to write (default: <run_dir>/model)")
+    ensemble: int = option(
+        1,
+        help="train N reward models in this stage, on the same rankings and held-out prompts; they "
+        "differ in seed (head and LoRA initialisation, data order) and, with ensemble_layers, in "
+        "backbone depth. The model dir then holds member-0..N-1 and rlhf_ensemble.json, and works "
+        "as a reward anywhere (docs/reward-models.md, Ensembles)",
+    )
+    ensemble_layers: list[int] = option(
+        default_factory=list,
+        help="`layers` of each member, cycled (e.g. [0, 16, 12]; 0 = all): members that differ in "
+        "more than the seed disagree more usefully (Eisenstein et al. 2023)",
+    )
+    ensemble_reward: str = option(
+        "mean",
+        help="how the ensemble dir scores when named alone as a reward: mean, min or "
+        "mean_minus_std[=k]; a reward spec ensemble:RULE:DIR overrides it",
+    )
     seed: int = option(0, help="random seed")
     experiment: str = option("default", help="experiment name (W&B group; runs/<experiment>/)")
     runs_dir: str = option("runs", help="root folder of run directories")
@@ -191,6 +210,16 @@ class RMTrainConfig:
             raise ConfigError(f"layers must be ≥ 0 (0 = all), got {self.layers}")
         if self.lr <= 0 or self.epochs <= 0:
             raise ConfigError("lr and epochs must be > 0")
+        if self.ensemble < 1:
+            raise ConfigError(f"ensemble: {self.ensemble} must be ≥ 1 (1 = one reward model)")
+        if any(n < 0 for n in self.ensemble_layers):
+            raise ConfigError(f"ensemble_layers: {self.ensemble_layers} must be ≥ 0 each (0 = all)")
+        too_shallow = [n for n in self.ensemble_layers if 0 < n < self.top_layers and self.trainable == "top"]
+        if too_shallow:
+            raise ConfigError(
+                f"ensemble_layers: a member of {too_shallow[0]} layers cannot train its top_layers={self.top_layers}"
+            )
+        parse_ensemble_rule(self.ensemble_reward, "ensemble_reward")
 
 
 # ----------------------------------------------------------------------------- reading and checking data
@@ -676,13 +705,64 @@ def reference_scores(
 
 
 def run_rm_train(cfg: RMTrainConfig) -> dict:
-    """Train a reward model on rankings (see the module docstring); returns a summary dict."""
+    """Train a reward model on rankings, or ``cfg.ensemble`` of them (see the module docstring);
+    returns a summary dict."""
+    cfg.validate()
+    if cfg.ensemble > 1:
+        return _train_ensemble(cfg)
+    return _train_one(cfg, split_seed=cfg.seed, stage="rm_train")
+
+
+def _train_ensemble(cfg: RMTrainConfig) -> dict:
+    """``cfg.ensemble`` members trained one after another, each a run of its own
+    (``<run_dir>/member-<i>/``), then gathered into one ensemble dir. Every member holds out the
+    same prompts (the split follows the stage's seed, not the member's), so their held-out figures
+    compare, and none of them trained on another's held-out prompts."""
+    from reward_models.model import save_ensemble
+
+    run_dir = stage_run_dir(cfg, "rm_train")
+    members = []
+    for i in range(cfg.ensemble):
+        layers = cfg.ensemble_layers[i % len(cfg.ensemble_layers)] if cfg.ensemble_layers else cfg.layers
+        member = dataclasses.replace(cfg, ensemble=1, seed=cfg.seed + i, layers=layers, out="")
+        print(
+            f"rm train: ensemble member {i + 1}/{cfg.ensemble} (seed {member.seed}, layers {layers or 'all'})",
+            flush=True,
+        )
+        members.append(_train_one(member, split_seed=cfg.seed, stage=f"rm_train/member-{i}"))
+    model_dir = Path(cfg.out) if cfg.out else run_dir / "model"
+    manifest = {
+        "combine": cfg.ensemble_reward,
+        "seeds": [cfg.seed + i for i in range(cfg.ensemble)],
+        "metrics": [{k: v for k, v in m.items() if k.startswith("rm/final_")} for m in members],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": to_dict(cfg),
+    }
+    save_ensemble([m["model_dir"] for m in members], model_dir, manifest)
+    accuracies = [m.get("rm/final_pair_accuracy", float("nan")) for m in members]
+    print(
+        f"rm train: ensemble of {cfg.ensemble} → {model_dir} (scores by {cfg.ensemble_reward} when named "
+        f"alone as a reward); members' held-out pair accuracy " + ", ".join(f"{a:.3f}" for a in accuracies),
+        flush=True,
+    )
+    return {
+        "run_dir": str(run_dir),
+        "model_dir": str(model_dir),
+        "eval_rankings": members[0]["eval_rankings"],  # the same prompts for every member
+        "rm/members": cfg.ensemble,
+        **{f"rm/member_{i}_pair_accuracy": a for i, a in enumerate(accuracies)},
+        "rm/train_time_s": round(sum(m["rm/train_time_s"] for m in members), 2),
+    }
+
+
+def _train_one(cfg: RMTrainConfig, split_seed: int, stage: str) -> dict:
+    """One reward model; ``split_seed`` picks the held-out and validation prompts, ``stage`` names
+    the run (and its dir under the experiment)."""
     from accelerate import Accelerator
 
     from reward_models.model import LoraSettings, build_reward_model, save_reward_model
     from rlhf.cli import progress_bar
 
-    cfg.validate()
     t_start = time.time()
     # 1. read and check the data (before any model loads, so bad input fails fast)
     report = DataReport()
@@ -696,10 +776,10 @@ def run_rm_train(cfg: RMTrainConfig) -> dict:
         report.bad_rows += held_report.bad_rows
         report.examples += [f"(eval file) {e}" for e in held_report.examples]
     else:
-        train_groups, held = split_groups(groups, cfg.eval_fraction, cfg.seed)
+        train_groups, held = split_groups(groups, cfg.eval_fraction, split_seed)
     val: list[Group] = []
     if cfg.val_fraction > 0 and len(train_groups) > 2:
-        train_groups, val = split_groups(train_groups, cfg.val_fraction, cfg.seed + 1)
+        train_groups, val = split_groups(train_groups, cfg.val_fraction, split_seed + 1)
     if not train_groups:
         raise UserError(
             f"{cfg.rankings}: no usable rankings ({report.records} records; "
@@ -718,12 +798,10 @@ def run_rm_train(cfg: RMTrainConfig) -> dict:
         return autocast_bf16(accelerator.device, bf16)
 
     torch.manual_seed(cfg.seed)
-    tracker = start_stage(cfg, "rm_train", job_type="reward_model") if main else Tracker.noop()
+    tracker = start_stage(cfg, stage, job_type="reward_model") if main else Tracker.noop()
     try:
         tracker.use_artifact(cfg.rankings, "rankings", "dataset")
-        run_dir = (
-            Path(tracker.run_dir) if tracker.run_dir else Path(cfg.runs_dir) / cfg.experiment / "rm_train"
-        )
+        run_dir = Path(tracker.run_dir) if tracker.run_dir else stage_run_dir(cfg, stage)
         eval_path = run_dir / "eval_rankings.jsonl"
         if main:
             _write_jsonl(eval_path, [r for g in held for r in g.records])

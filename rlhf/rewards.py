@@ -13,7 +13,9 @@
 - ``ensemble:COMBINE:DIR,DIR,...``: several reward-model dirs as one reward (:class:`EnsembleRewardFunction`),
   COMBINE being ``mean``, ``min`` (the worst case) or ``mean_minus_std`` (``mean_minus_std=0.5``
   for another k than 1): the objectives Coste et al. (2024, arXiv 2310.02743) found to resist
-  over-optimisation; the members' spread is kept as the disagreement PPO logs.
+  over-optimisation; the members' spread is kept as the disagreement PPO logs;
+- an **ensemble dir** (``rlhf rm train --ensemble N``): its members, combined by the rule it was
+  trained with (``ensemble_reward``); in ``ensemble:COMBINE:...`` it stands for its members.
 
 :func:`spec_parts`, :func:`reward_model_dirs` and :func:`check_reward_spec` read a spec without
 loading anything: every stage checks its reward with them before any model loads.
@@ -163,26 +165,57 @@ class EnsembleRewardFunction(RewardFunction):
         return scores.mean(0)
 
 
-def parse_ensemble(spec: str) -> tuple[str, float, list[str]] | None:
-    """``ensemble:COMBINE:DIR,DIR,...`` → ``(combine, k, member dirs)``; None for any other spec."""
-    if not spec.startswith(ENSEMBLE_PREFIX):
-        return None
-    usage = "ensemble:COMBINE:DIR,DIR,... with COMBINE one of mean, min, mean_minus_std[=k]"
-    combine, sep, members = spec[len(ENSEMBLE_PREFIX) :].partition(":")
-    combine, _, k_text = combine.partition("=")
-    if not sep or combine not in ENSEMBLE_COMBINES:
-        raise ConfigError(f"reward {spec!r}: expected {usage}")
+ENSEMBLE_USAGE = "ensemble:COMBINE:DIR,DIR,... with COMBINE one of mean, min, mean_minus_std[=k]"
+
+
+def parse_ensemble_rule(rule: str, where: str) -> tuple[str, float]:
+    """``mean`` / ``min`` / ``mean_minus_std[=k]`` → ``(combine, k)``; ``where`` names the field in errors."""
+    combine, _, k_text = rule.partition("=")
+    if combine not in ENSEMBLE_COMBINES:
+        raise ConfigError(
+            f"{where}: {rule!r} is not a combine rule; expected mean, min or mean_minus_std[=k]"
+        )
     try:
         k = float(k_text) if k_text else 1.0
     except ValueError:
-        raise ConfigError(
-            f"reward {spec!r}: k in mean_minus_std=k must be a number, got {k_text!r}"
-        ) from None
+        raise ConfigError(f"{where}: k in mean_minus_std=k must be a number, got {k_text!r}") from None
     if k_text and combine != "mean_minus_std":
-        raise ConfigError(f"reward {spec!r}: only mean_minus_std takes =k")
+        raise ConfigError(f"{where}: only mean_minus_std takes =k")
+    return combine, k
+
+
+def ensemble_dir_members(path: str) -> list[str] | None:
+    """The member dirs of an ensemble dir (``rlhf rm train --ensemble N``), else None."""
+    from reward_models.model import is_ensemble_dir, read_ensemble
+
+    if not _looks_like_path(path) or not is_ensemble_dir(Path(path).expanduser()):
+        return None
+    return read_ensemble(Path(path).expanduser())["members"]
+
+
+def parse_ensemble(spec: str) -> tuple[str, float, list[str]] | None:
+    """``(combine, k, member dirs)`` of an ensemble reward; None for any other spec.
+
+    Two spellings: ``ensemble:COMBINE:DIR,DIR,...``, where an ensemble dir among the DIRs stands for
+    its members, and an ensemble dir alone, which combines by the rule it was trained with."""
+    if not spec.startswith(ENSEMBLE_PREFIX):
+        members = ensemble_dir_members(spec)
+        if members is None:
+            return None
+        from reward_models.model import ENSEMBLE_FILE, read_ensemble
+
+        rule = str(read_ensemble(Path(spec).expanduser()).get("combine", "mean"))
+        return (*parse_ensemble_rule(rule, f"{spec}/{ENSEMBLE_FILE}: combine"), members)
+    rule, sep, members = spec[len(ENSEMBLE_PREFIX) :].partition(":")
+    if not sep or rule.partition("=")[0] not in ENSEMBLE_COMBINES:
+        raise ConfigError(f"reward {spec!r}: expected {ENSEMBLE_USAGE}")
+    combine, k = parse_ensemble_rule(rule, f"reward {spec!r}")
     dirs = [m.strip() for m in members.split(",") if m.strip()]
+    dirs = [d for entry in dirs for d in (ensemble_dir_members(entry) or [entry])]
     if len(dirs) < 2:
-        raise ConfigError(f"reward {spec!r}: an ensemble needs at least two reward-model dirs ({usage})")
+        raise ConfigError(
+            f"reward {spec!r}: an ensemble needs at least two reward-model dirs ({ENSEMBLE_USAGE})"
+        )
     return combine, k, dirs
 
 

@@ -1,0 +1,81 @@
+"""`rlhf rm train --ensemble N`: N reward models in one stage, on the same held-out prompts, gathered
+into one dir that scores as an ensemble wherever a reward is read."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from reward_models.model import ENSEMBLE_FILE, read_meta
+from rlhf.cli import main
+from rlhf.rewards import EnsembleRewardFunction, load_reward_fn
+from tests.reward_models.rm_data import make_records, write_records
+
+PROMPTS = ["Say something kind.", "Describe the sea."]
+RESPONSES = ["What a lovely day, thank you!", "Grey, cold and endless."]
+QUICK = ["--model", "tiny", "--max_steps", "3", "--normalize", "false", "--tracking.mode", "disabled"]
+
+
+@pytest.fixture(scope="module")
+def ensemble(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ens")
+    data = write_records(root / "rankings.jsonl", make_records(24, seed=2))
+    argv = ["rm", "train", "--rankings", str(data), "--runs_dir", str(root / "runs"), *QUICK]
+    extra = ["--ensemble", "3", "--ensemble_layers", "[0, 1]", "--ensemble_reward", "mean_minus_std=0.5"]
+    extra += ["--top_layers", "1"]
+    assert main([*argv, *extra]) == 0
+    return root / "runs" / "default" / "rm_train"
+
+
+def test_members_share_the_held_out_prompts_and_differ_in_seed_and_depth(ensemble):
+    model_dir = ensemble / "model"
+    manifest = json.loads((model_dir / ENSEMBLE_FILE).read_text())
+    assert manifest["members"] == ["member-0", "member-1", "member-2"]
+    assert manifest["seeds"] == [0, 1, 2] and manifest["combine"] == "mean_minus_std=0.5"
+    metas = [read_meta(model_dir / m) for m in manifest["members"]]
+    assert [m["layers"] for m in metas] == [2, 1, 2]  # ensemble_layers cycled; 0 = all of tiny's 2
+    held = [(ensemble / f"member-{i}" / "eval_rankings.jsonl").read_text() for i in range(3)]
+    assert held[0] and held[0] == held[1] == held[2]  # the split follows the stage's seed
+    scores = [load_reward_fn(str(model_dir / m))(PROMPTS, RESPONSES) for m in manifest["members"]]
+    assert not torch.allclose(scores[0], scores[2])  # same depth, different seed
+
+
+def test_the_ensemble_dir_is_a_reward_with_its_rule_and_can_be_overridden(ensemble):
+    model_dir = str(ensemble / "model")
+    members = [load_reward_fn(f"{model_dir}/member-{i}")(PROMPTS, RESPONSES) for i in range(3)]
+    stacked = torch.stack(members)
+    alone = load_reward_fn(model_dir)
+    assert isinstance(alone, EnsembleRewardFunction) and alone.name == "ensemble(mean_minus_std=0.5) of 3"
+    expected = stacked.mean(0) - 0.5 * stacked.std(0)
+    torch.testing.assert_close(alone(PROMPTS, RESPONSES), expected, atol=1e-5, rtol=1e-5)
+    worst = load_reward_fn(f"ensemble:min:{model_dir}")
+    torch.testing.assert_close(worst(PROMPTS, RESPONSES), stacked.min(0).values, atol=1e-5, rtol=1e-5)
+
+
+def test_a_command_that_takes_one_reward_model_names_a_member(ensemble, capsys):
+    model_dir = ensemble / "model"
+    rankings = ensemble / "member-0" / "eval_rankings.jsonl"
+    argv = ["rm", "eval", "--reward_model", str(model_dir), "--rankings", str(rankings)]
+    assert main([*argv, "--tracking.mode", "disabled", "--runs_dir", str(ensemble / "eval_runs")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "ensemble of 3" in err and "member-0" in err
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--ensemble", "0"], "ensemble"),
+        (["--ensemble", "2", "--ensemble_reward", "median"], "ensemble_reward"),
+        (["--ensemble", "2", "--ensemble_layers", "[-1]"], "ensemble_layers"),
+        (["--ensemble", "2", "--ensemble_layers", "[1]", "--top_layers", "2"], "ensemble_layers"),
+    ],
+)
+def test_bad_ensemble_settings_are_one_line_before_any_work(tmp_path, capsys, extra, words):
+    data = write_records(tmp_path / "r.jsonl", make_records(4))
+    argv = ["rm", "train", "--rankings", str(data), "--runs_dir", str(tmp_path / "runs"), *QUICK, *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and words in err
+    assert not (tmp_path / "runs").exists()
