@@ -57,10 +57,19 @@ from reward_models.train import (
     tie_values,
 )
 from rlhf.adapters import AdapterFields, policy_to_train, policy_to_write
+from rlhf.cli import progress_bar
 from rlhf.config import ConfigError, add_config_arguments, config_from_args, config_hash, option, to_dict
 from rlhf.data import prompt_text
 from rlhf.errors import UserError
-from rlhf.models import MIXED_PRECISION, MIXED_PRECISION_HELP, autocast_bf16, use_bf16
+from rlhf.models import (
+    MIXED_PRECISION,
+    MIXED_PRECISION_HELP,
+    adam_kwargs,
+    autocast_bf16,
+    resolve_model_path,
+    use_bf16,
+    write_policy_dir,
+)
 from rlhf.nonfinite import gradient_norm, stop_if_non_finite
 from rlhf.stats import bootstrap_ci
 from rlhf.tracking import TrackingConfig, start_stage
@@ -196,8 +205,6 @@ def gold_pair_units(groups: list[Group], rewards: list[torch.Tensor]) -> list[tu
 @torch.no_grad()
 def reference_logps(model, groups: list[Group], pad_id: int, batch_size: int, amp) -> dict[int, torch.Tensor]:
     """``log π_ref`` of every candidate of every group, keyed by ``id(group)``: computed once."""
-    from rlhf.cli import progress_bar
-
     out = {}
     bar = progress_bar(len(groups), "dpo: reference log-probs", "prompt")
     for s in range(0, len(groups), batch_size):
@@ -261,8 +268,6 @@ def evaluate_held_out(
 
 def run_dpo(cfg: DPOStageConfig) -> dict[str, Any]:
     """The ``dpo`` stage (module docstring); returns its summary with ``policy_dir``."""
-    from rlhf.cli import progress_bar
-    from rlhf.models import adam_kwargs, resolve_model_path, write_policy_dir
 
     cfg.validate()
     t_start = time.time()

@@ -41,11 +41,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from scipy.stats import kendalltau, pearsonr, spearmanr
 
 from reward_models import losses as L
+from reward_models.train import DataReport, build_groups, read_records
 from rlhf.cli import progress_bar
 from rlhf.config import ConfigError, add_config_arguments, config_from_args, option
 from rlhf.errors import UserError
+from rlhf.reward_model import encode_conversations, load_reward_model, prompt_as_text, read_meta, score_ids
 from rlhf.stats import bootstrap_ci
 from rlhf.tracking import TrackingConfig, start_stage
 
@@ -254,17 +257,6 @@ def reliability_plot(bins: list[dict], ece: float, path: Path, title: str) -> Pa
 
 def run_rm_eval(cfg: RMEvalConfig) -> dict:
     """Score held-out rankings with a reward model and write every metric (module docstring)."""
-    from scipy.stats import kendalltau, pearsonr, spearmanr
-
-    from reward_models.model import (
-        encode_conversations,
-        load_reward_model,
-        prompt_as_text,
-        read_meta,
-        score_ids,
-    )
-    from reward_models.train import DataReport, build_groups, read_records
-
     cfg.validate()
     meta = read_meta(cfg.reward_model)  # fail before anything heavy on a wrong dir
     records = read_records(cfg.rankings)

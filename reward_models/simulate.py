@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from rlhf.config import ConfigError, add_config_arguments, config_from_args, option
+from rlhf.data import load_candidates, prompt_text, write_jsonl
+from rlhf.rankings import Ranking
 from rlhf.scorers import get_scorer
 from rlhf.tracking import TrackingConfig, start_stage
 
@@ -113,8 +115,6 @@ def simulate_rankings(
     scorer_name: str | None = None,
 ) -> list[dict]:
     """Rank every candidates record with ``per_prompt`` simulated annotators (rankings contract)."""
-    from rlhf.data import prompt_text
-    from rlhf.rankings import Ranking
 
     # Score all responses in one call: scorers may batch (a reward model as gold, VADER is cheap).
     flat_prompts, flat_texts = [], []
@@ -155,7 +155,6 @@ def simulate_rankings(
 
 def run_simulate(cfg: SimulateConfig) -> dict:
     """Load candidates, rank them with simulated annotators, write the rankings contract."""
-    from rlhf.data import load_candidates, write_jsonl
 
     cfg.validate()
     candidates = load_candidates(cfg.candidates)

@@ -33,6 +33,15 @@ import torch
 
 from rlhf.errors import ConfigError, UserError
 from rlhf.fsio import recover_dir
+from rlhf.reward_model import (
+    ENSEMBLE_FILE,
+    META_FILE,
+    is_ensemble_dir,
+    load_reward_model,
+    prompt_as_text,
+    read_ensemble,
+    score_texts,
+)
 
 ENSEMBLE_PREFIX = "ensemble:"
 ENSEMBLE_COMBINES = ("mean", "min", "mean_minus_std")
@@ -59,7 +68,6 @@ class RewardModelFunction(RewardFunction):
     """A trained reward model with its normalisation applied."""
 
     def __init__(self, path: str | Path, device: str = "cpu", batch_size: int = 16):
-        from reward_models.model import load_reward_model
 
         self.path = str(path)
         self.model, self.tokenizer, self.meta = load_reward_model(path, device)
@@ -75,7 +83,6 @@ class RewardModelFunction(RewardFunction):
         self, prompts: Sequence[Any], responses: Sequence[str], finished: Sequence[bool] | None = None
     ) -> torch.Tensor:
         """Unnormalised scores ``[N]``."""
-        from reward_models.model import score_texts
 
         scores, enc = score_texts(
             self.model,
@@ -109,7 +116,6 @@ class ScorerFunction(RewardFunction):
     def __call__(
         self, prompts: Sequence[Any], responses: Sequence[str], finished: Sequence[bool] | None = None
     ) -> torch.Tensor:
-        from reward_models.model import prompt_as_text
 
         _check_lengths(prompts, responses)
         with torch.no_grad():
@@ -186,7 +192,6 @@ def parse_ensemble_rule(rule: str, where: str) -> tuple[str, float]:
 
 def ensemble_dir_members(path: str) -> list[str] | None:
     """The member dirs of an ensemble dir (``rlhf rm train --ensemble N``), else None."""
-    from reward_models.model import is_ensemble_dir, read_ensemble
 
     if not _looks_like_path(path) or not is_ensemble_dir(Path(path).expanduser()):
         return None
@@ -202,7 +207,6 @@ def parse_ensemble(spec: str) -> tuple[str, float, list[str]] | None:
         members = ensemble_dir_members(spec)
         if members is None:
             return None
-        from reward_models.model import ENSEMBLE_FILE, read_ensemble
 
         rule = str(read_ensemble(Path(spec).expanduser()).get("combine", "mean"))
         return (*parse_ensemble_rule(rule, f"{spec}/{ENSEMBLE_FILE}: combine"), members)
@@ -246,9 +250,23 @@ def _looks_like_path(spec: str) -> bool:
     return "/" in spec or spec.startswith((".", "~")) or Path(spec).exists()
 
 
+def reward_model_dir_problem(spec: str) -> str | None:
+    """Why the path ``spec`` is not a reward-model dir, or None when it is one: the one rule every
+    reader of a reward spec applies."""
+    path = recover_dir(Path(spec).expanduser())  # a save killed mid-swap left only its backup
+    if not path.is_dir():
+        return (
+            f"reward-model directory {spec!r} does not exist; give a reward-model dir "
+            f"(with {META_FILE}) or a scorer spec such as vader or module:function"
+        )
+    if not (path / META_FILE).is_file():
+        return f"{spec!r} has no {META_FILE}; it is not a reward-model dir (train one with `rlhf rm train`)"
+    return None
+
+
 def reward_model_dirs(reward: str | list[dict]) -> list[str]:
     """The reward-model dirs a reward spec names (an ensemble's members included)."""
-    return [s for s in spec_parts(reward) if _looks_like_path(s) and Path(s, "rlhf_reward.json").is_file()]
+    return [s for s in spec_parts(reward) if _looks_like_path(s) and reward_model_dir_problem(s) is None]
 
 
 def check_reward_spec(reward: str | list[dict]) -> None:
@@ -260,19 +278,9 @@ def check_reward_spec(reward: str | list[dict]) -> None:
             if not _looks_like_path(member):
                 raise ConfigError(f"reward: ensemble member {member!r} is not a reward-model dir")
     for spec in spec_parts(reward):
-        if not _looks_like_path(spec):
-            continue
-        p = recover_dir(Path(spec).expanduser())  # a save killed mid-swap left only its backup
-        if not p.is_dir():
-            raise ConfigError(
-                f"reward: reward-model directory {spec!r} does not exist; give a reward-model dir "
-                "(with rlhf_reward.json) or a scorer spec such as vader or module:function"
-            )
-        if not (p / "rlhf_reward.json").is_file():
-            raise ConfigError(
-                f"reward: {spec!r} has no rlhf_reward.json; it is not a reward-model dir (train one "
-                "with `rlhf rm train`)"
-            )
+        problem = reward_model_dir_problem(spec) if _looks_like_path(spec) else None
+        if problem:
+            raise ConfigError(f"reward: {problem}")
 
 
 def _check_lengths(prompts: Sequence[Any], responses: Sequence[str]) -> None:
@@ -321,15 +329,10 @@ def load_reward_fn(spec: Any, device: str = "cpu", batch_size: int = 16) -> Rewa
         combine, k, dirs = ensemble
         check_reward_spec(str(spec))
         return EnsembleRewardFunction([load_reward_fn(d, device, batch_size) for d in dirs], combine, k)
-    path = Path(str(spec)).expanduser()
-    if path.is_dir():
-        if not (path / "rlhf_reward.json").is_file():
-            raise UserError(
-                f"{spec}: a directory but not a reward model (no rlhf_reward.json); "
-                "train one with `rlhf rm train`",
-                code="bad_reward",
-            )
-        return RewardModelFunction(path, device, batch_size)
-    if str(spec).startswith((".", "/", "~")) and not str(spec).startswith("python:"):
-        raise UserError(f"reward model {spec!r}: no such directory", code="not_found")
-    return ScorerFunction(str(spec))
+    if not _looks_like_path(str(spec)):
+        return ScorerFunction(str(spec))
+    problem = reward_model_dir_problem(str(spec))
+    if problem:
+        code = "bad_reward" if Path(str(spec)).expanduser().is_dir() else "not_found"
+        raise UserError(problem, code=code)
+    return RewardModelFunction(Path(str(spec)).expanduser(), device, batch_size)
