@@ -29,6 +29,7 @@ def tier_index(tiers: Tiers) -> dict[str, int]:
 
 def kendall_tau_b(a: Tiers, b: Tiers) -> float:
     """Kendall τ-b between two rankings of the same labels; NaN when either is all tied."""
+    # Lazy: scipy.stats takes ~2 s to import, and `rlhf annotate` loads this module for every action.
     from scipy.stats import kendalltau
 
     ia, ib = tier_index(a), tier_index(b)

@@ -1,9 +1,12 @@
-"""The annotation page (Gradio 6.31): wiring only.
+"""The annotation page (Gradio 6.31): layout and wiring only.
 
-Everything that decides something lives elsewhere: storage, leases, validation and
-idempotency in :mod:`annotation_app.store`, the rank-selector logic in
-:mod:`annotation_app.control`, how untrusted text is shown in :mod:`annotation_app.text`,
-statistics in :mod:`annotation_app.agreement`, export in :mod:`annotation_app.io`.
+Everything that decides something lives elsewhere: what each control does in
+:mod:`annotation_app.handlers` (plain functions, tested without a server), storage, leases,
+validation and idempotency in :mod:`annotation_app.store`, login in :mod:`annotation_app.auth`,
+the rank-selector logic in :mod:`annotation_app.control`, how untrusted text is shown in
+:mod:`annotation_app.text`, statistics in :mod:`annotation_app.agreement`, export in
+:mod:`annotation_app.io`. Each event here is a thin adapter: the user from the login session,
+one handler call, its answer (a dict keyed by component) turned into Gradio updates.
 
 Security:
 
@@ -30,27 +33,20 @@ from __future__ import annotations
 
 import os
 import secrets
-import tempfile
-import time
-from pathlib import Path
+from collections.abc import Callable
 
-os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no phone-home
-# Gradio's queue keeps a record of its last 10,000 events for the monitoring dashboard (off
-# here) and rebuilds a pandas summary of all of them after every event: 4-20 ms of the server's
-# one core per API call, growing with uptime. Summarise never, keep few records.
-os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", str(10**12))
-os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "256")
+import anyio
+import gradio as gr
+import pandas as pd
+from starlette.middleware import Middleware
 
-import gradio as gr  # noqa: E402
-from starlette.middleware import Middleware  # noqa: E402
-
-from annotation_app import agreement  # noqa: E402
-from annotation_app.control import ranks_to_text, text_to_ranks  # noqa: E402
-from annotation_app.store import Item, LoginThrottle, Store, StoreError  # noqa: E402
-from annotation_app.text import safe_markdown, visible_text  # noqa: E402
-from rlhf.data import EXPORT_FORMATS  # noqa: E402
-from rlhf.errors import UserError  # noqa: E402
-from rlhf.rankings import ALL_LABELS  # noqa: E402
+from annotation_app import handlers
+from annotation_app.auth import LoginThrottle, session_user
+from annotation_app.handlers import Page, Props, Table, slot_keys
+from annotation_app.io import import_candidates
+from annotation_app.store import Store, StoreError
+from rlhf.data import EXPORT_FORMATS
+from rlhf.errors import UserError
 
 # Keyboard shortcuts on top of the native ones (Tab / arrow keys / Enter in the ranking field):
 # Alt+R focuses the ranking field, Ctrl+Enter submits, Alt+S skips.
@@ -76,507 +72,314 @@ HELP = (
 
 API_WORKERS = 4
 
-
-def _user(request: gr.Request | None) -> str:
-    # Identity comes only from the server-side session that Gradio's login created.
-    name = getattr(request, "username", None) if request is not None else None
-    if not name:
-        raise StoreError("you are not logged in; reload the page and log in", code="not_logged_in")
-    return name
-
-
-def _explain(err: Exception) -> str:
-    if isinstance(err, UserError):
-        return f"Error: {err}"
-    return "Error: something went wrong on the server; your draft is kept. Please try again."
+PRIVATE = {"api_visibility": "private"}  # page events: not part of the scripts' API
 
 
 def build_app(store: Store, *, project: str | None = None, max_k: int | None = None) -> gr.Blocks:
     """The Blocks app over ``store`` (optionally restricted to one project).
 
     The page has one response slot per label up to ``max_k`` (default: the largest K stored,
-    at least 4). Fewer slots keep the page config small: with all 26 it is ~145 kB, built on
-    every page load and every scripted client's login.
+    at least 4); see :meth:`annotation_app.handlers.Page.for_store`.
     """
-    SLOTS = ALL_LABELS[: max(2, min(len(ALL_LABELS), max_k or max(4, store.max_k())))]  # noqa: N806
-
-    def progress_text(user: str) -> str:
-        p = store.progress(user)
-        return (
-            f"{user}: {p['submitted']} submitted, {p['skipped']} skipped — "
-            f"{p['prompts_needing_rankings']} of {p['prompts']} prompts still need rankings"
-        )
-
-    def item_outputs(user: str, item: Item | None, message: str) -> list:
-        """Values for ``item_components`` (in that order) showing ``item``."""
-        if item is None:
-            slots = []
-            for _ in SLOTS:
-                slots += [gr.update(visible=False), "", "", gr.update(choices=[], value=None)]
-            return [
-                "",
-                "",
-                "",
-                "All done: there is nothing left for you to rank right now. "
-                "Press Next later to check for new prompts.",
-                *slots,
-                "",
-                False,
-                "",
-                progress_text(user),
-                message,
-                "",
-            ]
-        labels = item.labels
-        if len(labels) > len(SLOTS):
-            return item_outputs(
-                user,
-                None,
-                f"Error: prompt {item.prompt_id} has {len(labels)} responses but this page was started with "
-                f"{len(SLOTS)} slots; ask your admin to restart `rlhf annotate serve` after the import.",
-            )
-        draft = item.draft or {}
-        ranks, _ = text_to_ranks(draft.get("ranking", ""), labels)
-        slots = []
-        texts = {c["label"]: c["text"] for c in item.candidates}
-        choices = [str(i) for i in range(1, len(labels) + 1)]
-        for i, label in enumerate(SLOTS):
-            if label in texts:
-                slots += [
-                    gr.update(visible=True),
-                    visible_text(texts[label]),
-                    safe_markdown(texts[label]),
-                    gr.update(choices=choices, value=ranks[i]),
-                ]
-            else:
-                slots += [gr.update(visible=False), "", "", gr.update(choices=[], value=None)]
-        return [
-            item.prompt_id,
-            " ".join(labels),
-            secrets.token_hex(16),
-            visible_text(item.prompt),
-            *slots,
-            draft.get("ranking", ""),
-            "all_bad" in draft.get("flags", []),
-            draft.get("comment", ""),
-            progress_text(user),
-            message,
-            item.guidelines,
-        ]
-
-    def history_rows(user: str) -> list[list]:
-        return [
-            [
-                h["prompt_id"],
-                h["status"],
-                h["ranking"],
-                ", ".join(h["flags"]),
-                h["revision"],
-                time.strftime("%Y-%m-%d %H:%M", time.localtime(h["updated_at"])),
-            ]
-            for h in store.history(user)
-        ]
-
+    page = Page.for_store(store, project, max_k)
     with gr.Blocks(title="RLHF Lab — annotation", analytics_enabled=False) as demo:
         with gr.Tabs():
-            with gr.Tab("Annotate", id="annotate"):
-                with gr.Accordion("Guidelines", open=False):
-                    # Guidelines come from the admin's project config (trusted), so Markdown is fine.
-                    guidelines = gr.Markdown(elem_id="guidelines")
-                    gr.Markdown(HELP)
-                progress = gr.Textbox(label="Progress", interactive=False, elem_id="progress")
-                message = gr.Textbox(label="Message", interactive=False, elem_id="message")
-                prompt_id = gr.Textbox(
-                    label="Prompt id", interactive=False, elem_id="prompt-id", visible="hidden"
-                )
-                labels_box = gr.Textbox(visible="hidden", elem_id="labels")
-                token = gr.Textbox(visible="hidden", elem_id="client-token")
-                prompt = gr.Textbox(
-                    label="Prompt", interactive=False, elem_id="prompt", lines=2, max_lines=20
-                )
-                rendered = gr.Checkbox(
-                    label="Also show a rendered view (Markdown; HTML shown as text, images as links)",
-                    elem_id="rendered-toggle",
-                )
-                slot_parts = []
-                for label in SLOTS:
-                    with gr.Group(visible=False) as group:
-                        text = gr.Textbox(
-                            label=f"Response {label}",
-                            interactive=False,
-                            elem_id=f"response-{label}",
-                            lines=2,
-                            max_lines=30,
-                        )
-                        md = gr.Markdown(visible=False, elem_id=f"rendered-{label}")
-                        rank = gr.Radio(
-                            choices=[],
-                            label=f"Rank of {label} (1 = best, equal numbers = tie)",
-                            elem_id=f"rank-{label}",
-                        )
-                    slot_parts.append((group, text, md, rank))
-                ranking = gr.Textbox(
-                    label="Ranking, best first (e.g. C > B = D > A) — Enter submits",
-                    elem_id="ranking",
-                    max_length=200,
-                )
-                all_bad = gr.Checkbox(label="All responses are bad", elem_id="all-bad")
-                comment = gr.Textbox(label="Comment (optional)", elem_id="comment", lines=1, max_length=5000)
-                with gr.Row():
-                    submit = gr.Button("Submit", variant="primary", elem_id="submit")
-                    skip = gr.Button("Skip", elem_id="skip")
-                    next_btn = gr.Button("Next / refresh", elem_id="next")
-            with gr.Tab("My history", id="history"):
-                history = gr.Dataframe(
-                    headers=["prompt_id", "status", "ranking", "flags", "revisions", "updated"],
-                    interactive=False,
-                    elem_id="history",
-                    wrap=True,
-                )
-                with gr.Row():
-                    h_prompt = gr.Dropdown(
-                        label="Revise a submission",
-                        choices=[],
-                        elem_id="history-prompt",
-                        allow_custom_value=False,
-                    )
-                    h_load = gr.Button("Open", elem_id="history-open")
-                h_item = gr.Textbox(
-                    label="Prompt and responses",
-                    interactive=False,
-                    lines=6,
-                    max_lines=40,
-                    elem_id="history-item",
-                )
-                h_ranking = gr.Textbox(label="Ranking", elem_id="history-ranking", max_length=200)
-                h_all_bad = gr.Checkbox(label="All responses are bad", elem_id="history-all-bad")
-                h_comment = gr.Textbox(label="Comment", elem_id="history-comment", max_length=5000)
-                h_token = gr.Textbox(visible="hidden", elem_id="history-token")
-                revise = gr.Button("Save revision", variant="primary", elem_id="revise")
-                h_message = gr.Textbox(label="Message", interactive=False, elem_id="history-message")
-            with gr.Tab("Admin", id="admin", visible=False) as admin_tab:
-                a_refresh = gr.Button("Refresh statistics", elem_id="admin-refresh")
-                a_summary = gr.JSON(label="Summary and agreement", elem_id="admin-summary")
-                a_users = gr.Dataframe(label="Per annotator", interactive=False, elem_id="admin-annotators")
-                a_prompts = gr.Dataframe(label="Per prompt", interactive=False, elem_id="admin-prompts")
-                with gr.Row():
-                    a_format = gr.Radio(
-                        list(EXPORT_FORMATS), value="rankings", label="Export format", elem_id="admin-format"
-                    )
-                    a_export = gr.Button("Export JSONL", elem_id="admin-export")
-                a_file = gr.File(label="Export", interactive=False, elem_id="admin-file")
-                a_message = gr.Textbox(label="Message", interactive=False, elem_id="admin-message")
-
-        slot_outputs = [c for part in slot_parts for c in part[:4]]
-        item_components = [
-            prompt_id,
-            labels_box,
-            token,
-            prompt,
-            *slot_outputs,
-            ranking,
-            all_bad,
-            comment,
-            progress,
-            message,
-            guidelines,
-        ]
-        rank_inputs = [part[3] for part in slot_parts]
-        md_parts = [part[2] for part in slot_parts]
-
-        # ---------------------------------------------------------------- annotate handlers
-
-        def on_load(request: gr.Request):
-            user = _user(request)
-            role = store.role(user)
-            try:
-                item = store.next_item(user, project)
-                out = item_outputs(user, item, "Draft restored." if item and item.draft else "")
-            except UserError as err:
-                out = item_outputs(user, None, _explain(err))
-            rows = history_rows(user)
-            return [
-                *out,
-                rows,
-                gr.update(choices=[r[0] for r in rows if r[1] == "submitted"]),
-                gr.update(visible=role == "admin"),
-            ]
-
-        def on_next(request: gr.Request):
-            user = _user(request)
-            try:
-                item = store.next_item(user, project)
-                return item_outputs(user, item, "")
-            except UserError as err:
-                return item_outputs(user, None, _explain(err))
-
-        def on_ranks(request: gr.Request, pid: str, labels: str, bad: bool, note: str, shown: str, *ranks):
-            # A rank selector changed: rewrite the ranking text and keep the draft. (The request
-            # comes first: Gradio only injects it into positional parameters.)
-            text = ranks_to_text(labels.split(), ranks)
-            stale, msg = _save_draft(_user(request), pid, text, bad, note, shown)
-            return (gr.update(), gr.update()) if stale else (text, msg)
-
-        def _save_draft(user, pid, text, bad, note, shown) -> tuple[bool, object]:
-            """(stale, message update). A draft event that arrives after its prompt was submitted
-            is stale: it must not touch the page, which already shows the next prompt."""
-            if not pid:
-                return False, gr.update()
-            try:
-                saved = store.save_draft(user, pid, text, ["all_bad"] if bad else [], note or "")
-            except UserError as err:
-                return False, _explain(err)
-            # Clear an earlier error, keep any other message (e.g. "Saved your ranking ...").
-            return not saved, ("" if (shown or "").startswith("Error") else gr.update())
-
-        def on_ranking_text(
-            pid: str, labels: str, text: str, bad: bool, note: str, shown: str, request: gr.Request
-        ):
-            ranks, error = text_to_ranks(text, labels.split())
-            stale, msg = _save_draft(_user(request), pid, text, bad, note, shown)
-            if stale:
-                return [gr.update()] * (len(SLOTS) + 1)
-            if error:  # keep the selectors as they were while the text is half typed
-                return [*[gr.update()] * len(SLOTS), f"Error: {error}"]
-            updates = [gr.update(value=r) for r in ranks] + [gr.update()] * (len(SLOTS) - len(ranks))
-            return [*updates, msg]
-
-        def on_extras(pid: str, text: str, bad: bool, note: str, shown: str, request: gr.Request):
-            return _save_draft(_user(request), pid, text, bad, note, shown)[1]
-
-        def on_submit(pid: str, tok: str, text: str, bad: bool, note: str, request: gr.Request):
-            user = _user(request)
-            if not pid:
-                return on_next(request)
-            try:
-                res = store.submit(user, pid, text, ["all_bad"] if bad else [], note or "", tok or None)
-            except UserError as err:
-                return [gr.update()] * (len(item_components) - 3) + [
-                    progress_text(user),
-                    _explain(err),
-                    gr.update(),
-                ]
-            item = store.next_item(user, project)
-            return item_outputs(user, item, f"Saved your ranking of {res.prompt_id}: {res.ranking}.")
-
-        def on_skip(pid: str, tok: str, note: str, request: gr.Request):
-            user = _user(request)
-            if not pid:
-                return on_next(request)
-            try:
-                store.skip(user, pid, note or "", tok or None)
-            except UserError as err:
-                return [gr.update()] * (len(item_components) - 3) + [
-                    progress_text(user),
-                    _explain(err),
-                    gr.update(),
-                ]
-            return item_outputs(user, store.next_item(user, project), f"Skipped {pid}.")
-
-        def on_rendered(show: bool, labels: str):
-            present = set(labels.split())
-            return [gr.update(visible=bool(show) and lab in present) for lab in SLOTS]
-
-        def refresh_history(request: gr.Request):
-            rows = history_rows(_user(request))
-            return rows, gr.update(choices=[r[0] for r in rows if r[1] == "submitted"])
-
-        hist_outputs = [history, h_prompt]
-        private = {"api_visibility": "private"}
-        demo.load(on_load, None, [*item_components, history, h_prompt, admin_tab], js=KEYS_JS, **private)
-        next_btn.click(on_next, None, item_components, **private)
-        for rank in rank_inputs:
-            rank.input(
-                on_ranks,
-                [prompt_id, labels_box, all_bad, comment, message, *rank_inputs],
-                [ranking, message],
-                show_progress="hidden",
-                trigger_mode="always_last",
-                **private,
-            )
-        ranking.input(
-            on_ranking_text,
-            [prompt_id, labels_box, ranking, all_bad, comment, message],
-            [*rank_inputs, message],
-            show_progress="hidden",
-            trigger_mode="always_last",
-            **private,
-        )
-        all_bad.input(
-            on_extras,
-            [prompt_id, ranking, all_bad, comment, message],
-            message,
-            show_progress="hidden",
-            **private,
-        )
-        comment.input(
-            on_extras,
-            [prompt_id, ranking, all_bad, comment, message],
-            message,
-            show_progress="hidden",
-            trigger_mode="always_last",
-            **private,
-        )
-        submit_inputs = [prompt_id, token, ranking, all_bad, comment]
-        for trigger in (submit.click, ranking.submit):
-            trigger(on_submit, submit_inputs, item_components, trigger_mode="once", **private).then(
-                refresh_history, None, hist_outputs, **private
-            )
-        skip.click(on_skip, [prompt_id, token, comment], item_components, trigger_mode="once", **private)
-        rendered.change(on_rendered, [rendered, labels_box], md_parts, **private)
-        labels_box.change(on_rendered, [rendered, labels_box], md_parts, **private)
-
-        # ---------------------------------------------------------------- history handlers
-
-        def on_open(pid: str, request: gr.Request):
-            user = _user(request)
-            try:
-                row = store.own_ranking(user, pid or "")
-            except UserError as err:
-                return "", "", False, "", "", _explain(err)
-            body = "\n\n".join(
-                [f"Prompt {pid}:\n{visible_text(row['prompt'])}"]
-                + [f"Response {c['label']}:\n{visible_text(c['text'])}" for c in row["candidates"]]
-            )
-            return body, row["ranking"], "all_bad" in row["flags"], row["comment"], secrets.token_hex(16), ""
-
-        def on_revise(pid: str, text: str, bad: bool, note: str, tok: str, request: gr.Request):
-            user = _user(request)
-            try:
-                res = store.revise(user, pid or "", text, ["all_bad"] if bad else [], note or "", tok or None)
-            except UserError as err:
-                rows = history_rows(user)
-                return rows, gr.update(), _explain(err)
-            rows = history_rows(user)
-            return rows, gr.update(), f"Revised {res.prompt_id}: {res.ranking} (revision {res.revision})."
-
-        h_load.click(
-            on_open, [h_prompt], [h_item, h_ranking, h_all_bad, h_comment, h_token, h_message], **private
-        )
-        revise.click(
-            on_revise,
-            [h_prompt, h_ranking, h_all_bad, h_comment, h_token],
-            [history, h_prompt, h_message],
-            trigger_mode="once",
-            **private,
-        )
-        h_ranking.submit(
-            on_revise,
-            [h_prompt, h_ranking, h_all_bad, h_comment, h_token],
-            [history, h_prompt, h_message],
-            trigger_mode="once",
-            **private,
-        )
-
-        # ---------------------------------------------------------------- admin handlers (role checked per call)
-
-        def on_admin_refresh(request: gr.Request):
-            try:
-                store.require_admin(_user(request))
-            except UserError as err:
-                return None, None, None, _explain(err)
-            stats = store.stats()
-            report = agreement.agreement_report(store.submitted_rankings(project))
-            summary = {k: v for k, v in stats.items() if k not in ("annotators", "prompts")}
-            summary.update(report)
-            summary = {k: (None if isinstance(v, float) and v != v else v) for k, v in summary.items()}
-            users = [
-                [
-                    u["username"],
-                    u["role"],
-                    u["submitted"] or 0,
-                    u["skipped"] or 0,
-                    u["drafts"] or 0,
-                    None if u["mean_seconds"] is None else round(u["mean_seconds"], 1),
-                ]
-                for u in stats["annotators"]
-            ]
-            prompts = [
-                [p["prompt_id"], p["project_id"], p["quorum"], p["submitted"], p["skipped"], p["leased"]]
-                for p in stats["prompts"]
-            ]
-            import pandas as pd
-
-            return (
-                summary,
-                pd.DataFrame(
-                    users, columns=["annotator", "role", "submitted", "skipped", "drafts", "mean_seconds"]
-                ),
-                pd.DataFrame(
-                    prompts, columns=["prompt_id", "project", "quorum", "submitted", "skipped", "leased"]
-                ),
-                "",
-            )
-
-        def on_admin_export(fmt: str, request: gr.Request):
-            from annotation_app.io import export_rankings
-
-            try:
-                store.require_admin(_user(request))
-                out = Path(tempfile.mkdtemp(prefix="rlhf_export_")) / f"{fmt}.jsonl"
-                res = export_rankings(store, str(out), fmt=fmt, project=project)
-            except UserError as err:
-                return None, _explain(err)
-            return str(out), f"Exported {res['records']} {fmt} records."
-
-        a_refresh.click(on_admin_refresh, None, [a_summary, a_users, a_prompts, a_message], **private)
-        a_export.click(on_admin_export, [a_format], [a_file, a_message], **private)
-
-        # ---------------------------------------------------------------- named API for scripts
-
-        def api_next(request: gr.Request) -> dict:
-            """The caller's next assigned item: prompt_id, prompt, responses {label: text}, labels,
-            lease_expires_at (epoch seconds), draft. ``prompt_id`` is None when nothing is left."""
-            t0 = time.perf_counter()
-            try:
-                item = store.next_item(_user(request), project)
-            except UserError as err:
-                return {"ok": False, "code": err.code, "message": str(err)}
-            if item is None:
-                return {"ok": True, "prompt_id": None, "message": "nothing left to rank"}
-            return {"ok": True, **item.to_dict(), "server_ms": _ms_since(t0)}
-
-        def api_submit(
-            prompt_id: str,
-            ranking: str,
-            flags: list[str],
-            comment: str,
-            client_token: str,
-            request: gr.Request,
-        ) -> dict:
-            """Submit a complete ranking (e.g. "C > B = D > A") for a prompt leased to the caller.
-            flags: [] or ["all_bad"]. Sending the same client_token again returns the stored result."""
-            t0 = time.perf_counter()
-            try:
-                res = store.submit(
-                    _user(request), prompt_id, ranking, flags or [], comment or "", client_token or None
-                )
-            except UserError as err:
-                return {"ok": False, "code": err.code, "message": str(err)}
-            # server_ms: time in the handler (validation + the SQLite transaction, waits for the
-            # write lock included) — separates the store's cost from transport and client overhead.
-            return {**res.to_dict(), "server_ms": _ms_since(t0)}
-
-        def api_skip(prompt_id: str, client_token: str, request: gr.Request) -> dict:
-            """Skip a prompt leased to the caller (it is not offered to them again)."""
-            try:
-                res = store.skip(_user(request), prompt_id, "", client_token or None)
-            except UserError as err:
-                return {"ok": False, "code": err.code, "message": str(err)}
-            return res.to_dict()
-
-        # SQLite runs one writer at a time anyway; a few workers keep the queue moving without
-        # dozens of threads fighting over the GIL and the write lock (API_WORKERS, shared).
-        api = {"concurrency_limit": API_WORKERS, "concurrency_id": "store-api"}
-        gr.api(api_next, api_name="next", **api)
-        gr.api(api_submit, api_name="submit", **api)
-        gr.api(api_skip, api_name="skip", **api)
+            ui = {**_annotate_tab(page.slots), **_history_tab(), **_admin_tab()}
+        _wire_annotate(demo, page, ui)
+        _wire_history(page, ui)
+        _wire_admin(page, ui)
+        _wire_api(page)
     return demo
 
 
-def _ms_since(t0: float) -> float:
-    return round(1000 * (time.perf_counter() - t0), 3)
+# ----------------------------------------------------------------------------- layout
+# Each tab returns its components keyed as the handlers name them (the elem_id, "slot-X" for the
+# group of response X, "admin-tab"); creation order is the page order.
 
+
+def _annotate_tab(slots: tuple[str, ...]) -> dict:
+    ui: dict = {}
+    with gr.Tab("Annotate", id="annotate"):
+        with gr.Accordion("Guidelines", open=False):
+            # Guidelines come from the admin's project config (trusted), so Markdown is fine.
+            ui["guidelines"] = gr.Markdown(elem_id="guidelines")
+            gr.Markdown(HELP)
+        ui["progress"] = gr.Textbox(label="Progress", interactive=False, elem_id="progress")
+        ui["message"] = gr.Textbox(label="Message", interactive=False, elem_id="message")
+        ui["prompt-id"] = gr.Textbox(
+            label="Prompt id", interactive=False, elem_id="prompt-id", visible="hidden"
+        )
+        ui["labels"] = gr.Textbox(visible="hidden", elem_id="labels")
+        ui["client-token"] = gr.Textbox(visible="hidden", elem_id="client-token")
+        ui["prompt"] = gr.Textbox(label="Prompt", interactive=False, elem_id="prompt", lines=2, max_lines=20)
+        ui["rendered-toggle"] = gr.Checkbox(
+            label="Also show a rendered view (Markdown; HTML shown as text, images as links)",
+            elem_id="rendered-toggle",
+        )
+        for label in slots:
+            group_key, text_key, rendered_key, rank_key = slot_keys(label)
+            with gr.Group(visible=False) as ui[group_key]:
+                ui[text_key] = gr.Textbox(
+                    label=f"Response {label}", interactive=False, elem_id=text_key, lines=2, max_lines=30
+                )
+                ui[rendered_key] = gr.Markdown(visible=False, elem_id=rendered_key)
+                ui[rank_key] = gr.Radio(
+                    choices=[], label=f"Rank of {label} (1 = best, equal numbers = tie)", elem_id=rank_key
+                )
+        ui["ranking"] = gr.Textbox(
+            label="Ranking, best first (e.g. C > B = D > A) — Enter submits",
+            elem_id="ranking",
+            max_length=200,
+        )
+        ui["all-bad"] = gr.Checkbox(label="All responses are bad", elem_id="all-bad")
+        ui["comment"] = gr.Textbox(label="Comment (optional)", elem_id="comment", lines=1, max_length=5000)
+        with gr.Row():
+            ui["submit"] = gr.Button("Submit", variant="primary", elem_id="submit")
+            ui["skip"] = gr.Button("Skip", elem_id="skip")
+            ui["next"] = gr.Button("Next / refresh", elem_id="next")
+    return ui
+
+
+def _history_tab() -> dict:
+    ui: dict = {}
+    with gr.Tab("My history", id="history"):
+        ui["history"] = gr.Dataframe(
+            headers=handlers.HISTORY_COLUMNS, interactive=False, elem_id="history", wrap=True
+        )
+        with gr.Row():
+            ui["history-prompt"] = gr.Dropdown(
+                label="Revise a submission", choices=[], elem_id="history-prompt", allow_custom_value=False
+            )
+            ui["history-open"] = gr.Button("Open", elem_id="history-open")
+        ui["history-item"] = gr.Textbox(
+            label="Prompt and responses", interactive=False, lines=6, max_lines=40, elem_id="history-item"
+        )
+        ui["history-ranking"] = gr.Textbox(label="Ranking", elem_id="history-ranking", max_length=200)
+        ui["history-all-bad"] = gr.Checkbox(label="All responses are bad", elem_id="history-all-bad")
+        ui["history-comment"] = gr.Textbox(label="Comment", elem_id="history-comment", max_length=5000)
+        ui["history-token"] = gr.Textbox(visible="hidden", elem_id="history-token")
+        ui["revise"] = gr.Button("Save revision", variant="primary", elem_id="revise")
+        ui["history-message"] = gr.Textbox(label="Message", interactive=False, elem_id="history-message")
+    return ui
+
+
+def _admin_tab() -> dict:
+    ui: dict = {}
+    with gr.Tab("Admin", id="admin", visible=False) as ui["admin-tab"]:
+        ui["admin-refresh"] = gr.Button("Refresh statistics", elem_id="admin-refresh")
+        ui["admin-summary"] = gr.JSON(label="Summary and agreement", elem_id="admin-summary")
+        ui["admin-annotators"] = gr.Dataframe(
+            label="Per annotator", interactive=False, elem_id="admin-annotators"
+        )
+        ui["admin-prompts"] = gr.Dataframe(label="Per prompt", interactive=False, elem_id="admin-prompts")
+        with gr.Row():
+            ui["admin-format"] = gr.Radio(
+                list(EXPORT_FORMATS), value="rankings", label="Export format", elem_id="admin-format"
+            )
+            ui["admin-export"] = gr.Button("Export JSONL", elem_id="admin-export")
+        ui["admin-file"] = gr.File(label="Export", interactive=False, elem_id="admin-file")
+        ui["admin-message"] = gr.Textbox(label="Message", interactive=False, elem_id="admin-message")
+    return ui
+
+
+# ----------------------------------------------------------------------------- events
+
+
+def _answer(values: dict, keys: list[str]) -> list:
+    """Gradio's outputs for the components ``keys`` from a handler's answer; a component the
+    answer does not name is left unchanged."""
+    return [_gradio_value(values[key]) if key in values else gr.update() for key in keys]
+
+
+def _gradio_value(value):
+    if isinstance(value, Props):
+        return gr.update(**value)
+    if isinstance(value, Table):
+        return pd.DataFrame(value.rows, columns=value.columns)
+    return value
+
+
+def _item_keys(slots: tuple[str, ...]) -> list[str]:
+    """The components that show an item, in the order of the item events' outputs."""
+    slot_parts = [key for label in slots for key in slot_keys(label)]
+    form = ["ranking", "all-bad", "comment", "progress", "message", "guidelines"]
+    return ["prompt-id", "labels", "client-token", "prompt", *slot_parts, *form]
+
+
+def _components(ui: dict, keys: list[str]) -> list:
+    return [ui[key] for key in keys]
+
+
+def _wire_annotate(demo: gr.Blocks, page: Page, ui: dict) -> None:
+    item_keys = _item_keys(page.slots)
+    load_keys = [*item_keys, "history", "history-prompt", "admin-tab"]
+    rank_keys = [slot_keys(label)[3] for label in page.slots]
+    rendered_keys = [slot_keys(label)[2] for label in page.slots]
+    history_keys = ["history", "history-prompt"]
+
+    def on_load(request: gr.Request):
+        return _answer(handlers.load(page, session_user(request)), load_keys)
+
+    def on_next(request: gr.Request):
+        return _answer(handlers.next_item(page, session_user(request)), item_keys)
+
+    def on_ranks(request: gr.Request, pid: str, labels: str, bad: bool, note: str, shown: str, *ranks):
+        # (The request comes first: Gradio only injects it into positional parameters.)
+        user = session_user(request)
+        values = handlers.ranks_changed(page, user, pid, labels, bad, note, shown, *ranks)
+        return _answer(values, ["ranking", "message"])
+
+    def on_ranking_text(
+        pid: str, labels: str, text: str, bad: bool, note: str, shown: str, request: gr.Request
+    ):
+        values = handlers.ranking_text_changed(
+            page, session_user(request), pid, labels, text, bad, note, shown
+        )
+        return _answer(values, [*rank_keys, "message"])
+
+    def on_extras(pid: str, text: str, bad: bool, note: str, shown: str, request: gr.Request):
+        values = handlers.extras_changed(page, session_user(request), pid, text, bad, note, shown)
+        return _answer(values, ["message"])[0]
+
+    def on_submit(pid: str, tok: str, text: str, bad: bool, note: str, request: gr.Request):
+        return _answer(handlers.submit(page, session_user(request), pid, tok, text, bad, note), item_keys)
+
+    def on_skip(pid: str, tok: str, note: str, request: gr.Request):
+        return _answer(handlers.skip(page, session_user(request), pid, tok, note), item_keys)
+
+    def on_rendered(show: bool, labels: str):
+        return _answer(handlers.rendered_views(page, show, labels), rendered_keys)
+
+    def refresh_history(request: gr.Request):
+        return _answer(handlers.history(page, session_user(request)), history_keys)
+
+    demo.load(on_load, None, _components(ui, load_keys), js=KEYS_JS, **PRIVATE)
+    ui["next"].click(on_next, None, _components(ui, item_keys), **PRIVATE)
+    rank_inputs = _components(ui, rank_keys)
+    for rank in rank_inputs:
+        rank.input(
+            on_ranks,
+            [ui["prompt-id"], ui["labels"], ui["all-bad"], ui["comment"], ui["message"], *rank_inputs],
+            [ui["ranking"], ui["message"]],
+            show_progress="hidden",
+            trigger_mode="always_last",
+            **PRIVATE,
+        )
+    ui["ranking"].input(
+        on_ranking_text,
+        [ui["prompt-id"], ui["labels"], ui["ranking"], ui["all-bad"], ui["comment"], ui["message"]],
+        [*rank_inputs, ui["message"]],
+        show_progress="hidden",
+        trigger_mode="always_last",
+        **PRIVATE,
+    )
+    extras_inputs = [ui["prompt-id"], ui["ranking"], ui["all-bad"], ui["comment"], ui["message"]]
+    ui["all-bad"].input(on_extras, extras_inputs, ui["message"], show_progress="hidden", **PRIVATE)
+    ui["comment"].input(
+        on_extras, extras_inputs, ui["message"], show_progress="hidden", trigger_mode="always_last", **PRIVATE
+    )
+    submit_inputs = [ui["prompt-id"], ui["client-token"], ui["ranking"], ui["all-bad"], ui["comment"]]
+    for trigger in (ui["submit"].click, ui["ranking"].submit):
+        trigger(on_submit, submit_inputs, _components(ui, item_keys), trigger_mode="once", **PRIVATE).then(
+            refresh_history, None, _components(ui, history_keys), **PRIVATE
+        )
+    ui["skip"].click(
+        on_skip,
+        [ui["prompt-id"], ui["client-token"], ui["comment"]],
+        _components(ui, item_keys),
+        trigger_mode="once",
+        **PRIVATE,
+    )
+    for changed in (ui["rendered-toggle"].change, ui["labels"].change):
+        changed(on_rendered, [ui["rendered-toggle"], ui["labels"]], _components(ui, rendered_keys), **PRIVATE)
+
+
+def _wire_history(page: Page, ui: dict) -> None:
+    open_keys = [
+        "history-item",
+        "history-ranking",
+        "history-all-bad",
+        "history-comment",
+        "history-token",
+        "history-message",
+    ]
+    revise_keys = ["history", "history-prompt", "history-message"]
+
+    def on_open(pid: str, request: gr.Request):
+        return _answer(handlers.open_submission(page, session_user(request), pid), open_keys)
+
+    def on_revise(pid: str, text: str, bad: bool, note: str, tok: str, request: gr.Request):
+        return _answer(handlers.revise(page, session_user(request), pid, text, bad, note, tok), revise_keys)
+
+    ui["history-open"].click(on_open, [ui["history-prompt"]], _components(ui, open_keys), **PRIVATE)
+    revise_inputs = [
+        ui["history-prompt"],
+        ui["history-ranking"],
+        ui["history-all-bad"],
+        ui["history-comment"],
+        ui["history-token"],
+    ]
+    for trigger in (ui["revise"].click, ui["history-ranking"].submit):
+        trigger(on_revise, revise_inputs, _components(ui, revise_keys), trigger_mode="once", **PRIVATE)
+
+
+def _wire_admin(page: Page, ui: dict) -> None:
+    # The handlers check the caller's role on every call, not just the tab's visibility.
+    refresh_keys = ["admin-summary", "admin-annotators", "admin-prompts", "admin-message"]
+    export_keys = ["admin-file", "admin-message"]
+
+    def on_admin_refresh(request: gr.Request):
+        return _answer(handlers.admin_statistics(page, session_user(request)), refresh_keys)
+
+    def on_admin_export(fmt: str, request: gr.Request):
+        return _answer(handlers.admin_export(page, session_user(request), fmt), export_keys)
+
+    ui["admin-refresh"].click(on_admin_refresh, None, _components(ui, refresh_keys), **PRIVATE)
+    ui["admin-export"].click(on_admin_export, [ui["admin-format"]], _components(ui, export_keys), **PRIVATE)
+
+
+def _wire_api(page: Page) -> None:
+    # The names, parameters and docstrings of these functions are the API scripts see.
+
+    def api_next(request: gr.Request) -> dict:
+        """The caller's next assigned item: prompt_id, prompt, responses {label: text}, labels,
+        lease_expires_at (epoch seconds), draft. ``prompt_id`` is None when nothing is left."""
+        return _api_call(handlers.api_next, page, request)
+
+    def api_submit(
+        prompt_id: str,
+        ranking: str,
+        flags: list[str],
+        comment: str,
+        client_token: str,
+        request: gr.Request,
+    ) -> dict:
+        """Submit a complete ranking (e.g. "C > B = D > A") for a prompt leased to the caller.
+        flags: [] or ["all_bad"]. Sending the same client_token again returns the stored result."""
+        return _api_call(handlers.api_submit, page, request, prompt_id, ranking, flags, comment, client_token)
+
+    def api_skip(prompt_id: str, client_token: str, request: gr.Request) -> dict:
+        """Skip a prompt leased to the caller (it is not offered to them again)."""
+        return _api_call(handlers.api_skip, page, request, prompt_id, client_token)
+
+    # SQLite runs one writer at a time anyway; a few workers keep the queue moving without
+    # dozens of threads fighting over the GIL and the write lock (API_WORKERS, shared).
+    api = {"concurrency_limit": API_WORKERS, "concurrency_id": "store-api"}
+    gr.api(api_next, api_name="next", **api)
+    gr.api(api_submit, api_name="submit", **api)
+    gr.api(api_skip, api_name="skip", **api)
+
+
+def _api_call(handler: Callable[..., dict], page: Page, request: gr.Request, *inputs) -> dict:
+    # The API answers every refusal as {"ok": false, ...}, a request without a session included.
+    try:
+        user = session_user(request)
+    except UserError as err:
+        return handlers.refusal(err)
+    return handler(page, user, *inputs)
+
+
+# ----------------------------------------------------------------------------- server
 
 MAX_BODY_BYTES = 1_000_000
 
@@ -629,8 +432,6 @@ def make_auth(store: Store, throttle: LoginThrottle | None = None):
     Gradio awaits an async auth function inside its login route; a plain function would run
     the KDF (tens of ms) on the event loop and stall every open connection during a login wave.
     """
-    import anyio
-
     throttle = throttle or LoginThrottle()
 
     async def auth(username: str, password: str) -> bool:
@@ -654,6 +455,15 @@ def launch(
     max_threads: int = 64,
 ):
     """Build and launch the app on ``host:port`` with login against ``store``; returns (demo, url)."""
+    # Gradio reads these settings when the app is built and queued (and gradio_client when a
+    # client is made), so they are set here, for the process that serves, rather than in every
+    # process that imports this module. No phone-home:
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    # Gradio's queue keeps a record of its last 10,000 events for the monitoring dashboard (off
+    # here) and rebuilds a pandas summary of all of them after every event: 4-20 ms of the server's
+    # one core per API call, growing with uptime. Summarise never, keep few records.
+    os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", str(10**12))
+    os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "256")
     demo = build_app(store, project=project)
     # SQLite serialises writers anyway; a bounded pool keeps latency predictable under load.
     demo.queue(default_concurrency_limit=16, max_size=2048)
@@ -703,8 +513,6 @@ def serve_candidates(
     When the database has no users yet, an ``admin`` account is created with a random password,
     printed once on the terminal.
     """
-    from annotation_app.io import import_candidates
-
     store = Store(db)
     res = import_candidates(store, candidates)
     print(f"annotation: {res['added']} new prompts imported into {db} ({res['unchanged']} already there)")

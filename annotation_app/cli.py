@@ -17,15 +17,16 @@ import getpass
 import json
 import math
 import sys
+from pathlib import Path
 
+from annotation_app.agreement import agreement_report
+from annotation_app.io import export_rankings, import_candidates, load_project_config
 from annotation_app.store import DEFAULT_PROJECT, ROLES, Store, StoreError
 from rlhf.data import EXPORT_FORMATS, TRL_STYLES
 from rlhf.errors import require_extra
 
 
 def _open(db: str, create: bool = False) -> Store:
-    from pathlib import Path
-
     if not create and not Path(db).is_file():
         raise StoreError(
             f"database {db!r} does not exist; create it with `rlhf annotate users add NAME --db {db}` "
@@ -61,16 +62,12 @@ def _users_list(args) -> int:
 
 
 def _import(args) -> int:
-    from annotation_app.io import import_candidates, load_project_config
-
     cfg = load_project_config(args.project_config) if args.project_config else {}
     project = args.project or cfg.get("project") or DEFAULT_PROJECT
     quorum = args.quorum if args.quorum is not None else cfg.get("quorum")
     lease = int(args.lease_minutes * 60) if args.lease_minutes is not None else cfg.get("lease_seconds")
     guidelines = cfg.get("guidelines")
     if args.guidelines:
-        from pathlib import Path
-
         path = Path(args.guidelines)
         if not path.is_file():
             raise StoreError(f"guidelines file {args.guidelines!r} does not exist", code="missing_file")
@@ -92,8 +89,6 @@ def _import(args) -> int:
 
 
 def _export(args) -> int:
-    from annotation_app.io import export_rankings
-
     res = export_rankings(
         _open(args.db),
         args.out,
@@ -109,8 +104,6 @@ def _export(args) -> int:
 
 
 def _stats(args) -> int:
-    from annotation_app.agreement import agreement_report
-
     store = _open(args.db)
     stats = store.stats()
     report = agreement_report(store.submitted_rankings(args.project))
@@ -148,7 +141,7 @@ def _stats(args) -> int:
 
 def _serve(args) -> int:
     require_extra("gradio", "app", "the annotation app")
-    from annotation_app.app import serve
+    from annotation_app.app import serve  # lazy: Gradio is the optional app extra, and slow to import
 
     _open(args.db)
     serve(args.db, host=args.host, port=args.port, project=args.project, block=True)

@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from annotation_app.store import DEFAULT_PROJECT, Store, StoreError
+from rlhf.data import build_export, check_export_options, load_candidates, prompt_text, write_export
 from rlhf.errors import ConfigError, UserError
 
 MAX_RESPONSE_CHARS = 20_000
@@ -67,8 +68,6 @@ def load_project_config(path: str | Path) -> dict:
 
 def check_limits(records: list[dict], max_chars: int = MAX_RESPONSE_CHARS) -> list[str]:
     """Row errors (1-based rows) for responses or prompts longer than the app accepts."""
-    from rlhf.data import prompt_text
-
     errors = []
     for i, rec in enumerate(records, start=1):
         text = prompt_text(rec["prompt"])
@@ -98,8 +97,6 @@ def import_candidates(
     Raises ``DataError`` (from ``load_candidates``) or :class:`ImportRowsError` listing every bad
     row; nothing is written unless every row is good.
     """
-    from rlhf.data import load_candidates, prompt_text
-
     records = load_candidates(source)
     errors = check_limits(records, max_chars)
     if errors:
@@ -124,8 +121,6 @@ def export_rankings(
     Returns ``{"format", "records", "rankings", "out"}``, plus ``"ties"`` and ``"ties_out"`` for
     format ``trl``. ``trl_style`` and ``model`` as in ``rlhf export``.
     """
-    from rlhf.data import build_export, check_export_options, write_export
-
     check_export_options(fmt, trl_style, model)  # before the store is read
     rankings = store.submitted_rankings(project)
     if not rankings:

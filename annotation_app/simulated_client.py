@@ -10,7 +10,9 @@ click or a retry would) and some abandon a lease (take an item and walk away).
 from __future__ import annotations
 
 import functools
+import json
 import random
+import ssl
 import threading
 import time
 import uuid
@@ -60,7 +62,7 @@ class HttpApiClient:
     """
 
     def __init__(self, url: str, user: str, password: str, timeout: float = 60.0):
-        import httpx
+        import httpx  # lazy, like certifi and gradio_client below: they come with the optional app extra
 
         self.http = httpx.Client(base_url=url.rstrip("/"), timeout=timeout)
         r = self.http.post("/login", data={"username": user, "password": password})
@@ -68,8 +70,6 @@ class HttpApiClient:
             raise PermissionError(f"login as {user!r} refused ({r.status_code})")
 
     def predict(self, *data, api_name: str):
-        import json
-
         name = api_name.strip("/")
         r = self.http.post(f"/gradio_api/call/{name}", json={"data": list(data)})
         r.raise_for_status()
@@ -96,9 +96,7 @@ def shared_tls_context():
     httpx accepts a ready ``ssl.SSLContext`` where it takes ``verify``, so passing this one keeps
     certificate verification on for ``https://`` servers and skips the rebuild.
     """
-    import ssl
-
-    import certifi
+    import certifi  # lazy: the optional app extra
 
     return ssl.create_default_context(cafile=certifi.where())
 
@@ -112,7 +110,7 @@ def connect(
     transport: str = "gradio_client",
 ):
     """A logged-in client: ``gradio_client.Client`` (default) or :class:`HttpApiClient` (``"http"``)."""
-    from gradio_client import Client
+    from gradio_client import Client  # lazy: the optional app extra, and slow to import
 
     for attempt in range(retries):
         try:

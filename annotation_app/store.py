@@ -1,7 +1,12 @@
 """The annotation store: users, prompts, leases, rankings and an audit log in one SQLite file.
 
 No Gradio here: the page, the scripted API and the command line all go through :class:`Store`,
-so validation, assignment and idempotency are written (and tested) once.
+so validation, assignment and idempotency are written (and tested) once. This module holds the
+connections and every operation that writes; the read-only queries are in
+:mod:`annotation_app.queries` (a base class of :class:`Store`), the tables and migrations in
+:mod:`annotation_app.schema`, password hashing and login in :mod:`annotation_app.auth`, input
+checks in :mod:`annotation_app.validation` and the returned records in
+:mod:`annotation_app.records`.
 
 Durability and concurrency (docs/environment.md, "SQLite under concurrent writers"):
 
@@ -34,304 +39,71 @@ Assignment (Argilla's per-record quorum, Label Studio's task locks):
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
-import math
 import os
-import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlhf.errors import UserError
+from annotation_app import auth, schema
+from annotation_app.auth import (
+    MAX_PASSWORD_CHARS,
+    MAX_USERNAME_CHARS,
+    MIN_PASSWORD_CHARS,
+    LoginThrottle,
+    hash_password,
+)
+from annotation_app.errors import StoreError
+from annotation_app.queries import StoreQueries
+from annotation_app.records import Item, SubmitResult, result_from_row
+from annotation_app.schema import DEFAULT_LEASE_SECONDS, MIGRATIONS, ROLES, SCHEMA_VERSION, STATUSES
+from annotation_app.validation import (
+    FLAGS,
+    MAX_COMMENT_CHARS,
+    MAX_PROMPT_ID_CHARS,
+    MAX_RANKING_CHARS,
+    MAX_TOKEN_CHARS,
+    check_flags,
+    check_text,
+    parse_for_submit,
+)
+from rlhf.data import prompt_text
 
-ROLES = ("annotator", "admin")
-STATUSES = ("draft", "submitted", "skipped")
-FLAGS = ("all_bad",)
+# The names below that this module does not use moved to auth, schema and validation; they stay
+# importable from annotation_app.store for user code.
+__all__ = [
+    "DEFAULT_LEASE_SECONDS",
+    "DEFAULT_PROJECT",
+    "DEFAULT_QUORUM",
+    "FLAGS",
+    "MAX_COMMENT_CHARS",
+    "MAX_PASSWORD_CHARS",
+    "MAX_PROMPT_ID_CHARS",
+    "MAX_RANKING_CHARS",
+    "MAX_TOKEN_CHARS",
+    "MAX_USERNAME_CHARS",
+    "MIGRATIONS",
+    "MIN_PASSWORD_CHARS",
+    "ROLES",
+    "SCHEMA_VERSION",
+    "STATUSES",
+    "Item",
+    "LoginThrottle",
+    "Store",
+    "StoreError",
+    "SubmitResult",
+    "check_flags",
+    "hash_password",
+    "parse_for_submit",
+]
+
 DEFAULT_PROJECT = "default"
 DEFAULT_QUORUM = 3
-DEFAULT_LEASE_SECONDS = 30 * 60
-
-# Server-side size limits: everything a client sends is checked against these.
-MAX_RANKING_CHARS = 200
-MAX_COMMENT_CHARS = 5_000
-MAX_TOKEN_CHARS = 100
-MAX_USERNAME_CHARS = 64
-MAX_PASSWORD_CHARS = 1_024
-MIN_PASSWORD_CHARS = 8
-MAX_PROMPT_ID_CHARS = 256
-
-# scrypt parameters (RFC 7914 interactive-login values): ~16 MiB and a few tens of ms per check.
-_SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
 
 
-class StoreError(UserError):
-    """A request the store refuses (unknown prompt, expired lease, bad ranking, ...)."""
-
-    code = "store"
-
-
-# ----------------------------------------------------------------------------- schema
-
-
-def _run(conn: sqlite3.Connection, statements: list[str]) -> None:
-    # One statement at a time: ``executescript`` would COMMIT the surrounding BEGIN IMMEDIATE.
-    for stmt in statements:
-        conn.execute(stmt)
-
-
-def _v1(conn: sqlite3.Connection) -> None:
-    _run(
-        conn,
-        [
-            """CREATE TABLE annotators (
-            username   TEXT PRIMARY KEY,
-            role       TEXT NOT NULL CHECK (role IN ('annotator', 'admin')),
-            kdf        TEXT NOT NULL,
-            salt       TEXT NOT NULL,
-            pw_hash    TEXT NOT NULL,
-            created_at REAL NOT NULL)""",
-            """CREATE TABLE projects (
-            project_id TEXT PRIMARY KEY,
-            quorum     INTEGER NOT NULL CHECK (quorum >= 1),
-            guidelines TEXT NOT NULL DEFAULT '',
-            created_at REAL NOT NULL)""",
-            """CREATE TABLE prompts (
-            prompt_id    TEXT PRIMARY KEY,
-            project_id   TEXT NOT NULL REFERENCES projects (project_id),
-            seq          INTEGER NOT NULL,
-            prompt_json  TEXT NOT NULL,
-            prompt_text  TEXT NOT NULL,
-            content_hash TEXT NOT NULL,
-            created_at   REAL NOT NULL)""",
-            """CREATE TABLE candidates (
-            prompt_id TEXT NOT NULL REFERENCES prompts (prompt_id),
-            label     TEXT NOT NULL,
-            text      TEXT NOT NULL,
-            model     TEXT NOT NULL DEFAULT '',
-            gen_json  TEXT NOT NULL DEFAULT '{}',
-            PRIMARY KEY (prompt_id, label))""",
-            """CREATE TABLE assignments (
-            prompt_id  TEXT NOT NULL REFERENCES prompts (prompt_id),
-            username   TEXT NOT NULL REFERENCES annotators (username),
-            leased_at  REAL NOT NULL,
-            expires_at REAL NOT NULL,
-            PRIMARY KEY (prompt_id, username))""",
-            """CREATE TABLE rankings (
-            ranking_id   INTEGER PRIMARY KEY,
-            prompt_id    TEXT NOT NULL REFERENCES prompts (prompt_id),
-            username     TEXT NOT NULL REFERENCES annotators (username),
-            status       TEXT NOT NULL CHECK (status IN ('draft', 'submitted', 'skipped')),
-            ranking      TEXT NOT NULL DEFAULT '',
-            tiers_json   TEXT NOT NULL DEFAULT '[]',
-            flags_json   TEXT NOT NULL DEFAULT '[]',
-            comment      TEXT NOT NULL DEFAULT '',
-            client_token TEXT,
-            created_at   REAL NOT NULL,
-            updated_at   REAL NOT NULL,
-            UNIQUE (prompt_id, username))""",
-            """CREATE TABLE audit_log (
-            entry_id  INTEGER PRIMARY KEY,
-            at        REAL NOT NULL,
-            username  TEXT,
-            action    TEXT NOT NULL,
-            prompt_id TEXT,
-            detail    TEXT NOT NULL DEFAULT '{}')""",
-            "CREATE INDEX prompts_by_project ON prompts (project_id, seq)",
-            "CREATE INDEX rankings_by_user ON rankings (username, status)",
-        ],
-    )
-
-
-def _v2(conn: sqlite3.Connection) -> None:
-    # v2: per-project lease length, time spent per item, revision counter, and an append-only
-    # audit log enforced by the database itself (PostgreSQL: the same with a rule or trigger).
-    _run(
-        conn,
-        [
-            f"ALTER TABLE projects ADD COLUMN lease_seconds INTEGER NOT NULL DEFAULT {DEFAULT_LEASE_SECONDS}",
-            "ALTER TABLE rankings ADD COLUMN time_spent REAL",
-            "ALTER TABLE rankings ADD COLUMN revision INTEGER NOT NULL DEFAULT 0",
-            "ALTER TABLE rankings ADD COLUMN submitted_at REAL",
-            "UPDATE rankings SET submitted_at = updated_at WHERE status = 'submitted'",
-            """CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log
-            BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END""",
-            """CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log
-            BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END""",
-            "CREATE INDEX assignments_by_user ON assignments (username, expires_at)",
-        ],
-    )
-
-
-def _v3(conn: sqlite3.Connection) -> None:
-    # v3: a per-prompt count of submitted rankings, kept by submit(), with an index in the order
-    # next_item() wants, so choosing the next prompt reads a handful of rows instead of counting
-    # rankings for every prompt inside the write lock (measured: 12 ms per call at 2000 prompts).
-    _run(
-        conn,
-        [
-            "ALTER TABLE prompts ADD COLUMN n_submitted INTEGER NOT NULL DEFAULT 0",
-            "UPDATE prompts SET n_submitted = (SELECT COUNT(*) FROM rankings r WHERE r.prompt_id = prompts.prompt_id "
-            "AND r.status = 'submitted')",
-            "CREATE INDEX prompts_by_need ON prompts (n_submitted, seq)",
-        ],
-    )
-
-
-# Append-only list: (version, migration). Never edit a released step; add a new one.
-MIGRATIONS: list[tuple[int, Callable[[sqlite3.Connection], None]]] = [(1, _v1), (2, _v2), (3, _v3)]
-SCHEMA_VERSION = MIGRATIONS[-1][0]
-
-
-# ----------------------------------------------------------------------------- passwords
-
-
-def hash_password(password: str, salt: bytes | None = None) -> tuple[str, str, str]:
-    """``(kdf, salt_hex, hash_hex)`` for a password, with a fresh 16-byte salt unless given."""
-    salt = salt if salt is not None else secrets.token_bytes(16)
-    digest = hashlib.scrypt(password.encode("utf-8"), salt=salt, **_SCRYPT)
-    kdf = "scrypt:n={n},r={r},p={p}".format(**_SCRYPT)
-    return kdf, salt.hex(), digest.hex()
-
-
-def _check_password(password: str, kdf: str, salt_hex: str, hash_hex: str) -> bool:
-    params = dict(kv.split("=") for kv in kdf.split(":", 1)[1].split(","))
-    digest = hashlib.scrypt(
-        password.encode("utf-8"),
-        salt=bytes.fromhex(salt_hex),
-        n=int(params["n"]),
-        r=int(params["r"]),
-        p=int(params["p"]),
-        dklen=len(hash_hex) // 2,
-    )
-    return hmac.compare_digest(digest.hex(), hash_hex)
-
-
-class LoginThrottle:
-    """Refuse logins for a user name after ``max_failures`` wrong passwords within ``window_s``
-    seconds, until the window has passed (Gradio's login route has no rate limit of its own).
-
-    In memory, per process: enough to make password guessing slow, not a lockout database.
-    """
-
-    def __init__(self, max_failures: int = 5, window_s: float = 300.0, clock=time.monotonic):
-        self.max_failures, self.window_s, self.clock = max_failures, window_s, clock
-        self._failures: dict[str, list[float]] = {}
-        self._lock = threading.Lock()
-
-    def allowed(self, username: str) -> bool:
-        now = self.clock()
-        with self._lock:
-            recent = [t for t in self._failures.get(username, []) if now - t < self.window_s]
-            self._failures[username] = recent
-            return len(recent) < self.max_failures
-
-    def record(self, username: str, ok: bool) -> None:
-        with self._lock:
-            if ok:
-                self._failures.pop(username, None)
-            else:
-                self._failures.setdefault(username, []).append(self.clock())
-
-
-# ----------------------------------------------------------------------------- records
-
-
-@dataclass
-class Item:
-    """One leased prompt as an annotator sees it."""
-
-    prompt_id: str
-    project: str
-    prompt: str
-    candidates: list[dict]  # [{"label": "A", "text": ...}, ...] in display order
-    lease_expires_at: float
-    guidelines: str = ""
-    draft: dict | None = None  # {"ranking", "flags", "comment"} of the caller's saved draft
-
-    @property
-    def labels(self) -> list[str]:
-        return [c["label"] for c in self.candidates]
-
-    def to_dict(self) -> dict:
-        return {
-            "prompt_id": self.prompt_id,
-            "project": self.project,
-            "prompt": self.prompt,
-            "responses": {c["label"]: c["text"] for c in self.candidates},
-            "labels": self.labels,
-            "lease_expires_at": self.lease_expires_at,
-            "draft": self.draft,
-        }
-
-
-@dataclass
-class SubmitResult:
-    prompt_id: str
-    status: str  # submitted | skipped
-    ranking: str
-    flags: list[str] = field(default_factory=list)
-    duplicate: bool = False  # True when this client token had already been stored
-    revision: int = 0
-
-    def to_dict(self) -> dict:
-        return {
-            "ok": True,
-            "prompt_id": self.prompt_id,
-            "status": self.status,
-            "ranking": self.ranking,
-            "flags": list(self.flags),
-            "duplicate": self.duplicate,
-            "revision": self.revision,
-        }
-
-
-def _check_text(value, what: str, limit: int, *, allow_empty: bool = True) -> str:
-    if value is None:
-        value = ""
-    if not isinstance(value, str):
-        raise StoreError(f"{what} must be text, got {type(value).__name__}", code="bad_input")
-    if len(value) > limit:
-        raise StoreError(f"{what} is {len(value)} characters long; the limit is {limit}", code="too_long")
-    if not allow_empty and not value.strip():
-        raise StoreError(f"{what} is empty", code="bad_input")
-    return value
-
-
-def check_flags(flags: Iterable[str] | None) -> list[str]:
-    """Normalise flags (``all-bad`` == ``all_bad``); unknown flags raise ``bad_flag``."""
-    out: list[str] = []
-    for flag in flags or []:
-        if not isinstance(flag, str):
-            raise StoreError(f"flags must be text, got {flag!r}", code="bad_flag")
-        name = flag.strip().lower().replace("-", "_")
-        if name not in FLAGS:
-            raise StoreError(f"unknown flag {flag!r}; valid flags: {', '.join(FLAGS)}", code="bad_flag")
-        if name not in out:
-            out.append(name)
-    return out
-
-
-def parse_for_submit(ranking_text: str, labels: list[str], flags: list[str]):
-    """The complete :class:`rlhf.rankings.Ranking` of a submit (raises ``RankingError``).
-
-    With the ``all_bad`` flag an empty ranking means "no preference": every label tied.
-    """
-    from rlhf.rankings import Ranking, parse_ranking
-
-    if "all_bad" in flags and not ranking_text.strip():
-        return Ranking.from_tiers([tuple(labels)], labels)
-    return parse_ranking(ranking_text, labels, complete=True)
-
-
-# ----------------------------------------------------------------------------- the store
-
-
-class Store:
+class Store(StoreQueries):
     """All reads and writes of the annotation database (thread-safe: a connection per thread)."""
 
     def __init__(self, path: str | os.PathLike, *, busy_timeout_ms: int = 30_000, clock=time.time):
@@ -391,72 +163,19 @@ class Store:
         conn.execute("COMMIT")
 
     def _audit(self, conn, username: str | None, action: str, prompt_id: str | None, **detail) -> None:
-        conn.execute(
-            "INSERT INTO audit_log (at, username, action, prompt_id, detail) VALUES (?, ?, ?, ?, ?)",
-            (self.clock(), username, action, prompt_id, json.dumps(detail, sort_keys=True)),
-        )
-
-    # -- schema
-
-    def schema_version(self) -> int:
-        conn = self.conn
-        has = conn.execute(
-            "SELECT name FROM sqlite_master WHERE type='table' AND name='schema_version'"
-        ).fetchone()
-        if not has:
-            return 0
-        row = conn.execute("SELECT MAX(version) AS v FROM schema_version").fetchone()
-        return int(row["v"] or 0)
+        schema.write_audit(conn, self.clock(), username, action, prompt_id, **detail)
 
     def migrate(self) -> int:
         """Bring the database to :data:`SCHEMA_VERSION`, one transaction per step; return it."""
-        with self.write() as conn:
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, applied_at REAL NOT NULL)"
-            )
-        current = self.schema_version()
-        if current > SCHEMA_VERSION:
-            raise StoreError(
-                f"{self.path} has schema version {current}, newer than this program's {SCHEMA_VERSION}; "
-                "upgrade rlhf-lab",
-                code="schema_too_new",
-            )
-        for version, step in MIGRATIONS:
-            if version <= current:
-                continue
-            with self.write() as conn:
-                # Re-check inside the lock: another process may have migrated meanwhile.
-                row = conn.execute("SELECT MAX(version) AS v FROM schema_version").fetchone()
-                if int(row["v"] or 0) >= version:
-                    continue
-                step(conn)
-                conn.execute(
-                    "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", (version, self.clock())
-                )
-                self._audit(conn, None, "migrate", None, version=version)
-        return self.schema_version()
-
-    def integrity_check(self) -> str:
-        return self.conn.execute("PRAGMA integrity_check").fetchone()[0]
+        return schema.migrate(self)
 
     # -- users
 
     def add_user(
         self, username: str, password: str, role: str = "annotator", *, replace: bool = False
     ) -> None:
-        username = _check_text(username, "username", MAX_USERNAME_CHARS, allow_empty=False).strip()
-        if not all(ch.isalnum() or ch in "._-@" for ch in username):
-            raise StoreError(
-                f"username {username!r} may only contain letters, digits and . _ - @", code="bad_username"
-            )
-        if role not in ROLES:
-            raise StoreError(f"unknown role {role!r}; valid roles: {', '.join(ROLES)}", code="bad_role")
-        _check_text(password, "password", MAX_PASSWORD_CHARS)
-        if len(password) < MIN_PASSWORD_CHARS:
-            raise StoreError(
-                f"the password must have at least {MIN_PASSWORD_CHARS} characters", code="weak_password"
-            )
-        kdf, salt, digest = hash_password(password)
+        username = auth.check_new_account(username, password, role)
+        kdf, salt, digest = auth.hash_password(password)
         with self.write() as conn:
             exists = conn.execute("SELECT 1 FROM annotators WHERE username = ?", (username,)).fetchone()
             if exists and not replace:
@@ -472,43 +191,6 @@ class Store:
             self._audit(
                 conn, None, "user_add" if not exists else "user_replace", None, user=username, role=role
             )
-
-    def verify_password(self, username: str, password: str) -> bool:
-        """True when the pair is valid. Spends the same KDF time for unknown users (no user probing)."""
-        if not isinstance(username, str) or not isinstance(password, str):
-            return False
-        if len(username) > MAX_USERNAME_CHARS or len(password) > MAX_PASSWORD_CHARS:
-            return False
-        row = self.conn.execute(
-            "SELECT kdf, salt, pw_hash FROM annotators WHERE username = ?", (username,)
-        ).fetchone()
-        if row is None:
-            kdf, salt, digest = hash_password("x" * MIN_PASSWORD_CHARS, b"\0" * 16)
-            _check_password(password, kdf, salt, digest)
-            return False
-        return _check_password(password, row["kdf"], row["salt"], row["pw_hash"])
-
-    def role(self, username: str | None) -> str | None:
-        if not username:
-            return None
-        row = self.conn.execute("SELECT role FROM annotators WHERE username = ?", (username,)).fetchone()
-        return row["role"] if row else None
-
-    def require_user(self, username: str | None) -> str:
-        if self.role(username) is None:
-            raise StoreError("you are not logged in as a known user; log in again", code="unknown_user")
-        return username  # type: ignore[return-value]
-
-    def require_admin(self, username: str | None) -> str:
-        if self.role(username) != "admin":
-            raise StoreError("this needs an admin account", code="not_admin")
-        return username  # type: ignore[return-value]
-
-    def users(self) -> list[dict]:
-        rows = self.conn.execute(
-            "SELECT username, role, created_at FROM annotators ORDER BY username"
-        ).fetchall()
-        return [dict(r) for r in rows]
 
     # -- projects and items
 
@@ -552,15 +234,6 @@ class Store:
                 )
         return self.project(project_id)
 
-    def project(self, project_id: str) -> dict:
-        row = self.conn.execute("SELECT * FROM projects WHERE project_id = ?", (project_id,)).fetchone()
-        if row is None:
-            raise StoreError(f"unknown project {project_id!r}", code="unknown_project")
-        return dict(row)
-
-    def projects(self) -> list[dict]:
-        return [dict(r) for r in self.conn.execute("SELECT * FROM projects ORDER BY created_at")]
-
     def add_items(self, records: list[dict], project_id: str = DEFAULT_PROJECT) -> dict:
         """Insert validated candidate records (the candidates contract); idempotent.
 
@@ -600,7 +273,7 @@ class Store:
                         project_id,
                         seq,
                         json.dumps(rec["prompt"]),
-                        rec.get("prompt_text") or _plain(rec["prompt"]),
+                        rec.get("prompt_text") or prompt_text(rec["prompt"]),
                         digest,
                         self.clock(),
                     ),
@@ -625,57 +298,6 @@ class Store:
                 )
             self._audit(conn, None, "import", None, project=project_id, added=added, unchanged=unchanged)
         return {"added": added, "unchanged": unchanged}
-
-    def max_k(self) -> int:
-        """The largest number of candidates of any stored prompt (0 when there are none)."""
-        row = self.conn.execute(
-            "SELECT MAX(n) AS k FROM (SELECT COUNT(*) AS n FROM candidates GROUP BY prompt_id) AS counts"
-        ).fetchone()
-        return int(row["k"] or 0)
-
-    def _candidates(self, prompt_id: str) -> list[dict]:
-        rows = self.conn.execute(
-            "SELECT label, text, model, gen_json FROM candidates WHERE prompt_id = ? ORDER BY label",
-            (prompt_id,),
-        ).fetchall()
-        return [
-            {"label": r["label"], "text": r["text"], "model": r["model"], "gen": json.loads(r["gen_json"])}
-            for r in rows
-        ]
-
-    def _prompt_row(self, conn, prompt_id) -> sqlite3.Row:
-        if not isinstance(prompt_id, str) or len(prompt_id) > MAX_PROMPT_ID_CHARS:
-            raise StoreError("unknown prompt id", code="unknown_prompt")
-        row = conn.execute(
-            "SELECT p.*, j.quorum, j.guidelines, j.lease_seconds FROM prompts p "
-            "JOIN projects j ON j.project_id = p.project_id WHERE p.prompt_id = ?",
-            (prompt_id,),
-        ).fetchone()
-        if row is None:
-            raise StoreError(f"unknown prompt {prompt_id!r}", code="unknown_prompt")
-        return row
-
-    def _item(self, conn, username: str, prompt_id: str, expires_at: float) -> Item:
-        row = self._prompt_row(conn, prompt_id)
-        draft = conn.execute(
-            "SELECT ranking, flags_json, comment FROM rankings WHERE prompt_id = ? AND username = ? AND status = 'draft'",
-            (prompt_id, username),
-        ).fetchone()
-        return Item(
-            prompt_id=prompt_id,
-            project=row["project_id"],
-            prompt=row["prompt_text"],
-            candidates=[{"label": c["label"], "text": c["text"]} for c in self._candidates(prompt_id)],
-            lease_expires_at=expires_at,
-            guidelines=row["guidelines"],
-            draft=None
-            if draft is None
-            else {
-                "ranking": draft["ranking"],
-                "flags": json.loads(draft["flags_json"]),
-                "comment": draft["comment"],
-            },
-        )
 
     # -- assignment
 
@@ -770,11 +392,6 @@ class Store:
             )
         return lease
 
-    def _existing(self, conn, username: str, prompt_id: str) -> sqlite3.Row | None:
-        return conn.execute(
-            "SELECT * FROM rankings WHERE prompt_id = ? AND username = ?", (prompt_id, username)
-        ).fetchone()
-
     def save_draft(
         self, username: str, prompt_id: str, ranking: str = "", flags=None, comment: str = ""
     ) -> bool:
@@ -784,8 +401,8 @@ class Store:
         a draft event that arrives after the submit (the page sends drafts as you type) is stale,
         not a mistake of the annotator.
         """
-        ranking = _check_text(ranking, "ranking", MAX_RANKING_CHARS)
-        comment = _check_text(comment, "comment", MAX_COMMENT_CHARS)
+        ranking = check_text(ranking, "ranking", MAX_RANKING_CHARS)
+        comment = check_text(comment, "comment", MAX_COMMENT_CHARS)
         flags = check_flags(flags)
         with self.write() as conn:
             self.require_user(username)
@@ -819,16 +436,16 @@ class Store:
         client_token: str | None = None,
     ) -> SubmitResult:
         """Store a complete ranking for a leased prompt; idempotent on ``client_token``."""
-        ranking = _check_text(ranking, "ranking", MAX_RANKING_CHARS)
-        comment = _check_text(comment, "comment", MAX_COMMENT_CHARS)
-        client_token = _check_text(client_token, "client token", MAX_TOKEN_CHARS) or None
+        ranking = check_text(ranking, "ranking", MAX_RANKING_CHARS)
+        comment = check_text(comment, "comment", MAX_COMMENT_CHARS)
+        client_token = check_text(client_token, "client token", MAX_TOKEN_CHARS) or None
         flags = check_flags(flags)
         with self.write() as conn:
             self.require_user(username)
             self._prompt_row(conn, prompt_id)
             existing = self._existing(conn, username, prompt_id)
             if existing is not None and client_token and existing["client_token"] == client_token:
-                return _result(existing, duplicate=True)
+                return result_from_row(existing, duplicate=True)
             if existing is not None and existing["status"] != "draft":
                 raise StoreError(
                     f"you have already {existing['status']} prompt {prompt_id!r}; revise it from your history instead",
@@ -866,20 +483,20 @@ class Store:
             self._audit(
                 conn, username, "submit", prompt_id, ranking=str(parsed), flags=flags, token=client_token
             )
-            return _result(self._existing(conn, username, prompt_id))
+            return result_from_row(self._existing(conn, username, prompt_id))
 
     def skip(
         self, username: str, prompt_id: str, comment: str = "", client_token: str | None = None
     ) -> SubmitResult:
         """Decline a leased prompt: it is never offered to this annotator again and counts for nobody."""
-        comment = _check_text(comment, "comment", MAX_COMMENT_CHARS)
-        client_token = _check_text(client_token, "client token", MAX_TOKEN_CHARS) or None
+        comment = check_text(comment, "comment", MAX_COMMENT_CHARS)
+        client_token = check_text(client_token, "client token", MAX_TOKEN_CHARS) or None
         with self.write() as conn:
             self.require_user(username)
             self._prompt_row(conn, prompt_id)
             existing = self._existing(conn, username, prompt_id)
             if existing is not None and client_token and existing["client_token"] == client_token:
-                return _result(existing, duplicate=True)
+                return result_from_row(existing, duplicate=True)
             if existing is not None and existing["status"] != "draft":
                 raise StoreError(
                     f"you have already {existing['status']} prompt {prompt_id!r}", code="already_done"
@@ -897,7 +514,7 @@ class Store:
                 "DELETE FROM assignments WHERE prompt_id = ? AND username = ?", (prompt_id, username)
             )
             self._audit(conn, username, "skip", prompt_id, token=client_token)
-            return _result(self._existing(conn, username, prompt_id))
+            return result_from_row(self._existing(conn, username, prompt_id))
 
     def revise(
         self,
@@ -909,9 +526,9 @@ class Store:
         client_token: str | None = None,
     ) -> SubmitResult:
         """Change the caller's own submitted ranking (no lease needed); the old value goes to the audit log."""
-        ranking = _check_text(ranking, "ranking", MAX_RANKING_CHARS)
-        comment = _check_text(comment, "comment", MAX_COMMENT_CHARS)
-        client_token = _check_text(client_token, "client token", MAX_TOKEN_CHARS) or None
+        ranking = check_text(ranking, "ranking", MAX_RANKING_CHARS)
+        comment = check_text(comment, "comment", MAX_COMMENT_CHARS)
+        client_token = check_text(client_token, "client token", MAX_TOKEN_CHARS) or None
         flags = check_flags(flags)
         with self.write() as conn:
             self.require_user(username)
@@ -922,7 +539,7 @@ class Store:
                     f"you have no submitted ranking of prompt {prompt_id!r} to revise", code="not_submitted"
                 )
             if client_token and existing["client_token"] == client_token:
-                return _result(existing, duplicate=True)
+                return result_from_row(existing, duplicate=True)
             labels = [c["label"] for c in self._candidates(prompt_id)]
             parsed = parse_for_submit(ranking, labels, flags)
             conn.execute(
@@ -949,181 +566,4 @@ class Store:
                 flags=flags,
                 token=client_token,
             )
-            return _result(self._existing(conn, username, prompt_id))
-
-    # -- per-user views (only ever the caller's own rows)
-
-    def history(self, username: str) -> list[dict]:
-        rows = self.conn.execute(
-            "SELECT r.prompt_id, r.status, r.ranking, r.flags_json, r.comment, r.revision, r.submitted_at, "
-            "r.updated_at, p.prompt_text FROM rankings r JOIN prompts p ON p.prompt_id = r.prompt_id "
-            "WHERE r.username = ? AND r.status IN ('submitted', 'skipped') ORDER BY r.updated_at DESC",
-            (username,),
-        ).fetchall()
-        return [
-            {**{k: r[k] for k in r.keys() if k != "flags_json"}, "flags": json.loads(r["flags_json"])}
-            for r in rows
-        ]
-
-    def own_ranking(self, username: str, prompt_id: str) -> dict:
-        """The caller's own row for a prompt, with the prompt and its responses (for revising)."""
-        conn = self.conn
-        self._prompt_row(conn, prompt_id)
-        row = self._existing(conn, username, prompt_id)
-        if row is None or row["status"] == "draft":
-            raise StoreError(f"you have no submitted ranking of prompt {prompt_id!r}", code="not_submitted")
-        prompt = self._prompt_row(conn, prompt_id)
-        return {
-            "prompt_id": prompt_id,
-            "status": row["status"],
-            "ranking": row["ranking"],
-            "flags": json.loads(row["flags_json"]),
-            "comment": row["comment"],
-            "revision": row["revision"],
-            "prompt": prompt["prompt_text"],
-            "candidates": [{"label": c["label"], "text": c["text"]} for c in self._candidates(prompt_id)],
-        }
-
-    def progress(self, username: str) -> dict:
-        conn = self.conn
-        mine = {
-            r["status"]: r["n"]
-            for r in conn.execute(
-                "SELECT status, COUNT(*) AS n FROM rankings WHERE username = ? GROUP BY status", (username,)
-            )
-        }
-        total = conn.execute("SELECT COUNT(*) AS n FROM prompts").fetchone()["n"]
-        open_ = conn.execute(
-            "SELECT COUNT(*) AS n FROM prompts p JOIN projects j ON j.project_id = p.project_id "
-            "WHERE p.n_submitted < j.quorum"
-        ).fetchone()["n"]
-        return {
-            "submitted": mine.get("submitted", 0),
-            "skipped": mine.get("skipped", 0),
-            "drafts": mine.get("draft", 0),
-            "prompts": total,
-            "prompts_needing_rankings": open_,
-        }
-
-    # -- admin views
-
-    def stats(self) -> dict:
-        """Progress per annotator and per prompt, time per item (admin)."""
-        conn = self.conn
-        per_user = [
-            dict(r)
-            for r in conn.execute(
-                "SELECT a.username, a.role, "
-                "SUM(CASE WHEN r.status = 'submitted' THEN 1 ELSE 0 END) AS submitted, "
-                "SUM(CASE WHEN r.status = 'skipped' THEN 1 ELSE 0 END) AS skipped, "
-                "SUM(CASE WHEN r.status = 'draft' THEN 1 ELSE 0 END) AS drafts, "
-                "AVG(CASE WHEN r.status = 'submitted' THEN r.time_spent END) AS mean_seconds "
-                "FROM annotators a LEFT JOIN rankings r ON r.username = a.username GROUP BY a.username, a.role "
-                "ORDER BY a.username"
-            )
-        ]
-        now = self.clock()
-        per_prompt = [
-            dict(r)
-            for r in conn.execute(
-                "SELECT p.prompt_id, p.project_id, j.quorum, "
-                "(SELECT COUNT(*) FROM rankings r WHERE r.prompt_id = p.prompt_id AND r.status = 'submitted') AS submitted, "
-                "(SELECT COUNT(*) FROM rankings r WHERE r.prompt_id = p.prompt_id AND r.status = 'skipped') AS skipped, "
-                "(SELECT COUNT(*) FROM assignments a WHERE a.prompt_id = p.prompt_id AND a.expires_at > ?) AS leased "
-                "FROM prompts p JOIN projects j ON j.project_id = p.project_id ORDER BY p.seq",
-                (now,),
-            )
-        ]
-        times = [
-            r["time_spent"]
-            for r in conn.execute(
-                "SELECT time_spent FROM rankings WHERE status = 'submitted' AND time_spent IS NOT NULL"
-            )
-        ]
-        times.sort()
-        return {
-            "annotators": per_user,
-            "prompts": per_prompt,
-            "complete_prompts": sum(1 for p in per_prompt if p["submitted"] >= p["quorum"]),
-            "submitted": sum(p["submitted"] for p in per_prompt),
-            "median_seconds_per_item": times[len(times) // 2] if times else math.nan,
-        }
-
-    def submitted_rankings(self, project: str | None = None) -> list[dict]:
-        """Every submitted ranking in the rankings contract (admin export)."""
-        conn = self.conn
-        rows = conn.execute(
-            "SELECT r.*, p.prompt_json, p.project_id FROM rankings r JOIN prompts p ON p.prompt_id = r.prompt_id "
-            "WHERE r.status = 'submitted' AND (? IS NULL OR p.project_id = ?) ORDER BY p.seq, r.username",
-            (project, project),
-        ).fetchall()
-        cache: dict[str, list[dict]] = {}
-        out = []
-        for r in rows:
-            if r["prompt_id"] not in cache:
-                cache[r["prompt_id"]] = self._candidates(r["prompt_id"])
-            out.append(
-                {
-                    "prompt_id": r["prompt_id"],
-                    "prompt": json.loads(r["prompt_json"]),
-                    "candidates": cache[r["prompt_id"]],
-                    "ranking": r["ranking"],
-                    "tiers": json.loads(r["tiers_json"]),
-                    "annotator": r["username"],
-                    "flags": json.loads(r["flags_json"]),
-                    "created_at": _iso(r["submitted_at"] or r["updated_at"]),
-                    "comment": r["comment"],
-                    "time_spent": r["time_spent"],
-                    "revision": r["revision"],
-                    "project": r["project_id"],
-                }
-            )
-        return out
-
-    def audit_log(self, limit: int = 1000) -> list[dict]:
-        rows = self.conn.execute(
-            "SELECT * FROM audit_log ORDER BY entry_id DESC LIMIT ?", (limit,)
-        ).fetchall()
-        return [dict(r) for r in rows]
-
-    def counts(self) -> dict:
-        conn = self.conn
-        return {
-            t: conn.execute(f"SELECT COUNT(*) AS n FROM {t}").fetchone()["n"]  # noqa: S608 (fixed names)
-            for t in (
-                "annotators",
-                "projects",
-                "prompts",
-                "candidates",
-                "assignments",
-                "rankings",
-                "audit_log",
-            )
-        }
-
-
-def _result(row: sqlite3.Row, duplicate: bool = False) -> SubmitResult:
-    return SubmitResult(
-        prompt_id=row["prompt_id"],
-        status=row["status"],
-        ranking=row["ranking"],
-        flags=json.loads(row["flags_json"]),
-        duplicate=duplicate,
-        revision=row["revision"],
-    )
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
-
-
-def _plain(prompt) -> str:
-    """Plain text of a prompt that may be a list of chat messages."""
-    if isinstance(prompt, str):
-        return prompt
-    try:
-        from rlhf.data import prompt_text
-
-        return prompt_text(prompt)
-    except ImportError:  # rlhf.data not importable: a readable fallback for chat messages
-        return "\n\n".join(f"{m.get('role', '')}: {m.get('content', '')}" for m in prompt)
+            return result_from_row(self._existing(conn, username, prompt_id))

@@ -59,7 +59,7 @@ from reward_models.train import (
 from rlhf.adapters import AdapterFields, policy_to_train, policy_to_write
 from rlhf.cli import progress_bar
 from rlhf.config import ConfigError, add_config_arguments, config_from_args, config_hash, option, to_dict
-from rlhf.data import prompt_text
+from rlhf.contracts import prompt_text
 from rlhf.errors import UserError
 from rlhf.models import (
     MIXED_PRECISION,

@@ -47,8 +47,9 @@ from reward_models import losses as L
 from reward_models.train import DataReport, build_groups, read_records
 from rlhf.cli import progress_bar
 from rlhf.config import ConfigError, add_config_arguments, config_from_args, option
+from rlhf.contracts import prompt_text
 from rlhf.errors import UserError
-from rlhf.reward_model import encode_conversations, load_reward_model, prompt_as_text, read_meta, score_ids
+from rlhf.reward_model import encode_conversations, load_reward_model, read_meta, score_ids
 from rlhf.stats import bootstrap_ci
 from rlhf.tracking import TrackingConfig, start_stage
 
@@ -388,7 +389,7 @@ def run_rm_eval(cfg: RMEvalConfig) -> dict:
             table.append(
                 [
                     g.prompt_id,
-                    prompt_as_text(g.prompt)[:300],
+                    prompt_text(g.prompt)[:300],
                     rec.get("ranking", ""),
                     _rank_string(g.labels, rs),
                     None if math.isnan(tau) else round(float(tau), 4),
@@ -419,7 +420,7 @@ def run_rm_eval(cfg: RMEvalConfig) -> dict:
             from rlhf.scorers import get_scorer
 
             scorer = get_scorer(cfg.gold)
-            gs = scorer([prompt_as_text(p) for p in flat_prompts], flat_texts)
+            gs = scorer([prompt_text(p) for p in flat_prompts], flat_texts)
             gold = torch.zeros(len(groups), kmax, dtype=torch.float64)
             for (gi, ci), s in zip(where, gs):
                 gold[gi, ci] = float(s)

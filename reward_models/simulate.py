@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from rlhf.config import ConfigError, add_config_arguments, config_from_args, option
-from rlhf.data import load_candidates, prompt_text, write_jsonl
+from rlhf.contracts import load_candidates, prompt_text
+from rlhf.datafiles import write_jsonl
 from rlhf.rankings import Ranking
 from rlhf.scorers import get_scorer
 from rlhf.tracking import TrackingConfig, start_stage

@@ -94,7 +94,7 @@ def trl_reward_func(reward_fn, stop_token_ids: Collection[int] = ()):
     ``completion_ids`` keep the stop token of a completion that ended, so the reward sees the same
     finished flags as in the lab's PPO (a reward model appends EOS only to those; docs/ppo.md).
     """
-    from rlhf.data import prompt_text
+    from rlhf.contracts import prompt_text
 
     stops = set(stop_token_ids)
 

@@ -38,7 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("rlhf.generation", "sample K candidate responses per prompt from a policy"),
     "simulate": ("reward_models.simulate", "rank candidates with simulated annotators (gold scorer + noise)"),
     "annotate": ("annotation_app.cli", "the annotation app: serve, users, import, export, stats"),
-    "export": ("rlhf.data", "turn rankings into a preference dataset (rankings + derived pairs)"),
+    "export": ("rlhf.export", "turn rankings into a preference dataset (rankings + derived pairs)"),
     "rm": ("reward_models.cli", "train and evaluate reward models on rankings with ties"),
     "sft": ("rlhf.sft", "supervised fine-tuning of the base model on demonstrations"),
     "ppo": ("rlhf.ppo.cli", "PPO against a reward model, gold scorer or any reward function"),

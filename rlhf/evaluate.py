@@ -105,7 +105,7 @@ def evaluate_policy(
     """
     import contextlib
 
-    from rlhf.data import prompt_text
+    from rlhf.contracts import prompt_text
     from rlhf.ppo.rollout import decode_responses, sample_rollout
 
     prompt_texts = [prompt_text(p) for p in prompts]
@@ -197,7 +197,7 @@ def resolve_stop_token(tokenizer, stop_token: str) -> int:
 
 
 def load_eval_prompts(source: str, split: str | None, limit: int) -> list[dict]:
-    from rlhf.data import load_prompts
+    from rlhf.contracts import load_prompts
 
     records = load_prompts(source, split=split)
     if not records:

@@ -644,7 +644,8 @@ class GenerateConfig:
 
 def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
     """The ``generate`` stage: K candidates per prompt → ``candidates.jsonl`` (+ W&B run)."""
-    from rlhf.data import load_prompts, write_jsonl
+    from rlhf.contracts import load_prompts
+    from rlhf.datafiles import write_jsonl
     from rlhf.models import load_policy, resolve_model_path
     from rlhf.tracking import stage_run_dir, start_stage
 
@@ -696,7 +697,7 @@ def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
             "gen/length_mean": sum(c["gen"]["n_tokens"] for c in cands) / len(cands),
         }
         tracker.log(metrics)
-        from rlhf.data import prompt_text
+        from rlhf.contracts import prompt_text
 
         tracker.log_table(
             "gen/samples",

@@ -24,8 +24,9 @@ from typing import Any
 
 from rlhf.adapters import AdapterFields
 from rlhf.config import ConfigError, add_config_arguments, config_from_args, config_hash, option, to_dict
-from rlhf.data import load_rankings, rankings_to_kto
+from rlhf.contracts import load_rankings
 from rlhf.errors import UserError
+from rlhf.export import rankings_to_kto
 from rlhf.tracking import TrackingConfig, start_stage
 
 

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rlhf.contracts import prompt_text
 from rlhf.errors import UserError
 from rlhf.fsio import atomic_dir, recover_dir
 from rlhf.models import disable_dropout, format_conversation, format_prompt, load_tokenizer
@@ -369,14 +370,7 @@ def save_reward_model(
 # ----------------------------------------------------------------------------- text → tokens
 
 
-def prompt_as_text(prompt: Any) -> str:
-    """Plain text of a prompt given as text or chat messages (for scorers, tables and logs)."""
-    if isinstance(prompt, str):
-        return prompt
-    msgs = prompt.get("messages", []) if isinstance(prompt, dict) else prompt
-    if isinstance(msgs, list):
-        return "\n".join(str(m.get("content", "")) for m in msgs if isinstance(m, dict))
-    return str(prompt)
+prompt_as_text = prompt_text  # its name before the lab had one prompt → text rule (rlhf.contracts)
 
 
 @dataclass

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from rlhf.contracts import prompt_text
 from rlhf.errors import ConfigError, UserError
 from rlhf.fsio import recover_dir
 from rlhf.reward_model import (
@@ -38,7 +39,6 @@ from rlhf.reward_model import (
     META_FILE,
     is_ensemble_dir,
     load_reward_model,
-    prompt_as_text,
     read_ensemble,
     score_texts,
 )
@@ -119,7 +119,7 @@ class ScorerFunction(RewardFunction):
 
         _check_lengths(prompts, responses)
         with torch.no_grad():
-            values = self.scorer([prompt_as_text(p) for p in prompts], list(responses))
+            values = self.scorer([prompt_text(p) for p in prompts], list(responses))
         out = torch.as_tensor([float(v) for v in values], dtype=torch.float32)
         if out.shape[0] != len(responses):
             raise UserError(

@@ -129,7 +129,7 @@ def bf16_supported() -> bool:
 def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     """Fine-tune ``cfg.model`` on the demonstrations; write the policy dir. Returns a summary."""
     cfg.validate()
-    from rlhf.data import load_demonstrations
+    from rlhf.contracts import load_demonstrations
 
     # Data first: a bad file fails in a second, before any model loads.
     train_records = load_demonstrations(cfg.demonstrations, split=cfg.split)

@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+from annotation_app import schema
 from annotation_app import store as store_mod
 from annotation_app.store import Store, StoreError
 from rlhf.rankings import RankingError
@@ -289,7 +290,7 @@ def test_migration_from_version_1_keeps_data(tmp_path):
     path = tmp_path / "old.db"
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL, applied_at REAL NOT NULL)")
-    store_mod._v1(conn)
+    schema._v1(conn)
     conn.execute("INSERT INTO schema_version VALUES (1, 0)")
     kdf, salt, digest = store_mod.hash_password("old-password")
     conn.execute("INSERT INTO annotators VALUES ('old', 'annotator', ?, ?, ?, 0)", (kdf, salt, digest))

@@ -1,0 +1,417 @@
+"""What each control of the annotation page and each named API endpoint does, without Gradio.
+
+Every handler is a function of ``(page, user, inputs...)``: ``page`` holds the store and what
+the served page shows, ``user`` is the logged-in user name (``app.py`` takes it from the login
+session, never from the page's inputs), the inputs are the values the event sends. A page
+handler answers a dict keyed by component — the component's ``elem_id`` (``"message"``,
+``"rank-A"``, ...), ``"slot-X"`` for the group that holds response X, ``"admin-tab"`` for the
+admin tab:
+
+* a plain value sets the component's value;
+* a :class:`Props` changes its properties (``visible``, ``choices``, or ``value`` with them);
+* a :class:`Table` fills a data frame;
+* a component the dict does not name is left as it is.
+
+``app.py`` lays out the components and turns these answers into Gradio updates; the tests call
+the handlers directly on a real store. The ``api_*`` handlers return the JSON that scripts
+receive from ``/next``, ``/submit`` and ``/skip``.
+"""
+
+from __future__ import annotations
+
+import secrets
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from annotation_app import agreement
+from annotation_app.control import ranks_to_text, text_to_ranks
+from annotation_app.io import export_rankings
+from annotation_app.records import Item
+from annotation_app.store import Store
+from annotation_app.text import safe_markdown, visible_text
+from rlhf.errors import UserError
+from rlhf.rankings import ALL_LABELS
+
+ALL_DONE = (
+    "All done: there is nothing left for you to rank right now. Press Next later to check for new prompts."
+)
+# Column names of the history table (in the order history_rows fills it) and the admin tables.
+HISTORY_COLUMNS = ["prompt_id", "status", "ranking", "flags", "revisions", "updated"]
+ANNOTATOR_COLUMNS = ["annotator", "role", "submitted", "skipped", "drafts", "mean_seconds"]
+PROMPT_COLUMNS = ["prompt_id", "project", "quorum", "submitted", "skipped", "leased"]
+
+
+class Props(dict):
+    """Properties of a component to change (``visible``, ``choices``, ``value``), not only its value."""
+
+
+@dataclass(frozen=True)
+class Table:
+    """The contents of a data frame: column names and rows."""
+
+    columns: list[str]
+    rows: list[list] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Page:
+    """What every handler of one served page shares: the store, the project it serves (None: all
+    projects) and the response labels it has a slot for, in page order."""
+
+    store: Store
+    project: str | None = None
+    slots: tuple[str, ...] = tuple(ALL_LABELS[:4])
+
+    @classmethod
+    def for_store(cls, store: Store, project: str | None = None, max_k: int | None = None) -> Page:
+        """One slot per label up to ``max_k`` (default: the largest K stored, at least 4).
+
+        Fewer slots keep the page config small: with all 26 it is ~145 kB, built on every page
+        load and every scripted client's login.
+        """
+        n_slots = max(2, min(len(ALL_LABELS), max_k or max(4, store.max_k())))
+        return cls(store, project, tuple(ALL_LABELS[:n_slots]))
+
+
+def slot_keys(label: str) -> tuple[str, str, str, str]:
+    """The keys of response ``label``'s group, text box, rendered view and rank selector."""
+    return f"slot-{label}", f"response-{label}", f"rendered-{label}", f"rank-{label}"
+
+
+def explain(err: Exception) -> str:
+    """The message an annotator sees for a refused request (only user errors say what went wrong)."""
+    if isinstance(err, UserError):
+        return f"Error: {err}"
+    return "Error: something went wrong on the server; your draft is kept. Please try again."
+
+
+# ----------------------------------------------------------------------------- annotate tab
+
+
+def load(page: Page, user: str) -> dict:
+    """The page as it opens: the caller's next item (their draft restored), history, admin tab."""
+    role = page.store.role(user)
+    try:
+        item = page.store.next_item(user, page.project)
+        values = item_view(page, user, item, "Draft restored." if item and item.draft else "")
+    except UserError as err:
+        values = item_view(page, user, None, explain(err))
+    return {**values, **history(page, user), "admin-tab": Props(visible=role == "admin")}
+
+
+def next_item(page: Page, user: str) -> dict:
+    """The caller's current or next item (Next / refresh)."""
+    try:
+        return item_view(page, user, page.store.next_item(user, page.project), "")
+    except UserError as err:
+        return item_view(page, user, None, explain(err))
+
+
+def ranks_changed(
+    page: Page, user: str, prompt_id: str, labels: str, all_bad: bool, comment: str, shown: str, *ranks
+) -> dict:
+    """A rank selector changed: rewrite the ranking text from the selectors and keep the draft."""
+    text = ranks_to_text(labels.split(), ranks)
+    stale, message = _save_draft(page, user, prompt_id, text, all_bad, comment, shown)
+    return {} if stale else {"ranking": text, **message}
+
+
+def ranking_text_changed(
+    page: Page, user: str, prompt_id: str, labels: str, text: str, all_bad: bool, comment: str, shown: str
+) -> dict:
+    """The ranking text changed: set the selectors from it and keep the draft."""
+    ranks, error = text_to_ranks(text, labels.split())
+    stale, message = _save_draft(page, user, prompt_id, text, all_bad, comment, shown)
+    if stale:
+        return {}
+    if error:  # keep the selectors as they were while the text is half typed
+        return {"message": f"Error: {error}"}
+    rank_values = {slot_keys(label)[3]: Props(value=rank) for label, rank in zip(page.slots, ranks)}
+    return {**rank_values, **message}
+
+
+def extras_changed(
+    page: Page, user: str, prompt_id: str, text: str, all_bad: bool, comment: str, shown: str
+) -> dict:
+    """The "all bad" box or the comment changed: keep the draft."""
+    return _save_draft(page, user, prompt_id, text, all_bad, comment, shown)[1]
+
+
+def _save_draft(
+    page: Page, user: str, prompt_id: str, text: str, all_bad: bool, comment: str, shown: str
+) -> tuple[bool, dict]:
+    """``(stale, message values)``. A draft event that arrives after its prompt was submitted is
+    stale: it must not touch the page, which already shows the next prompt."""
+    if not prompt_id:
+        return False, {}
+    try:
+        saved = page.store.save_draft(user, prompt_id, text, ["all_bad"] if all_bad else [], comment or "")
+    except UserError as err:
+        return False, {"message": explain(err)}
+    # Clear an earlier error, keep any other message (e.g. "Saved your ranking ...").
+    return not saved, ({"message": ""} if (shown or "").startswith("Error") else {})
+
+
+def submit(page: Page, user: str, prompt_id: str, token: str, text: str, all_bad: bool, comment: str) -> dict:
+    """Store the ranking and show the next item; on a refusal keep the page and say why."""
+    if not prompt_id:
+        return next_item(page, user)
+    try:
+        res = page.store.submit(
+            user, prompt_id, text, ["all_bad"] if all_bad else [], comment or "", token or None
+        )
+    except UserError as err:
+        return {"progress": progress_text(page.store, user), "message": explain(err)}
+    item = page.store.next_item(user, page.project)
+    return item_view(page, user, item, f"Saved your ranking of {res.prompt_id}: {res.ranking}.")
+
+
+def skip(page: Page, user: str, prompt_id: str, token: str, comment: str) -> dict:
+    """Skip the item and show the next one; on a refusal keep the page and say why."""
+    if not prompt_id:
+        return next_item(page, user)
+    try:
+        page.store.skip(user, prompt_id, comment or "", token or None)
+    except UserError as err:
+        return {"progress": progress_text(page.store, user), "message": explain(err)}
+    return item_view(page, user, page.store.next_item(user, page.project), f"Skipped {prompt_id}.")
+
+
+def rendered_views(page: Page, show: bool, labels: str) -> dict:
+    """Show the rendered (Markdown) view of each response of the item, or hide them all."""
+    present = set(labels.split())
+    return {slot_keys(label)[2]: Props(visible=bool(show) and label in present) for label in page.slots}
+
+
+def item_view(page: Page, user: str, item: Item | None, message: str) -> dict:
+    """Every component of the annotate tab showing ``item`` (None: nothing left to rank)."""
+    if item is None:
+        return {
+            "prompt-id": "",
+            "labels": "",
+            "client-token": "",
+            "prompt": ALL_DONE,
+            **{key: value for label in page.slots for key, value in _hidden_slot(label).items()},
+            **_form(page.store, user, message, draft={}, guidelines=""),
+        }
+    labels = item.labels
+    if len(labels) > len(page.slots):
+        return item_view(
+            page,
+            user,
+            None,
+            f"Error: prompt {item.prompt_id} has {len(labels)} responses but this page was started with "
+            f"{len(page.slots)} slots; ask your admin to restart `rlhf annotate serve` after the import.",
+        )
+    draft = item.draft or {}
+    ranks, _ = text_to_ranks(draft.get("ranking", ""), labels)
+    texts = {c["label"]: c["text"] for c in item.candidates}
+    choices = [str(i) for i in range(1, len(labels) + 1)]
+    slots: dict = {}
+    for i, label in enumerate(page.slots):
+        if label not in texts:
+            slots.update(_hidden_slot(label))
+            continue
+        group, text, rendered, selector = slot_keys(label)
+        slots[group] = Props(visible=True)
+        slots[text] = visible_text(texts[label])
+        slots[rendered] = safe_markdown(texts[label])
+        slots[selector] = Props(choices=choices, value=ranks[i])
+    return {
+        "prompt-id": item.prompt_id,
+        "labels": " ".join(labels),
+        "client-token": secrets.token_hex(16),
+        "prompt": visible_text(item.prompt),
+        **slots,
+        **_form(page.store, user, message, draft=draft, guidelines=item.guidelines),
+    }
+
+
+def _hidden_slot(label: str) -> dict:
+    group, text, rendered, selector = slot_keys(label)
+    return {group: Props(visible=False), text: "", rendered: "", selector: Props(choices=[], value=None)}
+
+
+def _form(store: Store, user: str, message: str, *, draft: dict, guidelines: str) -> dict:
+    return {
+        "ranking": draft.get("ranking", ""),
+        "all-bad": "all_bad" in draft.get("flags", []),
+        "comment": draft.get("comment", ""),
+        "progress": progress_text(store, user),
+        "message": message,
+        "guidelines": guidelines,
+    }
+
+
+def progress_text(store: Store, user: str) -> str:
+    p = store.progress(user)
+    return (
+        f"{user}: {p['submitted']} submitted, {p['skipped']} skipped — "
+        f"{p['prompts_needing_rankings']} of {p['prompts']} prompts still need rankings"
+    )
+
+
+# ----------------------------------------------------------------------------- history tab
+
+
+def history(page: Page, user: str) -> dict:
+    """The caller's submitted and skipped prompts; the submitted ones can be opened to revise."""
+    rows = history_rows(page.store, user)
+    return {"history": rows, "history-prompt": Props(choices=[r[0] for r in rows if r[1] == "submitted"])}
+
+
+def history_rows(store: Store, user: str) -> list[list]:
+    return [
+        [
+            h["prompt_id"],
+            h["status"],
+            h["ranking"],
+            ", ".join(h["flags"]),
+            h["revision"],
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(h["updated_at"])),
+        ]
+        for h in store.history(user)
+    ]
+
+
+def open_submission(page: Page, user: str, prompt_id: str) -> dict:
+    """One of the caller's own submissions, ready to revise (another user's is refused)."""
+    try:
+        row = page.store.own_ranking(user, prompt_id or "")
+    except UserError as err:
+        return {
+            "history-item": "",
+            "history-ranking": "",
+            "history-all-bad": False,
+            "history-comment": "",
+            "history-token": "",
+            "history-message": explain(err),
+        }
+    body = "\n\n".join(
+        [f"Prompt {prompt_id}:\n{visible_text(row['prompt'])}"]
+        + [f"Response {c['label']}:\n{visible_text(c['text'])}" for c in row["candidates"]]
+    )
+    return {
+        "history-item": body,
+        "history-ranking": row["ranking"],
+        "history-all-bad": "all_bad" in row["flags"],
+        "history-comment": row["comment"],
+        "history-token": secrets.token_hex(16),
+        "history-message": "",
+    }
+
+
+def revise(page: Page, user: str, prompt_id: str, text: str, all_bad: bool, comment: str, token: str) -> dict:
+    """Change one of the caller's own submissions; the history table shows the result either way."""
+    try:
+        res = page.store.revise(
+            user, prompt_id or "", text, ["all_bad"] if all_bad else [], comment or "", token or None
+        )
+    except UserError as err:
+        return {"history": history_rows(page.store, user), "history-message": explain(err)}
+    return {
+        "history": history_rows(page.store, user),
+        "history-message": f"Revised {res.prompt_id}: {res.ranking} (revision {res.revision}).",
+    }
+
+
+# ----------------------------------------------------------------------------- admin tab (role checked per call)
+
+
+def admin_statistics(page: Page, user: str) -> dict:
+    """Progress, agreement and per-annotator and per-prompt tables (admins only)."""
+    try:
+        page.store.require_admin(user)
+    except UserError as err:
+        return {
+            "admin-summary": None,
+            "admin-annotators": None,
+            "admin-prompts": None,
+            "admin-message": explain(err),
+        }
+    stats = page.store.stats()
+    report = agreement.agreement_report(page.store.submitted_rankings(page.project))
+    summary = {k: v for k, v in stats.items() if k not in ("annotators", "prompts")}
+    summary.update(report)
+    summary = {k: (None if isinstance(v, float) and v != v else v) for k, v in summary.items()}
+    annotators = [
+        [
+            u["username"],
+            u["role"],
+            u["submitted"] or 0,
+            u["skipped"] or 0,
+            u["drafts"] or 0,
+            None if u["mean_seconds"] is None else round(u["mean_seconds"], 1),
+        ]
+        for u in stats["annotators"]
+    ]
+    prompts = [
+        [p["prompt_id"], p["project_id"], p["quorum"], p["submitted"], p["skipped"], p["leased"]]
+        for p in stats["prompts"]
+    ]
+    return {
+        "admin-summary": summary,
+        "admin-annotators": Table(ANNOTATOR_COLUMNS, annotators),
+        "admin-prompts": Table(PROMPT_COLUMNS, prompts),
+        "admin-message": "",
+    }
+
+
+def admin_export(page: Page, user: str, fmt: str) -> dict:
+    """Export the submitted rankings as a JSONL file to download (admins only)."""
+    try:
+        page.store.require_admin(user)
+        out = Path(tempfile.mkdtemp(prefix="rlhf_export_")) / f"{fmt}.jsonl"
+        res = export_rankings(page.store, str(out), fmt=fmt, project=page.project)
+    except UserError as err:
+        return {"admin-file": None, "admin-message": explain(err)}
+    return {"admin-file": str(out), "admin-message": f"Exported {res['records']} {fmt} records."}
+
+
+# ----------------------------------------------------------------------------- named API for scripts
+
+
+def refusal(err: UserError) -> dict:
+    """The API's answer to a refused request: its code for scripts, its message for people."""
+    return {"ok": False, "code": err.code, "message": str(err)}
+
+
+def api_next(page: Page, user: str) -> dict:
+    """The caller's next assigned item, or ``prompt_id`` None when nothing is left."""
+    t0 = time.perf_counter()
+    try:
+        item = page.store.next_item(user, page.project)
+    except UserError as err:
+        return refusal(err)
+    if item is None:
+        return {"ok": True, "prompt_id": None, "message": "nothing left to rank"}
+    return {"ok": True, **item.to_dict(), "server_ms": _ms_since(t0)}
+
+
+def api_submit(
+    page: Page, user: str, prompt_id: str, ranking: str, flags: list[str], comment: str, client_token: str
+) -> dict:
+    """Submit a complete ranking; the same ``client_token`` again returns the stored result."""
+    t0 = time.perf_counter()
+    try:
+        res = page.store.submit(user, prompt_id, ranking, flags or [], comment or "", client_token or None)
+    except UserError as err:
+        return refusal(err)
+    # server_ms: time in the handler (validation + the SQLite transaction, waits for the
+    # write lock included) — separates the store's cost from transport and client overhead.
+    return {**res.to_dict(), "server_ms": _ms_since(t0)}
+
+
+def api_skip(page: Page, user: str, prompt_id: str, client_token: str) -> dict:
+    """Skip a prompt leased to the caller (it is not offered to them again)."""
+    try:
+        res = page.store.skip(user, prompt_id, "", client_token or None)
+    except UserError as err:
+        return refusal(err)
+    return res.to_dict()
+
+
+def _ms_since(t0: float) -> float:
+    return round(1000 * (time.perf_counter() - t0), 3)

@@ -1,0 +1,289 @@
+"""The store's read-only queries: accounts and roles, prompts, the caller's own rows, admin views.
+
+:class:`StoreQueries` is a base class of :class:`annotation_app.store.Store`, which adds the
+connection handling and every operation that writes; a query only reads through ``self.conn``
+(this thread's connection) and never opens a transaction of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import time
+from collections.abc import Callable
+
+from annotation_app import auth
+from annotation_app.errors import StoreError
+from annotation_app.records import Item
+from annotation_app.schema import schema_version
+from annotation_app.validation import MAX_PROMPT_ID_CHARS
+
+
+class StoreQueries:
+    """Read-only queries over the annotation database (see :class:`annotation_app.store.Store`)."""
+
+    conn: sqlite3.Connection  # provided by Store: one connection per thread
+    clock: Callable[[], float]
+
+    # -- schema
+
+    def schema_version(self) -> int:
+        return schema_version(self.conn)
+
+    def integrity_check(self) -> str:
+        return self.conn.execute("PRAGMA integrity_check").fetchone()[0]
+
+    # -- users
+
+    def verify_password(self, username: str, password: str) -> bool:
+        """True when the pair is valid. Spends the same KDF time for unknown users (no user probing)."""
+        if not auth.plausible_login(username, password):
+            return False
+        row = self.conn.execute(
+            "SELECT kdf, salt, pw_hash FROM annotators WHERE username = ?", (username,)
+        ).fetchone()
+        return auth.password_matches(password, row)
+
+    def role(self, username: str | None) -> str | None:
+        if not username:
+            return None
+        row = self.conn.execute("SELECT role FROM annotators WHERE username = ?", (username,)).fetchone()
+        return row["role"] if row else None
+
+    def require_user(self, username: str | None) -> str:
+        if self.role(username) is None:
+            raise StoreError("you are not logged in as a known user; log in again", code="unknown_user")
+        return username  # type: ignore[return-value]
+
+    def require_admin(self, username: str | None) -> str:
+        if self.role(username) != "admin":
+            raise StoreError("this needs an admin account", code="not_admin")
+        return username  # type: ignore[return-value]
+
+    def users(self) -> list[dict]:
+        rows = self.conn.execute(
+            "SELECT username, role, created_at FROM annotators ORDER BY username"
+        ).fetchall()
+        return [dict(r) for r in rows]
+
+    # -- projects and items
+
+    def project(self, project_id: str) -> dict:
+        row = self.conn.execute("SELECT * FROM projects WHERE project_id = ?", (project_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"unknown project {project_id!r}", code="unknown_project")
+        return dict(row)
+
+    def projects(self) -> list[dict]:
+        return [dict(r) for r in self.conn.execute("SELECT * FROM projects ORDER BY created_at")]
+
+    def max_k(self) -> int:
+        """The largest number of candidates of any stored prompt (0 when there are none)."""
+        row = self.conn.execute(
+            "SELECT MAX(n) AS k FROM (SELECT COUNT(*) AS n FROM candidates GROUP BY prompt_id) AS counts"
+        ).fetchone()
+        return int(row["k"] or 0)
+
+    def _candidates(self, prompt_id: str) -> list[dict]:
+        rows = self.conn.execute(
+            "SELECT label, text, model, gen_json FROM candidates WHERE prompt_id = ? ORDER BY label",
+            (prompt_id,),
+        ).fetchall()
+        return [
+            {"label": r["label"], "text": r["text"], "model": r["model"], "gen": json.loads(r["gen_json"])}
+            for r in rows
+        ]
+
+    def _prompt_row(self, conn, prompt_id) -> sqlite3.Row:
+        if not isinstance(prompt_id, str) or len(prompt_id) > MAX_PROMPT_ID_CHARS:
+            raise StoreError("unknown prompt id", code="unknown_prompt")
+        row = conn.execute(
+            "SELECT p.*, j.quorum, j.guidelines, j.lease_seconds FROM prompts p "
+            "JOIN projects j ON j.project_id = p.project_id WHERE p.prompt_id = ?",
+            (prompt_id,),
+        ).fetchone()
+        if row is None:
+            raise StoreError(f"unknown prompt {prompt_id!r}", code="unknown_prompt")
+        return row
+
+    def _item(self, conn, username: str, prompt_id: str, expires_at: float) -> Item:
+        row = self._prompt_row(conn, prompt_id)
+        draft = conn.execute(
+            "SELECT ranking, flags_json, comment FROM rankings WHERE prompt_id = ? AND username = ? AND status = 'draft'",
+            (prompt_id, username),
+        ).fetchone()
+        return Item(
+            prompt_id=prompt_id,
+            project=row["project_id"],
+            prompt=row["prompt_text"],
+            candidates=[{"label": c["label"], "text": c["text"]} for c in self._candidates(prompt_id)],
+            lease_expires_at=expires_at,
+            guidelines=row["guidelines"],
+            draft=None
+            if draft is None
+            else {
+                "ranking": draft["ranking"],
+                "flags": json.loads(draft["flags_json"]),
+                "comment": draft["comment"],
+            },
+        )
+
+    def _existing(self, conn, username: str, prompt_id: str) -> sqlite3.Row | None:
+        return conn.execute(
+            "SELECT * FROM rankings WHERE prompt_id = ? AND username = ?", (prompt_id, username)
+        ).fetchone()
+
+    # -- per-user views (only ever the caller's own rows)
+
+    def history(self, username: str) -> list[dict]:
+        rows = self.conn.execute(
+            "SELECT r.prompt_id, r.status, r.ranking, r.flags_json, r.comment, r.revision, r.submitted_at, "
+            "r.updated_at, p.prompt_text FROM rankings r JOIN prompts p ON p.prompt_id = r.prompt_id "
+            "WHERE r.username = ? AND r.status IN ('submitted', 'skipped') ORDER BY r.updated_at DESC",
+            (username,),
+        ).fetchall()
+        return [
+            {**{k: r[k] for k in r.keys() if k != "flags_json"}, "flags": json.loads(r["flags_json"])}
+            for r in rows
+        ]
+
+    def own_ranking(self, username: str, prompt_id: str) -> dict:
+        """The caller's own row for a prompt, with the prompt and its responses (for revising)."""
+        conn = self.conn
+        self._prompt_row(conn, prompt_id)
+        row = self._existing(conn, username, prompt_id)
+        if row is None or row["status"] == "draft":
+            raise StoreError(f"you have no submitted ranking of prompt {prompt_id!r}", code="not_submitted")
+        prompt = self._prompt_row(conn, prompt_id)
+        return {
+            "prompt_id": prompt_id,
+            "status": row["status"],
+            "ranking": row["ranking"],
+            "flags": json.loads(row["flags_json"]),
+            "comment": row["comment"],
+            "revision": row["revision"],
+            "prompt": prompt["prompt_text"],
+            "candidates": [{"label": c["label"], "text": c["text"]} for c in self._candidates(prompt_id)],
+        }
+
+    def progress(self, username: str) -> dict:
+        conn = self.conn
+        mine = {
+            r["status"]: r["n"]
+            for r in conn.execute(
+                "SELECT status, COUNT(*) AS n FROM rankings WHERE username = ? GROUP BY status", (username,)
+            )
+        }
+        total = conn.execute("SELECT COUNT(*) AS n FROM prompts").fetchone()["n"]
+        open_ = conn.execute(
+            "SELECT COUNT(*) AS n FROM prompts p JOIN projects j ON j.project_id = p.project_id "
+            "WHERE p.n_submitted < j.quorum"
+        ).fetchone()["n"]
+        return {
+            "submitted": mine.get("submitted", 0),
+            "skipped": mine.get("skipped", 0),
+            "drafts": mine.get("draft", 0),
+            "prompts": total,
+            "prompts_needing_rankings": open_,
+        }
+
+    # -- admin views
+
+    def stats(self) -> dict:
+        """Progress per annotator and per prompt, time per item (admin)."""
+        conn = self.conn
+        per_user = [
+            dict(r)
+            for r in conn.execute(
+                "SELECT a.username, a.role, "
+                "SUM(CASE WHEN r.status = 'submitted' THEN 1 ELSE 0 END) AS submitted, "
+                "SUM(CASE WHEN r.status = 'skipped' THEN 1 ELSE 0 END) AS skipped, "
+                "SUM(CASE WHEN r.status = 'draft' THEN 1 ELSE 0 END) AS drafts, "
+                "AVG(CASE WHEN r.status = 'submitted' THEN r.time_spent END) AS mean_seconds "
+                "FROM annotators a LEFT JOIN rankings r ON r.username = a.username GROUP BY a.username, a.role "
+                "ORDER BY a.username"
+            )
+        ]
+        now = self.clock()
+        per_prompt = [
+            dict(r)
+            for r in conn.execute(
+                "SELECT p.prompt_id, p.project_id, j.quorum, "
+                "(SELECT COUNT(*) FROM rankings r WHERE r.prompt_id = p.prompt_id AND r.status = 'submitted') AS submitted, "
+                "(SELECT COUNT(*) FROM rankings r WHERE r.prompt_id = p.prompt_id AND r.status = 'skipped') AS skipped, "
+                "(SELECT COUNT(*) FROM assignments a WHERE a.prompt_id = p.prompt_id AND a.expires_at > ?) AS leased "
+                "FROM prompts p JOIN projects j ON j.project_id = p.project_id ORDER BY p.seq",
+                (now,),
+            )
+        ]
+        times = [
+            r["time_spent"]
+            for r in conn.execute(
+                "SELECT time_spent FROM rankings WHERE status = 'submitted' AND time_spent IS NOT NULL"
+            )
+        ]
+        times.sort()
+        return {
+            "annotators": per_user,
+            "prompts": per_prompt,
+            "complete_prompts": sum(1 for p in per_prompt if p["submitted"] >= p["quorum"]),
+            "submitted": sum(p["submitted"] for p in per_prompt),
+            "median_seconds_per_item": times[len(times) // 2] if times else math.nan,
+        }
+
+    def submitted_rankings(self, project: str | None = None) -> list[dict]:
+        """Every submitted ranking in the rankings contract (admin export)."""
+        conn = self.conn
+        rows = conn.execute(
+            "SELECT r.*, p.prompt_json, p.project_id FROM rankings r JOIN prompts p ON p.prompt_id = r.prompt_id "
+            "WHERE r.status = 'submitted' AND (? IS NULL OR p.project_id = ?) ORDER BY p.seq, r.username",
+            (project, project),
+        ).fetchall()
+        cache: dict[str, list[dict]] = {}
+        out = []
+        for r in rows:
+            if r["prompt_id"] not in cache:
+                cache[r["prompt_id"]] = self._candidates(r["prompt_id"])
+            out.append(
+                {
+                    "prompt_id": r["prompt_id"],
+                    "prompt": json.loads(r["prompt_json"]),
+                    "candidates": cache[r["prompt_id"]],
+                    "ranking": r["ranking"],
+                    "tiers": json.loads(r["tiers_json"]),
+                    "annotator": r["username"],
+                    "flags": json.loads(r["flags_json"]),
+                    "created_at": _iso(r["submitted_at"] or r["updated_at"]),
+                    "comment": r["comment"],
+                    "time_spent": r["time_spent"],
+                    "revision": r["revision"],
+                    "project": r["project_id"],
+                }
+            )
+        return out
+
+    def audit_log(self, limit: int = 1000) -> list[dict]:
+        rows = self.conn.execute(
+            "SELECT * FROM audit_log ORDER BY entry_id DESC LIMIT ?", (limit,)
+        ).fetchall()
+        return [dict(r) for r in rows]
+
+    def counts(self) -> dict:
+        conn = self.conn
+        return {
+            t: conn.execute(f"SELECT COUNT(*) AS n FROM {t}").fetchone()["n"]  # noqa: S608 (fixed names)
+            for t in (
+                "annotators",
+                "projects",
+                "prompts",
+                "candidates",
+                "assignments",
+                "rankings",
+                "audit_log",
+            )
+        }
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))

@@ -1,0 +1,186 @@
+"""The annotation database's tables and their migrations (SQLite; the SQL is kept portable).
+
+Tables: ``annotators`` (accounts, scrypt hashes), ``projects`` (quorum, guidelines, lease
+length), ``prompts`` and ``candidates`` (what is ranked), ``assignments`` (leases), ``rankings``
+(one row per prompt and annotator: draft, submitted or skipped) and ``audit_log`` (append-only,
+enforced by triggers). ``schema_version`` records every migration applied.
+
+:data:`MIGRATIONS` is append-only: a database made by any released version opens unchanged and
+is brought up to :data:`SCHEMA_VERSION` by :func:`migrate`, one transaction per step.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from annotation_app.errors import StoreError
+
+if TYPE_CHECKING:  # only for the annotation: store.py imports this module
+    from annotation_app.store import Store
+
+# The values the tables' CHECK constraints allow.
+ROLES = ("annotator", "admin")
+STATUSES = ("draft", "submitted", "skipped")
+DEFAULT_LEASE_SECONDS = 30 * 60  # the projects.lease_seconds default (migration 2)
+
+
+def _run(conn: sqlite3.Connection, statements: list[str]) -> None:
+    # One statement at a time: ``executescript`` would COMMIT the surrounding BEGIN IMMEDIATE.
+    for stmt in statements:
+        conn.execute(stmt)
+
+
+def _v1(conn: sqlite3.Connection) -> None:
+    _run(
+        conn,
+        [
+            """CREATE TABLE annotators (
+            username   TEXT PRIMARY KEY,
+            role       TEXT NOT NULL CHECK (role IN ('annotator', 'admin')),
+            kdf        TEXT NOT NULL,
+            salt       TEXT NOT NULL,
+            pw_hash    TEXT NOT NULL,
+            created_at REAL NOT NULL)""",
+            """CREATE TABLE projects (
+            project_id TEXT PRIMARY KEY,
+            quorum     INTEGER NOT NULL CHECK (quorum >= 1),
+            guidelines TEXT NOT NULL DEFAULT '',
+            created_at REAL NOT NULL)""",
+            """CREATE TABLE prompts (
+            prompt_id    TEXT PRIMARY KEY,
+            project_id   TEXT NOT NULL REFERENCES projects (project_id),
+            seq          INTEGER NOT NULL,
+            prompt_json  TEXT NOT NULL,
+            prompt_text  TEXT NOT NULL,
+            content_hash TEXT NOT NULL,
+            created_at   REAL NOT NULL)""",
+            """CREATE TABLE candidates (
+            prompt_id TEXT NOT NULL REFERENCES prompts (prompt_id),
+            label     TEXT NOT NULL,
+            text      TEXT NOT NULL,
+            model     TEXT NOT NULL DEFAULT '',
+            gen_json  TEXT NOT NULL DEFAULT '{}',
+            PRIMARY KEY (prompt_id, label))""",
+            """CREATE TABLE assignments (
+            prompt_id  TEXT NOT NULL REFERENCES prompts (prompt_id),
+            username   TEXT NOT NULL REFERENCES annotators (username),
+            leased_at  REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            PRIMARY KEY (prompt_id, username))""",
+            """CREATE TABLE rankings (
+            ranking_id   INTEGER PRIMARY KEY,
+            prompt_id    TEXT NOT NULL REFERENCES prompts (prompt_id),
+            username     TEXT NOT NULL REFERENCES annotators (username),
+            status       TEXT NOT NULL CHECK (status IN ('draft', 'submitted', 'skipped')),
+            ranking      TEXT NOT NULL DEFAULT '',
+            tiers_json   TEXT NOT NULL DEFAULT '[]',
+            flags_json   TEXT NOT NULL DEFAULT '[]',
+            comment      TEXT NOT NULL DEFAULT '',
+            client_token TEXT,
+            created_at   REAL NOT NULL,
+            updated_at   REAL NOT NULL,
+            UNIQUE (prompt_id, username))""",
+            """CREATE TABLE audit_log (
+            entry_id  INTEGER PRIMARY KEY,
+            at        REAL NOT NULL,
+            username  TEXT,
+            action    TEXT NOT NULL,
+            prompt_id TEXT,
+            detail    TEXT NOT NULL DEFAULT '{}')""",
+            "CREATE INDEX prompts_by_project ON prompts (project_id, seq)",
+            "CREATE INDEX rankings_by_user ON rankings (username, status)",
+        ],
+    )
+
+
+def _v2(conn: sqlite3.Connection) -> None:
+    # v2: per-project lease length, time spent per item, revision counter, and an append-only
+    # audit log enforced by the database itself (PostgreSQL: the same with a rule or trigger).
+    _run(
+        conn,
+        [
+            f"ALTER TABLE projects ADD COLUMN lease_seconds INTEGER NOT NULL DEFAULT {DEFAULT_LEASE_SECONDS}",
+            "ALTER TABLE rankings ADD COLUMN time_spent REAL",
+            "ALTER TABLE rankings ADD COLUMN revision INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE rankings ADD COLUMN submitted_at REAL",
+            "UPDATE rankings SET submitted_at = updated_at WHERE status = 'submitted'",
+            """CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log
+            BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END""",
+            """CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log
+            BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END""",
+            "CREATE INDEX assignments_by_user ON assignments (username, expires_at)",
+        ],
+    )
+
+
+def _v3(conn: sqlite3.Connection) -> None:
+    # v3: a per-prompt count of submitted rankings, kept by submit(), with an index in the order
+    # next_item() wants, so choosing the next prompt reads a handful of rows instead of counting
+    # rankings for every prompt inside the write lock (measured: 12 ms per call at 2000 prompts).
+    _run(
+        conn,
+        [
+            "ALTER TABLE prompts ADD COLUMN n_submitted INTEGER NOT NULL DEFAULT 0",
+            "UPDATE prompts SET n_submitted = (SELECT COUNT(*) FROM rankings r WHERE r.prompt_id = prompts.prompt_id "
+            "AND r.status = 'submitted')",
+            "CREATE INDEX prompts_by_need ON prompts (n_submitted, seq)",
+        ],
+    )
+
+
+# Append-only list: (version, migration). Never edit a released step; add a new one.
+MIGRATIONS: list[tuple[int, Callable[[sqlite3.Connection], None]]] = [(1, _v1), (2, _v2), (3, _v3)]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    """The highest migration applied to the database (0 for a new, empty file)."""
+    has = conn.execute(
+        "SELECT name FROM sqlite_master WHERE type='table' AND name='schema_version'"
+    ).fetchone()
+    if not has:
+        return 0
+    row = conn.execute("SELECT MAX(version) AS v FROM schema_version").fetchone()
+    return int(row["v"] or 0)
+
+
+def migrate(store: Store) -> int:
+    """Bring ``store``'s database to :data:`SCHEMA_VERSION`, one transaction per step; return it."""
+    with store.write() as conn:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, applied_at REAL NOT NULL)"
+        )
+    current = schema_version(store.conn)
+    if current > SCHEMA_VERSION:
+        raise StoreError(
+            f"{store.path} has schema version {current}, newer than this program's {SCHEMA_VERSION}; "
+            "upgrade rlhf-lab",
+            code="schema_too_new",
+        )
+    for version, step in MIGRATIONS:
+        if version <= current:
+            continue
+        with store.write() as conn:
+            # Re-check inside the lock: another process may have migrated meanwhile.
+            row = conn.execute("SELECT MAX(version) AS v FROM schema_version").fetchone()
+            if int(row["v"] or 0) >= version:
+                continue
+            step(conn)
+            conn.execute(
+                "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", (version, store.clock())
+            )
+            write_audit(conn, store.clock(), None, "migrate", None, version=version)
+    return schema_version(store.conn)
+
+
+def write_audit(
+    conn: sqlite3.Connection, at: float, username: str | None, action: str, prompt_id: str | None, **detail
+) -> None:
+    """Append one entry to ``audit_log`` (the table refuses updates and deletes)."""
+    conn.execute(
+        "INSERT INTO audit_log (at, username, action, prompt_id, detail) VALUES (?, ?, ?, ?, ?)",
+        (at, username, action, prompt_id, json.dumps(detail, sort_keys=True)),
+    )
