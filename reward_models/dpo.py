@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,11 +72,11 @@ from rlhf.models import (
 )
 from rlhf.nonfinite import gradient_norm, stop_if_non_finite
 from rlhf.stats import bootstrap_ci
-from rlhf.tracking import TrackingConfig, start_stage
+from rlhf.tracking import RunFields, start_stage
 
 
 @dataclass
-class DPOStageConfig(AdapterFields):
+class DPOStageConfig(RunFields, AdapterFields):
     policy: str = option(
         "smollm2-135m-instruct", help="starting policy: the SFT policy dir, an alias or a model dir"
     )
@@ -117,9 +117,6 @@ class DPOStageConfig(AdapterFields):
     )
     output_dir: str = option("", help="policy dir to write (default: <run_dir>/policy)")
     seed: int = option(0, help="random seed")
-    experiment: str = option("default", help="experiment name (W&B group; runs/<experiment>/)")
-    runs_dir: str = option("runs", help="root folder of run directories")
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
         self.validate_adapter()

@@ -37,7 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -51,11 +51,11 @@ from rlhf.contracts import prompt_text
 from rlhf.errors import UserError
 from rlhf.reward_model import encode_conversations, load_reward_model, read_meta, score_ids
 from rlhf.stats import bootstrap_ci
-from rlhf.tracking import TrackingConfig, start_stage
+from rlhf.tracking import RunFields, start_stage
 
 
 @dataclass
-class RMEvalConfig:
+class RMEvalConfig(RunFields):
     reward_model: str = option("", help="reward-model dir (written by `rlhf rm train`)")
     rankings: str = option("", help="held-out rankings file (e.g. runs/<exp>/rm_train/eval_rankings.jsonl)")
     gold: str = option(
@@ -67,9 +67,6 @@ class RMEvalConfig:
     n_bins: int = option(10, help="calibration bins")
     worst_n: int = option(10, help="rows in the worst-ranked table")
     seed: int = option(0, help="random seed (unused: evaluation is deterministic)")
-    experiment: str = option("default", help="experiment name (W&B group; runs/<experiment>/)")
-    runs_dir: str = option("runs", help="root folder of run directories")
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
         if not self.reward_model:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from rlhf.config import ConfigError, add_config_arguments, config_from_args, option
@@ -27,11 +27,11 @@ from rlhf.contracts import load_candidates, prompt_text
 from rlhf.datafiles import write_jsonl
 from rlhf.rankings import Ranking
 from rlhf.scorers import get_scorer
-from rlhf.tracking import TrackingConfig, start_stage
+from rlhf.tracking import RunFields, start_stage
 
 
 @dataclass
-class SimulateConfig:
+class SimulateConfig(RunFields):
     candidates: str = option(
         "", help="candidates file (JSONL or dataset dir), e.g. the output of `rlhf generate`"
     )
@@ -46,9 +46,6 @@ class SimulateConfig:
     )
     out: str = option("", help="output rankings JSONL (default: <run_dir>/rankings.jsonl)")
     seed: int = option(0, help="random seed")
-    experiment: str = option("default", help="experiment name (W&B group; runs/<experiment>/)")
-    runs_dir: str = option("runs", help="root folder of run directories")
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
         if not self.candidates:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +30,11 @@ from rlhf.config import (
     option,
     to_dict,
 )
-from rlhf.tracking import TrackingConfig
+from rlhf.tracking import RunFields
 
 
 @dataclass
-class BaselineConfig:
+class BaselineConfig(RunFields):
     algorithm: str = option(
         "grpo", help="TRL trainer: grpo (GRPOTrainer) or rloo (RLOOTrainer)", choices=("grpo", "rloo")
     )
@@ -66,10 +66,7 @@ class BaselineConfig:
     output_dir: str = option(
         "", help="where to write the final policy (default: runs/<experiment>/baseline_<algorithm>/policy)"
     )
-    experiment: str = option("default", help="experiment name: the W&B group and runs/<experiment>/")
-    runs_dir: str = option("runs", help="root folder of run directories")
     seed: int = option(0, help="random seed")
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
         for name in ("total_episodes", "batch_size", "num_generations", "response_length", "num_iterations"):

@@ -334,8 +334,11 @@ def _deep_update(dst: dict, src: dict) -> dict:
 
 
 def _iter_fields(cls: type, prefix: str = ""):
+    """Every (nested) field of ``cls``; a config's own fields come before the shared blocks it
+    inherits (run fields, adapter fields), so ``--help`` starts with what is particular to it."""
     hints = _hints(cls)
-    for f in dataclasses.fields(cls):
+    own = set(vars(cls).get("__annotations__", {}))
+    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             yield from _iter_fields(tp, prefix + f.name + ".")

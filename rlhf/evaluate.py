@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +28,11 @@ import torch
 
 from rlhf.cli import progress_bar
 from rlhf.config import ConfigError, add_config_arguments, config_from_args, option
-from rlhf.tracking import TrackingConfig
+from rlhf.tracking import RunFields
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(RunFields):
     policy: str = option("smollm2-135m-instruct", help="policy to evaluate: a policy dir, alias or model dir")
     reference: str = option(
         "", help="reference policy for KL and win rate (e.g. the SFT policy dir); empty = no KL / win rate"
@@ -53,10 +53,7 @@ class EvalConfig:
     temperature: float = option(0.7, help="sampling temperature (use the one PPO trained with)")
     stop_token: str = option("eos", help="'eos' or a token string at which responses end")
     batch_size: int = option(16, help="prompts per generation batch")
-    experiment: str = option("default", help="experiment name: the W&B group and runs/<experiment>/")
-    runs_dir: str = option("runs", help="root folder of run directories")
     seed: int = option(0, help="sampling seed (the same seed gives both policies the same random stream)")
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
         if self.temperature <= 0:

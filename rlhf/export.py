@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ from rlhf.config import ConfigError, add_config_arguments, config_from_args, opt
 from rlhf.contracts import load_rankings, prompt_text
 from rlhf.datafiles import DataError, output_kind, save_records, write_jsonl
 from rlhf.rankings import Ranking, parse_ranking
-from rlhf.tracking import TrackingConfig
+from rlhf.tracking import RunFields
 
 # ----------------------------------------------------------------------------- derived pairs
 
@@ -230,7 +230,7 @@ EXPORT_FORMATS = ("pairs", "rankings", "trl", "kto")
 
 
 @dataclass
-class ExportConfig:
+class ExportConfig(RunFields):
     rankings: str = option(
         "",
         help="rankings to export: JSONL/JSON/parquet file or dataset folder "
@@ -266,10 +266,7 @@ class ExportConfig:
         help="leave out tie pairs (format pairs), all-tied rankings (format rankings) "
         "or the ties file (format trl)",
     )
-    experiment: str = option("default", help="experiment name (W&B group; runs/<experiment>/)")
-    runs_dir: str = option("runs", help="root folder of run directories")
     seed: int = option(0, help="random seed (export is deterministic; kept so every stage config has one)")
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
         if not self.rankings:

@@ -24,7 +24,6 @@ random stream differs, so the same seed gives different (equally distributed) sa
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import time
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from rlhf.adapters import num_virtual_tokens
 from rlhf.config import option
 from rlhf.errors import ConfigError, UserError
 from rlhf.models import MIXED_PRECISION, MIXED_PRECISION_HELP, use_bf16
-from rlhf.tracking import TrackingConfig
+from rlhf.tracking import RunFields
 
 
 @dataclass
@@ -593,7 +592,7 @@ def generate_candidates(
 
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(RunFields):
     model: str = option(
         "smollm2-135m-instruct",
         help="policy to sample from: alias (smollm2-135m-instruct, tiny), model/policy dir or Hub id",
@@ -619,9 +618,6 @@ class GenerateConfig:
     )
     seed: int = option(0, help="random seed: the same seed gives the same candidates")
     out: str | None = option(None, help="output JSONL (default: <run_dir>/candidates.jsonl)")
-    experiment: str = option("default", help="experiment name (W&B group; runs/<experiment>/generate/)")
-    runs_dir: str = option("runs", help="root folder of run directories")
-    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
         if not 2 <= self.k <= 26:

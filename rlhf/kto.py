@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +27,11 @@ from rlhf.config import ConfigError, add_config_arguments, config_from_args, con
 from rlhf.contracts import load_rankings
 from rlhf.errors import UserError
 from rlhf.export import rankings_to_kto
-from rlhf.tracking import TrackingConfig, start_stage
+from rlhf.tracking import RunFields, start_stage
 
 
 @dataclass
-class KTOStageConfig(AdapterFields):
+class KTOStageConfig(RunFields, AdapterFields):
     policy: str = option(
         "smollm2-135m-instruct", help="starting policy: the SFT policy dir, an alias or a model dir"
     )
@@ -60,9 +60,6 @@ class KTOStageConfig(AdapterFields):
     logging_steps: int = option(5, help="log every N steps")
     output_dir: str = option("", help="policy dir to write (default: <run_dir>/policy)")
     seed: int = option(0, help="random seed")
-    experiment: str = option("default", help="experiment name (W&B group; runs/<experiment>/)")
-    runs_dir: str = option("runs", help="root folder of run directories")
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
         self.validate_adapter()

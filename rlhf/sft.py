@@ -19,17 +19,17 @@ import math
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rlhf.adapters import AdapterFields
 from rlhf.config import ConfigError, add_config_arguments, config_from_args, config_hash, option, to_dict
-from rlhf.tracking import TrackingConfig
+from rlhf.tracking import RunFields
 
 
 @dataclass
-class SFTConfig(AdapterFields):
+class SFTConfig(RunFields, AdapterFields):
     model: str = option(
         "smollm2-135m-instruct", help="base model: alias (smollm2-135m-instruct, tiny), local dir or Hub id"
     )
@@ -71,10 +71,7 @@ class SFTConfig(AdapterFields):
     weight_decay: float = option(0.0, help="AdamW weight decay")
     logging_steps: int = option(5, help="log the training loss every N optimiser steps")
     eval_steps: int = option(0, help="evaluate every N steps (0 = only at the end)")
-    experiment: str = option("default", help="experiment name: the W&B group and runs/<experiment>/")
-    runs_dir: str = option("runs", help="root folder of run directories")
     seed: int = option(0, help="random seed (data order, LoRA init)")
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
         self.validate_adapter()

@@ -38,7 +38,7 @@ import math
 import netrc
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -95,6 +95,16 @@ INPUT_FIELDS = {
 # In a run dir: what each output was logged as ({path relative to the run dir: {name, type}}), so the
 # runs that read it record the very same artifact as their input.
 ARTIFACTS_FILE = "artifacts.json"
+
+
+@dataclass
+class RunFields:
+    """Where a stage's run goes, shared by every stage config (listed after a stage's own fields in
+    ``--help``): the experiment is the W&B group and the folder ``<runs_dir>/<experiment>/``."""
+
+    experiment: str = option("default", help="experiment name: the W&B group and runs/<experiment>/")
+    runs_dir: str = option("runs", help="root folder of run directories")
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 def wandb_configured() -> bool:

@@ -138,7 +138,7 @@ def _tiny_reward_model():
 
 @functools.cache
 def _tiny_policy():
-    from rlhf.models import build_tiny_model, build_tiny_tokenizer
+    from rlhf.model_cache import build_tiny_model, build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
     return build_tiny_model(tok), tok

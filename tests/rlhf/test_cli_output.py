@@ -182,7 +182,7 @@ def test_rm_eval_bar_changes_no_reward():
 
 
 def test_pip_progress_lines_drive_the_download_bar():
-    from rlhf.models import _follow_pip_progress
+    from rlhf.model_cache import _follow_pip_progress
 
     lines = ["Collecting x\n", "Progress 0 of 2048\n", "Progress 1024 of 2048\n", "Progress 2048 of 2048\n"]
     bar = progress_bar(None, "x", "B", file=io.StringIO())

@@ -25,7 +25,8 @@ from rlhf.data import (
     write_export,
     write_jsonl,
 )
-from rlhf.models import build_tiny_model, build_tiny_tokenizer, format_conversation, format_prompt
+from rlhf.model_cache import build_tiny_model, build_tiny_tokenizer
+from rlhf.models import format_conversation, format_prompt
 from rlhf.rewards import load_reward_fn
 
 CHAT_PROMPT = [

