@@ -18,7 +18,6 @@ import json
 import math
 import os
 import re
-import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.errors import UserError
-from rlhf.fsio import replace_dir_atomically, temp_sibling
+from rlhf.fsio import atomic_dir, atomic_file
 
 MAX_LINE_BYTES = 1 << 20  # a JSONL line over 1 MB is almost surely not one record (a lost newline)
 MAX_LISTED = 50  # rows listed in one DataError message; the rest are counted
@@ -440,33 +439,18 @@ def _dumps(rec: Any, index: int) -> str:
         raise DataError(f"record {index + 1}: {err}", code="bad_value") from None
 
 
-def _discard(tmp: Path) -> None:
-    try:
-        tmp.unlink(missing_ok=True)
-    except OSError:  # e.g. its folder could not be made in the first place
-        pass
-
-
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> Path:
     """Write records as JSON Lines (UTF-8, no NaN), atomically: a temp file renamed into place."""
     path = Path(path)
     if path.is_dir():
         raise DataError(f"{path} is a folder; give a file name ending in .jsonl", code="output")
-    tmp = temp_sibling(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "x", encoding="utf-8", newline="\n") as fh:
+        with atomic_file(path) as tmp, open(tmp, "x", encoding="utf-8", newline="\n") as fh:
             for i, rec in enumerate(records):
                 fh.write(_dumps(rec, i) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
     except OSError as err:  # no such folder, permission denied, disk full: the user's to fix
-        _discard(tmp)
         raise DataError(f"cannot write {path}: {err.strerror or err}", code="output") from None
-    except BaseException:
-        _discard(tmp)
-        raise
     return path
 
 
@@ -531,13 +515,8 @@ def _save_parquet(records: list[dict], out: Path, column_types: Mapping[str, Any
         raise DataError(
             f"cannot store these records as parquet ({err}); write .jsonl instead", code="output"
         ) from None
-    tmp = temp_sibling(out)
-    try:
+    with atomic_file(out) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        _discard(tmp)
-        raise
 
 
 def _save_dataset(records: list[dict], out: Path, column_types: Mapping[str, Any]) -> None:
@@ -548,13 +527,8 @@ def _save_dataset(records: list[dict], out: Path, column_types: Mapping[str, Any
         datasets.disable_progress_bars()
     try:
         ds = _typed_dataset(records, column_types)
-        tmp = temp_sibling(out)
-        try:
+        with atomic_dir(out) as tmp:  # a crash leaves the old folder or the new one
             ds.save_to_disk(str(tmp))
-            replace_dir_atomically(tmp, out)  # a crash leaves the old folder or the new one
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     finally:
         if quiet:
             datasets.enable_progress_bars()

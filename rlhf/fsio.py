@@ -138,3 +138,23 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(final: str | os.PathLike) -> Iterator[Path]:
+    """``with atomic_file(out) as tmp:`` write ``tmp``; when the block ends without an error it is
+    flushed to disk and renamed over ``out`` in one step, so a crash at any moment leaves the old
+    file or the new one, never a partial file. On an error ``tmp`` is deleted and ``out`` is left
+    as it was. The one way the lab replaces a file."""
+    final = Path(final)
+    tmp = temp_sibling(final)
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    finally:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # e.g. its folder could not be made in the first place
+            pass

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.config import option, save_config, to_dict
+from rlhf.fsio import atomic_file
 
 
 @dataclass
@@ -450,9 +451,8 @@ def _keep_steps_until(path: Path, step: int) -> None:
         rec = json.loads(line) if line.strip() else {}
         if isinstance(rec.get("step"), int) and rec["step"] <= step:
             kept.append(line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    tmp.replace(path)  # a crash leaves the old file or the new one
+    with atomic_file(path) as tmp:  # a crash leaves the old file or the new one
+        tmp.write_text("".join(kept), encoding="utf-8")
 
 
 def start_stage(cfg: Any, stage: str, job_type: str | None = None, resumed_at: int | None = None) -> Tracker:

@@ -276,3 +276,49 @@ def test_a_writer_killed_mid_save_leaves_the_old_or_the_new_version(tmp_path):
             proc.wait()
             proc.stdout.close()
             proc.stderr.close()
+
+
+def run_file_writer(target: str, moment: str) -> None:
+    """The subprocess for files: write a JSON Lines file of version 1, then rewrite it as version 2
+    (many lines, so a partial file would show), pausing just before or just after the one rename."""
+    from rlhf.datafiles import write_jsonl
+
+    target_path = Path(target)
+    write_jsonl(target_path, [{"version": 1}])
+    real_replace = os.replace
+
+    def replace_pausing(src, dst):
+        if moment == BEFORE_SWAP:
+            print(f"paused {moment}", flush=True)
+            time.sleep(120)  # the test kills us here
+        real_replace(src, dst)
+        if moment == AFTER_SWAP:
+            print(f"paused {moment}", flush=True)
+            time.sleep(120)
+
+    os.replace = replace_pausing  # rlhf.fsio.atomic_file calls os.replace: its one step
+    write_jsonl(target_path, [{"version": 2}] * 5000)
+    print("finished without pausing", flush=True)
+
+
+@pytest.mark.parametrize("moment", [BEFORE_SWAP, AFTER_SWAP])
+def test_a_file_writer_killed_mid_save_leaves_the_old_or_the_new_file(tmp_path, moment):
+    from rlhf.datafiles import read_jsonl, write_jsonl
+
+    target = tmp_path / "records.jsonl"
+    code = (
+        "import sys; from tests.rlhf.test_atomic_save import run_file_writer; run_file_writer(*sys.argv[1:])"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(target), moment], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == f"paused {moment}"
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    versions = {r["version"] for r in read_jsonl(target)}
+    assert versions == {SURVIVOR[moment]}  # the whole old file or the whole new one
+    write_jsonl(target, [{"version": 3}])  # the next write clears what the killed writer left
+    assert [p.name for p in tmp_path.iterdir()] == ["records.jsonl"]
