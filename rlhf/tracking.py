@@ -46,6 +46,8 @@ from typing import Any
 from rlhf.config import option, save_config, to_dict
 from rlhf.fsio import atomic_file
 
+METRICS_FILE = "metrics.jsonl"  # one JSON line per `log` call, in every tracking mode
+
 
 @dataclass
 class TrackingConfig:
@@ -231,7 +233,7 @@ class Tracker:
         self._metrics_file = None
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._metrics_file = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+            self._metrics_file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -442,15 +444,36 @@ def stage_run_dir(cfg: Any, stage: str) -> Path:
     return Path(cfg.runs_dir) / cfg.experiment / stage
 
 
+def read_logged(path: Path) -> list[dict]:
+    """The records of a ``metrics.jsonl`` or ``table_*.jsonl`` file the tracker wrote, in order; a
+    line cut short by a killed run is left out. The one reader of these files."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line) if line.strip() else None
+        except ValueError:
+            continue  # the last line of a run killed mid-write
+        if isinstance(rec, dict):
+            rows.append(rec)
+    return rows
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """Every ``log`` call of a run, as :func:`read_logged` reads them from its ``metrics.jsonl``."""
+    return read_logged(Path(run_dir) / METRICS_FILE)
+
+
 def _keep_steps_until(path: Path, step: int) -> None:
     """Keep the lines of a metrics or table file logged at ``step`` or before; drop the rest."""
     if not path.exists():
         return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        rec = json.loads(line) if line.strip() else {}
-        if isinstance(rec.get("step"), int) and rec["step"] <= step:
-            kept.append(line + "\n")
+    kept = [
+        json.dumps(rec) + "\n"
+        for rec in read_logged(path)
+        if isinstance(rec.get("step"), int) and rec["step"] <= step
+    ]
     with atomic_file(path) as tmp:  # a crash leaves the old file or the new one
         tmp.write_text("".join(kept), encoding="utf-8")
 
@@ -466,7 +489,7 @@ def start_stage(cfg: Any, stage: str, job_type: str | None = None, resumed_at: i
     run_dir = stage_run_dir(cfg, stage)
     run_dir.mkdir(parents=True, exist_ok=True)
     # A rerun of the same stage starts fresh files (earlier runs stay in W&B).
-    logged = [run_dir / "metrics.jsonl", *run_dir.glob("table_*.jsonl")]
+    logged = [run_dir / METRICS_FILE, *run_dir.glob("table_*.jsonl")]
     for path in logged:
         if resumed_at is None:
             path.unlink(missing_ok=True)
