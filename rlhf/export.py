@@ -13,8 +13,9 @@ from typing import Any
 from rlhf.config import ConfigError, add_config_arguments, config_from_args, option
 from rlhf.contracts import load_rankings, prompt_text
 from rlhf.datafiles import DataError, output_kind, save_records, write_jsonl
+from rlhf.models import format_conversation, format_prompt, load_tokenizer
 from rlhf.rankings import Ranking, parse_ranking
-from rlhf.tracking import RunFields
+from rlhf.tracking import RunFields, stage_run_dir, start_stage
 
 # ----------------------------------------------------------------------------- derived pairs
 
@@ -172,7 +173,6 @@ def _trl_prompt_and_completions(rec: dict, style: str, tokenizer: Any) -> tuple[
     if style == "conversational":
         completions = {label: [{"role": "assistant", "content": text}] for label, text in texts.items()}
         return prompt_messages(rec["prompt"]), completions
-    from rlhf.models import format_conversation, format_prompt
 
     # `rlhf generate` records whether a response ended with EOS; a response cut at the length
     # limit is formatted without it, as the lab's reward model reads it (docs/reward-models.md).
@@ -321,8 +321,6 @@ def build_export(
         return Export(fmt, [ranking_for_export(r) for r in kept])
     tokenizer = None
     if trl_style == "standard":
-        from rlhf.models import load_tokenizer
-
         tokenizer = load_tokenizer(model)
     if fmt == "kto":
         return Export(fmt, rankings_to_kto(rankings, trl_style, tokenizer))
@@ -372,7 +370,6 @@ def run_export(cfg: ExportConfig) -> dict:
     Everything is validated before the run dir or the output is touched, so bad input leaves no
     file behind.
     """
-    from rlhf.tracking import stage_run_dir, start_stage
 
     cfg.validate()
     rankings = load_rankings(cfg.rankings)

@@ -33,10 +33,20 @@ from typing import Any
 import torch
 
 from rlhf.adapters import num_virtual_tokens
-from rlhf.config import option
+from rlhf.cli import progress_bar
+from rlhf.config import add_config_arguments, config_from_args, option
+from rlhf.contracts import load_prompts, prompt_text
+from rlhf.datafiles import write_jsonl
 from rlhf.errors import ConfigError, UserError
-from rlhf.models import MIXED_PRECISION, MIXED_PRECISION_HELP, use_bf16
-from rlhf.tracking import RunFields
+from rlhf.models import (
+    MIXED_PRECISION,
+    MIXED_PRECISION_HELP,
+    format_prompt,
+    load_policy,
+    resolve_model_path,
+    use_bf16,
+)
+from rlhf.tracking import RunFields, stage_run_dir, start_stage
 
 
 @dataclass
@@ -516,8 +526,6 @@ def generate_candidates(
     padding) but the output keeps the input order. Same seed, same inputs and batch size →
     identical candidates. ``stats`` (optional dict) receives ``n_tokens`` and ``seconds``.
     """
-    from rlhf.cli import progress_bar
-    from rlhf.models import format_prompt
 
     if not 1 <= k <= 26:
         raise UserError(f"k must be between 1 and 26 (one label per letter), got {k}", code="config")
@@ -640,10 +648,6 @@ class GenerateConfig(RunFields):
 
 def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
     """The ``generate`` stage: K candidates per prompt → ``candidates.jsonl`` (+ W&B run)."""
-    from rlhf.contracts import load_prompts
-    from rlhf.datafiles import write_jsonl
-    from rlhf.models import load_policy, resolve_model_path
-    from rlhf.tracking import stage_run_dir, start_stage
 
     cfg.validate()
     # Inputs are checked before anything is written or loaded: bad prompts → one line, no run dir.
@@ -693,7 +697,6 @@ def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
             "gen/length_mean": sum(c["gen"]["n_tokens"] for c in cands) / len(cands),
         }
         tracker.log(metrics)
-        from rlhf.contracts import prompt_text
 
         tracker.log_table(
             "gen/samples",
@@ -734,14 +737,12 @@ def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from rlhf.config import config_from_args
 
     run_generate(config_from_args(args, GenerateConfig))
     return 0
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from rlhf.config import add_config_arguments
 
     parser = subparsers.add_parser(
         "generate",

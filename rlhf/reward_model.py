@@ -46,6 +46,7 @@ from torch import nn
 from rlhf.contracts import prompt_text
 from rlhf.errors import UserError
 from rlhf.fsio import atomic_dir, recover_dir
+from rlhf.generation import MIN_SHARED_PREFIX, common_prefix_length, shared_prefix_cache
 from rlhf.models import disable_dropout, format_conversation, format_prompt, load_tokenizer
 
 META_FILE = "rlhf_reward.json"
@@ -209,7 +210,6 @@ class RewardModel(nn.Module):
         sequences, with fewer token forwards. ``pool_mask`` covers the rows' own tokens only (the
         prefix must end before any response starts). Inference only.
         """
-        from rlhf.generation import shared_prefix_cache
 
         n_pre, (n, width) = prefix.shape[1], input_ids.shape
         cache = shared_prefix_cache(self.backbone, prefix, n, lm=False)
@@ -476,7 +476,6 @@ def score_ids(
     ``share_prefix=False`` runs every sequence whole. ``on_batch(n)`` is called after each batch
     of ``n`` sequences (a progress bar's ``update``).
     """
-    from rlhf.generation import MIN_SHARED_PREFIX, common_prefix_length
 
     starts = list(starts) if starts is not None else [0] * len(ids)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))

@@ -42,6 +42,7 @@ from rlhf.reward_model import (
     read_ensemble,
     score_texts,
 )
+from rlhf.scorers import get_scorer
 
 ENSEMBLE_PREFIX = "ensemble:"
 ENSEMBLE_COMBINES = ("mean", "min", "mean_minus_std")
@@ -108,7 +109,6 @@ class ScorerFunction(RewardFunction):
     """A gold scorer (``rlhf.scorers``) as a reward function."""
 
     def __init__(self, spec: str):
-        from rlhf.scorers import get_scorer
 
         self.scorer = get_scorer(spec)
         self.name = getattr(self.scorer, "name", spec)

@@ -23,9 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf.adapters import AdapterFields
+from rlhf.adapters import AdapterFields, adapter_config
 from rlhf.config import ConfigError, add_config_arguments, config_from_args, config_hash, option, to_dict
-from rlhf.tracking import RunFields
+from rlhf.contracts import load_demonstrations
+from rlhf.models import bf16_hardware, load_policy, resolve_model_path, write_policy_dir
+from rlhf.tracking import RunFields, Tracker, stage_run_dir, start_stage
+from rlhf.trainer_callbacks import ProgressCallback, TrackerCallback
 
 
 @dataclass
@@ -118,7 +121,6 @@ def split_heldout(records: list[dict], fraction: float, seed: int) -> tuple[list
 def bf16_supported() -> bool:
     """bf16 for TRL's trainers only on a CUDA device that has it; never on a CPU (TRL's flag does
     nothing useful there: docs/environment.md, and bench_ppo_vs_trl.py found it a no-op)."""
-    from rlhf.models import bf16_hardware
 
     return bf16_hardware("cuda")
 
@@ -126,7 +128,6 @@ def bf16_supported() -> bool:
 def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     """Fine-tune ``cfg.model`` on the demonstrations; write the policy dir. Returns a summary."""
     cfg.validate()
-    from rlhf.contracts import load_demonstrations
 
     # Data first: a bad file fails in a second, before any model loads.
     train_records = load_demonstrations(cfg.demonstrations, split=cfg.split)
@@ -153,11 +154,6 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     from transformers import PrinterCallback
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
-
-    from rlhf.adapters import adapter_config
-    from rlhf.models import load_policy, resolve_model_path, write_policy_dir
-    from rlhf.tracking import Tracker, stage_run_dir, start_stage
-    from rlhf.trainer_callbacks import ProgressCallback, TrackerCallback
 
     # Under `accelerate launch` every process trains (TRL's Trainer runs data-parallel), but only the
     # main one tracks, writes the policy and prints: one W&B run, one writer.
