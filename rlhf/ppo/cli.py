@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from rlhf.config import add_config_arguments, config_from_args
+from rlhf.ppo.config import PPOConfig
 
 
 def add_parser(subparsers):
-    from rlhf.ppo.loop import PPOConfig
-
     p = subparsers.add_parser(
         "ppo",
         help="PPO against a reward model, gold scorer or any reward function",
@@ -22,9 +21,12 @@ def add_parser(subparsers):
     add_config_arguments(p, PPOConfig)
 
     def _run(args) -> int:
+        cfg = config_from_args(args, PPOConfig)
+        # The loop loads transformers, peft, accelerate and matplotlib: only once PPO runs, so that
+        # `rlhf ppo --help` and a bad option answer at once (the lazy stage table's reason, rlhf/cli.py).
         from rlhf.ppo.loop import run_ppo
 
-        summary = run_ppo(config_from_args(args, PPOConfig))
+        summary = run_ppo(cfg)
         return 130 if summary.get("interrupted") else 0
 
     p.set_defaults(func=_run, across_processes=True)  # trains in every process of a launch

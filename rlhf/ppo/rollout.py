@@ -1,4 +1,5 @@
-"""Queries in, sampled and truncated responses out: the pieces of a rollout shared by PPO and ``rlhf eval``."""
+"""Queries in, sampled and truncated responses out: the pieces of a rollout shared by PPO and ``rlhf eval``,
+and :class:`UpdateBatch`, a PPO update's episodes once scored (what its epochs train on)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf.generation import response_text
+from rlhf.generation import response_text, sample_responses
+from rlhf.models import format_prompt
 from rlhf.ppo.math import truncate_after_stop
 
 
@@ -17,8 +19,6 @@ def encode_queries(tokenizer, prompts: list, max_prompt_tokens: int) -> list[lis
     Long prompts keep their *last* ``max_prompt_tokens`` tokens, so the generation prompt
     (``<|im_start|>assistant\\n``) is never cut off.
     """
-    from rlhf.models import format_prompt
-
     out = []
     for p in prompts:
         ids = tokenizer(format_prompt(tokenizer, p), add_special_tokens=False)["input_ids"]
@@ -54,6 +54,34 @@ class Rollout:
     values: torch.Tensor | None = None
 
 
+@dataclass
+class UpdateBatch:
+    """The episodes of one PPO update on this process, scored: what the PPO epochs train on and the
+    update's metrics describe.
+
+    query, query_mask [B, Q] (left-padded); response, response_mask [B, T]; per response token
+    [B, T], 0 on padding: mask (float), old_logprobs, values, advantages (whitened when asked),
+    returns, kl, non_score_rewards (−β·kl); per episode [B]: has_stop, raw_scores (the reward
+    function's), scores (clipped and penalised), disagreement (a reward ensemble's spread, else None).
+    """
+
+    query: torch.Tensor
+    query_mask: torch.Tensor
+    response: torch.Tensor
+    response_mask: torch.Tensor
+    mask: torch.Tensor
+    has_stop: torch.Tensor
+    old_logprobs: torch.Tensor
+    values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    raw_scores: torch.Tensor
+    scores: torch.Tensor
+    kl: torch.Tensor
+    non_score_rewards: torch.Tensor
+    disagreement: torch.Tensor | None
+
+
 @torch.no_grad()
 def sample_rollout(
     model,
@@ -78,8 +106,6 @@ def sample_rollout(
     response does not depend on the chunking (evaluation); otherwise ``generator`` is used.
     ``on_batch(n)`` is called after each chunk of ``n`` rows (a progress bar's ``update``).
     """
-    from rlhf.generation import sample_responses
-
     B = query.shape[0]
     step = batch_size or B
     toks, lps, vals = [], [], []

@@ -23,8 +23,10 @@ from __future__ import annotations
 import warnings
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from rlhf.generation import shared_prefix_cache, split_common_prefix
 from rlhf.ppo.math import logprobs_from_logits
 
 
@@ -57,8 +59,6 @@ def forward_query_response(
     end (the last ``T + 1`` positions are always there: each row keeps ≥ 1 query token).
     ``lm``: the model is a causal LM (takes ``logits_to_keep``) rather than a bare backbone.
     """
-    from rlhf.generation import shared_prefix_cache, split_common_prefix
-
     split = split_common_prefix(query, query_mask)
     if split is None:
         input_ids, attn, pos = concat_query_response(query, query_mask, response, response_mask)
@@ -141,6 +141,36 @@ def response_logprobs(
     return torch.cat(parts, dim=0)
 
 
+@torch.no_grad()
+def values_and_logprobs(
+    pv: PolicyAndValue,
+    query,
+    query_mask,
+    response,
+    response_mask,
+    order: torch.Tensor,
+    micro_batch_size: int,
+    temperature: float,
+    need_logprobs: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values and (when ``need_logprobs``) log-probs ``[B, T]`` of every response through ``pv``'s
+    training forward, in micro-batches of the rows ``order`` lists, in that order (PPO passes its first
+    epoch's shuffle: a micro-batch's padding depends on its rows and bf16 rounds by grouping, so only
+    the same grouping as training's reproduces training's numbers). Log-probs are 0 when not needed.
+    """
+    values = torch.zeros_like(response, dtype=torch.float32)
+    logprobs = torch.zeros_like(response, dtype=torch.float32)
+    for i in range(0, len(order), micro_batch_size):
+        rows = order[i : i + micro_batch_size]
+        logits, v = pv(
+            query[rows], query_mask[rows], response[rows], response_mask[rows], need_logits=need_logprobs
+        )
+        values[rows] = v.float()
+        if need_logprobs:
+            logprobs[rows] = logprobs_from_logits(logits, response[rows], temperature)
+    return values, logprobs
+
+
 def hidden_size_of(model: nn.Module) -> int:
     cfg = model.config
     return int(getattr(cfg, "hidden_size", None) or cfg.get_text_config().hidden_size)
@@ -161,8 +191,6 @@ class merged_lora:
         self.model = model
         self.layers = []
         if hasattr(model, "peft_config"):
-            from peft.tuners.tuners_utils import BaseTunerLayer
-
             self.layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
         self.saved: list[torch.Tensor] = []
 

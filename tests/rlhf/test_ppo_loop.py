@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from rlhf.config import ConfigError, build_config
-from rlhf.ppo.loop import PPOConfig, _build_models, run_ppo
+from rlhf.ppo.loop import PPOConfig, run_ppo
+from rlhf.ppo.setup import build_models
 from tests.rlhf import ppo_helpers
 
 CONFIGS = Path(__file__).resolve().parents[2] / "experiments" / "configs"
@@ -48,6 +49,17 @@ def _weights(policy_dir: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(Path(policy_dir) / "model.safetensors"))
+
+
+def test_names_that_moved_out_of_the_loop_module_stay_importable_from_it():
+    from rlhf.ppo import config, loop, metrics, prompts, setup
+
+    assert loop.PPOConfig is config.PPOConfig and loop.num_updates is config.num_updates
+    assert loop.RANK_SEED_STRIDE == config.RANK_SEED_STRIDE
+    assert loop.prompt_index is prompts.prompt_index
+    assert loop._load_prompt_sets is prompts.load_prompt_sets  # rlhf/baselines.py imports it from here
+    assert loop._build_models is setup.build_models
+    assert loop.score_gain is metrics.score_gain
 
 
 def test_validation_before_any_model_loads(tmp_path):
@@ -108,7 +120,7 @@ def test_update_changes_policy_not_reference(tmp_path, lora):
 
     cfg = _cfg(tmp_path, lora=lora, value_model="shared" if lora else "critic")
     torch.manual_seed(0)
-    policy, ref_model, pv, tok = _build_models(cfg)
+    policy, ref_model, pv, tok = build_models(cfg)
     q = torch.tensor([[5, 6, 7], [tok.pad_token_id, 8, 9]])
     qm = (q != tok.pad_token_id).long()
     r = torch.tensor([[10, 11, 12], [13, 14, tok.pad_token_id]])
@@ -246,7 +258,7 @@ def test_merged_lora_sampling_restores_the_reference_exactly(tmp_path):
 
     cfg = _cfg(tmp_path, lora=True, value_model="shared")
     torch.manual_seed(0)
-    policy, _, pv, tok = _build_models(cfg)
+    policy, _, pv, tok = build_models(cfg)
     with torch.no_grad():  # a non-zero adapter, as after some updates
         for name, p in policy.named_parameters():
             if "lora_B" in name:
@@ -280,7 +292,7 @@ def test_shared_values_from_the_sampler_equal_a_full_forward(tmp_path, lora):
 
     cfg = _cfg(tmp_path, lora=lora, value_model="shared")
     torch.manual_seed(0)
-    policy, _, pv, tok = _build_models(cfg)
+    policy, _, pv, tok = build_models(cfg)
     with torch.no_grad():  # a trained-looking head and adapter, not the zero initialisation
         pv.value_head.weight.normal_(0, 0.3)
         pv.value_head.bias.fill_(0.1)
@@ -317,7 +329,7 @@ def test_shared_prefix_forward_equals_the_plain_forward_and_its_gradients(tmp_pa
 
     cfg = _cfg(tmp_path)
     torch.manual_seed(0)
-    policy, _, _, tok = _build_models(cfg)
+    policy, _, _, tok = build_models(cfg)
     q, qm = left_pad(encode_queries(tok, ["hi", "a much longer prompt here", "mid"], 64), tok.pad_token_id)
     assert split_common_prefix(q, qm) is not None
     r = torch.tensor([[10, 11, 12, 13], [14, 15, 2, 0], [16, 2, 0, 0]])
