@@ -56,7 +56,7 @@ from reward_models.train import (
     tie_rate,
     tie_values,
 )
-from rlhf.adapters import AdapterFields, policy_to_train, policy_to_write
+from rlhf.adapters import AdapterFields
 from rlhf.cli import progress_bar
 from rlhf.config import ConfigError, add_config_arguments, config_from_args, config_hash, option, to_dict
 from rlhf.contracts import prompt_text
@@ -66,6 +66,8 @@ from rlhf.models import (
     MIXED_PRECISION_HELP,
     adam_kwargs,
     autocast_bf16,
+    policy_to_train,
+    policy_to_write,
     resolve_model_path,
     use_bf16,
     write_policy_dir,

@@ -31,12 +31,22 @@ Where this deviates from the papers:
   for an all-tied group it is maximised when the tied rewards are equal (AM–GM), so ties pull
   rewards together instead of being ignored. The last step is kept even when the last tier is a
   single candidate (it contributes log 1 = 0).
+
+Rao–Kupper's θ and Davidson's ν are learned with the model; the functions that turn the model's
+raw parameter into them, and choose its starting value from the data's tie rate, close the module.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:  # reward_models.groups imports this module: a type only, no cycle at run time
+    from reward_models.groups import Group
 
 # ----------------------------------------------------------------------------- pair structure
 
@@ -279,3 +289,59 @@ def ranking_loss(
     else:
         raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
     return reduce_groups(loss, valid), int(valid.sum())
+
+
+# ----------------------------------------------------------------------------- tie parameters
+# The reward model holds one learned scalar ρ (its ``tie_param``) for the tie-aware pairwise
+# losses: log θ = softplus(ρ) ≥ 0 for Rao–Kupper, log ν = ρ for Davidson (docs/rankings.md).
+
+
+def tie_log_param(loss: str, raw: torch.Tensor | None) -> torch.Tensor | None:
+    """The loss's tie parameter from the raw learned value: log θ = softplus(raw) ≥ 0; log ν = raw."""
+    if raw is None:
+        return None
+    return F.softplus(raw) if loss == "rao_kupper" else raw
+
+
+def tie_rate(groups: Iterable[Group]) -> float:
+    """The fraction of candidate pairs that the rankings tie (every ranking of every group)."""
+    tied = total = 0
+    for g in groups:
+        for tiers in g.rankings:
+            for i in range(len(tiers)):
+                for j in range(i + 1, len(tiers)):
+                    total += 1
+                    tied += tiers[i] == tiers[j]
+    return tied / total if total else 0.0
+
+
+def initial_tie_value(loss: str, theta: float | None, nu: float | None, rate: float) -> float | None:
+    """θ or ν to start from: the configured value, else the one whose P(tie) at equal rewards is the
+    data's tie rate t — Rao–Kupper (θ - 1) / (θ + 1) = t, Davidson ν / (2 + ν) = t (clamped so a
+    tie-free data set still allows a few)."""
+    t = min(max(rate, 0.01), 0.9)
+    if loss == "rao_kupper":
+        return theta if theta is not None else (1 + t) / (1 - t)
+    if loss == "davidson":
+        return nu if nu is not None else 2 * t / (1 - t)
+    return None
+
+
+def initial_tie_raw(loss: str, value: float | None) -> float | None:
+    """The raw learned parameter for a θ / ν value (inverse of :func:`tie_log_param`)."""
+    if value is None:
+        return None
+    if loss == "rao_kupper":
+        y = math.log(value)  # softplus⁻¹(log θ)
+        return y + math.log(-math.expm1(-y))
+    return math.log(value)
+
+
+def tie_values(loss: str, raw: torch.Tensor | None) -> dict[str, float]:
+    """θ or ν (``{"theta": θ}`` / ``{"nu": ν}``) from the raw learned value, as logged and saved;
+    ``{}`` for a loss without a tie parameter."""
+    lp = tie_log_param(loss, raw)
+    if lp is None:
+        return {}
+    lp = lp.detach()
+    return {"theta": math.exp(float(lp))} if loss == "rao_kupper" else {"nu": math.exp(float(lp))}

@@ -14,13 +14,16 @@ Two families, which the lab runs differently (docs/adapters.md):
   ``0..P-1`` the first time it sees an empty cache and shifts every position and mask the caller
   passes by ``P``. Same function as peft's forward (tested), one code path for every caller.
 
-:func:`policy_to_train` is the one place a training stage gets its policy and its reference.
+:func:`rlhf.models.policy_to_train` is the one place a training stage gets its policy and its
+reference.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -244,68 +247,7 @@ def with_adapter(model, fields: AdapterFields):
     return VirtualTokenPolicy(peft_model) if fields.adapter in VIRTUAL_TOKEN_ADAPTERS else peft_model
 
 
-def policy_to_train(name: str, lora: bool, fields: AdapterFields):
-    """``(policy, reference, tokenizer)`` for a stage that trains a policy from ``name``.
-
-    - A weight-adapter policy (an SFT LoRA) is merged in first: the stage starts from, and is
-      referenced against, that merged policy.
-    - ``lora`` (train an adapter): a new ``fields.adapter`` on top; the reference is the same
-      model with the adapter disabled, returned as None.
-    - Full fine-tuning: the reference is a frozen copy.
-    - A virtual-token policy (prompt- or prefix-tuned SFT) cannot be merged, so its own virtual
-      tokens train on against a frozen copy of it; that needs the same adapter kind.
-    """
-    from rlhf.models import frozen_copy, load_policy
-
-    policy, tokenizer = load_policy(name, merged=True, is_trainable=True)
-    kind = getattr(policy, "kind", None) if isinstance(policy, VirtualTokenPolicy) else None
-    if kind is not None:
-        if not lora or fields.adapter != kind:
-            raise ConfigError(
-                f"policy {name} is a {kind} policy, whose virtual tokens cannot be merged into the "
-                f"weights; train it on with lora: true and adapter: {kind}"
-            )
-        return policy, frozen_copy(policy), tokenizer
-    if not lora:
-        return policy, frozen_copy(policy), tokenizer
-    return with_adapter(policy, fields), None, tokenizer
-
-
-def policy_to_write(policy, start: str):
-    """``(model, base)``: what a training stage that started from ``start`` writes as its policy.
-
-    A weight adapter is merged: a plain model loads without knowing the chain of stages behind it.
-    A virtual-token policy stays an adapter over the plain model it sits on: ``start`` itself (an
-    SFT LoRA dir is merged when loaded), or, when ``start`` was a virtual-token policy trained on,
-    that policy's own base."""
-    from rlhf.models import read_policy_meta, resolve_model_path
-
-    start_path = resolve_model_path(start)
-    if virtual_token_kind(policy) and not isinstance(policy, VirtualTokenPolicy):
-        policy = VirtualTokenPolicy(policy)  # as a TRL trainer hands its peft model back
-    if not isinstance(policy, VirtualTokenPolicy):
-        return (policy.merge_and_unload() if hasattr(policy, "merge_and_unload") else policy), start_path
-    start_model_meta = read_policy_meta(start_path) if is_virtual_token_dir(start_path) else {}
-    return policy, start_model_meta.get("base") or start_path
-
-
 def is_virtual_token_dir(path: str) -> bool:
     """A policy dir holding a prompt- or prefix-tuning adapter."""
-    import json
-    from pathlib import Path
-
     config = Path(path, "adapter_config.json")
     return config.is_file() and json.loads(config.read_text()).get("peft_type") in _PEFT_TYPES
-
-
-def require_mergeable_start(name: str, stage: str) -> None:
-    """Stop a TRL-trained stage (kto, the baselines) that would start from a virtual-token policy:
-    TRL adds its own adapter to the model it is given, and a prompt- or prefix-tuned policy has no
-    plain weights to put one on. The lab's own loops (ppo, dpo) train such a policy on."""
-    from rlhf.models import resolve_model_path
-
-    if is_virtual_token_dir(resolve_model_path(name)):
-        raise ConfigError(
-            f"{stage}: policy {name} is a prompt- or prefix-tuned policy, which {stage} cannot start "
-            "from (its virtual tokens cannot be merged); start from a full or LoRA/IA3 policy, or use ppo or dpo"
-        )

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlhf.adapters import lora_config
 from rlhf.config import (
     ConfigError,
     add_config_arguments,
@@ -30,7 +31,18 @@ from rlhf.config import (
     option,
     to_dict,
 )
-from rlhf.tracking import RunFields
+from rlhf.contracts import prompt_text
+from rlhf.evaluate import evaluate_policy, resolve_stop_token
+from rlhf.models import load_policy, require_mergeable_start, resolve_model_path, write_policy_dir
+from rlhf.ppo.config import PPOConfig
+from rlhf.ppo.prompts import load_prompt_sets
+from rlhf.ppo.rollout import encode_queries, left_pad
+from rlhf.ppo.value import response_logprobs
+from rlhf.rewards import check_reward_spec, load_reward_fn
+from rlhf.scorers import get_scorer
+from rlhf.sft import bf16_supported
+from rlhf.tracking import RunFields, start_stage
+from rlhf.trainer_callbacks import TrackerCallback
 
 
 @dataclass
@@ -78,7 +90,6 @@ class BaselineConfig(RunFields):
         exact_div(self.total_episodes, self.batch_size, "total_episodes / batch_size")
         if self.temperature <= 0 or self.learning_rate <= 0 or self.beta < 0:
             raise ConfigError("temperature and learning_rate must be > 0, beta ≥ 0")
-        from rlhf.rewards import check_reward_spec
 
         check_reward_spec(self.reward)
 
@@ -91,7 +102,6 @@ def trl_reward_func(reward_fn, stop_token_ids: Collection[int] = ()):
     ``completion_ids`` keep the stop token of a completion that ended, so the reward sees the same
     finished flags as in the lab's PPO (a reward model appends EOS only to those; docs/ppo.md).
     """
-    from rlhf.contracts import prompt_text
 
     stops = set(stop_token_ids)
 
@@ -119,25 +129,13 @@ def run_baseline(cfg: BaselineConfig) -> dict[str, Any]:
     import torch
     from datasets import Dataset
 
-    from rlhf.adapters import lora_config, require_mergeable_start
-    from rlhf.evaluate import evaluate_policy, resolve_stop_token
-    from rlhf.models import load_policy, resolve_model_path, write_policy_dir
-    from rlhf.ppo.loop import PPOConfig, _load_prompt_sets
-    from rlhf.ppo.rollout import encode_queries, left_pad
-    from rlhf.ppo.value import response_logprobs
-    from rlhf.rewards import load_reward_fn
-    from rlhf.scorers import get_scorer
-    from rlhf.sft import bf16_supported
-    from rlhf.tracking import start_stage
-    from rlhf.trainer_callbacks import TrackerCallback
-
     split_cfg = PPOConfig(
         prompts=cfg.prompts,
         prompts_split=cfg.prompts_split,
         eval_split=cfg.eval_split,
         num_eval_prompts=cfg.num_eval_prompts,
     )
-    train_prompts, eval_prompts = _load_prompt_sets(split_cfg)  # the same split logic as PPO
+    train_prompts, eval_prompts = load_prompt_sets(split_cfg)  # the same split logic as PPO
     reward_fn = load_reward_fn(cfg.reward)
     gold_fn = get_scorer(cfg.gold) if cfg.gold else None
     stage = f"baseline_{cfg.algorithm}"

@@ -28,7 +28,14 @@ import torch
 
 from rlhf.cli import progress_bar
 from rlhf.config import ConfigError, add_config_arguments, config_from_args, option
-from rlhf.tracking import RunFields
+from rlhf.contracts import load_prompts, prompt_text
+from rlhf.models import load_policy
+from rlhf.ppo.rollout import decode_responses, encode_queries, left_pad, sample_rollout
+from rlhf.ppo.value import response_logprobs
+from rlhf.rewards import load_reward_fn
+from rlhf.scorers import get_scorer
+from rlhf.stats import mean_bootstrap_ci, win_rate_ci
+from rlhf.tracking import RunFields, start_stage
 
 
 @dataclass
@@ -102,9 +109,6 @@ def evaluate_policy(
     """
     import contextlib
 
-    from rlhf.contracts import prompt_text
-    from rlhf.ppo.rollout import decode_responses, sample_rollout
-
     prompt_texts = [prompt_text(p) for p in prompts]
     bar = progress_bar(len(prompts), progress or "", "prompt", enabled=progress is not None, transient=True)
     with bar, sampling_context() if sampling_context is not None else contextlib.nullcontext():
@@ -144,8 +148,6 @@ def evaluate_policy(
         gold = [float(g) for g in gold_fn(list(prompt_texts), responses)]
         metrics["eval/gold_score"] = sum(gold) / len(gold)
     if baseline_scores is not None:
-        from rlhf.stats import win_rate_ci
-
         metrics["eval/win_rate"] = win_rate_ci(scores.tolist(), baseline_scores.tolist(), n_resamples=0).value
     rows = [[p, r, float(s), float(k), g] for p, r, s, k, g in zip(prompt_texts, responses, scores, kl, gold)]
     return metrics, rows
@@ -156,7 +158,6 @@ def comparison_metrics(rows: list[list], ref_rows: list[list], seed: int = 0) ->
     (bootstrap over prompts, :mod:`rlhf.stats`): win rates by the reward function and by the gold
     scorer (ties ½), and the mean per-prompt differences of their scores. ``rows`` as returned by
     :func:`evaluate_policy` (``[prompt, response, score, kl, gold]``), in the same prompt order."""
-    from rlhf.stats import mean_bootstrap_ci, win_rate_ci
 
     out: dict[str, float] = {"eval/prompts": len(rows)}
     score, ref_score = [r[2] for r in rows], [r[2] for r in ref_rows]
@@ -194,7 +195,6 @@ def resolve_stop_token(tokenizer, stop_token: str) -> int:
 
 
 def load_eval_prompts(source: str, split: str | None, limit: int) -> list[dict]:
-    from rlhf.contracts import load_prompts
 
     records = load_prompts(source, split=split)
     if not records:
@@ -205,12 +205,6 @@ def load_eval_prompts(source: str, split: str | None, limit: int) -> list[dict]:
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate ``cfg.policy`` (and, for the win rate, ``cfg.reference``) on held-out prompts."""
     cfg.validate()
-    from rlhf.models import load_policy
-    from rlhf.ppo.rollout import encode_queries, left_pad
-    from rlhf.ppo.value import response_logprobs
-    from rlhf.rewards import load_reward_fn
-    from rlhf.scorers import get_scorer
-    from rlhf.tracking import start_stage
 
     records = load_eval_prompts(cfg.prompts, cfg.split, cfg.num_prompts)
     reward_fn = load_reward_fn(cfg.reward)

@@ -22,12 +22,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf.adapters import AdapterFields, adapter_config, policy_to_write, require_mergeable_start
+from rlhf.adapters import AdapterFields, adapter_config
 from rlhf.config import ConfigError, add_config_arguments, config_from_args, config_hash, option, to_dict
 from rlhf.contracts import load_rankings
 from rlhf.errors import UserError
 from rlhf.export import rankings_to_kto
-from rlhf.models import frozen_copy, load_policy, resolve_model_path, write_policy_dir
+from rlhf.models import (
+    frozen_copy,
+    load_policy,
+    policy_to_write,
+    require_mergeable_start,
+    resolve_model_path,
+    write_policy_dir,
+)
 from rlhf.tracking import RunFields, start_stage
 from rlhf.trainer_callbacks import ProgressCallback, TimeBudgetCallback, TrackerCallback
 

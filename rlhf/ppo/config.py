@@ -6,19 +6,19 @@ behind the defaults are in docs/ppo.md.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from rlhf.adapters import AdapterFields
 from rlhf.config import ConfigError, exact_div, option
 from rlhf.models import MIXED_PRECISION, MIXED_PRECISION_HELP
 from rlhf.rewards import check_reward_spec, reward_model_dirs
-from rlhf.tracking import TrackingConfig
+from rlhf.tracking import RunFields
 
 RANK_SEED_STRIDE = 100_003  # seed + rank · stride: distinct streams per process (docs/ppo.md item 18)
 
 
 @dataclass
-class PPOConfig(AdapterFields):
+class PPOConfig(RunFields, AdapterFields):
     # --- what to train, against what
     policy: str = option(
         "smollm2-135m-instruct", help="starting policy: the SFT policy dir, an alias or a model dir"
@@ -130,10 +130,7 @@ class PPOConfig(AdapterFields):
     output_dir: str = option(
         "", help="where to write the final policy (default: runs/<experiment>/ppo/policy)"
     )
-    experiment: str = option("default", help="experiment name: the W&B group and runs/<experiment>/")
-    runs_dir: str = option("runs", help="root folder of run directories")
     seed: int = option(0, help="random seed (process r uses seed + r·100003 for sampling)")
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self, world_size: int = 1) -> None:
         """Reject bad values before any model loads (sizes divide, reward exists, ranges)."""

@@ -51,10 +51,9 @@ from typing import Any
 
 import torch
 
-from rlhf.adapters import policy_to_write
 from rlhf.cli import progress_bar
 from rlhf.config import config_hash, to_dict
-from rlhf.models import write_policy_dir
+from rlhf.models import policy_to_write, write_policy_dir
 from rlhf.nonfinite import NonFiniteError, stop_if_non_finite
 from rlhf.ppo import math as pm
 from rlhf.ppo.config import RANK_SEED_STRIDE, PPOConfig, num_updates

@@ -24,12 +24,11 @@ import torch
 from accelerate import Accelerator
 from transformers import AutoModel, AutoTokenizer
 
-from rlhf.adapters import policy_to_train
 from rlhf.config import ConfigError, config_hash
 from rlhf.distributed import require_data_parallel
 from rlhf.errors import UserError
 from rlhf.evaluate import evaluate_policy, resolve_stop_token
-from rlhf.models import adam_kwargs, autocast_bf16, disable_dropout, load_policy, use_bf16
+from rlhf.models import adam_kwargs, autocast_bf16, disable_dropout, load_policy, policy_to_train, use_bf16
 from rlhf.ppo import math as pm
 from rlhf.ppo.checkpoint import load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
 from rlhf.ppo.config import RANK_SEED_STRIDE, PPOConfig, num_updates

@@ -200,12 +200,14 @@ def test_resume_continues_from_the_latest_checkpoint(tmp_path, capsys):
         "false",
     ]
     assert main([*common, "--max_steps", "4"]) == 0
-    ckpts = sorted((tmp_path / "runs" / "default" / "rm_train" / "checkpoints").glob("step-*.pt"))
-    assert [p.name for p in ckpts] == ["step-2.pt", "step-4.pt"]
+    ckpt_root = tmp_path / "runs" / "default" / "rm_train" / "checkpoints"
+    ckpts = sorted(p for p in ckpt_root.iterdir() if (p / "done").exists())
+    assert [p.name for p in ckpts] == ["step_000002", "step_000004"]  # every 2 steps, the latest two
+    assert sorted(p.name for p in ckpt_root.iterdir()) == ["step_000002", "step_000004"]  # no leftovers
     capsys.readouterr()
     assert main([*common, "--max_steps", "6", "--resume", "true"]) == 0
     out = capsys.readouterr().out
-    assert "resumed from" in out and "step-4.pt" in out
+    assert "resumed from" in out and "step_000004" in out
     summary = json.loads((tmp_path / "runs" / "default" / "rm_train" / "summary.json").read_text())
     assert summary["rm/steps"] == 6
 

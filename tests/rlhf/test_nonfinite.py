@@ -137,9 +137,9 @@ def test_reward_model_training_stops_with_exit_2_and_keeps_the_last_good_checkpo
     assert "rm train" in err  # the progress bar was drawn
     line = _error_line(err)
     assert f"non-finite {what}" in line and f"step {BAD_CALL};" in line
-    last_good = runs / "default" / "rm_train" / "checkpoints" / f"step-{BAD_CALL - 1}.pt"
+    last_good = runs / "default" / "rm_train" / "checkpoints" / f"step_{BAD_CALL - 1:06d}"
     assert str(last_good) in line
-    blob = torch.load(last_good, weights_only=False)
+    blob = torch.load(last_good / "state.pt", weights_only=False)
     assert blob["step"] == BAD_CALL - 1
     assert all(torch.isfinite(t).all() for t in blob["model"].values())
     assert not Path(runs / "default" / "rm_train" / "model").exists()

@@ -1,0 +1,139 @@
+"""The reward model's passes over prompt groups during training: the loss of a micro-batch, the
+validation / held-out figures, the cache of the frozen lower layers, and the scores that
+normalisation reads. :mod:`reward_models.train` runs them; the optimisation loop itself is there.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from reward_models import losses as L
+from reward_models.groups import Batch, Group, make_batch, ranking_grid
+from reward_models.train_config import RMTrainConfig
+from rlhf.cli import progress_bar
+from rlhf.generation import generate_candidates
+from rlhf.models import load_policy
+from rlhf.reward_model import pad_right, score_texts
+
+
+def batch_rewards(model, batch: Batch) -> torch.Tensor:
+    """Rewards of every ranking's candidates ``[R, Kmax]`` (padding slots hold 0)."""
+    flat = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        hidden=batch.hidden,
+        pool_mask=batch.pool_mask,
+    )
+    return ranking_grid(flat, batch)
+
+
+def batch_loss(cfg: RMTrainConfig, model, raw_tie, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The training loss of ``batch`` (``cfg.loss`` plus reward centring), the rewards ``[R, Kmax]``
+    and how many rankings carried evidence for the loss. ``raw_tie``: the model's raw tie
+    parameter (None for losses without one)."""
+    rewards = batch_rewards(model, batch)
+    loss, used = L.ranking_loss(
+        cfg.loss, rewards, batch.tiers, margin=cfg.margin, tie_param=L.tie_log_param(cfg.loss, raw_tie)
+    )
+    loss = loss + L.reward_centering(rewards, batch.tiers, cfg.center_coef)
+    return loss, rewards, used
+
+
+def pair_stats(rewards: torch.Tensor, tiers: torch.Tensor) -> tuple[float, int]:
+    """(correct strict pairs, strict pairs): reward ties count ½. ``rewards``/``tiers`` ``[R, K]``."""
+    beats, _ = L.pair_masks(tiers)
+    d = rewards[:, :, None] - rewards[:, None, :]
+    correct = ((d > 0).float() + 0.5 * (d == 0).float())[beats].sum()
+    return float(correct), int(beats.sum())
+
+
+@torch.no_grad()
+def build_cache(model, groups: list[Group], pad_id: int, batch_size: int, progress: bool) -> dict:
+    """Lower-layer hidden states ``[T_i, H]`` of every sequence, keyed by group (computed once)."""
+    flat = [(g, ci) for g in groups for ci in range(g.k)]
+    flat.sort(key=lambda x: len(x[0].ids[x[1]]))
+    cache: dict = {id(g): [None] * g.k for g in groups}
+    bar = progress_bar(len(flat), "rm: caching frozen layers", "seq", enabled=progress)
+    for s in range(0, len(flat), batch_size):
+        chunk = flat[s : s + batch_size]
+        ids, mask = pad_right([g.ids[ci] for g, ci in chunk], pad_id)
+        h = model.lower_hidden(ids, mask)
+        for j, (g, ci) in enumerate(chunk):
+            cache[id(g)][ci] = h[j, : len(g.ids[ci])].clone()
+        bar.update(len(chunk))
+    bar.close()
+    return cache
+
+
+def evaluate_groups(
+    cfg: RMTrainConfig, model, raw_tie, groups: list[Group], pad_id: int, cache: dict | None, accelerator=None
+) -> dict[str, float]:
+    """Held-out loss (mean over groups) and strict-pair accuracy, summed across processes.
+
+    The forwards go through the unwrapped model: each DDP forward is a collective (it broadcasts
+    the module's buffers), and processes whose shards hold different numbers of groups would wait
+    on each other forever. Only the sums are reduced."""
+    if accelerator is not None:
+        model = accelerator.unwrap_model(model)
+    was = model.training
+    model.eval()
+    tot = torch.zeros(4, dtype=torch.float64)  # loss·groups, groups, correct, pairs
+    with torch.no_grad():
+        for s in range(0, len(groups), cfg.batch_size):
+            batch = make_batch(groups[s : s + cfg.batch_size], pad_id, cache)
+            loss, rewards, used = batch_loss(cfg, model, raw_tie, batch)
+            c, n = pair_stats(rewards, batch.tiers)
+            tot += torch.tensor([float(loss) * used, used, c, n], dtype=torch.float64)
+    model.train(was)
+    if accelerator is not None and accelerator.num_processes > 1:
+        tot = accelerator.reduce(tot, reduction="sum")
+    return {
+        "eval/loss": float(tot[0] / max(tot[1], 1)),
+        "eval/pair_accuracy": float(tot[2] / tot[3]) if tot[3] > 0 else float("nan"),
+    }
+
+
+def reference_scores(
+    cfg: RMTrainConfig, model, tokenizer, groups: list[Group], cache: dict | None, progress: bool
+) -> tuple[torch.Tensor, str]:
+    """Raw rewards of reference-policy samples: fresh samples from ``norm_policy``, or the training
+    candidates (they were sampled from the policy the rankings were collected on)."""
+    if cfg.norm_policy:
+        policy, ptok = load_policy(cfg.norm_policy)
+        prompts = [{"prompt_id": g.prompt_id, "prompt": g.prompt} for g in groups[: cfg.norm_prompts]]
+        cands = generate_candidates(
+            policy,
+            ptok,
+            prompts,
+            k=1,
+            max_new_tokens=cfg.norm_max_new_tokens,
+            seed=cfg.seed,
+            model_name=cfg.norm_policy,
+            progress=progress,
+        )
+        texts = [(c["prompt"], x["text"], x["gen"]["finished"]) for c in cands for x in c["candidates"]]
+        scores, _ = score_texts(
+            model,
+            tokenizer,
+            [p for p, _, _ in texts],
+            [t for _, t, _ in texts],
+            cfg.max_length,
+            cfg.score_batch_size,
+            finished=[f for _, _, f in texts],
+        )
+        return scores, f"samples of {cfg.norm_policy} on {len(prompts)} training prompts"
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(groups), cfg.batch_size):
+            chunk = groups[s : s + cfg.batch_size]
+            b = make_batch(chunk, tokenizer.pad_token_id, cache)
+            out.append(
+                model(
+                    input_ids=b.input_ids,
+                    attention_mask=b.attention_mask,
+                    hidden=b.hidden,
+                    pool_mask=b.pool_mask,
+                )
+            )
+    return torch.cat(out).float(), f"the {sum(g.k for g in groups)} training candidates"

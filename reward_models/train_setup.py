@@ -1,0 +1,249 @@
+"""Set-up of one reward model's training (:mod:`reward_models.train`): from the config to the
+:class:`Trainee` that the training loop steps.
+
+:func:`read_data` reads, checks and splits the rankings (before any model loads, so bad input
+fails fast); :func:`set_up` then builds, in this order: the model (its initial tie parameter from
+the training rankings' tie rate), the tokenized prompt groups and the input report, this process's
+shard of prompts and the cache of its frozen lower layers, the optimiser and learning-rate
+schedule, prepared by the accelerator. The seed is set before the model is built
+(:func:`reward_models.train._train_one`), so the seeded results depend on this order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from reward_models.groups import DataReport, Group, build_groups, encode_groups, read_records, split_groups
+from reward_models.losses import initial_tie_raw, initial_tie_value, tie_rate
+from reward_models.model import LoraSettings, build_reward_model
+from reward_models.scoring import build_cache
+from reward_models.train_config import RMTrainConfig
+from rlhf.checkpoint import Checkpoints
+from rlhf.config import ConfigError
+from rlhf.errors import UserError
+from rlhf.models import adam_kwargs, autocast_bf16
+from rlhf.tracking import Tracker
+
+CHECKPOINT_PREFIX = "step_"  # checkpoints/step_000040/ (rlhf.checkpoint)
+KEEP_CHECKPOINTS = 2
+
+
+# ----------------------------------------------------------------------------- 1-2. data
+
+
+@dataclass
+class RMData:
+    """The checked rankings of one run, split by prompt."""
+
+    report: DataReport
+    records: list[dict]  # the training file's records (their hash goes into rlhf_reward.json)
+    train: list[Group]
+    held: list[Group]  # scored once, at the end
+    val: list[Group]  # decides when to stop and which step to keep
+
+
+def read_data(cfg: RMTrainConfig, split_seed: int) -> RMData:
+    """Read and check the rankings, then split off the held-out and validation prompts."""
+    report = DataReport()
+    records = read_records(cfg.rankings, skip_bad_rows=cfg.skip_bad_rows, report=report)
+    groups = build_groups(records, report, cfg.loss)
+    if cfg.eval_rankings:
+        held_report = DataReport()
+        held_records = read_records(cfg.eval_rankings, skip_bad_rows=cfg.skip_bad_rows, report=held_report)
+        held = build_groups(held_records, held_report, cfg.loss)
+        train_groups = groups
+        report.bad_rows += held_report.bad_rows
+        report.examples += [f"(eval file) {e}" for e in held_report.examples]
+    else:
+        train_groups, held = split_groups(groups, cfg.eval_fraction, split_seed)
+    val: list[Group] = []
+    if cfg.val_fraction > 0 and len(train_groups) > 2:
+        train_groups, val = split_groups(train_groups, cfg.val_fraction, split_seed + 1)
+    if not train_groups:
+        raise UserError(
+            f"{cfg.rankings}: no usable rankings ({report.records} records; "
+            + "; ".join(report.lines()[1:3]).strip()
+            + ")",
+            code="no_data",
+        )
+    return RMData(report, records, train_groups, held, val)
+
+
+# ----------------------------------------------------------------------------- 3-4. set-up
+
+
+@dataclass
+class Run:
+    """What every step of one model's training shares: config, processes, tracker, run dir."""
+
+    cfg: RMTrainConfig
+    accelerator: Accelerator
+    bf16: bool
+    tracker: Tracker
+    run_dir: Path
+    t_start: float
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def eval_path(self) -> Path:
+        return self.run_dir / "eval_rankings.jsonl"
+
+    @property
+    def checkpoints(self) -> Checkpoints:
+        return Checkpoints(self.run_dir / "checkpoints", CHECKPOINT_PREFIX, "reward-model")
+
+    def amp(self):
+        """Forwards under bf16 autocast where mixed_precision resolved to bf16 (weights stay fp32)."""
+        return autocast_bf16(self.accelerator.device, self.bf16)
+
+
+@dataclass
+class Trainee:
+    """The reward model under training, its optimiser and schedule, and this process's prompts."""
+
+    model: Any  # as the accelerator prepared it (DDP-wrapped in a multi-process launch)
+    inner: Any  # the reward model itself
+    tokenizer: Any
+    tie_init: float | None
+    my_train: list[Group]
+    my_val: list[Group]
+    my_held: list[Group]
+    cache: dict | None  # frozen lower layers' hidden states, by group
+    cache_time: float
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    steps_per_epoch: int  # the same in every process
+    total_steps: int
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    @property
+    def raw_tie(self) -> torch.Tensor | None:
+        return self.inner.tie_param
+
+
+def set_up(run: Run, data: RMData) -> Trainee:
+    """The model and tokenized data, this process's shard of prompts and its cache, the optimiser
+    and schedule (module docstring)."""
+    cfg, accelerator = run.cfg, run.accelerator
+    tie_init = initial_tie_value(cfg.loss, cfg.theta, cfg.nu, tie_rate(data.train))
+    model, tokenizer = build_reward_model(
+        cfg.model,
+        cfg.trainable,
+        cfg.top_layers,
+        LoraSettings(cfg.lora_r, cfg.lora_alpha, 0.0, tuple(cfg.lora_targets)),
+        tie_param=initial_tie_raw(cfg.loss, tie_init),
+        learn_tie_param=cfg.learn_tie_param,
+        seed=cfg.seed,
+        pooling=cfg.pooling,
+        layers=cfg.layers,
+    )
+    for groups in (data.train, data.held, data.val):
+        encode_groups(groups, tokenizer, cfg.max_length, data.report)
+    if run.main:
+        _report_data(run, data.report)
+
+    # each process owns a fixed shard of prompts (so its cache covers only its own)
+    rank, world = accelerator.process_index, run.world
+    by_len = sorted(data.train, key=lambda g: (g.n_tokens, g.prompt_id))
+    my_train, my_held, my_val = by_len[rank::world], data.held[rank::world], data.val[rank::world]
+    cache, cache_time = _cache_frozen_layers(run, model, my_train + my_val + my_held, tokenizer.pad_token_id)
+
+    optimizer = _optimizer(cfg, model)
+    steps_per_epoch, total_steps = _steps(run, len(my_train))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    )
+    prepared, optimizer = accelerator.prepare(model, optimizer)
+    return Trainee(
+        model=prepared,
+        inner=accelerator.unwrap_model(prepared),
+        tokenizer=tokenizer,
+        tie_init=tie_init,
+        my_train=my_train,
+        my_val=my_val,
+        my_held=my_held,
+        cache=cache,
+        cache_time=cache_time,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+    )
+
+
+def _cache_frozen_layers(run: Run, model, groups: list[Group], pad_id: int) -> tuple[dict | None, float]:
+    """The frozen lower layers' hidden states of every sequence of ``groups``, computed once
+    (None where nothing is frozen or ``cache_hidden`` is off), and the seconds it took."""
+    if not (model.caches_lower_layers and run.cfg.cache_hidden):
+        return None, 0.0
+    t0 = time.time()
+    with run.amp():
+        cache = build_cache(model, groups, pad_id, run.cfg.score_batch_size, run.main)
+    cache_time = time.time() - t0
+    if run.main:
+        print(
+            f"rm: cached the {model.n_layers - model.top_layers} frozen layers in {time.time() - t0:.1f}s",
+            flush=True,
+        )
+    return cache, cache_time
+
+
+def _steps(run: Run, n_train: int) -> tuple[int, int]:
+    """Optimizer steps per epoch and in all, for ``n_train`` training prompts in this process."""
+    cfg = run.cfg
+    n_batches = math.ceil(n_train / cfg.batch_size)
+    if run.world > 1:  # every process must take the same number of steps
+        n_batches = int(run.accelerator.gather(torch.tensor([n_batches])).min())
+    if n_batches < cfg.grad_accum:
+        raise ConfigError(
+            f"grad_accum={cfg.grad_accum} but an epoch has only {n_batches} micro-batches of "
+            f"{cfg.batch_size} prompts per process; lower grad_accum or batch_size"
+        )
+    steps_per_epoch = max(1, n_batches // cfg.grad_accum)
+    total_steps = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * steps_per_epoch)))
+    return steps_per_epoch, total_steps
+
+
+def _report_data(run: Run, report: DataReport) -> None:
+    """Print the input report, log it at step 0 and write it to ``data_report.json``."""
+    for line in report.lines():
+        print(line, flush=True)
+    run.tracker.log(report.metrics(), step=0)
+    run.tracker.summary(report.metrics())
+    (run.run_dir / "data_report.json").write_text(
+        json.dumps({**vars(report), "lines": report.lines()}, indent=2, default=str)
+    )
+
+
+def _optimizer(cfg: RMTrainConfig, model) -> torch.optim.AdamW:
+    """AdamW over the trainable weights; a learned tie parameter gets its own rate and no weight
+    decay (that would pull log ν / raw θ to 0)."""
+    tie = model.tie_param if model.tie_param is not None and model.tie_param.requires_grad else None
+    params = [p for p in model.parameters() if p.requires_grad and p is not tie]
+    groups = [{"params": params}]
+    if tie is not None:
+        groups.append({"params": [tie], "lr": cfg.tie_lr, "weight_decay": 0.0})
+    return torch.optim.AdamW(
+        groups,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        **adam_kwargs([p for g in groups for p in g["params"]]),
+    )
