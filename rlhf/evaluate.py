@@ -95,7 +95,7 @@ def evaluate_policy(
 
     ``prompts`` are the prompts as in the data contracts (text or chat messages): the reward
     function gets them as they are, the gold scorer and the rows get their text. Query ``i``
-    samples from its own random stream seeded ``seed, i`` (:func:`rlhf.generation.row_uniforms`):
+    samples from its own random stream seeded ``seed, i`` (:func:`rlhf.sampling.row_uniforms`):
     the responses do not depend on ``batch_size``, and two policies evaluated with the same seed
     draw the same random numbers per prompt.
 

@@ -46,8 +46,8 @@ from torch import nn
 from rlhf.contracts import prompt_text
 from rlhf.errors import UserError
 from rlhf.fsio import atomic_dir, recover_dir
-from rlhf.generation import MIN_SHARED_PREFIX, common_prefix_length, shared_prefix_cache
 from rlhf.models import disable_dropout, format_conversation, format_prompt, load_tokenizer
+from rlhf.sampling import MIN_SHARED_PREFIX, common_prefix_length, shared_prefix_cache
 
 META_FILE = "rlhf_reward.json"
 ENSEMBLE_FILE = "rlhf_ensemble.json"  # an ensemble dir's manifest (:func:`save_ensemble`)

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf.generation import response_text, sample_responses
 from rlhf.models import format_prompt
 from rlhf.ppo.math import truncate_after_stop
+from rlhf.sampling import response_text, sample_responses
 
 
 def encode_queries(tokenizer, prompts: list, max_prompt_tokens: int) -> list[list[int]]:
@@ -150,7 +150,7 @@ def decode_responses(
     tokenizer, tokens: torch.Tensor, mask: torch.Tensor, has_stop: torch.Tensor
 ) -> list[str]:
     """Text of each response for the reward function and scorers, exactly as ``rlhf generate``
-    writes candidates (:func:`rlhf.generation.response_text`); whether a response ended is passed
+    writes candidates (:func:`rlhf.sampling.response_text`); whether a response ended is passed
     along separately (``has_stop``)."""
     lengths = mask.sum(-1).tolist()
     return [

@@ -26,8 +26,8 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from rlhf.generation import shared_prefix_cache, split_common_prefix
 from rlhf.ppo.math import logprobs_from_logits
+from rlhf.sampling import shared_prefix_cache, split_common_prefix
 
 
 def concat_query_response(

@@ -116,7 +116,7 @@ def test_lora_trains_adapters_and_saves_merged(tmp_path):
 
 def test_shared_prefix_scoring_equals_whole_sequences(top_model):
     from reward_models.model import score_ids
-    from rlhf.generation import common_prefix_length
+    from rlhf.sampling import common_prefix_length
 
     model, tok = top_model
     system = [{"role": "system", "content": "You judge answers by how helpful and kind they are."}]

@@ -13,9 +13,9 @@ import torch
 from rlhf.adapters import AdapterFields, VirtualTokenPolicy, with_adapter
 from rlhf.cli import main
 from rlhf.data import read_jsonl
-from rlhf.generation import sample_responses
 from rlhf.models import load_policy
 from rlhf.ppo.value import forward_query_response
+from rlhf.sampling import sample_responses
 from tests.reward_models.rm_data import make_records, write_records
 from tests.rlhf import ppo_helpers
 

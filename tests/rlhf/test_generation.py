@@ -7,16 +7,10 @@ import json
 import pytest
 import torch
 
-from rlhf.generation import (
-    Samples,
-    filter_logits,
-    generate_candidates,
-    response_text,
-    sample_from_logits,
-    sample_responses,
-)
+from rlhf.generation import generate_candidates
 from rlhf.models import format_prompt, load_policy
 from rlhf.ppo.rollout import decode_responses
+from rlhf.sampling import Samples, filter_logits, response_text, sample_from_logits, sample_responses
 
 PROMPTS = [
     {"prompt_id": "p1", "prompt": "Hi"},
@@ -344,11 +338,11 @@ def test_generate_bad_inputs_write_nothing(in_tmp, capsys):
 def test_preallocated_cache_matches_transformers_dynamic_cache(tiny, monkeypatch):
     from transformers import DynamicCache
 
-    from rlhf import generation
+    from rlhf import sampling
 
     model, tok = tiny
     query, qmask = _batch(tok, ["one", "a second, longer prompt", "3"])
-    assert type(generation._new_cache(model, 8).layers[0]).__name__ == "PreallocatedLayer"
+    assert type(sampling._new_cache(model, 8).layers[0]).__name__ == "PreallocatedLayer"
     kw = dict(
         max_new_tokens=20,
         temperature=0.8,
@@ -357,7 +351,7 @@ def test_preallocated_cache_matches_transformers_dynamic_cache(tiny, monkeypatch
         num_samples=2,
     )
     ours = sample_responses(model, query, qmask, generator=torch.Generator().manual_seed(4), **kw)
-    monkeypatch.setattr(generation, "_new_cache", lambda model, capacity: DynamicCache(config=model.config))
+    monkeypatch.setattr(sampling, "_new_cache", lambda model, capacity: DynamicCache(config=model.config))
     plain = sample_responses(model, query, qmask, generator=torch.Generator().manual_seed(4), **kw)
     assert torch.equal(ours.tokens, plain.tokens)
     assert torch.allclose(ours.logprobs, plain.logprobs, atol=1e-5)
@@ -389,7 +383,7 @@ def test_samples_can_feed_a_training_pass(tiny):
 
 
 def test_split_common_prefix_by_hand():
-    from rlhf.generation import split_common_prefix
+    from rlhf.sampling import split_common_prefix
 
     q = torch.tensor([[0, 0, 5, 6, 7, 8, 9], [5, 6, 7, 8, 1, 2, 3], [0, 5, 6, 7, 8, 4, 4]])
     m = (q != 0).long()
@@ -412,7 +406,7 @@ def test_shared_prefix_prefill_gives_the_same_logprobs(tiny):
     system = [{"role": "system", "content": "You are a careful assistant who answers briefly."}]
     texts = [system + [{"role": "user", "content": u}] for u in ("hi", "a longer question here", "why")]
     query, qmask = _batch(tok, texts)
-    from rlhf.generation import split_common_prefix
+    from rlhf.sampling import split_common_prefix
 
     assert split_common_prefix(query, qmask) is not None  # the shared path really runs
     kw = dict(

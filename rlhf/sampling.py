@@ -1,0 +1,477 @@
+"""Sampling from a policy: the lab's one sampling loop (PPO rollouts, candidate generation, evaluation).
+
+:func:`sample_responses` is the one sampling loop of the lab (PPO rollouts, candidate generation,
+evaluation). It is a plain loop instead of ``model.generate`` because on a CPU ``generate``
+spends most of its time in per-step bookkeeping (logits processors, stopping criteria, mask
+rebuilding, the full-vocabulary logits of every prompt position): here generation ran at about a
+third of the forward-pass rate. The loop:
+
+1. one prefill forward over the left-padded batch, with ``position_ids`` from the attention mask
+   and only the last position's logits computed;
+2. per step, one forward of the last sampled token per row against the KV cache;
+3. **batch shrinking**: rows that sampled EOS leave the batch (their KV cache rows are dropped),
+   so the cost of a step falls as responses finish, and the loop stops when all are done;
+4. sampling is inverse-CDF sampling from ``softmax(logits / temperature)`` (optionally top-k /
+   top-p filtered); the returned log-prob of each sampled token is ``log_softmax(logits /
+   temperature)`` of the *unfiltered* distribution, i.e. exactly what a training forward
+   computes. Under pure sampling (the default, and the only setting PPO may use for its old
+   log-probs, docs/ppo.md item 3) these are the sampling log-probs and PPO's first-minibatch ratio is 1.
+
+Deviation from ``model.generate``: none in distribution (same logits, same sampling rule); the
+random stream differs, so the same seed gives different (equally distributed) samples.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from rlhf.adapters import num_virtual_tokens
+
+
+@dataclass
+class Samples:
+    """Sampled responses of one batch.
+
+    tokens:   [B, T] long. Response tokens; everything after a row's first EOS is ``pad_token_id``
+              (the EOS itself is kept). T ≤ max_new_tokens: the loop stops once every row ended.
+    logprobs: [B, T] float32. ``log_softmax(logits / temperature)`` of each sampled token, 0 on pad.
+    lengths:  [B] long. Response length per row including its EOS (the real tokens are
+              ``tokens[i, :lengths[i]]``). Use this, not ``tokens != pad``, to build masks: a
+              model may legitimately sample its pad token before stopping.
+    finished: [B] bool. True when the row ended with EOS (False: cut off at max_new_tokens).
+    values:   [B, T] float32 or None. With a ``value_head``: the head applied to the last hidden
+              state that produced each token's logits (the value of the state before token t), 0 on pad.
+    """
+
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+    lengths: torch.Tensor
+    finished: torch.Tensor
+    values: torch.Tensor | None = None
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """[B, T] bool, True on real response tokens (up to and including the first EOS)."""
+        t = torch.arange(self.tokens.shape[1], device=self.tokens.device)
+        return t[None, :] < self.lengths[:, None]
+
+
+@functools.cache
+def _preallocated_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        """A KV-cache layer that writes into buffers sized for the whole rollout.
+
+        transformers' ``DynamicLayer`` concatenates every new key/value onto the cache, copying
+        the whole cache each step (10 % of a SmolLM2 decoding step at batch 32 with ~70 cached
+        tokens, growing with length). Here keys/values live in ``[B, H, capacity, D]`` buffers
+        and attention sees a view of the filled part. Installed only where every layer of the
+        model's cache is a plain ``DynamicLayer`` (no sliding windows); otherwise the default
+        cache is used.
+        """
+
+        is_croppable = False
+
+        def __init__(self, capacity: int):
+            super().__init__()
+            self.capacity = capacity
+            self.length = 0
+
+        def lazy_initialization(self, key_states, value_states) -> None:
+            b, h, _, d = key_states.shape
+            self.dtype, self.device = key_states.dtype, key_states.device
+            self._k = key_states.new_empty(b, h, self.capacity, d)
+            self._v = value_states.new_empty(b, h, self.capacity, value_states.shape[-1])
+            self.is_initialized = True
+
+        def _views(self) -> None:
+            self.keys = self._k[:, :, : self.length]
+            self.values = self._v[:, :, : self.length]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            n = key_states.shape[-2]
+            if self.length + n > self.capacity:
+                raise RuntimeError(f"KV cache capacity {self.capacity} exceeded")
+            self._k[:, :, self.length : self.length + n] = key_states
+            self._v[:, :, self.length : self.length + n] = value_states
+            self.length += n
+            self._views()
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def reset(self) -> None:
+            self.length = 0
+            super().reset()
+
+        def batch_select_indices(self, indices) -> None:
+            if self.is_initialized:
+                self._k, self._v = self._k[indices], self._v[indices]
+                self._views()
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            if self.is_initialized:
+                self._k = self._k.repeat_interleave(repeats, dim=0)
+                self._v = self._v.repeat_interleave(repeats, dim=0)
+                self._views()
+
+    return PreallocatedLayer
+
+
+def response_text(tokenizer, token_ids: list[int], finished: bool) -> str:
+    """The text of a sampled response, as reward models train on it and score it.
+
+    The stop token that ended a finished response is dropped (the reward model appends EOS back to
+    finished responses only: docs/reward-models.md); special tokens the policy sampled mid-response
+    are kept, so the text is what the policy wrote. ``rlhf generate`` and PPO's rollouts both decode
+    through here, so training and scoring see the same bytes.
+    """
+    body = token_ids[:-1] if finished and token_ids else token_ids
+    return tokenizer.decode(body, skip_special_tokens=False)
+
+
+def _new_cache(model, capacity: int):
+    """A DynamicCache for ``model``, with preallocated layers where that is safe (see above).
+    ``capacity`` counts the caller's tokens; a virtual-token policy's own positions are added."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    capacity += num_virtual_tokens(model)
+
+    config = getattr(model, "config", None)
+    try:
+        cache = DynamicCache(config=config)
+    except Exception:  # a config the cache cannot read: let the model build its own cache
+        return None
+    layers = getattr(cache, "layers", None)
+    if layers and all(type(layer) is DynamicLayer for layer in layers):
+        layer_cls = _preallocated_layer_class()
+        cache.layers = [layer_cls(capacity) for _ in layers]
+    return cache
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Top-k then nucleus (top-p) filtering: tokens outside are set to -inf. logits: [B, V].
+
+    top_k = 0 and top_p = 1.0 (the defaults) return ``logits`` unchanged (pure sampling).
+    """
+    if top_k and top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token when the mass *before* it already reaches top_p (the top token always stays).
+        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_from_logits(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    uniform: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row of ``logits`` [B, V]; return (tokens [B], logprobs [B]).
+
+    ``uniform [B]`` in [0, 1): the random number of each row, given by the caller (per-row
+    streams, see :func:`row_uniforms`); otherwise drawn from ``generator``.
+
+    The log-prob is ``log_softmax(logits / temperature)`` of the sampled token under the
+    *unfiltered* distribution (what a training forward computes). Sampling is by inverse CDF
+    (one uniform per row, a cumulative sum and a binary search) instead of ``torch.multinomial``:
+    on CPU ``multinomial`` draws an exponential variate for every vocabulary entry, which made it
+    cost as much as the model's whole decoding step at batch 64 (94 ms vs 9 ms here, V = 49152).
+    """
+    scaled = logits.float() / temperature
+    vmax = scaled.max(dim=-1, keepdim=True).values
+    unnorm = (scaled - vmax).exp_()  # [B, V], in (0, 1]
+    log_z = unnorm.sum(dim=-1, keepdim=True).log_()  # log-partition relative to vmax
+    if top_k or top_p < 1.0:
+        weights = torch.softmax(filter_logits(scaled, top_k, top_p), dim=-1)
+    else:
+        weights = unnorm
+    cdf = weights.cumsum_(dim=-1) if weights is unnorm else weights.cumsum(dim=-1)
+    # u in (0, total]: the first index with cdf >= u always has positive weight.
+    if uniform is None:
+        uniform = torch.rand(cdf.shape[0], generator=generator, device=cdf.device)
+    u = (1.0 - uniform.to(cdf.device, cdf.dtype)[:, None]) * cdf[:, -1:]
+    tok = torch.searchsorted(cdf, u).clamp_(max=cdf.shape[-1] - 1)
+    logp = scaled.gather(1, tok) - vmax - log_z
+    return tok.squeeze(1), logp.squeeze(1)
+
+
+def row_uniforms(row_seeds, steps: int) -> torch.Tensor:
+    """``[B, steps]`` uniforms in [0, 1), row ``i`` from its own generator seeded ``row_seeds[i]``.
+
+    A row's samples then depend only on its own seed and its own logits, never on which rows share
+    its batch or how the rows are split into batches: evaluation gives the same responses at any
+    batch size, and two policies sampled with the same seeds per prompt draw the same random
+    numbers (common random numbers: their comparison has less variance).
+    """
+    return torch.stack(
+        [torch.rand(steps, generator=torch.Generator().manual_seed(int(s))) for s in row_seeds]
+    )
+
+
+MIN_SHARED_PREFIX = 4  # shorter shared prefixes are not worth a second forward call
+
+
+def common_prefix_length(seqs) -> int:
+    """Length of the token prefix all ``seqs`` (token lists) share, leaving each ≥ 1 token of its own."""
+    if not seqs:
+        return 0
+    first, n = seqs[0], max(min(len(s) for s in seqs) - 1, 0)
+    for i in range(n):
+        if any(s[i] != first[i] for s in seqs):
+            return i
+    return n
+
+
+def split_common_prefix(
+    query_ids: torch.Tensor, query_mask: torch.Tensor, min_len: int = MIN_SHARED_PREFIX
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Split left-padded queries ``[B, L]`` into the prefix every row shares and the rest.
+
+    Returns ``(prefix [1, P], rest [B, S], rest_mask [B, S])`` with the rest left-padded again, or
+    None when fewer than ``min_len`` tokens are shared or there is only one row. Every row keeps at
+    least one token in the rest (the prefill must end on each row's own last token).
+    """
+    if query_ids.shape[0] < 2:
+        return None
+    lengths = query_mask.long().sum(-1).tolist()
+    rows = [ids[len(ids) - n :] for ids, n in zip(query_ids.tolist(), lengths)]  # real tokens
+    n_pre = common_prefix_length(rows)
+    if n_pre < min_len:
+        return None
+    s_width = max(lengths) - n_pre
+    rest = query_ids.new_full((len(rows), s_width), rows[0][0])  # any valid id: masked out
+    rest_mask = query_mask.new_zeros((len(rows), s_width))
+    for i, row in enumerate(rows):
+        n = len(row) - n_pre
+        rest[i, s_width - n :] = query_ids[i, query_ids.shape[1] - n :]
+        rest_mask[i, s_width - n :] = 1
+    return query_ids.new_tensor([rows[0][:n_pre]]), rest, rest_mask
+
+
+def shared_prefix_cache(model, prefix: torch.Tensor, n_rows: int, cache=None, lm: bool = True):
+    """The KV cache of ``prefix [1, P]`` (positions 0..P-1), run once and repeated for ``n_rows`` rows.
+
+    ``cache``: an empty cache to fill (e.g. preallocated), else the model makes one. The repeat is
+    differentiable, so a training forward on top of it gets the gradients of the full sequences.
+    ``lm``: ``model`` is a causal LM (only the last position's logits are computed) rather than a
+    bare backbone.
+    """
+    n_pre = prefix.shape[1]
+    out = model(
+        input_ids=prefix,
+        attention_mask=torch.ones_like(prefix),
+        position_ids=torch.arange(n_pre, device=prefix.device)[None],
+        past_key_values=cache,
+        use_cache=True,
+        **({"logits_to_keep": 1} if lm else {}),
+    )
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(n_rows)
+    return cache
+
+
+def sample_responses(
+    model,
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    eos_token_id: int,
+    pad_token_id: int,
+    generator: torch.Generator | None = None,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    num_samples: int = 1,
+    value_head: torch.nn.Module | None = None,
+    share_prefix: bool = True,
+    row_seeds=None,
+) -> Samples:
+    """Sample responses for a left-padded batch of queries (see the module docstring).
+
+    query_ids, query_mask: [B, L] (left padding: real tokens at the right end of each row).
+    ``num_samples`` = n > 1 samples n responses per query from one prefill (the prompt's KV
+    cache is copied n times): rows of the result are ``query 0 sample 0..n-1, query 1 ...``.
+    Returns :class:`Samples` with tokens/logprobs [B·n, T], T ≤ max_new_tokens. The returned
+    tensors are ordinary tensors (not inference-mode tensors), so a training pass may use them.
+
+    ``value_head`` (a scalar head on the model's last hidden state, as PPO's shared value model):
+    the values of every sampled state come out of the sampling forwards themselves, the same
+    hidden states a full forward over query + response computes (up to float rounding of the
+    KV-cached attention), so PPO needs no separate value pass over the rollout.
+
+    ``share_prefix``: the token prefix all queries share is computed once (see
+    :func:`split_common_prefix`); same distribution, less prefill.
+
+    ``row_seeds`` (one int per output row, ``B·n``): each row draws from its own random stream
+    (:func:`row_uniforms`) instead of ``generator``, so its response does not depend on the batch.
+    """
+    uniforms = None
+    if row_seeds is not None:
+        if len(row_seeds) != query_ids.shape[0] * num_samples:
+            raise ValueError(f"row_seeds: {len(row_seeds)} seeds for {query_ids.shape[0] * num_samples} rows")
+        uniforms = row_uniforms(row_seeds, max(max_new_tokens, 0)).to(query_ids.device)
+    with torch.inference_mode():
+        s = _sample_loop(
+            model,
+            query_ids,
+            query_mask,
+            max_new_tokens,
+            temperature,
+            eos_token_id,
+            pad_token_id,
+            generator,
+            top_k,
+            top_p,
+            num_samples,
+            value_head,
+            share_prefix,
+            uniforms,
+        )
+    # Cloning outside inference mode turns inference tensors into normal ones: PPO feeds these
+    # tokens to an autograd forward, which may not save inference tensors for backward.
+    return Samples(
+        *(t.clone() for t in (s.tokens, s.logprobs, s.lengths, s.finished)),
+        values=s.values.clone() if s.values is not None else None,
+    )
+
+
+def _sample_loop(
+    model,
+    query_ids,
+    query_mask,
+    max_new_tokens,
+    temperature,
+    eos_token_id,
+    pad_token_id,
+    generator,
+    top_k,
+    top_p,
+    num_samples,
+    value_head=None,
+    share_prefix=True,
+    uniforms=None,
+) -> Samples:
+    if temperature <= 0:
+        raise ValueError("temperature must be > 0 (use a small value such as 1e-4 for near-greedy)")
+    if num_samples < 1:
+        raise ValueError("num_samples must be >= 1")
+    was_training = model.training
+    model.eval()
+    device = query_ids.device
+    bsz = query_ids.shape[0] * num_samples
+    mask = query_mask.to(device=device, dtype=torch.long)
+    tokens = torch.full((bsz, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros((bsz, max_new_tokens), dtype=torch.float32, device=device)
+    lengths = torch.full((bsz,), max_new_tokens, dtype=torch.long, device=device)
+    finished = torch.zeros(bsz, dtype=torch.bool, device=device)
+    values = (
+        torch.zeros((bsz, max_new_tokens), dtype=torch.float32, device=device)
+        if value_head is not None
+        else None
+    )
+    if max_new_tokens <= 0 or bsz == 0:
+        return Samples(tokens[:, :0], logprobs[:, :0], lengths.zero_(), finished, values)
+    hidden_kw = {"output_hidden_states": True} if value_head is not None else {}
+
+    def state_values(out) -> torch.Tensor:
+        return value_head(out.hidden_states[-1][:, -1, :]).squeeze(-1).float()
+
+    # 1. prefill: positions count real tokens only, so left padding does not shift them.
+    split = split_common_prefix(query_ids, mask) if share_prefix else None
+    if split is None:
+        input_ids, position_ids = query_ids, (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = _new_cache(model, capacity=query_ids.shape[1] + max_new_tokens)
+    else:
+        # The prompt prefix every row shares (the chat template's system prompt: 24 of ~36 tokens
+        # on SmolLM2) runs once at batch 1 and its KV cache is copied to every row; then the rest
+        # of each prompt runs against it. Layout [prefix | left-padded rest]: the mask carries the
+        # padding in the middle and positions still count real tokens only.
+        prefix, input_ids, rest_mask = split
+        n_pre = prefix.shape[1]
+        cache = _new_cache(model, capacity=n_pre + input_ids.shape[1] + max_new_tokens)
+        cache = shared_prefix_cache(model, prefix, input_ids.shape[0], cache)
+        mask = torch.cat([mask.new_ones(input_ids.shape[0], n_pre), rest_mask], dim=1)
+        position_ids = n_pre + (rest_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=position_ids,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+        **hidden_kw,
+    )
+    cache = out.past_key_values
+    logits = out.logits[:, -1, :]
+    v = state_values(out) if value_head is not None else None
+    next_pos = position_ids[:, -1:] + 1
+    if num_samples > 1:
+        v = v.repeat_interleave(num_samples, dim=0) if v is not None else None
+        logits = logits.repeat_interleave(num_samples, dim=0)
+        mask = mask.repeat_interleave(num_samples, dim=0)
+        next_pos = next_pos.repeat_interleave(num_samples, dim=0)
+        cache.batch_repeat_interleave(num_samples)
+    rows = torch.arange(bsz, device=device)  # original row index of each row still sampling
+    steps = max_new_tokens
+    for t in range(max_new_tokens):
+        u = uniforms[rows, t] if uniforms is not None else None
+        tok, lp = sample_from_logits(logits, temperature, top_k, top_p, generator, uniform=u)
+        tokens[rows, t] = tok
+        logprobs[rows, t] = lp
+        if values is not None:
+            values[rows, t] = v
+        done = tok == eos_token_id
+        if bool(done.any()):
+            finished[rows[done]] = True
+            lengths[rows[done]] = t + 1
+            keep = (~done).nonzero().squeeze(1)
+            if keep.numel() == 0:
+                steps = t + 1
+                break
+            # 3. batch shrinking: finished rows leave the batch and the KV cache.
+            rows, tok, mask, next_pos = rows[keep], tok[keep], mask[keep], next_pos[keep]
+            cache.batch_select_indices(keep)
+        if t == max_new_tokens - 1:
+            break
+        # 2. one decoding step for the rows still running.
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        out = model(
+            input_ids=tok[:, None],
+            attention_mask=mask,
+            position_ids=next_pos,
+            past_key_values=cache,
+            use_cache=True,
+            **hidden_kw,
+        )
+        cache = out.past_key_values
+        logits = out.logits[:, -1, :]
+        if value_head is not None:
+            v = state_values(out)
+        next_pos = next_pos + 1
+    if was_training:
+        model.train()
+    return Samples(
+        tokens[:, :steps],
+        logprobs[:, :steps],
+        lengths,
+        finished,
+        values[:, :steps] if values is not None else None,
+    )
