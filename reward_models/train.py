@@ -39,7 +39,6 @@ the settings from :mod:`reward_models.train_config`; this module runs them in or
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -85,6 +84,7 @@ from reward_models.train_setup import KEEP_CHECKPOINTS, RMData, Run, Trainee, re
 from rlhf.checkpoint import load_state
 from rlhf.cli import progress_bar
 from rlhf.config import add_config_arguments, config_from_args, to_dict
+from rlhf.datafiles import write_jsonl
 from rlhf.distributed import require_data_parallel
 from rlhf.models import use_bf16
 from rlhf.nonfinite import gradient_norm, stop_if_non_finite
@@ -159,7 +159,7 @@ def _train_one(cfg: RMTrainConfig, split_seed: int, stage: str) -> dict:
         run_dir = Path(tracker.run_dir) if tracker.run_dir else stage_run_dir(cfg, stage)
         run = Run(cfg, accelerator, bf16, tracker, run_dir, t_start)
         if run.main:
-            _write_jsonl(run.eval_path, [r for g in data.held for r in g.records])
+            write_jsonl(run.eval_path, [r for g in data.held for r in g.records])
         trainee = set_up(run, data)
         progress = training_loop(run, trainee, data)
         final, norm = finish(run, trainee, progress, data)
@@ -472,15 +472,6 @@ def _reward_meta(cfg: RMTrainConfig, trainee: Trainee, data: RMData, final: dict
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": to_dict(cfg),
     }
-
-
-def _write_jsonl(path: Path, records: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".jsonl.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for r in records:
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(path)
 
 
 def add_parser(subparsers):
