@@ -50,6 +50,7 @@ from rlhf.config import ConfigError, add_config_arguments, config_from_args, opt
 from rlhf.contracts import prompt_text
 from rlhf.errors import UserError
 from rlhf.reward_model import encode_conversations, load_reward_model, read_meta, score_ids
+from rlhf.scorers import get_scorer
 from rlhf.stats import bootstrap_ci
 from rlhf.tracking import RunFields, start_stage
 
@@ -414,8 +415,6 @@ def run_rm_eval(cfg: RMEvalConfig) -> dict:
         # agreement with the gold scorer
         gold = None
         if cfg.gold:
-            from rlhf.scorers import get_scorer
-
             scorer = get_scorer(cfg.gold)
             gs = scorer([prompt_text(p) for p in flat_prompts], flat_texts)
             gold = torch.zeros(len(groups), kmax, dtype=torch.float64)
