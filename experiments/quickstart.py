@@ -22,6 +22,10 @@ from importlib import resources
 from pathlib import Path
 
 from experiments.evidence import evidence_lines
+from experiments.pipeline.execution import run_experiment, run_plan
+from experiments.pipeline.experiment_file import load_raw, parse_experiment
+from experiments.pipeline.plan import build_plan, upstream_of
+from experiments.pipeline.run_context import RunContext
 from rlhf.config import parse_overrides
 from rlhf.errors import require_extra
 
@@ -43,14 +47,12 @@ def _runner_args(args: argparse.Namespace) -> tuple[str | None, dict]:
 
 
 def run_quickstart(args: argparse.Namespace) -> dict:
-    from experiments import runner
-
     preset, overrides = _runner_args(args)
     file = str(experiment_file())
     if args.annotate:
         return _annotate(file, preset, overrides, args)
     print(f"quickstart ({args.preset}): the stages of {file}")
-    summary = runner.run_experiment(file, overrides, preset=preset, force_from=args.from_stage)
+    summary = run_experiment(file, overrides, preset=preset, force_from=args.from_stage)
     print_summary(summary)
     return summary
 
@@ -134,15 +136,12 @@ def _annotate(file: str, preset: str | None, overrides: dict, args: argparse.Nam
     """Run the generate stage and what it needs (the SFT policy), cached like any other, then serve
     its candidates."""
     require_extra("gradio", "app", "the annotation app (--annotate)")
-    from annotation_app.app import serve_candidates
-    from experiments import runner
+    from annotation_app.app import serve_candidates  # imports gradio (the optional `app` extra)
 
-    exp = runner.parse_experiment(runner.load_raw(file), file, preset, overrides)
-    plan = runner.upstream_of(runner.build_plan(exp), "generate")  # SFT first: candidates come from it
-    ctx = runner.RunContext(
-        exp, Path(exp.runs_dir), [f"experiment={exp.name}"], {}, args.from_stage, False, file
-    )
-    results = runner.run_plan(ctx, plan)
+    exp = parse_experiment(load_raw(file), file, preset, overrides)
+    plan = upstream_of(build_plan(exp), "generate")  # SFT first: candidates come from it
+    ctx = RunContext(exp, Path(exp.runs_dir), [f"experiment={exp.name}"], {}, args.from_stage, False, file)
+    results = run_plan(ctx, plan)
     candidates = results["generate"]["candidates"]
     db = args.db or str(Path(exp.runs_dir) / exp.name / "annotate" / "lab.db")
     Path(db).parent.mkdir(parents=True, exist_ok=True)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from experiments import bench_rm_learning, bench_rm_vs_trl
+from experiments.benchmarks import bench_rm_learning, bench_rm_vs_trl
 
-TINY_RM = Path(bench_rm_learning.__file__).resolve().parent / "configs" / "rm_tiny.yaml"
+TINY_RM = Path(bench_rm_learning.__file__).resolve().parents[1] / "configs" / "rm_tiny.yaml"
 DATA = ["--model", "tiny", "--prompts", "10", "--max_new_tokens", "10", "--scorer", "length:target=4"]
 
 

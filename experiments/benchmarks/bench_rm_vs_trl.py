@@ -9,7 +9,7 @@ TRL sees the rankings flattened into strict (chosen, rejected) pairs — ties dr
 pairs-only trainer does — formatted with the same chat template as ours, with ``bf16=False``
 (TRL's bf16 on a CPU is a no-op or, without bf16 hardware, 12× slower).
 
-The default data is the learning check's (bench_rm_learning.py): the first 160 shipped train
+The default data is the learning check's (bench_rm_learning): the first 160 shipped train
 prompts × 4 candidates sampled from the model, ranked by 3 simulated annotators who follow a gold
 scorer preferring 10-word answers (``length:target=10``) with Bradley–Terry noise; a quarter of the
 prompts are held out. Here annotators tie answers within one word of each other
@@ -26,8 +26,8 @@ Printed per trainer, on the held-out rankings:
 - training rankings/s (TRL: pairs/s ÷ strict pairs per ranking), end to end for ours (the one-off
   frozen-layer cache included), and ours / TRL's throughput.
 
-    .venv/bin/python experiments/bench_rm_vs_trl.py --budget_s 60          # ~15 min on 2 cores
-    .venv/bin/python experiments/bench_rm_vs_trl.py --candidates runs/overoptimization/generate/candidates.jsonl
+    .venv/bin/python -m experiments.benchmarks.bench_rm_vs_trl --budget_s 60          # ~15 min on 2 cores
+    .venv/bin/python -m experiments.benchmarks.bench_rm_vs_trl --candidates runs/overoptimization/generate/candidates.jsonl
 
 Candidates are sampled from the model itself (``--candidates FILE`` reuses a candidates JSONL).
 """
@@ -42,10 +42,25 @@ import sys
 import time
 from pathlib import Path
 
+# Set before the imports below: the Hugging Face libraries read them when first imported.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+from reward_models.evaluate import RMEvalConfig, run_rm_eval  # noqa: E402
+from reward_models.model import build_reward_model  # noqa: E402
+from reward_models.simulate import pair_counts, simulate_rankings  # noqa: E402
+from reward_models.train import RMTrainConfig, run_rm_train  # noqa: E402
+from rlhf.data import load_prompts, rankings_to_pairs  # noqa: E402
+from rlhf.datafiles import read_jsonl  # noqa: E402
+from rlhf.generation import generate_candidates  # noqa: E402
+from rlhf.models import format_conversation, load_policy  # noqa: E402
+from rlhf.reward_model import save_reward_model  # noqa: E402
+from rlhf.scorers import get_scorer  # noqa: E402
+from rlhf.tracking import TrackingConfig  # noqa: E402
 
 # Prompts that make VADER-scored responses differ: the gold scorer sees real sentiment spread.
 PROMPTS = [
@@ -104,12 +119,8 @@ def make_candidates(args) -> list[dict]:
     """``args.candidates`` read back, or K candidates sampled from ``args.model`` for the first
     ``args.prompts`` prompts of ``args.source``: ``lab`` (the shipped train prompts) or
     ``sentiment`` (the sentiment-eliciting prompts above)."""
-    from rlhf.data import load_prompts
-    from rlhf.generation import generate_candidates
-    from rlhf.models import load_policy
-
     if args.candidates:
-        return [json.loads(line) for line in Path(args.candidates).read_text().splitlines() if line.strip()]
+        return read_jsonl(args.candidates)
     if args.source == "lab":
         prompts = load_prompts("lab:prompts", split="train")[: args.prompts]
     else:
@@ -173,9 +184,6 @@ def add_data_args(ap: argparse.ArgumentParser, tie_threshold: float = 0.05, per_
 def simulated_data(args, out: Path):
     """Candidates, their simulated rankings, and a by-prompt split (a quarter held out), written
     under ``out``: returns ``(cands, rankings, train_records, held_records, train_path, held_path)``."""
-    from reward_models.simulate import simulate_rankings
-    from rlhf.scorers import get_scorer
-
     cands = make_candidates(args)
     write_jsonl(out / "candidates.jsonl", cands)
     rankings = simulate_rankings(
@@ -208,9 +216,6 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 
 
 def evaluate(model_dir: Path, held: Path, out: Path, name: str) -> dict:
-    from reward_models.evaluate import RMEvalConfig, run_rm_eval
-    from rlhf.tracking import TrackingConfig
-
     return run_rm_eval(
         RMEvalConfig(
             reward_model=str(model_dir),
@@ -236,9 +241,6 @@ def eval_fields(ev: dict) -> dict:
 
 
 def run_ours(args, loss: str, train: Path, held: Path, out: Path) -> dict:
-    from reward_models.train import RMTrainConfig, run_rm_train
-    from rlhf.tracking import TrackingConfig
-
     cfg = RMTrainConfig(
         rankings=str(train),
         eval_rankings=str(held),
@@ -275,13 +277,11 @@ def run_ours(args, loss: str, train: Path, held: Path, out: Path) -> dict:
 
 
 def run_trl(args, train_records: list[dict], held: Path, out: Path, budget_s: float) -> dict:
+    # TRL (and the datasets library it reads) loads only when its trainer runs: --skip_trl and
+    # --reeval never import it
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import RewardConfig, RewardTrainer
-
-    from reward_models.model import build_reward_model, save_reward_model
-    from rlhf.data import rankings_to_pairs
-    from rlhf.models import format_conversation
 
     model, tok = build_reward_model(args.model, "top", args.top_layers, seed=args.seed)
     rows, strict_per_ranking = [], []
@@ -432,13 +432,9 @@ def main(argv=None) -> int:
     if args.reeval:
         return reeval(Path(args.out))
 
-    import torch
-
     torch.manual_seed(args.seed)
     out = Path(args.out)
     _, rankings, train_records, held_records, train, held = simulated_data(args, out)
-    from reward_models.simulate import pair_counts
-
     n_pairs, n_ties = pair_counts(rankings)
     print(
         f"{len(rankings)} rankings (K={args.k}, {len(train_records)} train / {len(held_records)} held out), "

@@ -5,10 +5,10 @@ Both sample purely (``top_k=0, top_p=1``, temperature 1) from the same left-padd
 ``max_new_tokens``; each row of the table is one batch size. Tokens/s counts *generated*
 tokens (up to and including each row's EOS), so early stopping is not rewarded by padding.
 
-    python experiments/bench_generation.py                      # SmolLM2, batch 8 32 64
-    python experiments/bench_generation.py --batch-sizes 8 32
-    python experiments/bench_generation.py --model tiny         # quick check of the script
-    python experiments/bench_generation.py --bf16               # both under bf16 autocast
+    python -m experiments.benchmarks.bench_generation                   # SmolLM2, batch 8 32 64
+    python -m experiments.benchmarks.bench_generation --batch-sizes 8 32
+    python -m experiments.benchmarks.bench_generation --model tiny      # quick check of the script
+    python -m experiments.benchmarks.bench_generation --bf16            # both under bf16 autocast
 
 The last column is the plain forward pass over the same batch (prompt + as many tokens as the
 sampler generated, one call): the rate that per-step overhead keeps generation from.
@@ -20,14 +20,20 @@ both numbers (the ratio is what to compare).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
 
+# Set before the imports below: the Hugging Face libraries read them when first imported.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import torch  # noqa: E402
+
+from rlhf.data import load_prompts, prompt_text  # noqa: E402
+from rlhf.generation import sample_responses  # noqa: E402
+from rlhf.models import autocast_bf16, bf16_hardware, format_prompt, load_policy  # noqa: E402
 
 INLINE_PROMPTS = [
     "Give me three tips for sleeping better.",
@@ -43,8 +49,6 @@ INLINE_PROMPTS = [
 
 def load_bench_prompts(n: int) -> list[str]:
     try:
-        from rlhf.data import load_prompts, prompt_text
-
         texts = [prompt_text(p["prompt"]) for p in load_prompts("lab:prompts")]
     except Exception as err:  # the shipped data may not exist yet on a partial checkout
         print(f"(lab:prompts unavailable: {type(err).__name__}; using inline prompts)", file=sys.stderr)
@@ -76,17 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         "--bf16", action="store_true", help="run both methods (and the forward) under bf16 autocast"
     )
     args = parser.parse_args(argv)
-    import contextlib
-
-    from rlhf.models import autocast_bf16, bf16_hardware
-
     if args.bf16 and not bf16_hardware("cpu"):
         parser.error("--bf16: this CPU has no bf16 instructions (AVX512-BF16/AMX)")
     amp = (lambda: autocast_bf16("cpu", True)) if args.bf16 else contextlib.nullcontext
-
-    from rlhf.generation import sample_responses
-    from rlhf.models import format_prompt, load_policy
-
     model, tok = load_policy(args.model)
     eos, pad = tok.eos_token_id, tok.pad_token_id
     print(

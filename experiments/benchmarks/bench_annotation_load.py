@@ -15,8 +15,8 @@ time, throughput, and the same work on the bare store as a baseline. A closed lo
 speed measures queueing (latency ≈ annotators / throughput, Little's law); ``--think S`` makes
 each annotator read for ~S seconds first, which measures latency at a human pace. Loopback only::
 
-    .venv/bin/python experiments/bench_annotation_load.py --annotators 50 --duration 20
-    .venv/bin/python experiments/bench_annotation_load.py --annotators 50 --duration 40 --think 10   # leases: 6 × think
+    .venv/bin/python -m experiments.benchmarks.bench_annotation_load --annotators 50 --duration 20
+    .venv/bin/python -m experiments.benchmarks.bench_annotation_load --annotators 50 --duration 40 --think 10   # leases: 6 × think
 """
 
 from __future__ import annotations
@@ -25,18 +25,26 @@ import argparse
 import json
 import os
 import random
+import shutil
 import socket
 import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
+from annotation_app.io import import_candidates
+from annotation_app.simulated_client import run_annotators
+from annotation_app.store import Store, StoreError
+from rlhf.data import write_jsonl
+from rlhf.scorers import get_scorer
+
+REPO = Path(__file__).resolve().parents[2]
 POSITIVE = "wonderful great kind helpful lovely excellent happy brilliant good nice".split()
 NEGATIVE = "terrible awful rude useless sad horrible bad poor nasty boring".split()
 NEUTRAL = "the answer is about a thing that some people may find in the text today".split()
@@ -70,10 +78,6 @@ def make_candidates(n_prompts: int, k: int, seed: int = 0) -> list[dict]:
 def prepare_db(
     db: Path, *, n_prompts: int, k: int, n_users: int, quorum: int, lease_seconds: int
 ) -> list[tuple[str, str]]:
-    from annotation_app.io import import_candidates
-    from annotation_app.store import Store
-    from rlhf.data import write_jsonl
-
     src = db.parent / "candidates.jsonl"
     write_jsonl(src, make_candidates(n_prompts, k))
     store = Store(db)
@@ -111,11 +115,6 @@ def start_server(db: Path, port: int, log_path: Path) -> subprocess.Popen:
 def store_baseline(db: Path, users, duration_s: float) -> dict:
     """The same work straight on the store (one thread per annotator, no HTTP): the baseline the
     app's end-to-end latency is compared with."""
-    import shutil
-    import threading
-
-    from annotation_app.store import Store, StoreError
-
     copy = db.parent / "baseline.db"
     shutil.copy(db, copy)
     store = Store(copy)
@@ -274,10 +273,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.lease_seconds is None:
         args.lease_seconds = max(4, int(6 * args.think))
-
-    from annotation_app.simulated_client import run_annotators
-    from rlhf.scorers import get_scorer
-
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_annotation_"))
     work.mkdir(parents=True, exist_ok=True)
     db = work / "load.db"
@@ -294,7 +289,7 @@ def main(argv=None) -> int:
     baseline = store_baseline(db, users, min(args.duration, 5.0))
     port = free_port()
     server = start_server(db, port, work / "server.log")
-    import psutil
+    import psutil  # the optional `bench` extra: only this benchmark measures CPU time
 
     server_ps = psutil.Process(server.pid)
     try:
@@ -342,5 +337,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
     sys.exit(main())

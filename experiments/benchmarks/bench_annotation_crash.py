@@ -1,6 +1,6 @@
 """Crash benchmark: kill -9 the annotation server in the middle of the load, restart it, check.
 
-Simulated annotators (as in ``bench_annotation_load.py``) submit as fast as they can; after
+Simulated annotators (as in ``bench_annotation_load``) submit as fast as they can; after
 ``--kill-after-acks`` more acknowledged submits the server process gets SIGKILL (no shutdown,
 no flush) and is started again on the same port ``--down`` seconds later. Annotators whose reply was lost log in
 again and resend the same submit with the same client token (the store answers a repeat with
@@ -9,7 +9,7 @@ the stored result). This repeats ``--kills`` times. Then:
 * every submit a client was told is stored is in the database, with that ranking, once;
 * ``PRAGMA integrity_check`` is ok; no prompt is over its quorum; nobody ranked a prompt twice.
 
-    .venv/bin/python experiments/bench_annotation_crash.py --annotators 20 --kills 2
+    .venv/bin/python -m experiments.benchmarks.bench_annotation_crash --annotators 20 --kills 2
 """
 
 from __future__ import annotations
@@ -23,7 +23,16 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from annotation_app.simulated_client import AnnotatorLog, annotate
+from experiments.benchmarks.bench_annotation_load import (
+    check_exactly_once,
+    free_port,
+    prepare_db,
+    report,
+    start_server,
+    summarize,
+)
+from rlhf.scorers import get_scorer
 
 
 def main(argv=None) -> int:
@@ -59,18 +68,6 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default=None, help="where the database goes (default: a temp dir)")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
-
-    from annotation_app.simulated_client import AnnotatorLog, annotate
-    from experiments.bench_annotation_load import (
-        check_exactly_once,
-        free_port,
-        prepare_db,
-        report,
-        start_server,
-        summarize,
-    )
-    from rlhf.scorers import get_scorer
-
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_annotation_crash_"))
     work.mkdir(parents=True, exist_ok=True)
     db = work / "crash.db"
@@ -156,5 +153,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
     sys.exit(main())

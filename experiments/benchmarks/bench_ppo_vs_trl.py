@@ -26,7 +26,7 @@ created once, sharing the lab's other packages::
 
 Run (a few minutes per update on 2 CPU cores; keep the machine otherwise idle)::
 
-    .venv/bin/python experiments/bench_ppo_vs_trl.py --updates 3 [--reward-model runs/quickstart/rm_train/model]
+    .venv/bin/python -m experiments.benchmarks.bench_ppo_vs_trl --updates 3 [--reward-model runs/quickstart/rm_train/model]
 
 Without ``--reward-model`` an untrained SmolLM2 reward model (random head) is built once: the
 throughput is the same; the reward gains are then meaningless, so pass a trained one for those.
@@ -42,7 +42,20 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+# Set before the imports below: the Hugging Face libraries read them when first imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+# (none of these imports TRL: the TRL worker runs this file in .venv-trl112, under TRL 1.12)
+from reward_models.model import build_reward_model  # noqa: E402
+from rlhf.config import build_config  # noqa: E402
+from rlhf.data import load_prompts  # noqa: E402
+from rlhf.models import bf16_hardware, format_prompt, load_policy  # noqa: E402
+from rlhf.ppo.loop import PPOConfig, run_ppo  # noqa: E402
+from rlhf.reward_model import save_reward_model  # noqa: E402
+from rlhf.tracking import read_metrics  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
 TRL_VENV = ROOT / ".venv-trl112"
 BATCH, MICRO, RESPONSE_LENGTH = 16, 8, 24
 SETUP = (
@@ -52,8 +65,6 @@ SETUP = (
 
 
 def ensure_reward_model(out: Path) -> Path:
-    from reward_models.model import build_reward_model, save_reward_model
-
     if (out / "rlhf_reward.json").exists():
         return out
     print(f"building an untrained SmolLM2 reward model in {out} (throughput only)", flush=True)
@@ -75,14 +86,13 @@ def ensure_reward_model(out: Path) -> Path:
 def trl_worker(rm_dir: str, updates: int, out_json: str, bf16: bool = False) -> None:
     """Runs inside .venv-trl112: TRL 1.12's PPOTrainer; writes timings and scores as JSON."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    # TRL 1.12 exists only in that venv, and PPOConfig here is TRL's, not the lab's
     import torch
     import trl
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, TrainerCallback
-    from trl.experimental.ppo import PPOConfig, PPOTrainer
-
-    from rlhf.data import load_prompts
-    from rlhf.models import format_prompt, load_policy
+    from trl.experimental.ppo import PPOConfig as TRLPPOConfig
+    from trl.experimental.ppo import PPOTrainer
 
     assert trl.__version__ == "1.12.0", trl.__version__
     torch.manual_seed(0)
@@ -95,7 +105,7 @@ def trl_worker(rm_dir: str, updates: int, out_json: str, bf16: bool = False) -> 
     prompts = load_prompts("lab:prompts", split="train")
     ids = [tok(format_prompt(tok, p["prompt"]), add_special_tokens=False)["input_ids"] for p in prompts]
     ds = Dataset.from_dict({"input_ids": ids})
-    args = PPOConfig(
+    args = TRLPPOConfig(
         output_dir=str(Path(out_json).parent / "trl_out"),
         total_episodes=updates * BATCH,
         per_device_train_batch_size=MICRO,
@@ -170,9 +180,6 @@ def run_trl(rm_dir: Path, updates: int, work: Path, bf16: bool = False) -> dict 
 
 
 def run_ours(rm_dir: Path, updates: int, work: Path, name: str, **over) -> dict:
-    from rlhf.config import build_config
-    from rlhf.ppo.loop import PPOConfig, run_ppo
-
     base = dict(
         policy="smollm2-135m-instruct",
         reward=str(rm_dir),
@@ -197,7 +204,7 @@ def run_ours(rm_dir: Path, updates: int, work: Path, name: str, **over) -> dict:
     base.update(over)
     cfg = build_config(PPOConfig, None, base)
     run_ppo(cfg)
-    lines = [json.loads(x) for x in (work / "runs" / name / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    lines = read_metrics(work / "runs" / name / "ppo")
     ups = [m for m in lines if "objective/scores" in m]
     wall = ups[-1]["_time"] - ups[0]["_time"] + BATCH / ups[0]["perf/episodes_per_s"]  # first update included
     return {
@@ -226,8 +233,6 @@ def main() -> int:
     ap.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default="", help=argparse.SUPPRESS)
     a = ap.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     if a.trl_worker:
         trl_worker(a.reward_model, a.updates, a.out, bf16=a.bf16)
         return 0
@@ -235,8 +240,6 @@ def main() -> int:
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     rm_dir = Path(a.reward_model) if a.reward_model else ensure_reward_model(work / "rm_untrained")
-    from rlhf.models import bf16_hardware
-
     # TRL's bf16=True run is not in the default set: on a CPU it computed exactly what its fp32
     # run did (bit-identical scores), so it would repeat minutes of work; `--only trl_bf16` runs it.
     todo = a.only or ["trl", "ours", "ours_lora"] + (["ours_lora_bf16"] if bf16_hardware("cpu") else [])

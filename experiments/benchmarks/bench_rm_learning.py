@@ -11,9 +11,9 @@ same held-out prompts (a quarter of them), printed as a table:
 - accuracy against the annotators and Kendall τ-b, the reward's correlation with length (the gold's
   own beside it), and the training time (the frozen-layer cache included).
 
-    .venv/bin/python experiments/bench_rm_learning.py --scorer vader          # the quickstart's gold
-    .venv/bin/python experiments/bench_rm_learning.py --choices default,last-top2 --scorer "length:target=10"
-    .venv/bin/python experiments/bench_rm_learning.py --candidates FILE --probe
+    .venv/bin/python -m experiments.benchmarks.bench_rm_learning --scorer vader          # the quickstart's gold
+    .venv/bin/python -m experiments.benchmarks.bench_rm_learning --choices default,last-top2 --scorer "length:target=10"
+    .venv/bin/python -m experiments.benchmarks.bench_rm_learning --candidates FILE --probe
 
 Without ``--candidates`` the candidates are sampled from ``--model`` first (``--source lab``: the
 shipped train prompts; ``--source sentiment``: the 48 prompts of bench_rm_vs_trl.py). ``--probe``
@@ -31,14 +31,24 @@ from pathlib import Path
 
 import yaml
 
+# Set before the imports below: the Hugging Face libraries read them when first imported.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch  # noqa: E402
 
-from experiments.bench_rm_vs_trl import add_data_args, simulated_data  # noqa: E402
+from experiments.benchmarks.bench_rm_vs_trl import add_data_args, simulated_data  # noqa: E402
+from reward_models.evaluate import RMEvalConfig, run_rm_eval  # noqa: E402
+from reward_models.simulate import gold_pair_agreement  # noqa: E402
+from reward_models.train import RMTrainConfig, run_rm_train  # noqa: E402
+from rlhf.config import build_config  # noqa: E402
+from rlhf.data import prompt_text  # noqa: E402
+from rlhf.models import load_policy  # noqa: E402
+from rlhf.reward_model import encode_conversations, pad_right  # noqa: E402
+from rlhf.scorers import get_scorer  # noqa: E402
+from rlhf.tracking import TrackingConfig  # noqa: E402
 
 # name → (what it is, the fields changed from the shipped preset)
 CHOICES: dict[str, tuple[str, dict]] = {
@@ -77,7 +87,7 @@ def main(argv=None) -> int:
     )
     ap.add_argument(
         "--config",
-        default=str(Path(__file__).parent / "configs" / "rm_smollm2.yaml"),
+        default=str(Path(__file__).parent.parent / "configs" / "rm_smollm2.yaml"),
         help="reward-model preset YAML that every choice starts from",
     )
     ap.add_argument("--out", default="runs/bench_rm_learning")
@@ -98,10 +108,6 @@ def main(argv=None) -> int:
         if not sep:
             ap.error(f"override {item!r} is not KEY=VALUE")
         common[key] = yaml.safe_load(value)
-
-    from reward_models.simulate import gold_pair_agreement
-    from rlhf.scorers import get_scorer
-
     out = Path(args.out)
     cands, rankings, train_records, held_records, train, held = simulated_data(args, out)
     print(
@@ -137,11 +143,6 @@ def main(argv=None) -> int:
 
 def run_choice(args, name: str, fields: dict, train: Path, held: Path, out: Path) -> dict:
     """Train one reward model on ``train``, evaluate it on ``held``: the figures of one table row."""
-    from reward_models.evaluate import RMEvalConfig, run_rm_eval
-    from reward_models.train import RMTrainConfig, run_rm_train
-    from rlhf.config import build_config
-    from rlhf.tracking import TrackingConfig
-
     settings = {
         "rankings": str(train),
         "eval_rankings": str(held),
@@ -211,12 +212,6 @@ def probe_ceiling(model_name: str, cands: list[dict], scorer, held_ids: set, tie
     targets are the gold scores themselves, without annotator noise: an upper bound on what a
     linear head on these features can learn from any amount of such rankings.
     """
-    import torch
-
-    from reward_models.model import encode_conversations, pad_right
-    from rlhf.data import prompt_text
-    from rlhf.models import load_policy
-
     model, tok = load_policy(model_name)
     backbone = model.get_decoder().eval()
     flat = [(r["prompt_id"], r["prompt"], c["text"]) for r in cands for c in r["candidates"]]
