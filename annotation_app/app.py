@@ -45,8 +45,8 @@ from annotation_app.auth import LoginThrottle, session_user
 from annotation_app.handlers import Page, Props, Table, slot_keys
 from annotation_app.io import import_candidates
 from annotation_app.store import Store, StoreError
-from rlhf.data import EXPORT_FORMATS
 from rlhf.errors import UserError
+from rlhf.export import EXPORT_FORMATS
 
 # Keyboard shortcuts on top of the native ones (Tab / arrow keys / Enter in the ranking field):
 # Alt+R focuses the ranking field, Ctrl+Enter submits, Alt+S skips.

@@ -22,8 +22,8 @@ from pathlib import Path
 from annotation_app.agreement import agreement_report
 from annotation_app.io import export_rankings, import_candidates, load_project_config
 from annotation_app.store import DEFAULT_PROJECT, ROLES, Store, StoreError
-from rlhf.data import EXPORT_FORMATS, TRL_STYLES
 from rlhf.errors import require_extra
+from rlhf.export import EXPORT_FORMATS, TRL_STYLES
 
 
 def _open(db: str, create: bool = False) -> Store:

@@ -18,8 +18,9 @@ from pathlib import Path
 import yaml
 
 from annotation_app.store import DEFAULT_PROJECT, Store, StoreError
-from rlhf.data import build_export, check_export_options, load_candidates, prompt_text, write_export
+from rlhf.contracts import load_candidates, prompt_text
 from rlhf.errors import ConfigError, UserError
+from rlhf.export import build_export, check_export_options, write_export
 
 MAX_RESPONSE_CHARS = 20_000
 MAX_PROMPT_CHARS = 20_000

@@ -69,7 +69,7 @@ from annotation_app.validation import (
     check_text,
     parse_for_submit,
 )
-from rlhf.data import prompt_text
+from rlhf.contracts import prompt_text
 
 # The names below that this module does not use moved to auth, schema and validation; they stay
 # importable from annotation_app.store for user code.

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from reward_models import losses as L
-from rlhf.data import DataError, RowError, _read_source, validate_ranking
+from rlhf.contracts import validate_ranking
+from rlhf.datafiles import DataError, RowError, read_source
 from rlhf.errors import UserError
 from rlhf.rankings import Ranking, parse_ranking
 from rlhf.reward_model import encode_conversations, pad_hidden, pad_right, response_mask
@@ -37,7 +38,7 @@ def read_records(source: str, *, skip_bad_rows: bool = False, report: DataReport
     every bad row with its line number (exit 2). With ``skip_bad_rows`` they are left out instead,
     and counted in ``report`` (``data/bad_rows``, with a few of them as examples)."""
     # rlhf.data's reader keeps each row's line number and reports unreadable lines as rows too
-    rows = _read_source(source)
+    rows = read_source(source)
     errors = list(rows.errors)
     records = []
     for unit, number, rec in rows.rows:

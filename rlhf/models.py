@@ -369,7 +369,7 @@ def policy_to_train(name: str, lora: bool, fields: AdapterFields):
     """
 
     policy, tokenizer = load_policy(name, merged=True, is_trainable=True)
-    kind = getattr(policy, "kind", None) if isinstance(policy, VirtualTokenPolicy) else None
+    kind = policy.kind if isinstance(policy, VirtualTokenPolicy) else None
     if kind is not None:
         if not lora or fields.adapter != kind:
             raise ConfigError(

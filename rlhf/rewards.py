@@ -190,12 +190,11 @@ def parse_ensemble_rule(rule: str, where: str) -> tuple[str, float]:
     return combine, k
 
 
-def ensemble_dir_members(path: str) -> list[str] | None:
-    """The member dirs of an ensemble dir (``rlhf rm train --ensemble N``), else None."""
-
+def ensemble_manifest(path: str) -> dict | None:
+    """The manifest of an ensemble dir (``rlhf rm train --ensemble N``), members as paths; else None."""
     if not _looks_like_path(path) or not is_ensemble_dir(Path(path).expanduser()):
         return None
-    return read_ensemble(Path(path).expanduser())["members"]
+    return read_ensemble(Path(path).expanduser())
 
 
 def parse_ensemble(spec: str) -> tuple[str, float, list[str]] | None:
@@ -204,18 +203,17 @@ def parse_ensemble(spec: str) -> tuple[str, float, list[str]] | None:
     Two spellings: ``ensemble:COMBINE:DIR,DIR,...``, where an ensemble dir among the DIRs stands for
     its members, and an ensemble dir alone, which combines by the rule it was trained with."""
     if not spec.startswith(ENSEMBLE_PREFIX):
-        members = ensemble_dir_members(spec)
-        if members is None:
+        manifest = ensemble_manifest(spec)
+        if manifest is None:
             return None
-
-        rule = str(read_ensemble(Path(spec).expanduser()).get("combine", "mean"))
-        return (*parse_ensemble_rule(rule, f"{spec}/{ENSEMBLE_FILE}: combine"), members)
+        rule = str(manifest.get("combine", "mean"))
+        return (*parse_ensemble_rule(rule, f"{spec}/{ENSEMBLE_FILE}: combine"), manifest["members"])
     rule, sep, members = spec[len(ENSEMBLE_PREFIX) :].partition(":")
     if not sep or rule.partition("=")[0] not in ENSEMBLE_COMBINES:
         raise ConfigError(f"reward {spec!r}: expected {ENSEMBLE_USAGE}")
     combine, k = parse_ensemble_rule(rule, f"reward {spec!r}")
     dirs = [m.strip() for m in members.split(",") if m.strip()]
-    dirs = [d for entry in dirs for d in (ensemble_dir_members(entry) or [entry])]
+    dirs = [d for entry in dirs for d in (ensemble_manifest(entry) or {"members": [entry]})["members"]]
     if len(dirs) < 2:
         raise ConfigError(
             f"reward {spec!r}: an ensemble needs at least two reward-model dirs ({ENSEMBLE_USAGE})"

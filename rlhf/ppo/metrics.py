@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from matplotlib.figure import Figure
 
-from rlhf.data import prompt_text
+from rlhf.contracts import prompt_text
 from rlhf.ppo import math as pm
 from rlhf.ppo.rollout import UpdateBatch
 from rlhf.ppo.setup import PPORun

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from rlhf.config import ConfigError
-from rlhf.data import load_prompts
+from rlhf.contracts import load_prompts
 from rlhf.errors import UserError
 from rlhf.ppo.config import PPOConfig
 
