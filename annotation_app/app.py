@@ -22,30 +22,20 @@ Security:
 * bound to 127.0.0.1 unless told otherwise, analytics off, request bodies over 1 MB refused
   (413) before any route runs, text sizes limited in the store.
 
-Named API endpoints for scripts (``gradio_client`` with ``auth=(user, password)``):
-``/next`` → the caller's next item as a dict (``None`` fields when all is done);
-``/submit`` (prompt_id, ranking, flags, comment, client_token) → ``{"ok": true, "status", ...,
-"server_ms"}``
-or ``{"ok": false, "code", "message"}``; ``/skip`` (prompt_id, client_token) likewise.
+The named API endpoints for scripts are declared in :mod:`annotation_app.api`; serving (login,
+request limits, launch) is :mod:`annotation_app.server`.
 """
 
 from __future__ import annotations
 
-import os
-import secrets
-from collections.abc import Callable
-
-import anyio
 import gradio as gr
 import pandas as pd
-from starlette.middleware import Middleware
 
 from annotation_app import handlers
-from annotation_app.auth import LoginThrottle, session_user
+from annotation_app.api import wire_api
+from annotation_app.auth import session_user
 from annotation_app.handlers import Page, Props, Table, slot_keys
-from annotation_app.io import import_candidates
-from annotation_app.store import Store, StoreError
-from rlhf.errors import UserError
+from annotation_app.store import Store
 from rlhf.export import EXPORT_FORMATS
 
 # Keyboard shortcuts on top of the native ones (Tab / arrow keys / Enter in the ranking field):
@@ -70,8 +60,6 @@ HELP = (
 )
 
 
-API_WORKERS = 4
-
 PRIVATE = {"api_visibility": "private"}  # page events: not part of the scripts' API
 
 
@@ -88,7 +76,7 @@ def build_app(store: Store, *, project: str | None = None, max_k: int | None = N
         _wire_annotate(demo, page, ui)
         _wire_history(page, ui)
         _wire_admin(page, ui)
-        _wire_api(page)
+        wire_api(page)
     return demo
 
 
@@ -338,189 +326,14 @@ def _wire_admin(page: Page, ui: dict) -> None:
     ui["admin-export"].click(on_admin_export, [ui["admin-format"]], _components(ui, export_keys), **PRIVATE)
 
 
-def _wire_api(page: Page) -> None:
-    # The names, parameters and docstrings of these functions are the API scripts see.
-
-    def api_next(request: gr.Request) -> dict:
-        """The caller's next assigned item: prompt_id, prompt, responses {label: text}, labels,
-        lease_expires_at (epoch seconds), draft. ``prompt_id`` is None when nothing is left."""
-        return _api_call(handlers.api_next, page, request)
-
-    def api_submit(
-        prompt_id: str,
-        ranking: str,
-        flags: list[str],
-        comment: str,
-        client_token: str,
-        request: gr.Request,
-    ) -> dict:
-        """Submit a complete ranking (e.g. "C > B = D > A") for a prompt leased to the caller.
-        flags: [] or ["all_bad"]. Sending the same client_token again returns the stored result."""
-        return _api_call(handlers.api_submit, page, request, prompt_id, ranking, flags, comment, client_token)
-
-    def api_skip(prompt_id: str, client_token: str, request: gr.Request) -> dict:
-        """Skip a prompt leased to the caller (it is not offered to them again)."""
-        return _api_call(handlers.api_skip, page, request, prompt_id, client_token)
-
-    # SQLite runs one writer at a time anyway; a few workers keep the queue moving without
-    # dozens of threads fighting over the GIL and the write lock (API_WORKERS, shared).
-    api = {"concurrency_limit": API_WORKERS, "concurrency_id": "store-api"}
-    gr.api(api_next, api_name="next", **api)
-    gr.api(api_submit, api_name="submit", **api)
-    gr.api(api_skip, api_name="skip", **api)
+_MOVED_TO_SERVER = ("BodySizeLimit", "MAX_BODY_BYTES", "make_auth", "launch", "serve", "serve_candidates")
 
 
-def _api_call(handler: Callable[..., dict], page: Page, request: gr.Request, *inputs) -> dict:
-    # The API answers every refusal as {"ok": false, ...}, a request without a session included.
-    try:
-        user = session_user(request)
-    except UserError as err:
-        return handlers.refusal(err)
-    return handler(page, user, *inputs)
+def __getattr__(name: str):
+    # Serving moved to annotation_app.server, which imports this module (for build_app); the old
+    # import path keeps working through this lazy forward instead of a circular import.
+    if name in _MOVED_TO_SERVER:
+        from annotation_app import server
 
-
-# ----------------------------------------------------------------------------- server
-
-MAX_BODY_BYTES = 1_000_000
-
-
-class BodySizeLimit:
-    """ASGI middleware: refuse request bodies over ``max_bytes`` with 413, before any route runs.
-
-    The store checks every text field's length, but a 100 MB JSON body would still be read and
-    parsed by the framework first; this stops it at the door (declared or streamed length).
-    """
-
-    def __init__(self, app, max_bytes: int = MAX_BODY_BYTES):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await _too_large(send, self.max_bytes)
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise ValueError(f"request body over {self.max_bytes} bytes")
-            return message
-
-        return await self.app(scope, limited_receive, send)
-
-
-async def _too_large(send, limit: int) -> None:
-    body = f'{{"detail": "request body too large (limit {limit} bytes)"}}'.encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
-
-
-def make_auth(store: Store, throttle: LoginThrottle | None = None):
-    """Gradio's ``auth`` callable: checks the store, off the event loop, with a failure throttle.
-
-    Gradio awaits an async auth function inside its login route; a plain function would run
-    the KDF (tens of ms) on the event loop and stall every open connection during a login wave.
-    """
-    throttle = throttle or LoginThrottle()
-
-    async def auth(username: str, password: str) -> bool:
-        if not throttle.allowed(username):
-            return False
-        ok = await anyio.to_thread.run_sync(store.verify_password, username, password)
-        throttle.record(username, ok)
-        return ok
-
-    return auth
-
-
-def launch(
-    store: Store,
-    *,
-    host: str = "127.0.0.1",
-    port: int | None = 7860,
-    project: str | None = None,
-    block: bool = True,
-    quiet: bool = False,
-    max_threads: int = 64,
-):
-    """Build and launch the app on ``host:port`` with login against ``store``; returns (demo, url)."""
-    # Gradio reads these settings when the app is built and queued (and gradio_client when a
-    # client is made), so they are set here, for the process that serves, rather than in every
-    # process that imports this module. No phone-home:
-    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-    # Gradio's queue keeps a record of its last 10,000 events for the monitoring dashboard (off
-    # here) and rebuilds a pandas summary of all of them after every event: 4-20 ms of the server's
-    # one core per API call, growing with uptime. Summarise never, keep few records.
-    os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", str(10**12))
-    os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "256")
-    demo = build_app(store, project=project)
-    # SQLite serialises writers anyway; a bounded pool keeps latency predictable under load.
-    demo.queue(default_concurrency_limit=16, max_size=2048)
-    _, url, _ = demo.launch(
-        server_name=host,
-        server_port=port,
-        auth=make_auth(store),
-        auth_message="RLHF Lab annotation: log in with the account your lab admin created "
-        "(`rlhf annotate users add NAME`).",
-        prevent_thread_lock=not block,
-        quiet=quiet,
-        show_error=False,
-        max_file_size="1mb",
-        ssr_mode=False,
-        mcp_server=False,
-        max_threads=max_threads,
-        enable_monitoring=False,
-        app_kwargs={"middleware": [Middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)]},
-    )
-    return demo, url
-
-
-def serve(
-    db: str,
-    host: str = "127.0.0.1",
-    port: int | None = 7860,
-    *,
-    project: str | None = None,
-    block: bool = True,
-    quiet: bool = False,
-):
-    """Open the store at ``db`` and serve the app (in-process entry point; ``rlhf annotate serve``)."""
-    store = Store(db)
-    if not store.users():
-        raise StoreError(
-            f"{db} has no users yet: add one with `rlhf annotate users add NAME --role admin --db {db}`",
-            code="no_users",
-        )
-    return launch(store, host=host, port=port, project=project, block=block, quiet=quiet)
-
-
-def serve_candidates(
-    candidates: str, db: str, port: int = 7860, host: str = "127.0.0.1", *, block: bool = True
-):
-    """Import a candidates file into ``db`` and serve it (``rlhf quickstart --annotate``).
-
-    When the database has no users yet, an ``admin`` account is created with a random password,
-    printed once on the terminal.
-    """
-    store = Store(db)
-    res = import_candidates(store, candidates)
-    print(f"annotation: {res['added']} new prompts imported into {db} ({res['unchanged']} already there)")
-    if not store.users():
-        password = secrets.token_urlsafe(12)
-        store.add_user("admin", password, "admin")
-        print(
-            f"annotation: created user 'admin' with password {password} (add annotators with "
-            f"`rlhf annotate users add NAME --db {db}`)"
-        )
-    return launch(store, host=host, port=port, block=block)
+        return getattr(server, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -141,7 +141,7 @@ def _stats(args) -> int:
 
 def _serve(args) -> int:
     require_extra("gradio", "app", "the annotation app")
-    from annotation_app.app import serve  # lazy: Gradio is the optional app extra, and slow to import
+    from annotation_app.server import serve  # lazy: Gradio is the optional app extra, and slow to import
 
     _open(args.db)
     serve(args.db, host=args.host, port=args.port, project=args.project, block=True)

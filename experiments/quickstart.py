@@ -136,7 +136,7 @@ def _annotate(file: str, preset: str | None, overrides: dict, args: argparse.Nam
     """Run the generate stage and what it needs (the SFT policy), cached like any other, then serve
     its candidates."""
     require_extra("gradio", "app", "the annotation app (--annotate)")
-    from annotation_app.app import serve_candidates  # imports gradio (the optional `app` extra)
+    from annotation_app.server import serve_candidates  # imports gradio (the optional `app` extra)
 
     exp = parse_experiment(load_raw(file), file, preset, overrides)
     plan = upstream_of(build_plan(exp), "generate")  # SFT first: candidates come from it

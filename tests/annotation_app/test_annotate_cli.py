@@ -173,7 +173,7 @@ def test_serve_refuses_a_database_without_users(tmp_path, capsys):
 
 
 def test_serve_candidates_for_quickstart(tmp_path, capsys):
-    from annotation_app.app import serve_candidates
+    from annotation_app.server import serve_candidates
 
     src = write_jsonl(tmp_path / "c.jsonl", candidates(2))
     db = tmp_path / "qs.db"

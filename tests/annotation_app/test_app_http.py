@@ -23,7 +23,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from annotation_app.app import launch
+    from annotation_app.server import launch
 
     store = Store(tmp_path_factory.mktemp("app") / "lab.db")
     store.upsert_project("default", quorum=2)

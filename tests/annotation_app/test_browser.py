@@ -29,7 +29,7 @@ def app(tmp_path_factory):
     if CHROMIUM is None:
         pytest.skip("Debian's chromium is not installed (`make chromium` or apt-get install chromium)")
     pytest.importorskip("playwright.sync_api")
-    from annotation_app.app import launch
+    from annotation_app.server import launch
 
     store = Store(tmp_path_factory.mktemp("browser") / "lab.db")
     store.upsert_project("default", quorum=1, guidelines="Prefer **kind** answers.")

@@ -248,7 +248,7 @@ def test_importing_the_app_leaves_the_environment_alone(tmp_path):
     pytest.importorskip("gradio")
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRADIO_ANALYTICS")}
     code = (
-        "import os, annotation_app.app; "
+        "import os, annotation_app.app, annotation_app.server; "
         "print(sorted(k for k in os.environ if k.startswith('GRADIO_ANALYTICS')))"
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
