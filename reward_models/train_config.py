@@ -4,8 +4,10 @@ and a key of the experiment YAML files, with its help text."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from reward_models import losses as L
+from rlhf.adapters import LoraFields
 from rlhf.config import ConfigError, option
 from rlhf.models import MIXED_PRECISION, MIXED_PRECISION_HELP
 from rlhf.rewards import parse_ensemble_rule
@@ -13,7 +15,10 @@ from rlhf.tracking import RunFields
 
 
 @dataclass
-class RMTrainConfig(RunFields):
+class RMTrainConfig(RunFields, LoraFields):
+    # Earlier versions named the LoRA targets differently from the policy stages.
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"lora_targets": "lora_target_modules"}
+
     rankings: str = option("", help="rankings file (JSONL of the rankings contract, or a dataset dir)")
     eval_rankings: str = option(
         "", help="held-out rankings file; empty = split eval_fraction of the prompts off"
@@ -78,11 +83,9 @@ class RMTrainConfig(RunFields):
     cache_hidden: bool = option(
         True, help="trainable=top: compute the frozen layers once and reuse them every epoch"
     )
-    lora_r: int = option(8, help="LoRA rank")
-    lora_alpha: int = option(16, help="LoRA alpha")
-    lora_targets: list[str] = option(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], help="LoRA target module names"
-    )
+    # LoRA (trainable: lora): the shared block's fields, with a reward model's smaller defaults.
+    lora_r: int = option(8, help="LoRA rank (trainable: lora)")
+    lora_alpha: int = option(16, help="LoRA alpha, scale = alpha / r (trainable: lora)")
     max_length: int = option(
         256, help="tokens per (prompt, response); longer ones lose the start of the prompt"
     )

@@ -148,7 +148,7 @@ def set_up(run: Run, data: RMData) -> Trainee:
         cfg.model,
         cfg.trainable,
         cfg.top_layers,
-        LoraSettings(cfg.lora_r, cfg.lora_alpha, 0.0, tuple(cfg.lora_targets)),
+        LoraSettings(cfg.lora_r, cfg.lora_alpha, 0.0, tuple(cfg.lora_target_modules)),
         tie_param=initial_tie_raw(cfg.loss, tie_init),
         learn_tie_param=cfg.learn_tie_param,
         seed=cfg.seed,

@@ -47,17 +47,25 @@ _PEFT_TYPES = {"PROMPT_TUNING": "prompt_tuning", "PREFIX_TUNING": "prefix_tuning
 
 
 @dataclasses.dataclass
-class AdapterFields:
-    """The adapter fields every policy-training stage shares (each stage keeps its own ``lora``
-    switch, whose default differs: full SFT, LoRA DPO)."""
+class LoraFields:
+    """LoRA's settings, one block for every stage that trains LoRA adapters: the policy stages
+    (through :class:`AdapterFields`) and the reward model (``trainable: lora``), which keeps its own
+    smaller defaults by redeclaring the two numbers."""
 
-    adapter: str = option("lora", help=ADAPTER_HELP, choices=ADAPTERS)
     lora_r: int = option(16, help="LoRA rank (adapter: lora)")
     lora_alpha: int = option(32, help="LoRA alpha, scale = alpha / r (adapter: lora)")
     lora_target_modules: list[str] = option(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
         help="module names that get LoRA adapters (adapter: lora)",
     )
+
+
+@dataclasses.dataclass
+class AdapterFields(LoraFields):
+    """The adapter fields every policy-training stage shares (each stage keeps its own ``lora``
+    switch, whose default differs: full SFT, LoRA DPO)."""
+
+    adapter: str = option("lora", help=ADAPTER_HELP, choices=ADAPTERS)
     num_virtual_tokens: int = option(
         8, help="learned positions in front of every sequence (adapter: prompt_tuning or prefix_tuning)"
     )

@@ -192,7 +192,7 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     # Every bad field is collected, so one run of the command shows them all (not one per attempt).
     problems: list[str] = []
     kwargs = {}
-    for name, value in data.items():
+    for name, value in _renamed(cls, data, prefix, problems).items():
         key = prefix + name
         if name not in fields:
             problems.append(
@@ -223,6 +223,28 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     if callable(validate) and not prefix:
         validate()
     return obj
+
+
+def _renamed(cls: type, data: dict[str, Any], prefix: str, problems: list[str]) -> dict[str, Any]:
+    """``data`` with the old names of renamed fields replaced by the new ones.
+
+    A config lists its renamed fields in a class attribute ``RENAMED_KEYS`` (``{old: new}``), so
+    experiment files and command lines written for an earlier version keep working. Giving both
+    names at once is a problem (which one would win is not obvious).
+    """
+    renamed = getattr(cls, "RENAMED_KEYS", {})
+    out = {}
+    for name, value in data.items():
+        new = renamed.get(name)
+        if new is None:
+            out[name] = value
+        elif new in data:
+            problems.append(
+                f"{prefix}{name}: renamed to {prefix}{new}, which is also given; keep only {prefix}{new}"
+            )
+        else:
+            out[new] = value
+    return out
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
