@@ -111,6 +111,13 @@ def _check_prompt(value: Any, fld: str, problems: Problems) -> Any:
         if not any(m["role"] == "user" and content_text(m["content"]).strip() for m in value):
             problems.append((fld, "has no non-empty user message"))
             return None
+        # The response is the next assistant turn, so the chat template's generation prompt
+        # follows the last message (rlhf.models.format_prompt): caught here, with the row's number.
+        if value[-1]["role"] == "assistant":
+            problems.append(
+                (fld, "ends with an assistant message: a prompt is the conversation before the response")
+            )
+            return None
         return value
     problems.append((fld, f"must be text or a list of chat messages, got {type_name(value)}"))
     return None
@@ -307,7 +314,8 @@ def validate_candidates(rec: Any) -> tuple[dict | None, Problems]:
 def validate_ranking(rec: Any) -> tuple[dict | None, Problems]:
     """Rankings contract: a candidates record plus ``ranking`` (parsed by the grammar, must be
     complete), ``tiers`` (must agree with it; derived when absent), ``annotator``, ``flags``,
-    ``created_at``, optional ``gold`` (see :func:`_check_gold`). Other extra fields are kept."""
+    ``created_at``, optional ``gold`` (see :func:`_check_gold`) and ``edit`` / ``edit_of`` (see
+    :func:`_check_edit`). Other extra fields are kept."""
     clean, problems = validate_candidates(rec)
     if not isinstance(rec, dict):
         return None, problems
@@ -358,6 +366,7 @@ def validate_ranking(rec: Any) -> tuple[dict | None, Problems]:
         problems.append(("created_at", f"must be a string timestamp, got {type_name(rec['created_at'])}"))
     if rec.get("gold") is not None and labels is not None:
         clean["gold"] = _check_gold(rec["gold"], labels, problems)
+    _check_edit(rec, labels, ranking, problems)
     if problems or ranking is None:
         return None, problems
     clean["ranking"] = str(ranking)
@@ -365,6 +374,49 @@ def validate_ranking(rec: Any) -> tuple[dict | None, Problems]:
     # An all-tied ranking carries no strict preference: flag it so consumers can see why (docs/rankings.md).
     clean["flags"] = list(flags) + (["all_tied"] if ranking.all_tied and "all_tied" not in flags else [])
     return clean, problems
+
+
+def _check_edit(rec: dict, labels: list[str] | None, ranking: Ranking | None, problems: Problems) -> None:
+    """``edit`` and ``edit_of``: the annotator's corrected version of the best response, both or neither.
+
+    ``edit`` is non-empty text; ``edit_of`` is the label of the candidate it corrects, which must be
+    the one label of the ranking's top tier: the edit improves on the response the annotator ranked
+    best, so it is a demonstration (``rlhf export --format demonstrations``). A tied top tier names
+    no single best response to correct. Null counts as absent, as everywhere in the contracts.
+    """
+    edit, edit_of = rec.get("edit"), rec.get("edit_of")
+    if edit is None and edit_of is None:
+        return
+    if edit is None:
+        problems.append(("edit", "missing: `edit_of` names the edited candidate, so give its corrected text"))
+    else:
+        _check_str(edit, "edit", problems, allow_empty=False)
+    if edit_of is None:
+        problems.append(("edit_of", "missing: give the label of the candidate that `edit` corrects"))
+        return
+    if not isinstance(edit_of, str):
+        problems.append(("edit_of", f"must be a candidate label like 'A', got {type_name(edit_of)}"))
+        return
+    if labels is None:
+        return  # the candidates are broken and reported already
+    if edit_of not in labels:
+        problems.append(("edit_of", f"{edit_of!r} is not a candidate label ({', '.join(labels)})"))
+        return
+    if ranking is None:
+        return  # the ranking is broken and reported already
+    top = ranking.tiers[0]
+    if len(top) > 1:
+        problems.append(
+            (
+                "edit_of",
+                f"the ranking's top tier ties {' = '.join(top)}: an edit corrects the single best "
+                "response, so rank one candidate first",
+            )
+        )
+    elif edit_of != top[0]:
+        problems.append(
+            ("edit_of", f"is {edit_of!r}, but the top-ranked candidate is {top[0]!r}: edit the best response")
+        )
 
 
 def _check_gold(value: Any, labels: list[str], problems: Problems) -> dict[str, float] | None:

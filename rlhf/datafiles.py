@@ -502,12 +502,22 @@ def save_records(
     return out
 
 
+def _columns(records: list[dict]) -> dict[str, list]:
+    """Column-wise records over every key any record has (a key missing from a record is None).
+
+    Arrow's and datasets' ``from_list`` take the columns from the first record only, which would
+    silently drop a field that only later records carry (an optional field such as ``edit``).
+    """
+    names = dict.fromkeys(key for rec in records for key in rec)
+    return {name: [rec.get(name) for rec in records] for name in names}
+
+
 def _save_parquet(records: list[dict], out: Path, column_types: Mapping[str, Any]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        table = pa.Table.from_pylist(records)
+        table = pa.Table.from_pydict(_columns(records))
         for name, type_ in column_types.items():
             if name in table.column_names:
                 table = table.set_column(table.column_names.index(name), name, table[name].cast(type_))
@@ -535,12 +545,12 @@ def _save_dataset(records: list[dict], out: Path, column_types: Mapping[str, Any
 
 
 def _typed_dataset(records: list[dict], column_types: Mapping[str, Any]) -> Any:
-    """``datasets.Dataset.from_list(records)`` with the ``column_types`` it has set, the rest inferred."""
+    """The records as a ``datasets.Dataset`` with the ``column_types`` it has set, the rest inferred."""
     import datasets
     import pyarrow as pa
 
     try:
-        ds = datasets.Dataset.from_list(records)
+        ds = datasets.Dataset.from_dict(_columns(records))
         typed = {name: type_ for name, type_ in column_types.items() if name in ds.column_names}
         if typed:
             ds = ds.cast(

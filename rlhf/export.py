@@ -1,5 +1,6 @@
-"""Rankings as preference datasets: derived pairs (docs/rankings.md "Derived pairs"), TRL's
-preference and KTO formats, one schema for exported rankings, and the ``rlhf export`` command."""
+"""Rankings as training datasets: derived pairs (docs/rankings.md "Derived pairs"), TRL's
+preference and KTO formats, one schema for exported rankings, annotators' edits as SFT
+demonstrations, and the ``rlhf export`` command."""
 
 from __future__ import annotations
 
@@ -185,6 +186,43 @@ def _trl_prompt_and_completions(rec: dict, style: str, tokenizer: Any) -> tuple[
     return prompt, completions
 
 
+# ----------------------------------------------------------------------------- edits as demonstrations
+
+
+def rankings_to_demonstrations(rankings: Iterable[dict]) -> list[dict]:
+    """One SFT demonstration per ranking with an ``edit`` (docs/rankings.md "Edits"), in rankings order.
+
+    The annotator's corrected version of the best response is a demonstration of what the policy
+    should have said, in the demonstrations contract ``rlhf sft`` reads (TRL's prompt/completion
+    format): ``prompt`` as the ranking has it (text, or the chat messages unchanged), ``completion``
+    the edit (text after a text prompt, one assistant message after a chat, as the contract
+    requires), then ``prompt_id``, ``annotator``, ``source`` (``"edit"``), ``edit_of`` (the label
+    of the edited candidate) and ``split`` (the ranking's, null when it has none; every row has
+    every column, so parquet keeps them all). Several annotators who edited the same prompt give
+    one demonstration each: they are separate judgements of the best answer, and an edit more than
+    one of them wrote weighs accordingly.
+    """
+    out = []
+    for rec in rankings:
+        edit = rec.get("edit")
+        if edit is None:
+            continue
+        prompt = rec["prompt"]
+        completion = edit if isinstance(prompt, str) else [{"role": "assistant", "content": edit}]
+        out.append(
+            {
+                "prompt": prompt,
+                "completion": completion,
+                "prompt_id": str(rec["prompt_id"]),
+                "annotator": rec.get("annotator") or "unknown",
+                "source": "edit",
+                "edit_of": rec["edit_of"],
+                "split": rec.get("split"),
+            }
+        )
+    return out
+
+
 # ----------------------------------------------------------------------------- exported rankings
 
 
@@ -195,12 +233,16 @@ def ranking_for_export(rec: dict) -> dict:
     ``datasets`` as a struct whose fields change with K) and is null when the ranking has no gold
     scores, as is ``gold_scorer``: human and simulated rankings share one schema. The lab's
     loaders read the list back into the ``{label: score}`` object (:func:`_check_gold`).
+    ``edit`` and ``edit_of`` are in every row too, null where the annotator edited nothing: parquet
+    takes its columns from the first row, so a field that only some rows have could be lost.
     """
     labels = [c["label"] for c in rec["candidates"]]
     gold = rec.get("gold")
-    out = {k: v for k, v in rec.items() if k not in ("gold", "gold_scorer")}
+    out = {k: v for k, v in rec.items() if k not in ("gold", "gold_scorer", "edit", "edit_of")}
     out["gold"] = [gold.get(label) for label in labels] if gold else None
     out["gold_scorer"] = rec.get("gold_scorer")
+    out["edit"] = rec.get("edit")
+    out["edit_of"] = rec.get("edit_of")
     return out
 
 
@@ -217,6 +259,8 @@ def exported_rankings_types() -> dict[str, Any]:
         "created_at": pa.string(),
         "gold": pa.list_(pa.float64()),
         "gold_scorer": pa.string(),
+        "edit": pa.string(),
+        "edit_of": pa.string(),
     }
 
 
@@ -225,8 +269,10 @@ def exported_rankings_types() -> dict[str, Any]:
 # What each format is for (docs/architecture.md, "Data contracts"):
 #   rankings: the validated rankings, ties included, for the lab's losses over whole rankings;
 #   pairs:    every derived pair with its `tie` flag, for pair losses that model ties;
-#   trl:      strict pairs only, for TRL's RewardTrainer and DPOTrainer; ties in a file beside it.
-EXPORT_FORMATS = ("pairs", "rankings", "trl", "kto")
+#   trl:      strict pairs only, for TRL's RewardTrainer and DPOTrainer; ties in a file beside it;
+#   kto:      single responses labelled desirable or undesirable, for TRL's KTOTrainer;
+#   demonstrations: the annotators' edits of the best response, for `rlhf sft`.
+EXPORT_FORMATS = ("pairs", "rankings", "trl", "kto", "demonstrations")
 
 
 @dataclass
@@ -242,7 +288,8 @@ class ExportConfig(RunFields):
         "rankings = the validated rankings themselves; trl = strict pairs only for TRL's "
         "RewardTrainer/DPOTrainer, tied pairs written to <out stem>.ties.jsonl beside it; kto = "
         "single responses labelled desirable (upper half of a ranking) or undesirable (lower half) "
-        "for TRL's KTOTrainer",
+        "for TRL's KTOTrainer; demonstrations = one SFT demonstration (prompt + the annotator's edit of the "
+        "best response) per ranking with an edit, for `rlhf sft --demonstrations`",
         choices=EXPORT_FORMATS,
     )
     trl_style: str = option(
@@ -319,6 +366,15 @@ def build_export(
     if fmt == "rankings":
         kept = [r for r in rankings if not (drop_ties and "all_tied" in r["flags"])]
         return Export(fmt, [ranking_for_export(r) for r in kept])
+    if fmt == "demonstrations":
+        demonstrations = rankings_to_demonstrations(rankings)
+        if not demonstrations:
+            raise DataError(
+                f"no demonstrations to export: none of these {len(rankings)} rankings has an `edit` "
+                "(the annotator's corrected version of the best response)",
+                code="empty",
+            )
+        return Export(fmt, demonstrations)
     tokenizer = None
     if trl_style == "standard":
         tokenizer = load_tokenizer(model)
@@ -424,14 +480,18 @@ def run_export(cfg: ExportConfig) -> dict:
 def add_parser(subparsers):
     p = subparsers.add_parser(
         "export",
-        help="turn rankings into a preference dataset (rankings, derived pairs, or TRL's format)",
+        help="turn rankings into a training dataset (rankings, derived pairs, TRL's formats, or "
+        "edits as SFT demonstrations)",
         description=(
             "Validate rankings (every bad row is reported with its line number) and write them, or the "
             "pairs derived from them, as JSONL, parquet or an HF dataset folder. From C > B = D > A the "
             "pairs are (C,B) (C,D) (C,A) (B,A) (D,A) plus the tie {B,D}. --format pairs keeps the tie "
             "as a row with tie=true (for pair losses that model ties); --format trl writes the strict pairs "
             "in TRL's preference format for RewardTrainer/DPOTrainer and the ties to <out "
-            "stem>.ties.jsonl beside it. The output is logged as a W&B dataset artifact."
+            "stem>.ties.jsonl beside it. --format demonstrations writes the annotators' edits of the "
+            "best response as SFT demonstrations (prompt + completion) for `rlhf sft`, one per edit: "
+            "several annotators' edits of one prompt stay separate demonstrations. The output is "
+            "logged as a W&B dataset artifact."
         ),
     )
     add_config_arguments(p, ExportConfig)

@@ -778,3 +778,12 @@ def test_exported_pairs_train_trls_reward_trainer_unchanged(tmp_path):
     )
     result = trainer.train()
     assert math.isfinite(result.training_loss)
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ""])
+def test_a_field_only_later_records_carry_survives_parquet_and_datasets(tmp_path, suffix):
+    from rlhf.datafiles import read_source, save_records
+
+    records = [{"id": "a", "x": 1}, {"id": "b", "x": 2, "note": "only here"}]
+    out = save_records(records, tmp_path / f"recs{suffix}")
+    assert [rec for _, _, rec in read_source(out).rows] == [{"id": "a", "x": 1, "note": None}, {"id": "b", "x": 2, "note": "only here"}]
