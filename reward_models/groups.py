@@ -73,6 +73,7 @@ class Group:
     ids: list[list[int]] = field(default_factory=list)
     starts: list[int] = field(default_factory=list)  # where each response starts in ids
     finished: list[bool] | None = None  # did each candidate end with EOS (None: all did)
+    weights: list[float] | None = None  # each ranking's weight in the loss (None: all weigh the same)
 
     @property
     def k(self) -> int:
@@ -245,12 +246,13 @@ class Batch:
     grid: tuple[int, int]  # (G, Kmax)
     row_of_ranking: torch.Tensor  # [R] which group each ranking belongs to
     tiers: torch.Tensor  # [R, Kmax], -1 padding
+    weights: torch.Tensor | None = None  # [R] each ranking's weight in the loss (None: unweighted)
 
 
 def make_batch(groups: list[Group], pad_id: int, cache: dict | None) -> Batch:
     kmax = max(g.k for g in groups)
     seqs, starts, slots, hid = [], [], [], []
-    rows, tiers = [], []
+    rows, tiers, weights = [], [], []
     for gi, g in enumerate(groups):
         for ci, ids in enumerate(g.ids):
             seqs.append(ids)
@@ -261,6 +263,8 @@ def make_batch(groups: list[Group], pad_id: int, cache: dict | None) -> Batch:
         for tr in g.rankings:
             rows.append(gi)
             tiers.append(tr + [-1] * (kmax - g.k))
+        weights += g.weights if g.weights is not None else [1.0] * len(g.rankings)
+    weighted = any(g.weights is not None for g in groups)
     if cache is not None:
         hidden, mask = pad_hidden(hid)
         input_ids = None
@@ -276,6 +280,7 @@ def make_batch(groups: list[Group], pad_id: int, cache: dict | None) -> Batch:
         (len(groups), kmax),
         torch.tensor(rows),
         torch.tensor(tiers, dtype=torch.long),
+        torch.tensor(weights) if weighted else None,
     )
 
 

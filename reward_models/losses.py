@@ -13,7 +13,8 @@ pairs and 1 tie (docs/rankings.md).
 
 Every loss returns ``(loss [B], valid [B] bool)``: the per-group negative log-likelihood and
 whether the group carries any evidence for that loss (a group with no strict pair carries none
-for Bradley–Terry). :func:`reduce_groups` averages over valid groups. Formulas: docs/rankings.md.
+for Bradley–Terry). :func:`reduce_groups` averages over valid groups, weighted when each ranking
+has a weight (its annotator's reliability, docs/reward-models.md). Formulas: docs/rankings.md.
 
 Where this deviates from the papers:
 
@@ -71,10 +72,19 @@ def pair_masks(tiers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return beats, ties
 
 
-def reduce_groups(loss: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Mean of ``loss [B]`` over groups where ``valid [B]`` is true (0 when none is)."""
-    w = valid.to(loss.dtype)
-    return (loss * w).sum() / w.sum().clamp_min(1.0)
+def reduce_groups(
+    loss: torch.Tensor, valid: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean of ``loss [B]`` over groups where ``valid [B]`` is true (0 when none is).
+
+    With ``weights [B]`` (≥ 0, e.g. each ranking's annotator reliability, rlhf/reliability.py) the
+    weighted mean ``Σ w·loss / Σ w`` over the valid groups (0 when their weights sum to 0). Weight 1
+    everywhere gives the unweighted mean exactly."""
+    if weights is None:
+        w = valid.to(loss.dtype)
+        return (loss * w).sum() / w.sum().clamp_min(1.0)
+    w = weights.to(loss.dtype) * valid.to(loss.dtype)
+    return (loss * w).sum() / w.sum().clamp_min(torch.finfo(loss.dtype).tiny)
 
 
 # ----------------------------------------------------------------------------- Bradley–Terry
@@ -108,9 +118,17 @@ def bradley_terry_loss(
     return per_pair.sum(dim=(1, 2)), beats.sum(dim=(1, 2))
 
 
-def pairwise_mean(sum_loss: torch.Tensor, n_pairs: torch.Tensor) -> torch.Tensor:
-    """Mean over all strict pairs of the batch: ``Σ_b sum_loss_b / Σ_b n_b`` (scalar)."""
-    return sum_loss.sum() / n_pairs.sum().clamp_min(1).to(sum_loss.dtype)
+def pairwise_mean(
+    sum_loss: torch.Tensor, n_pairs: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean over all strict pairs of the batch: ``Σ_b sum_loss_b / Σ_b n_b`` (scalar). With
+    ``weights [B]`` every pair of group b weighs ``w_b``: ``Σ_b w_b sum_loss_b / Σ_b w_b n_b``."""
+    if weights is None:
+        return sum_loss.sum() / n_pairs.sum().clamp_min(1).to(sum_loss.dtype)
+    w = weights.to(sum_loss.dtype)
+    return (w * sum_loss).sum() / (w * n_pairs.to(sum_loss.dtype)).sum().clamp_min(
+        torch.finfo(sum_loss.dtype).tiny
+    )
 
 
 def grouped_bradley_terry_loss(
@@ -267,6 +285,7 @@ def ranking_loss(
     *,
     margin: float = 0.0,
     tie_param: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """The scalar training loss ``name`` for a batch, and the number of groups it used.
 
@@ -274,10 +293,14 @@ def ranking_loss(
     group's mean pair loss; ``rao_kupper`` (``tie_param`` = log θ), ``davidson`` (``tie_param`` =
     log ν): mean over groups of the mean pair NLL; ``plackett_luce``: mean over groups of the
     ranking NLL. Args: ``rewards`` ``[B, K]``, ``tiers`` ``[B, K]``.
+
+    ``weights`` ``[B]`` (≥ 0; None = all 1) weighs each ranking: the means over groups become
+    weighted means (:func:`reduce_groups`), and for ``bt`` every pair of a ranking weighs its
+    ranking's weight. A ranking of weight 0 is not counted as used.
     """
     if name == "bt":
         total, n = bradley_terry_loss(rewards, tiers, margin)
-        return pairwise_mean(total, n), int((n > 0).sum())
+        return pairwise_mean(total, n, weights), _count_used(n > 0, weights)
     if name == "grouped_bt":
         loss, valid = grouped_bradley_terry_loss(rewards, tiers, margin)
     elif name == "rao_kupper":
@@ -288,7 +311,12 @@ def ranking_loss(
         loss, valid = plackett_luce_loss(rewards, tiers)
     else:
         raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
-    return reduce_groups(loss, valid), int(valid.sum())
+    return reduce_groups(loss, valid, weights), _count_used(valid, weights)
+
+
+def _count_used(valid: torch.Tensor, weights: torch.Tensor | None) -> int:
+    """Rankings that carry evidence for the loss: valid ones, of weight > 0 when weighted."""
+    return int(valid.sum()) if weights is None else int((valid & (weights > 0)).sum())
 
 
 # ----------------------------------------------------------------------------- tie parameters

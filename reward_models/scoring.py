@@ -30,10 +30,16 @@ def batch_rewards(model, batch: Batch) -> torch.Tensor:
 def batch_loss(cfg: RMTrainConfig, model, raw_tie, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The training loss of ``batch`` (``cfg.loss`` plus reward centring), the rewards ``[R, Kmax]``
     and how many rankings carried evidence for the loss. ``raw_tie``: the model's raw tie
-    parameter (None for losses without one)."""
+    parameter (None for losses without one). Rankings weigh ``batch.weights`` when the batch has
+    them (``annotator_weights: reliability``)."""
     rewards = batch_rewards(model, batch)
     loss, used = L.ranking_loss(
-        cfg.loss, rewards, batch.tiers, margin=cfg.margin, tie_param=L.tie_log_param(cfg.loss, raw_tie)
+        cfg.loss,
+        rewards,
+        batch.tiers,
+        margin=cfg.margin,
+        tie_param=L.tie_log_param(cfg.loss, raw_tie),
+        weights=batch.weights,
     )
     loss = loss + L.reward_centering(rewards, batch.tiers, cfg.center_coef)
     return loss, rewards, used
@@ -69,6 +75,11 @@ def evaluate_groups(
     cfg: RMTrainConfig, model, raw_tie, groups: list[Group], pad_id: int, cache: dict | None, accelerator=None
 ) -> dict[str, float]:
     """Held-out loss (mean over groups) and strict-pair accuracy, summed across processes.
+
+    Groups that carry ranking weights (the validation prompts under ``annotator_weights:
+    reliability``) give each batch's weighted loss, so the step kept is the one that best fits the
+    reliable annotators; the held-out prompts carry none and are scored unweighted. The accuracy
+    counts every ranking's pairs.
 
     The forwards go through the unwrapped model: each DDP forward is a collective (it broadcasts
     the module's buffers), and processes whose shards hold different numbers of groups would wait

@@ -9,6 +9,10 @@ Each simulated annotator has its own seed. For one prompt with gold scores ``s_1
    within ``tie_threshold`` of the previous candidate's (so near-equal responses are tied the way
    a person would tie them, and a tier is never split by a clearly better response).
 
+3. **Kind** (optional, per annotator, for benchmarks of annotator reliability): ``good`` as above;
+   ``careless`` puts the candidates in random places of that ranking's tiers (a uniformly random
+   ranking that ties at the same rate); ``adversarial`` reverses the tiers.
+
 Output follows the rankings contract (docs/architecture.md) with two extra fields for evaluation:
 ``gold`` (the gold score per label) and ``gold_scorer`` (its spec), so reward-model evaluation can
 measure agreement with the gold scorer.
@@ -78,6 +82,19 @@ def sample_tiers(
     return tiers
 
 
+ANNOTATOR_KINDS = ("good", "careless", "adversarial")
+
+
+def annotate_as(kind: str, tiers: list[list[int]], rng: random.Random) -> list[list[int]]:
+    """What an annotator of ``kind`` reports where a good one reports ``tiers`` (module docstring)."""
+    if kind == "careless":
+        shuffled = rng.sample([i for tier in tiers for i in tier], sum(len(tier) for tier in tiers))
+        return [[shuffled.pop() for _ in tier] for tier in tiers]
+    if kind == "adversarial":
+        return tiers[::-1]
+    return tiers
+
+
 def pair_counts(records: Sequence[dict]) -> tuple[int, int]:
     """(candidate pairs, tied pairs) over every ranking record (each pair of each ranking once)."""
     n_pairs = sum(len(r["candidates"]) * (len(r["candidates"]) - 1) // 2 for r in records)
@@ -111,8 +128,12 @@ def simulate_rankings(
     seed: int = 0,
     per_prompt: int = 1,
     scorer_name: str | None = None,
+    kinds: Sequence[str] | None = None,
 ) -> list[dict]:
-    """Rank every candidates record with ``per_prompt`` simulated annotators (rankings contract)."""
+    """Rank every candidates record with ``per_prompt`` simulated annotators (rankings contract).
+    ``kinds``: each annotator's kind (:data:`ANNOTATOR_KINDS`; None: all good)."""
+    if kinds is not None and (len(kinds) != n_annotators or set(kinds) - set(ANNOTATOR_KINDS)):
+        raise ValueError(f"kinds must name one of {ANNOTATOR_KINDS} per annotator, got {list(kinds)!r}")
 
     # Score all responses in one call: scorers may batch (a reward model as gold, VADER is cheap).
     flat_prompts, flat_texts = [], []
@@ -133,6 +154,8 @@ def simulate_rankings(
         pos += len(labels)
         for a in sorted(pick.sample(range(n_annotators), per_prompt)):
             tiers = sample_tiers(scores, temperature, tie_threshold, rngs[a])
+            if kinds is not None:
+                tiers = annotate_as(kinds[a], tiers, rngs[a])
             ranking = Ranking.from_tiers([[labels[i] for i in tier] for tier in tiers], labels)
             out.append(
                 {

@@ -10,7 +10,10 @@ The loop, top to bottom (:func:`run_rm_train`):
 1. read the rankings, check every record, count and report what was wrong (one candidate,
    all tied, labels that do not match the candidates, empty responses, mixed K, too long);
 2. split held-out prompts (by a hash of ``prompt_id``, so a prompt is never on both sides), and a
-   validation slice of the training prompts that alone decides when to stop;
+   validation slice of the training prompts that alone decides when to stop; with
+   ``annotator_weights: reliability`` or ``min_reliability`` > 0, fit each annotator's reliability
+   to the training and validation rankings (``rlhf.reliability``) and weigh each ranking's loss by
+   its annotator's weight, or leave out the rankings of unreliable annotators;
 3. format every (prompt, response) with the policy's chat template, tokenize, truncate from the
    prompt side;
 4. with frozen lower layers, compute their hidden states once (the cache);
@@ -29,7 +32,8 @@ Metrics (``metrics.jsonl`` and W&B): ``train/loss`` (mean ranking loss of the st
 ``train/lr``, ``train/tie_theta`` or ``train/tie_nu`` (learned tie parameter), ``train/rankings_per_s``;
 ``val/loss`` and ``val/pair_accuracy`` (validation prompts, during training), ``eval/loss`` and
 ``eval/pair_accuracy`` (held-out prompts, at the end: strict pairs ordered correctly, reward ties
-count ½); ``data/*`` the input report; ``norm/offset``, ``norm/scale``.
+count ½); ``data/*`` the input report; ``norm/offset``, ``norm/scale``; with annotator
+reliability, ``annotators/*`` and the ``annotators`` table (also ``annotators.json`` in the run dir).
 
 Steps 1-4 use :mod:`reward_models.groups` (records → prompt groups → batches), the loss and its tie
 parameter come from :mod:`reward_models.losses`, the model's passes from :mod:`reward_models.scoring`,

@@ -13,6 +13,8 @@ from rlhf.models import MIXED_PRECISION, MIXED_PRECISION_HELP
 from rlhf.rewards import parse_ensemble_rule
 from rlhf.tracking import RunFields
 
+ANNOTATOR_WEIGHTS = ("none", "reliability")
+
 
 @dataclass
 class RMTrainConfig(RunFields, LoraFields):
@@ -137,6 +139,20 @@ class RMTrainConfig(RunFields, LoraFields):
         help="how the ensemble dir scores when named alone as a reward: mean, min or "
         "mean_minus_std[=k]; a reward spec ensemble:RULE:DIR overrides it",
     )
+    annotator_weights: str = option(
+        "none",
+        help="none: every ranking weighs the same; reliability: fit each annotator's reliability to the "
+        "training rankings (a Dawid–Skene model with ties, rlhf/reliability.py; the held-out rankings "
+        "never enter) and weigh each ranking's loss by its annotator's weight max(0, a - r), so careless "
+        "annotators count little and reversed ones not at all (docs/reward-models.md, Annotator reliability)",
+        choices=ANNOTATOR_WEIGHTS,
+    )
+    min_reliability: float = option(
+        0.0,
+        help="leave out the training rankings of annotators whose fitted expected accuracy (the share "
+        "of their pairwise labels that are right) is below this, and report how many (0 = keep all; "
+        "with annotator_weights none the reliability is fitted for this alone)",
+    )
     seed: int = option(0, help="random seed")
 
     def validate(self) -> None:
@@ -173,3 +189,8 @@ class RMTrainConfig(RunFields, LoraFields):
                 f"ensemble_layers: a member of {too_shallow[0]} layers cannot train its top_layers={self.top_layers}"
             )
         parse_ensemble_rule(self.ensemble_reward, "ensemble_reward")
+        if not 0 <= self.min_reliability < 1:
+            raise ConfigError(
+                f"min_reliability must be in [0, 1) (an expected accuracy; 0 = keep every annotator), "
+                f"got {self.min_reliability}"
+            )

@@ -1,8 +1,9 @@
 """Set-up of one reward model's training (:mod:`reward_models.train`): from the config to the
 :class:`Trainee` that the training loop steps.
 
-:func:`read_data` reads, checks and splits the rankings (before any model loads, so bad input
-fails fast); :func:`set_up` then builds, in this order: the model (its initial tie parameter from
+:func:`read_data` reads, checks and splits the rankings, and weighs or drops each training
+ranking by its annotator's fitted reliability when asked (:func:`weigh_annotators`), all before any
+model loads, so bad input fails fast; :func:`set_up` then builds, in this order: the model (its initial tie parameter from
 the training rankings' tie rate), the tokenized prompt groups and the input report, this process's
 shard of prompts and the cache of its frozen lower layers, the optimiser and learning-rate
 schedule, prepared by the accelerator. The seed is set before the model is built
@@ -30,6 +31,7 @@ from rlhf.checkpoint import Checkpoints
 from rlhf.config import ConfigError
 from rlhf.errors import UserError
 from rlhf.models import adam_kwargs, autocast_bf16
+from rlhf.reliability import ReliabilityFit, annotator_of, fit_reliability
 from rlhf.tracking import Tracker
 
 CHECKPOINT_PREFIX = "step_"  # checkpoints/step_000040/ (rlhf.checkpoint)
@@ -48,10 +50,70 @@ class RMData:
     train: list[Group]
     held: list[Group]  # scored once, at the end
     val: list[Group]  # decides when to stop and which step to keep
+    annotators: AnnotatorWeighting | None = None  # what annotator reliability did (None: not asked)
+
+
+@dataclass
+class AnnotatorWeighting:
+    """The annotators' fitted reliability and what it did to the training rankings."""
+
+    fit: ReliabilityFit
+    weighted: bool  # each ranking's loss weighs its annotator's weight
+    min_reliability: float
+    dropped_annotators: list[str]  # expected accuracy below min_reliability
+    dropped_rankings: int
+
+    def metrics(self) -> dict[str, float]:
+        weights = list(self.fit.weights().values())
+        return {
+            "annotators/count": len(weights),
+            "annotators/mean_weight": sum(weights) / len(weights) if weights else float("nan"),
+            "annotators/zero_weight": sum(1 for w in weights if w == 0),
+            "annotators/dropped": len(self.dropped_annotators),
+            "annotators/dropped_rankings": self.dropped_rankings,
+            "annotators/prior_tie": self.fit.prior_tie,
+            "annotators/shared_pairs": self.fit.shared_items,
+            "annotators/em_iterations": self.fit.iterations,
+        }
+
+    def lines(self) -> list[str]:
+        fit = self.fit
+        use = "each ranking's loss weighs its annotator's weight" if self.weighted else "not used as weights"
+        out = [
+            f"annotators: reliability of {len(fit.annotators)} fitted on {fit.items} training pairs "
+            f"({fit.shared_items} labelled by 2 or more, EM {fit.iterations} rounds"
+            + ("" if fit.converged else ", not converged")
+            + f"); {use}"
+        ]
+        if not fit.shared_items:
+            out.append(
+                "  no pair was labelled by two annotators: reliability cannot be told from the labels, "
+                "every annotator agrees with themselves"
+            )
+        for name, weight, accuracy, *_ in fit.rows()[:5]:
+            out.append(f"  {name}: weight {weight:.2f}, expected accuracy {accuracy:.2f}")
+        if len(fit.annotators) > 5:
+            out.append(f"  ... {len(fit.annotators) - 5} more in annotators.json")
+        if self.dropped_rankings:
+            out.append(
+                f"  {self.dropped_rankings} rankings of {len(self.dropped_annotators)} annotators with expected "
+                f"accuracy below min_reliability={self.min_reliability:g}: skipped"
+            )
+        return out
+
+    def as_dict(self) -> dict:
+        return {
+            "weighted": self.weighted,
+            "min_reliability": self.min_reliability,
+            "dropped_annotators": self.dropped_annotators,
+            "dropped_rankings": self.dropped_rankings,
+            **self.fit.as_dict(),
+        }
 
 
 def read_data(cfg: RMTrainConfig, split_seed: int) -> RMData:
-    """Read and check the rankings, then split off the held-out and validation prompts."""
+    """Read and check the rankings, split off the held-out and validation prompts, then weigh or
+    drop the training rankings by annotator reliability when the config asks."""
     report = DataReport()
     records = read_records(cfg.rankings, skip_bad_rows=cfg.skip_bad_rows, report=report)
     groups = build_groups(records, report, cfg.loss)
@@ -67,6 +129,11 @@ def read_data(cfg: RMTrainConfig, split_seed: int) -> RMData:
     val: list[Group] = []
     if cfg.val_fraction > 0 and len(train_groups) > 2:
         train_groups, val = split_groups(train_groups, cfg.val_fraction, split_seed + 1)
+    annotators = None
+    if cfg.annotator_weights == "reliability" or cfg.min_reliability > 0:
+        annotators = weigh_annotators(cfg, train_groups + val)
+        train_groups, val = [g for g in train_groups if g.rankings], [g for g in val if g.rankings]
+        report.used_rankings -= annotators.dropped_rankings
     if not train_groups:
         raise UserError(
             f"{cfg.rankings}: no usable rankings ({report.records} records; "
@@ -74,7 +141,42 @@ def read_data(cfg: RMTrainConfig, split_seed: int) -> RMData:
             + ")",
             code="no_data",
         )
-    return RMData(report, records, train_groups, held, val)
+    return RMData(report, records, train_groups, held, val, annotators)
+
+
+def weigh_annotators(cfg: RMTrainConfig, groups: list[Group]) -> AnnotatorWeighting:
+    """Fit every annotator's reliability to the rankings of ``groups`` (the training and validation
+    prompts: never the held-out ones), then, in place, leave out the rankings of annotators whose
+    expected accuracy is below ``cfg.min_reliability`` and, with ``annotator_weights: reliability``,
+    give every ranking its annotator's weight (rlhf/reliability.py says why max(0, a - r))."""
+    fit = fit_reliability(record for g in groups for record in g.records)
+    unreliable = sorted(
+        name for name, a in fit.annotators.items() if a.expected_accuracy < cfg.min_reliability
+    )
+    if unreliable and len(unreliable) == len(fit.annotators):
+        best = max(fit.annotators.values(), key=lambda a: a.expected_accuracy)
+        raise UserError(
+            f"min_reliability={cfg.min_reliability:g} leaves no training rankings: the most reliable "
+            f"annotator, {best.annotator}, has expected accuracy {best.expected_accuracy:.3f}",
+            code="no_data",
+        )
+    weighted = cfg.annotator_weights == "reliability"
+    dropped = 0
+    for g in groups:
+        keep = [i for i, record in enumerate(g.records) if annotator_of(record) not in unreliable]
+        dropped += len(g.records) - len(keep)
+        g.rankings = [g.rankings[i] for i in keep]
+        g.records = [g.records[i] for i in keep]
+        if weighted:
+            g.weights = [fit.annotators[annotator_of(record)].weight for record in g.records]
+    if weighted and not any(w > 0 for g in groups for w in g.weights or []):
+        raise UserError(
+            "annotator_weights=reliability gives every training ranking weight 0 (no annotator reports the "
+            "true order more often than the reversed one); look at the rankings, or train with "
+            "annotator_weights=none",
+            code="no_data",
+        )
+    return AnnotatorWeighting(fit, weighted, cfg.min_reliability, unreliable, dropped)
 
 
 # ----------------------------------------------------------------------------- 3-4. set-up
@@ -159,6 +261,8 @@ def set_up(run: Run, data: RMData) -> Trainee:
         encode_groups(groups, tokenizer, cfg.max_length, data.report)
     if run.main:
         _report_data(run, data.report)
+        if data.annotators is not None:
+            _report_annotators(run, data.annotators)
 
     # each process owns a fixed shard of prompts (so its cache covers only its own)
     rank, world = accelerator.process_index, run.world
@@ -231,6 +335,17 @@ def _report_data(run: Run, report: DataReport) -> None:
     (run.run_dir / "data_report.json").write_text(
         json.dumps({**vars(report), "lines": report.lines()}, indent=2, default=str)
     )
+
+
+def _report_annotators(run: Run, annotators: AnnotatorWeighting) -> None:
+    """Print the annotators' reliability, log it at step 0 (figures and the ``annotators`` table) and
+    write it to ``annotators.json``."""
+    for line in annotators.lines():
+        print(line, flush=True)
+    run.tracker.log(annotators.metrics(), step=0)
+    run.tracker.summary(annotators.metrics())
+    run.tracker.log_table("annotators", list(ReliabilityFit.COLUMNS), annotators.fit.rows(), step=0)
+    (run.run_dir / "annotators.json").write_text(json.dumps(annotators.as_dict(), indent=2))
 
 
 def _optimizer(cfg: RMTrainConfig, model) -> torch.optim.AdamW:
