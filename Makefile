@@ -20,7 +20,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install quickstart test lint format chromium download clean help constraints
+.PHONY: install quickstart test lint format chromium postgres download clean help constraints
 
 help:
 	@echo "make quickstart   run the whole loop on the embedded SmolLM2 (PRESET=tiny for the fast preset)"
@@ -46,6 +46,14 @@ chromium:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null \
 	  || echo "warning: could not install chromium; browser tests will be skipped"; }
 
+# The store's tests also run on PostgreSQL: they start a throwaway server with Debian's binaries.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || { \
+	  echo "installing Debian's postgresql for the store's PostgreSQL tests"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql >/dev/null \
+	  || echo "warning: could not install postgresql; the PostgreSQL store tests will be skipped"; }
+
 # Re-pin after changing a range in pyproject.toml: install without the lock, then freeze.
 constraints:
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -67,7 +75,7 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: $(STAMP) chromium lint
+test: $(STAMP) chromium postgres lint
 	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
 
 quickstart: $(STAMP)

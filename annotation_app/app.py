@@ -3,24 +3,16 @@
 Everything that decides something lives elsewhere: what each control does in
 :mod:`annotation_app.handlers` (plain functions, tested without a server), storage, leases,
 validation and idempotency in :mod:`annotation_app.store`, login in :mod:`annotation_app.auth`,
-the rank-selector logic in :mod:`annotation_app.control`, how untrusted text is shown in
-:mod:`annotation_app.text`, statistics in :mod:`annotation_app.agreement`, export in
-:mod:`annotation_app.io`. Each event here is a thin adapter: the user from the login session,
+the rank board in :mod:`annotation_app.board` (its browser side included) and
+:mod:`annotation_app.control`, how untrusted text is shown in :mod:`annotation_app.text`, the
+dashboard's figures in :mod:`annotation_app.dashboard`, export in :mod:`annotation_app.io`. Each event here is a thin adapter: the user from the login session,
 one handler call, its answer (a dict keyed by component) turned into Gradio updates.
 
-Security:
-
-* login through ``launch(auth=...)`` checking the store's scrypt hashes (off the event loop,
-  5 wrong passwords per user name per 5 minutes, then refused): every Gradio route that serves the app
-  (``/config``, ``/gradio_api/info``, the queue, ``/call``, file routes, uploads) answers 401
-  without a session cookie;
-* identity only from ``gr.Request.username`` (the server-side session); prompt ids and tokens
-  sent by the page are checked against the caller's own leases and rows;
-* responses are shown as literal text in non-interactive text boxes (never ``gr.HTML``); the
-  optional rendered view escapes HTML and turns Markdown images into links;
-* admin handlers check the caller's role on every call, not just the tab's visibility;
-* bound to 127.0.0.1 unless told otherwise, analytics off, request bodies over 1 MB refused
-  (413) before any route runs, text sizes limited in the store.
+Security (login, throttling, sessions, exports, malformed calls) is :mod:`annotation_app.server`'s
+job and is listed in docs/annotation-security.md; what this page adds: responses are shown as
+literal text (text boxes, a chat transcript that renders no Markdown), the optional rendered view
+escapes HTML and turns images into links, the board draws only labels, and admin handlers check
+the caller's role on every call, not just the tab's visibility.
 
 The named API endpoints for scripts are declared in :mod:`annotation_app.api`; serving (login,
 request limits, launch) is :mod:`annotation_app.server`.
@@ -31,34 +23,48 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from annotation_app import handlers
+from annotation_app import dashboard, handlers
 from annotation_app.api import wire_api
 from annotation_app.auth import session_user
+from annotation_app.board import BOARD_CSS, BOARD_HTML, BOARD_JS, board_value
 from annotation_app.handlers import Page, Props, Table, slot_keys
 from annotation_app.store import Store
 from rlhf.export import EXPORT_FORMATS
 
-# Keyboard shortcuts on top of the native ones (Tab / arrow keys / Enter in the ranking field):
-# Alt+R focuses the ranking field, Ctrl+Enter submits, Alt+S skips.
+# Keyboard shortcuts on top of the board's own keys (see annotation_app/board.py) and Enter in the
+# ranking field: Alt+K focuses the board, Alt+R the ranking field, Ctrl+Enter submits, Alt+S skips.
 KEYS_JS = """
 () => {
   document.addEventListener('keydown', (e) => {
     const click = (id) => { const b = document.getElementById(id); if (b) b.click(); };
-    if (e.altKey && (e.key === 'r' || e.key === 'R')) {
-      const t = document.querySelector('#ranking textarea, #ranking input'); if (t) { t.focus(); e.preventDefault(); }
-    } else if (e.ctrlKey && e.key === 'Enter') { click('submit'); e.preventDefault(); }
+    const focus = (sel) => { const t = document.querySelector(sel); if (t) { t.focus(); e.preventDefault(); } };
+    if (e.altKey && (e.key === 'r' || e.key === 'R')) focus('#ranking textarea, #ranking input');
+    else if (e.altKey && (e.key === 'k' || e.key === 'K')) focus('#board .chip[tabindex="0"]');
+    else if (e.ctrlKey && e.key === 'Enter') { click('submit'); e.preventDefault(); }
     else if (e.altKey && (e.key === 's' || e.key === 'S')) { click('skip'); e.preventDefault(); }
   });
 }
 """
 
 HELP = (
-    "Rank the responses best first. Type a ranking such as `C > B = D > A` in the ranking field "
-    "(`=` is a tie) and press Enter to submit, or pick a rank number for each response (equal "
-    "numbers are a tie). Keys: Alt+R jumps to the ranking field, Ctrl+Enter submits, Alt+S skips. "
+    "Rank the responses best first. Drag each response's letter into a rank on the board (two "
+    "letters in one rank are a tie), or use the keyboard: Tab to the board (or Alt+K), press a "
+    "response's letter or ←/→ to pick it, a digit to rank it, `=` to tie it with the one placed "
+    "last, `0` to unrank it and Enter to submit. You can also type a ranking such as `C > B = D > A` "
+    "in the ranking field (Alt+R; `=` is a tie) and press Enter. Ctrl+Enter submits, Alt+S skips. "
     "Your work is saved as a draft as you go."
 )
 
+# The annotate tab's layout: the action bar stays on screen; responses sit side by side, up to
+# four to a row, each scrolling on its own so long answers can be compared without paging.
+PAGE_CSS = """
+#topbar { position: sticky; top: 0; z-index: 20; background: var(--background-fill-primary);
+  padding: 4px 0; align-items: center; }
+#topbar textarea, #topbar input { font-size: 0.9rem; }
+.response-column { min-width: 280px; }
+.response-column textarea { font-size: 0.92rem; line-height: 1.35; }
+#prompt textarea { font-weight: 500; }
+"""
 
 PRIVATE = {"api_visibility": "private"}  # page events: not part of the scripts' API
 
@@ -82,49 +88,92 @@ def build_app(store: Store, *, project: str | None = None, max_k: int | None = N
 
 # ----------------------------------------------------------------------------- layout
 # Each tab returns its components keyed as the handlers name them (the elem_id, "slot-X" for the
-# group of response X, "admin-tab"); creation order is the page order.
+# column of response X, "admin-tab"); creation order is the page order.
 
 
 def _annotate_tab(slots: tuple[str, ...]) -> dict:
     ui: dict = {}
     with gr.Tab("Annotate", id="annotate"):
-        with gr.Accordion("Guidelines", open=False):
+        with gr.Row(elem_id="topbar", equal_height=True):
+            ui["progress"] = gr.Textbox(
+                show_label=False, interactive=False, elem_id="progress", scale=3, container=False
+            )
+            ui["message"] = gr.Textbox(
+                show_label=False,
+                interactive=False,
+                elem_id="message",
+                scale=4,
+                container=False,
+                placeholder="Messages appear here",
+            )
+            ui["skip"] = gr.Button("Skip", elem_id="skip", scale=0, min_width=80)
+            ui["submit"] = gr.Button("Submit", variant="primary", elem_id="submit", scale=0, min_width=110)
+        with gr.Accordion("Guidelines", open=True, elem_id="guidelines-box") as ui["guidelines-box"]:
             # Guidelines come from the admin's project config (trusted), so Markdown is fine.
             ui["guidelines"] = gr.Markdown(elem_id="guidelines")
             gr.Markdown(HELP)
-        ui["progress"] = gr.Textbox(label="Progress", interactive=False, elem_id="progress")
-        ui["message"] = gr.Textbox(label="Message", interactive=False, elem_id="message")
         ui["prompt-id"] = gr.Textbox(
             label="Prompt id", interactive=False, elem_id="prompt-id", visible="hidden"
         )
         ui["labels"] = gr.Textbox(visible="hidden", elem_id="labels")
         ui["client-token"] = gr.Textbox(visible="hidden", elem_id="client-token")
-        ui["prompt"] = gr.Textbox(label="Prompt", interactive=False, elem_id="prompt", lines=2, max_lines=20)
-        ui["rendered-toggle"] = gr.Checkbox(
-            label="Also show a rendered view (Markdown; HTML shown as text, images as links)",
-            elem_id="rendered-toggle",
+        ui["prompt"] = gr.Textbox(label="Prompt", interactive=False, elem_id="prompt", lines=1, max_lines=6)
+        # Shown for a multi-turn prompt: the turns as literal text, no Markdown or HTML rendered.
+        ui["conversation"] = gr.Chatbot(
+            label="Conversation so far",
+            elem_id="conversation",
+            visible=False,
+            height=220,
+            render_markdown=False,
+            sanitize_html=True,
+            buttons=[],
         )
-        for label in slots:
-            group_key, text_key, rendered_key, rank_key = slot_keys(label)
-            with gr.Group(visible=False) as ui[group_key]:
-                ui[text_key] = gr.Textbox(
-                    label=f"Response {label}", interactive=False, elem_id=text_key, lines=2, max_lines=30
-                )
-                ui[rendered_key] = gr.Markdown(visible=False, elem_id=rendered_key)
-                ui[rank_key] = gr.Radio(
-                    choices=[], label=f"Rank of {label} (1 = best, equal numbers = tie)", elem_id=rank_key
-                )
-        ui["ranking"] = gr.Textbox(
-            label="Ranking, best first (e.g. C > B = D > A) — Enter submits",
-            elem_id="ranking",
-            max_length=200,
+        ui["board"] = gr.HTML(
+            board_value([], ""),
+            html_template=BOARD_HTML,
+            css_template=BOARD_CSS,
+            js_on_load=BOARD_JS,
+            elem_id="board",
         )
-        ui["all-bad"] = gr.Checkbox(label="All responses are bad", elem_id="all-bad")
-        ui["comment"] = gr.Textbox(label="Comment (optional)", elem_id="comment", lines=1, max_length=5000)
+        with gr.Row(equal_height=False):
+            for label in slots:
+                column_key, text_key, rendered_key = slot_keys(label)
+                with gr.Column(visible=False, min_width=280, elem_classes="response-column") as ui[
+                    column_key
+                ]:
+                    ui[text_key] = gr.Textbox(
+                        label=f"Response {label}",
+                        interactive=False,
+                        elem_id=text_key,
+                        lines=12,
+                        max_lines=12,
+                        autoscroll=False,
+                    )
+                    ui[rendered_key] = gr.Markdown(visible=False, elem_id=rendered_key, max_height=320)
         with gr.Row():
-            ui["submit"] = gr.Button("Submit", variant="primary", elem_id="submit")
-            ui["skip"] = gr.Button("Skip", elem_id="skip")
-            ui["next"] = gr.Button("Next / refresh", elem_id="next")
+            ui["ranking"] = gr.Textbox(
+                label="Ranking, best first (e.g. C > B = D > A) — Enter submits",
+                elem_id="ranking",
+                max_length=200,
+                scale=3,
+            )
+            with gr.Column(scale=2):
+                ui["all-bad"] = gr.Checkbox(label="All responses are bad", elem_id="all-bad")
+                ui["rendered-toggle"] = gr.Checkbox(
+                    label="Also show a rendered view (Markdown; HTML shown as text, images as links)",
+                    elem_id="rendered-toggle",
+                )
+        with gr.Accordion("Correct the best response (optional)", open=False, elem_id="edit-box"):
+            gr.Markdown(
+                "Fix what is wrong in the response you ranked first: your version is stored with the "
+                "ranking and becomes a demonstration for supervised fine-tuning."
+            )
+            ui["start-edit"] = gr.Button("Copy the best response here", elem_id="start-edit", size="sm")
+            ui["edit"] = gr.Textbox(
+                label="Your corrected response", elem_id="edit", lines=4, max_lines=16, max_length=20000
+            )
+        ui["comment"] = gr.Textbox(label="Comment (optional)", elem_id="comment", lines=1, max_length=5000)
+        ui["next"] = gr.Button("Next / refresh", elem_id="next", size="sm")
     return ui
 
 
@@ -154,19 +203,59 @@ def _history_tab() -> dict:
 def _admin_tab() -> dict:
     ui: dict = {}
     with gr.Tab("Admin", id="admin", visible=False) as ui["admin-tab"]:
-        ui["admin-refresh"] = gr.Button("Refresh statistics", elem_id="admin-refresh")
-        ui["admin-summary"] = gr.JSON(label="Summary and agreement", elem_id="admin-summary")
+        with gr.Row(equal_height=True):
+            ui["admin-refresh"] = gr.Button("Refresh", elem_id="admin-refresh", scale=0, min_width=100)
+            ui["admin-message"] = gr.Textbox(
+                show_label=False, interactive=False, elem_id="admin-message", container=False
+            )
+        ui["admin-headline"] = gr.Dataframe(
+            label="Headline (intervals: 95 % bootstrap over prompts)",
+            interactive=False,
+            elem_id="admin-headline",
+        )
+        with gr.Row():
+            ui["admin-progress"] = gr.LinePlot(
+                x="time",
+                y="rankings",
+                title="Rankings submitted over time",
+                elem_id="admin-progress",
+                height=240,
+            )
+            ui["admin-seconds"] = gr.BarPlot(
+                x="seconds",
+                y="rankings",
+                title="Time per item",
+                elem_id="admin-seconds",
+                height=240,
+                sort=dashboard.SECONDS_BIN_NAMES,  # the bins in time order, not alphabetical
+            )
+        with gr.Row():
+            ui["admin-throughput"] = gr.BarPlot(
+                x="annotator",
+                y="submitted",
+                title="Rankings per annotator",
+                elem_id="admin-throughput",
+                height=240,
+            )
+            ui["admin-agreement"] = gr.BarPlot(
+                x="annotator",
+                y="agreement",
+                title="Agreement with the other annotators (win/tie/loss per pair)",
+                elem_id="admin-agreement",
+                height=240,
+                y_lim=[0, 1],
+            )
         ui["admin-annotators"] = gr.Dataframe(
             label="Per annotator", interactive=False, elem_id="admin-annotators"
         )
-        ui["admin-prompts"] = gr.Dataframe(label="Per prompt", interactive=False, elem_id="admin-prompts")
-        with gr.Row():
+        with gr.Accordion("Per prompt", open=False):
+            ui["admin-prompts"] = gr.Dataframe(interactive=False, elem_id="admin-prompts")
+        with gr.Row(equal_height=True):
             ui["admin-format"] = gr.Radio(
-                list(EXPORT_FORMATS), value="rankings", label="Export format", elem_id="admin-format"
+                list(EXPORT_FORMATS), value="rankings", label="Export format", elem_id="admin-format", scale=3
             )
-            ui["admin-export"] = gr.Button("Export JSONL", elem_id="admin-export")
-        ui["admin-file"] = gr.File(label="Export", interactive=False, elem_id="admin-file")
-        ui["admin-message"] = gr.Textbox(label="Message", interactive=False, elem_id="admin-message")
+            ui["admin-export"] = gr.Button("Export JSONL", elem_id="admin-export", scale=0, min_width=140)
+        ui["admin-download"] = gr.Markdown(elem_id="admin-download")
     return ui
 
 
@@ -190,8 +279,8 @@ def _gradio_value(value):
 def _item_keys(slots: tuple[str, ...]) -> list[str]:
     """The components that show an item, in the order of the item events' outputs."""
     slot_parts = [key for label in slots for key in slot_keys(label)]
-    form = ["ranking", "all-bad", "comment", "progress", "message", "guidelines"]
-    return ["prompt-id", "labels", "client-token", "prompt", *slot_parts, *form]
+    form = ["ranking", "all-bad", "comment", "edit", "progress", "message", "guidelines", "guidelines-box"]
+    return ["prompt-id", "labels", "client-token", "prompt", "conversation", "board", *slot_parts, *form]
 
 
 def _components(ui: dict, keys: list[str]) -> list:
@@ -201,7 +290,6 @@ def _components(ui: dict, keys: list[str]) -> list:
 def _wire_annotate(demo: gr.Blocks, page: Page, ui: dict) -> None:
     item_keys = _item_keys(page.slots)
     load_keys = [*item_keys, "history", "history-prompt", "admin-tab"]
-    rank_keys = [slot_keys(label)[3] for label in page.slots]
     rendered_keys = [slot_keys(label)[2] for label in page.slots]
     history_keys = ["history", "history-prompt"]
 
@@ -211,26 +299,30 @@ def _wire_annotate(demo: gr.Blocks, page: Page, ui: dict) -> None:
     def on_next(request: gr.Request):
         return _answer(handlers.next_item(page, session_user(request)), item_keys)
 
-    def on_ranks(request: gr.Request, pid: str, labels: str, bad: bool, note: str, shown: str, *ranks):
-        # (The request comes first: Gradio only injects it into positional parameters.)
-        user = session_user(request)
-        values = handlers.ranks_changed(page, user, pid, labels, bad, note, shown, *ranks)
-        return _answer(values, ["ranking", "message"])
-
-    def on_ranking_text(
-        pid: str, labels: str, text: str, bad: bool, note: str, shown: str, request: gr.Request
-    ):
-        values = handlers.ranking_text_changed(
-            page, session_user(request), pid, labels, text, bad, note, shown
-        )
-        return _answer(values, [*rank_keys, "message"])
-
-    def on_extras(pid: str, text: str, bad: bool, note: str, shown: str, request: gr.Request):
-        values = handlers.extras_changed(page, session_user(request), pid, text, bad, note, shown)
+    def on_board(pid: str, board: str, bad: bool, note: str, edit: str, shown: str, request: gr.Request):
+        values = handlers.board_changed(page, session_user(request), pid, board, bad, note, edit, shown)
         return _answer(values, ["message"])[0]
 
-    def on_submit(pid: str, tok: str, text: str, bad: bool, note: str, request: gr.Request):
-        return _answer(handlers.submit(page, session_user(request), pid, tok, text, bad, note), item_keys)
+    def on_ranking_text(
+        pid: str, labels: str, text: str, bad: bool, note: str, edit: str, shown: str, request: gr.Request
+    ):
+        values = handlers.ranking_text_changed(
+            page, session_user(request), pid, labels, text, bad, note, edit, shown
+        )
+        return _answer(values, ["board", "message"])
+
+    def on_extras(pid: str, text: str, bad: bool, note: str, edit: str, shown: str, request: gr.Request):
+        values = handlers.extras_changed(page, session_user(request), pid, text, bad, note, edit, shown)
+        return _answer(values, ["message"])[0]
+
+    def on_start_edit(pid: str, labels: str, text: str, request: gr.Request):
+        return _answer(
+            handlers.start_edit(page, session_user(request), pid, labels, text), ["edit", "message"]
+        )
+
+    def on_submit(pid: str, tok: str, text: str, bad: bool, note: str, edit: str, request: gr.Request):
+        values = handlers.submit(page, session_user(request), pid, tok, text, bad, note, edit)
+        return _answer(values, item_keys)
 
     def on_skip(pid: str, tok: str, note: str, request: gr.Request):
         return _answer(handlers.skip(page, session_user(request), pid, tok, note), item_keys)
@@ -241,32 +333,31 @@ def _wire_annotate(demo: gr.Blocks, page: Page, ui: dict) -> None:
     def refresh_history(request: gr.Request):
         return _answer(handlers.history(page, session_user(request)), history_keys)
 
+    typing = {"show_progress": "hidden", "trigger_mode": "always_last", **PRIVATE}
     demo.load(on_load, None, _components(ui, load_keys), js=KEYS_JS, **PRIVATE)
     ui["next"].click(on_next, None, _components(ui, item_keys), **PRIVATE)
-    rank_inputs = _components(ui, rank_keys)
-    for rank in rank_inputs:
-        rank.input(
-            on_ranks,
-            [ui["prompt-id"], ui["labels"], ui["all-bad"], ui["comment"], ui["message"], *rank_inputs],
-            [ui["ranking"], ui["message"]],
-            show_progress="hidden",
-            trigger_mode="always_last",
-            **PRIVATE,
-        )
+    ui["board"].input(
+        on_board,
+        _components(ui, ["prompt-id", "board", "all-bad", "comment", "edit", "message"]),
+        ui["message"],
+        **typing,
+    )
     ui["ranking"].input(
         on_ranking_text,
-        [ui["prompt-id"], ui["labels"], ui["ranking"], ui["all-bad"], ui["comment"], ui["message"]],
-        [*rank_inputs, ui["message"]],
-        show_progress="hidden",
-        trigger_mode="always_last",
+        _components(ui, ["prompt-id", "labels", "ranking", "all-bad", "comment", "edit", "message"]),
+        _components(ui, ["board", "message"]),
+        **typing,
+    )
+    extras_inputs = _components(ui, ["prompt-id", "ranking", "all-bad", "comment", "edit", "message"])
+    for extra in ("all-bad", "comment", "edit"):
+        ui[extra].input(on_extras, extras_inputs, ui["message"], **typing)
+    ui["start-edit"].click(
+        on_start_edit,
+        _components(ui, ["prompt-id", "labels", "ranking"]),
+        _components(ui, ["edit", "message"]),
         **PRIVATE,
-    )
-    extras_inputs = [ui["prompt-id"], ui["ranking"], ui["all-bad"], ui["comment"], ui["message"]]
-    ui["all-bad"].input(on_extras, extras_inputs, ui["message"], show_progress="hidden", **PRIVATE)
-    ui["comment"].input(
-        on_extras, extras_inputs, ui["message"], show_progress="hidden", trigger_mode="always_last", **PRIVATE
-    )
-    submit_inputs = [ui["prompt-id"], ui["client-token"], ui["ranking"], ui["all-bad"], ui["comment"]]
+    ).then(on_extras, extras_inputs, ui["message"], **typing)
+    submit_inputs = _components(ui, ["prompt-id", "client-token", "ranking", "all-bad", "comment", "edit"])
     for trigger in (ui["submit"].click, ui["ranking"].submit):
         trigger(on_submit, submit_inputs, _components(ui, item_keys), trigger_mode="once", **PRIVATE).then(
             refresh_history, None, _components(ui, history_keys), **PRIVATE
@@ -313,8 +404,8 @@ def _wire_history(page: Page, ui: dict) -> None:
 
 def _wire_admin(page: Page, ui: dict) -> None:
     # The handlers check the caller's role on every call, not just the tab's visibility.
-    refresh_keys = ["admin-summary", "admin-annotators", "admin-prompts", "admin-message"]
-    export_keys = ["admin-file", "admin-message"]
+    refresh_keys = [*handlers.ADMIN_FIGURES, "admin-message"]
+    export_keys = ["admin-download", "admin-message"]
 
     def on_admin_refresh(request: gr.Request):
         return _answer(handlers.admin_statistics(page, session_user(request)), refresh_keys)
@@ -323,6 +414,7 @@ def _wire_admin(page: Page, ui: dict) -> None:
         return _answer(handlers.admin_export(page, session_user(request), fmt), export_keys)
 
     ui["admin-refresh"].click(on_admin_refresh, None, _components(ui, refresh_keys), **PRIVATE)
+    ui["admin-tab"].select(on_admin_refresh, None, _components(ui, refresh_keys), **PRIVATE)
     ui["admin-export"].click(on_admin_export, [ui["admin-format"]], _components(ui, export_keys), **PRIVATE)
 
 

@@ -2,15 +2,16 @@
 
 Passwords are stored as scrypt hashes (RFC 7914) with a per-user salt; the KDF's parameters are
 stored with each hash, so they can be raised later without invalidating old accounts. Gradio's
-login route (wired in ``app.py``) asks :meth:`Store.verify_password` through a
-:class:`LoginThrottle`; after login, a handler learns who is calling only from
-:func:`session_user`, never from what the page sends.
+login route (wired in :mod:`annotation_app.server`) asks :meth:`Store.verify_password` through a
+:class:`LoginThrottle`, which slows guessing per (user name, client); after login, a handler
+learns who is calling only from :func:`session_user`, never from what the page sends.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import secrets
 import threading
 import time
@@ -88,30 +89,105 @@ def password_matches(password: str, stored: Mapping | None) -> bool:
 
 
 class LoginThrottle:
-    """Refuse logins for a user name after ``max_failures`` wrong passwords within ``window_s``
-    seconds, until the window has passed (Gradio's login route has no rate limit of its own).
+    """Slow down password guessing per (user name, client), never lock an account for everyone.
 
-    In memory, per process: enough to make password guessing slow, not a lockout database.
+    After ``free_failures`` wrong passwords for a name from one client, that client must wait
+    before its next try for that name: ``base_delay_s``, then twice as long after each further
+    failure, at most ``max_delay_s`` (exponential backoff). A client that fails for many names
+    (``client_free_failures`` failures, whatever the names) waits the same way before any try.
+    The real user, logging in from another client, is never slowed by someone else's guesses
+    (OWASP Authentication Cheat Sheet, "Protect against automated attacks": throttle rather than
+    lock accounts, or an attacker can lock anyone out).
+
+    :meth:`attempt` answers how long to wait. A try during the wait is refused at once, without
+    checking the password: no KDF time, no thread held, so hammering the login costs the server
+    next to nothing, and it does not count. A try that goes ahead counts as a failure of its
+    (name, client) straight away, so a burst of parallel guesses at one name cannot all slip
+    through before the first result comes back; :meth:`succeeded` clears that record. The
+    client-wide count grows only with failures that happened (:meth:`failed`): a wave of
+    annotators logging in at once from one address (a lab behind one NAT or proxy) must not be
+    refused for being many. The client's own record is only forgotten ``forget_s`` after its last
+    failure (otherwise a guesser with one valid account could reset it). Clients are keyed by
+    address (:func:`client_key`).
+
+    In memory, per process (Gradio's login sessions are per process too); the table is bounded
+    by dropping the oldest records past ``max_records``.
     """
 
-    def __init__(self, max_failures: int = 5, window_s: float = 300.0, clock=time.monotonic):
-        self.max_failures, self.window_s, self.clock = max_failures, window_s, clock
-        self._failures: dict[str, list[float]] = {}
+    def __init__(
+        self,
+        *,
+        free_failures: int = 3,
+        client_free_failures: int = 20,
+        base_delay_s: float = 1.0,
+        max_delay_s: float = 60.0,
+        forget_s: float = 900.0,
+        max_records: int = 100_000,
+        clock=time.monotonic,
+    ):
+        self.free_failures, self.client_free_failures = free_failures, client_free_failures
+        self.base_delay_s, self.max_delay_s, self.forget_s = base_delay_s, max_delay_s, forget_s
+        self.max_records, self.clock = max_records, clock
+        # key -> (failures, time of the last one); key (name, client) or (None, client): any name
+        self._failures: dict[tuple[str | None, str], tuple[int, float]] = {}
         self._lock = threading.Lock()
 
-    def allowed(self, username: str) -> bool:
-        now = self.clock()
+    def attempt(self, username: str, client: str | None) -> float:
+        """Seconds before ``client`` may try ``username`` (then nothing is counted), or 0: go
+        ahead, the try counts as a failure of (name, client) until :meth:`succeeded` says otherwise."""
+        now, network = self.clock(), client_key(client)
+        keys = ((username, network), (None, network))
         with self._lock:
-            recent = [t for t in self._failures.get(username, []) if now - t < self.window_s]
-            self._failures[username] = recent
-            return len(recent) < self.max_failures
+            wait = max(
+                self._wait(self._failures.get(keys[0]), self.free_failures, now),
+                self._wait(self._failures.get(keys[1]), self.client_free_failures, now),
+            )
+            if wait > 0:
+                return wait
+            self._count(keys[0], now)
+            return 0.0
 
-    def record(self, username: str, ok: bool) -> None:
+    def failed(self, username: str, client: str | None) -> None:
+        """The try was a wrong password: it counts for the client, whatever the name."""
         with self._lock:
-            if ok:
-                self._failures.pop(username, None)
-            else:
-                self._failures.setdefault(username, []).append(self.clock())
+            self._count((None, client_key(client)), self.clock())
+
+    def succeeded(self, username: str, client: str | None) -> None:
+        """The try was the right password: clear its (name, client) record."""
+        with self._lock:
+            self._failures.pop((username, client_key(client)), None)
+
+    def _count(self, key: tuple[str | None, str], now: float) -> None:
+        failures, last = self._failures.pop(key, (0, now))
+        fresh = now - last >= self.forget_s
+        self._failures[key] = (1 if fresh else failures + 1, now)  # re-inserted: newest last
+        while len(self._failures) > self.max_records:
+            del self._failures[next(iter(self._failures))]  # the oldest failure goes first
+
+    def _wait(self, record: tuple[int, float] | None, free: int, now: float) -> float:
+        if record is None:
+            return 0.0
+        failures, last = record
+        if failures < free or now - last >= self.forget_s:
+            return 0.0
+        delay = min(self.max_delay_s, self.base_delay_s * 2 ** (failures - free))
+        return max(0.0, last + delay - now)
+
+
+def client_key(address: str | None) -> str:
+    """The throttle's key for a client address: IPv4 as is, IPv6 as its /64 network (one host
+    commonly holds a whole /64 and can rotate through it freely)."""
+    if not address:
+        return "unknown"
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address  # not an IP (a test client's name, a Unix socket): as it is
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:  # ::ffff:1.2.3.4 is the IPv4 client 1.2.3.4
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
 
 
 def session_user(request) -> str:

@@ -8,6 +8,9 @@ A round end to end::
     rlhf annotate serve --db lab.db                               # http://127.0.0.1:7860
     rlhf annotate stats --db lab.db
     rlhf annotate export --db lab.db --format pairs --out prefs   # HF dataset dir (or .jsonl)
+
+``--db`` is a SQLite file, or a PostgreSQL URL (``postgresql://user@host:5432/lab``; the database
+must exist, the tables are created on first use), which several ``serve`` processes can share.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import sys
 from pathlib import Path
 
 from annotation_app.agreement import agreement_report
+from annotation_app.database import is_url
 from annotation_app.io import export_rankings, import_candidates, load_project_config
 from annotation_app.store import DEFAULT_PROJECT, ROLES, Store, StoreError
 from rlhf.errors import require_extra
@@ -27,7 +31,8 @@ from rlhf.export import EXPORT_FORMATS, TRL_STYLES
 
 
 def _open(db: str, create: bool = False) -> Store:
-    if not create and not Path(db).is_file():
+    """The store at ``db``; a SQLite file must exist unless ``create`` (a URL is checked by connecting)."""
+    if not create and not is_url(db) and not Path(db).is_file():
         raise StoreError(
             f"database {db!r} does not exist; create it with `rlhf annotate users add NAME --db {db}` "
             "or `rlhf annotate import FILE --db ...`",
@@ -51,7 +56,7 @@ def _read_password(username: str) -> str:
 def _users_add(args) -> int:
     store = _open(args.db, create=True)
     store.add_user(args.name, _read_password(args.name), args.role, replace=args.replace)
-    print(f"user {args.name!r} ({args.role}) saved in {args.db}")
+    print(f"user {args.name!r} ({args.role}) saved in {store.db.name}")
     return 0
 
 
@@ -143,8 +148,15 @@ def _serve(args) -> int:
     require_extra("gradio", "app", "the annotation app")
     from annotation_app.server import serve  # lazy: Gradio is the optional app extra, and slow to import
 
-    _open(args.db)
-    serve(args.db, host=args.host, port=args.port, project=args.project, block=True)
+    _open(args.db).close()  # a missing file or an unreachable server: one line, before Gradio starts
+    serve(
+        args.db,
+        host=args.host,
+        port=args.port,
+        project=args.project,
+        block=True,
+        session_hours=args.session_hours,
+    )
     return 0
 
 
@@ -159,7 +171,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     def db_arg(p):
         p.add_argument(
-            "--db", default="annotations.db", help="SQLite database file (default: annotations.db)"
+            "--db",
+            default="annotations.db",
+            help="SQLite database file, or a PostgreSQL URL such as postgresql://user@host:5432/dbname "
+            "(one database for several app processes) (default: annotations.db)",
         )
 
     p = sub.add_parser(
@@ -175,6 +190,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--project", default=None, help="only serve prompts of this project (default: all)")
+    p.add_argument(
+        "--session_hours",
+        type=float,
+        default=12.0,
+        help="a login lasts this long; then the user logs in again (default 12)",
+    )
     p.set_defaults(func=_serve)
 
     users = sub.add_parser(

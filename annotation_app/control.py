@@ -1,8 +1,8 @@
-"""The ranking control's logic: rank selectors (one per response) <-> the ranking text field.
+"""The ranking control's logic: the typed ranking text <-> the rank board, and the best response.
 
-Pure functions, so the page only wires them. A selector holds a rank number as text ("1" is
-best); responses with equal numbers are tied; responses without a number are not ranked yet
-(a partial ranking, kept as a draft). Gaps are fine: ranks 1, 1, 3 and 1, 1, 2 mean the same.
+Pure functions, so the page only wires them. The board (:mod:`annotation_app.board`) shows a
+possibly partial ranking: labels in rank slots, ties in one slot, the rest unranked (kept as a
+draft). Both directions go through the canonical text of :func:`rlhf.rankings.format_tiers`.
 """
 
 from __future__ import annotations
@@ -12,30 +12,32 @@ from collections.abc import Sequence
 from rlhf.rankings import RankingError, format_tiers, parse_ranking
 
 
-def ranks_to_text(labels: Sequence[str], ranks: Sequence[str | int | None]) -> str:
-    """Canonical (possibly partial) ranking text from rank numbers; ``""`` when none is set.
+def canonical_partial(text: str, labels: Sequence[str]) -> tuple[str | None, str]:
+    """``(canonical text, error)`` for what the annotator typed; a partial ranking is fine.
 
-    ``ranks_to_text("ABCD", ["3", "2", "1", "2"]) == "C > B = D > A"``.
-    """
-    by_rank: dict[int, list[str]] = {}
-    for label, rank in zip(labels, ranks):
-        if rank in (None, ""):
-            continue
-        by_rank.setdefault(int(rank), []).append(label)
-    return format_tiers([sorted(by_rank[r]) for r in sorted(by_rank)]) if by_rank else ""
-
-
-def text_to_ranks(text: str, labels: Sequence[str]) -> tuple[list[str | None], str]:
-    """``(rank per label, error message)`` for what the annotator typed (partial allowed).
-
-    Rank numbers are tier positions (1 = best); unnamed labels get None. On an error the ranks
-    are all None and the message says what is wrong in plain words.
+    ``canonical_partial("c > b = d", "ABCD") == ("C > B = D", "")``; on an error the text is
+    None and the message says what is wrong in plain words (the board then keeps its state).
     """
     if not text.strip():
-        return [None] * len(labels), ""
+        return "", ""
+    if not labels:
+        return None, "there is no item to rank on this page; press Next"
     try:
         ranking = parse_ranking(text, list(labels), complete=False)
     except RankingError as err:
-        return [None] * len(labels), str(err)
-    named = {label for tier in ranking.tiers for label in tier}
-    return [str(ranking.tier_of(lab) + 1) if lab in named else None for lab in labels], ""
+        return None, str(err)
+    return format_tiers(ranking.tiers), ""
+
+
+def single_best(text: str, labels: Sequence[str]) -> tuple[str | None, str]:
+    """``(label, "")`` of the one best response of a ranking, or ``(None, why not)``.
+
+    Editing the best response needs exactly one response in the top tier.
+    """
+    canonical, error = canonical_partial(text, labels)
+    if not canonical:
+        return None, error or "rank the responses first: the edit starts from the best one"
+    top = canonical.split(" > ")[0].split(" = ")
+    if len(top) > 1:
+        return None, f"the best rank is a tie ({' = '.join(top)}); put one response first to edit it"
+    return top[0], ""

@@ -4,7 +4,7 @@ Every handler is a function of ``(page, user, inputs...)``: ``page`` holds the s
 the served page shows, ``user`` is the logged-in user name (``app.py`` takes it from the login
 session, never from the page's inputs), the inputs are the values the event sends. A page
 handler answers a dict keyed by component — the component's ``elem_id`` (``"message"``,
-``"rank-A"``, ...), ``"slot-X"`` for the group that holds response X, ``"admin-tab"`` for the
+``"board"``, ...), ``"slot-X"`` for the column that holds response X, ``"admin-tab"`` for the
 admin tab:
 
 * a plain value sets the component's value;
@@ -19,18 +19,20 @@ receive from ``/next``, ``/submit`` and ``/skip``.
 
 from __future__ import annotations
 
+import html
 import secrets
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from annotation_app import agreement
-from annotation_app.control import ranks_to_text, text_to_ranks
+from annotation_app import dashboard, exports
+from annotation_app.board import board_ranking, board_value
+from annotation_app.control import canonical_partial, single_best
 from annotation_app.io import export_rankings
 from annotation_app.records import Item
 from annotation_app.store import Store
 from annotation_app.text import safe_markdown, visible_text
+from rlhf.contracts import content_text
 from rlhf.errors import UserError
 from rlhf.rankings import ALL_LABELS
 
@@ -39,7 +41,6 @@ ALL_DONE = (
 )
 # Column names of the history table (in the order history_rows fills it) and the admin tables.
 HISTORY_COLUMNS = ["prompt_id", "status", "ranking", "flags", "revisions", "updated"]
-ANNOTATOR_COLUMNS = ["annotator", "role", "submitted", "skipped", "drafts", "mean_seconds"]
 PROMPT_COLUMNS = ["prompt_id", "project", "quorum", "submitted", "skipped", "leased"]
 
 
@@ -75,9 +76,15 @@ class Page:
         return cls(store, project, tuple(ALL_LABELS[:n_slots]))
 
 
-def slot_keys(label: str) -> tuple[str, str, str, str]:
-    """The keys of response ``label``'s group, text box, rendered view and rank selector."""
-    return f"slot-{label}", f"response-{label}", f"rendered-{label}", f"rank-{label}"
+def slot_keys(label: str) -> tuple[str, str, str]:
+    """The keys of response ``label``'s column, text box and rendered view."""
+    return f"slot-{label}", f"response-{label}", f"rendered-{label}"
+
+
+def page_labels(shown: str | None) -> list[str]:
+    """The labels the page says its item has (a hidden field, so a hand-made call can send anything:
+    only the lab's single-letter labels are kept)."""
+    return [label for label in (shown or "").split() if label in ALL_LABELS]
 
 
 def explain(err: Exception) -> str:
@@ -109,58 +116,89 @@ def next_item(page: Page, user: str) -> dict:
         return item_view(page, user, None, explain(err))
 
 
-def ranks_changed(
-    page: Page, user: str, prompt_id: str, labels: str, all_bad: bool, comment: str, shown: str, *ranks
+def board_changed(
+    page: Page, user: str, prompt_id: str, board: str, all_bad: bool, comment: str, edit: str, shown: str
 ) -> dict:
-    """A rank selector changed: rewrite the ranking text from the selectors and keep the draft."""
-    text = ranks_to_text(labels.split(), ranks)
-    stale, message = _save_draft(page, user, prompt_id, text, all_bad, comment, shown)
-    return {} if stale else {"ranking": text, **message}
+    """A chip moved on the rank board (which has already written the ranking field): keep the draft."""
+    return _save_draft(page, user, prompt_id, board_ranking(board), all_bad, comment, edit, shown)[1]
 
 
 def ranking_text_changed(
-    page: Page, user: str, prompt_id: str, labels: str, text: str, all_bad: bool, comment: str, shown: str
+    page: Page,
+    user: str,
+    prompt_id: str,
+    labels: str,
+    text: str,
+    all_bad: bool,
+    comment: str,
+    edit: str,
+    shown: str,
 ) -> dict:
-    """The ranking text changed: set the selectors from it and keep the draft."""
-    ranks, error = text_to_ranks(text, labels.split())
-    stale, message = _save_draft(page, user, prompt_id, text, all_bad, comment, shown)
+    """The typed ranking changed: move the board's chips to match and keep the draft."""
+    canonical, error = canonical_partial(text or "", page_labels(labels))
+    stale, message = _save_draft(page, user, prompt_id, text, all_bad, comment, edit, shown)
     if stale:
         return {}
-    if error:  # keep the selectors as they were while the text is half typed
+    if error:  # keep the board as it was while the text is half typed
         return {"message": f"Error: {error}"}
-    rank_values = {slot_keys(label)[3]: Props(value=rank) for label, rank in zip(page.slots, ranks)}
-    return {**rank_values, **message}
+    return {"board": board_value(page_labels(labels), canonical), **message}
 
 
 def extras_changed(
-    page: Page, user: str, prompt_id: str, text: str, all_bad: bool, comment: str, shown: str
+    page: Page, user: str, prompt_id: str, text: str, all_bad: bool, comment: str, edit: str, shown: str
 ) -> dict:
-    """The "all bad" box or the comment changed: keep the draft."""
-    return _save_draft(page, user, prompt_id, text, all_bad, comment, shown)[1]
+    """The "all bad" box, the comment or the edit changed: keep the draft."""
+    return _save_draft(page, user, prompt_id, text, all_bad, comment, edit, shown)[1]
+
+
+def start_edit(page: Page, user: str, prompt_id: str, labels: str, text: str) -> dict:
+    """Copy the best-ranked response into the edit box, to correct it (one best response only)."""
+    best, why_not = single_best(text or "", page_labels(labels))
+    if best is None:
+        return {"message": f"Error: {why_not}"}
+    try:
+        item = page.store.next_item(user, page.project)
+    except UserError as err:
+        return {"message": explain(err)}
+    if item is None or item.prompt_id != prompt_id:
+        return {"message": "Error: this prompt is no longer leased to you; press Next."}
+    response = {c["label"]: c["text"] for c in item.candidates}[best]
+    return {"edit": response, "message": f"Editing response {best}: your version is saved with the ranking."}
 
 
 def _save_draft(
-    page: Page, user: str, prompt_id: str, text: str, all_bad: bool, comment: str, shown: str
+    page: Page, user: str, prompt_id: str, text: str, all_bad: bool, comment: str, edit: str, shown: str
 ) -> tuple[bool, dict]:
     """``(stale, message values)``. A draft event that arrives after its prompt was submitted is
     stale: it must not touch the page, which already shows the next prompt."""
     if not prompt_id:
         return False, {}
     try:
-        saved = page.store.save_draft(user, prompt_id, text, ["all_bad"] if all_bad else [], comment or "")
+        saved = page.store.save_draft(
+            user, prompt_id, text, ["all_bad"] if all_bad else [], comment or "", edit=edit or None
+        )
     except UserError as err:
         return False, {"message": explain(err)}
     # Clear an earlier error, keep any other message (e.g. "Saved your ranking ...").
     return not saved, ({"message": ""} if (shown or "").startswith("Error") else {})
 
 
-def submit(page: Page, user: str, prompt_id: str, token: str, text: str, all_bad: bool, comment: str) -> dict:
-    """Store the ranking and show the next item; on a refusal keep the page and say why."""
+def submit(
+    page: Page, user: str, prompt_id: str, token: str, text: str, all_bad: bool, comment: str, edit: str = ""
+) -> dict:
+    """Store the ranking (and the edit of the best response, if any) and show the next item; on a
+    refusal keep the page and say why."""
     if not prompt_id:
         return next_item(page, user)
     try:
         res = page.store.submit(
-            user, prompt_id, text, ["all_bad"] if all_bad else [], comment or "", token or None
+            user,
+            prompt_id,
+            text,
+            ["all_bad"] if all_bad else [],
+            comment or "",
+            token or None,
+            edit=edit or None,
         )
     except UserError as err:
         return {"progress": progress_text(page.store, user), "message": explain(err)}
@@ -181,7 +219,7 @@ def skip(page: Page, user: str, prompt_id: str, token: str, comment: str) -> dic
 
 def rendered_views(page: Page, show: bool, labels: str) -> dict:
     """Show the rendered (Markdown) view of each response of the item, or hide them all."""
-    present = set(labels.split())
+    present = set(page_labels(labels))
     return {slot_keys(label)[2]: Props(visible=bool(show) and label in present) for label in page.slots}
 
 
@@ -192,7 +230,9 @@ def item_view(page: Page, user: str, item: Item | None, message: str) -> dict:
             "prompt-id": "",
             "labels": "",
             "client-token": "",
-            "prompt": ALL_DONE,
+            "prompt": Props(visible=True, value=ALL_DONE),
+            "conversation": Props(visible=False, value=[]),
+            "board": board_value([], ""),
             **{key: value for label in page.slots for key, value in _hidden_slot(label).items()},
             **_form(page.store, user, message, draft={}, guidelines=""),
         }
@@ -206,47 +246,78 @@ def item_view(page: Page, user: str, item: Item | None, message: str) -> dict:
             f"{len(page.slots)} slots; ask your admin to restart `rlhf annotate serve` after the import.",
         )
     draft = item.draft or {}
-    ranks, _ = text_to_ranks(draft.get("ranking", ""), labels)
+    canonical, _ = canonical_partial(draft.get("ranking", ""), labels)
     texts = {c["label"]: c["text"] for c in item.candidates}
-    choices = [str(i) for i in range(1, len(labels) + 1)]
     slots: dict = {}
-    for i, label in enumerate(page.slots):
+    for label in page.slots:
         if label not in texts:
             slots.update(_hidden_slot(label))
             continue
-        group, text, rendered, selector = slot_keys(label)
-        slots[group] = Props(visible=True)
+        column, text, rendered = slot_keys(label)
+        slots[column] = Props(visible=True)
         slots[text] = visible_text(texts[label])
         slots[rendered] = safe_markdown(texts[label])
-        slots[selector] = Props(choices=choices, value=ranks[i])
     return {
         "prompt-id": item.prompt_id,
         "labels": " ".join(labels),
         "client-token": secrets.token_hex(16),
-        "prompt": visible_text(item.prompt),
+        # A conversation is shown as a chat transcript instead of the flattened prompt text.
+        "prompt": Props(visible=item.conversation is None, value=visible_text(item.prompt)),
+        "conversation": conversation_view(item.conversation),
+        "board": board_value(labels, canonical or ""),
         **slots,
         **_form(page.store, user, message, draft=draft, guidelines=item.guidelines),
     }
 
 
+def conversation_view(messages: list[dict] | None) -> Props:
+    """A multi-turn prompt as a chat transcript (hidden for a plain prompt, shown in the prompt box).
+
+    Turns are shown as literal text (the chat component renders no Markdown or HTML here), with
+    invisible characters made visible like every response.
+    """
+    if not messages:
+        return Props(visible=False, value=[])
+    # The chat component treats a message as HTML (sanitised), which would drop a tag a user typed;
+    # escaped, every character shows as typed.
+    turns = [
+        {"role": m["role"], "content": html.escape(visible_text(content_text(m["content"])))}
+        for m in messages
+    ]
+    return Props(
+        visible=True,
+        value=[t for t in turns if t["role"] in ("user", "assistant")],
+        label=_system_line(turns),
+    )
+
+
+def _system_line(turns: list[dict]) -> str:
+    system = " ".join(t["content"] for t in turns if t["role"] == "system")
+    return f"Conversation so far (system: {system[:200]})" if system else "Conversation so far"
+
+
 def _hidden_slot(label: str) -> dict:
-    group, text, rendered, selector = slot_keys(label)
-    return {group: Props(visible=False), text: "", rendered: "", selector: Props(choices=[], value=None)}
+    column, text, rendered = slot_keys(label)
+    return {column: Props(visible=False), text: "", rendered: ""}
 
 
 def _form(store: Store, user: str, message: str, *, draft: dict, guidelines: str) -> dict:
+    progress = store.progress(user)
     return {
         "ranking": draft.get("ranking", ""),
         "all-bad": "all_bad" in draft.get("flags", []),
         "comment": draft.get("comment", ""),
-        "progress": progress_text(store, user),
+        "edit": draft.get("edit") or "",
+        "progress": progress_text(store, user, progress),
         "message": message,
         "guidelines": guidelines,
+        # Open for someone who has not submitted anything yet, so the rules are read first.
+        "guidelines-box": Props(open=not progress["submitted"]),
     }
 
 
-def progress_text(store: Store, user: str) -> str:
-    p = store.progress(user)
+def progress_text(store: Store, user: str, p: dict | None = None) -> str:
+    p = p or store.progress(user)
     return (
         f"{user}: {p['submitted']} submitted, {p['skipped']} skipped — "
         f"{p['prompts_needing_rankings']} of {p['prompts']} prompts still need rankings"
@@ -304,70 +375,100 @@ def open_submission(page: Page, user: str, prompt_id: str) -> dict:
 
 
 def revise(page: Page, user: str, prompt_id: str, text: str, all_bad: bool, comment: str, token: str) -> dict:
-    """Change one of the caller's own submissions; the history table shows the result either way."""
+    """Change one of the caller's own submissions; the history table shows the result either way.
+
+    An edit of the best response stays with the ranking while that response stays first; if the
+    revision puts another response first, the edit no longer fits and is dropped (the audit log
+    keeps it), and the message says so."""
     try:
+        before = page.store.own_ranking(user, prompt_id or "")
+        labels = [c["label"] for c in before["candidates"]]
+        keep = before.get("edit") if single_best(text or "", labels)[0] == before.get("edit_of") else None
         res = page.store.revise(
-            user, prompt_id or "", text, ["all_bad"] if all_bad else [], comment or "", token or None
+            user,
+            prompt_id or "",
+            text,
+            ["all_bad"] if all_bad else [],
+            comment or "",
+            token or None,
+            edit=keep,
         )
     except UserError as err:
         return {"history": history_rows(page.store, user), "history-message": explain(err)}
+    dropped = (
+        f" Your edit of response {before['edit_of']} was dropped: it is no longer first."
+        if before.get("edit") and not keep
+        else ""
+    )
     return {
         "history": history_rows(page.store, user),
-        "history-message": f"Revised {res.prompt_id}: {res.ranking} (revision {res.revision}).",
+        "history-message": f"Revised {res.prompt_id}: {res.ranking} (revision {res.revision}).{dropped}",
     }
 
 
 # ----------------------------------------------------------------------------- admin tab (role checked per call)
 
 
+ADMIN_FIGURES = (
+    "admin-headline",
+    "admin-progress",
+    "admin-throughput",
+    "admin-agreement",
+    "admin-seconds",
+    "admin-annotators",
+    "admin-prompts",
+)
+
+
 def admin_statistics(page: Page, user: str) -> dict:
-    """Progress, agreement and per-annotator and per-prompt tables (admins only)."""
+    """The dashboard: headline figures with intervals, the charts' data and the tables (admins only)."""
     try:
         page.store.require_admin(user)
     except UserError as err:
-        return {
-            "admin-summary": None,
-            "admin-annotators": None,
-            "admin-prompts": None,
-            "admin-message": explain(err),
-        }
+        return {**dict.fromkeys(ADMIN_FIGURES), "admin-message": explain(err)}
     stats = page.store.stats()
-    report = agreement.agreement_report(page.store.submitted_rankings(page.project))
-    summary = {k: v for k, v in stats.items() if k not in ("annotators", "prompts")}
-    summary.update(report)
-    summary = {k: (None if isinstance(v, float) and v != v else v) for k, v in summary.items()}
-    annotators = [
-        [
-            u["username"],
-            u["role"],
-            u["submitted"] or 0,
-            u["skipped"] or 0,
-            u["drafts"] or 0,
-            None if u["mean_seconds"] is None else round(u["mean_seconds"], 1),
-        ]
-        for u in stats["annotators"]
-    ]
+    rankings = page.store.submitted_rankings(page.project)
+    annotators = dashboard.per_annotator(stats, rankings)
     prompts = [
         [p["prompt_id"], p["project_id"], p["quorum"], p["submitted"], p["skipped"], p["leased"]]
         for p in stats["prompts"]
     ]
     return {
-        "admin-summary": summary,
-        "admin-annotators": Table(ANNOTATOR_COLUMNS, annotators),
+        "admin-headline": Table(dashboard.HEADLINE_COLUMNS, dashboard.headline(stats, rankings)),
+        "admin-progress": Table(["time", "rankings"], dashboard.progress_over_time(rankings)),
+        "admin-throughput": Table(["annotator", "submitted"], [row[:2] for row in annotators]),
+        "admin-agreement": Table(
+            ["annotator", "agreement"], [[row[0], row[5]] for row in annotators if row[5] is not None]
+        ),
+        "admin-seconds": Table(["seconds", "rankings"], dashboard.seconds_histogram(rankings)),
+        "admin-annotators": Table(dashboard.PER_ANNOTATOR_COLUMNS, annotators),
         "admin-prompts": Table(PROMPT_COLUMNS, prompts),
-        "admin-message": "",
+        "admin-message": f"Updated {time.strftime('%H:%M:%S')}: {len(rankings)} submitted rankings.",
     }
 
 
 def admin_export(page: Page, user: str, fmt: str) -> dict:
-    """Export the submitted rankings as a JSONL file to download (admins only)."""
+    """Export the submitted rankings as JSONL behind a private download link (admins only).
+
+    ``admin-download`` is Markdown with the link: it works for this admin only, once, for
+    :data:`exports.EXPORT_LIFETIME_S` seconds (:mod:`annotation_app.exports`).
+    """
     try:
         page.store.require_admin(user)
-        out = Path(tempfile.mkdtemp(prefix="rlhf_export_")) / f"{fmt}.jsonl"
-        res = export_rankings(page.store, str(out), fmt=fmt, project=page.project)
+        with exports.REGISTRY.new(user) as export:
+            out = export.folder / f"{fmt}.jsonl"
+            res = export_rankings(page.store, str(out), fmt=fmt, project=page.project)
     except UserError as err:
-        return {"admin-file": None, "admin-message": explain(err)}
-    return {"admin-file": str(out), "admin-message": f"Exported {res['records']} {fmt} records."}
+        return {"admin-download": "", "admin-message": explain(err)}
+    files = [(Path(res["out"]).name, f"{res['records']} records")]
+    if "ties_out" in res:  # format trl: the tied pairs in a file of their own
+        files.append((Path(res["ties_out"]).name, f"{res['ties']} tied pairs"))
+    links = "\n".join(f"* [{name}]({export.url(name)}) ({what})" for name, what in files)
+    minutes = round(exports.REGISTRY.lifetime_s / 60)
+    return {
+        "admin-download": f"{links}\n\nEach link works once, for you only, for {minutes} minutes.",
+        "admin-message": f"Exported {res['records']} {fmt} records.",
+    }
 
 
 # ----------------------------------------------------------------------------- named API for scripts

@@ -7,7 +7,9 @@
   through the same functions (``rlhf.data.build_export`` / ``write_export``): ``rankings`` (the
   rankings contract), ``pairs`` (every derived pair, tie rows kept with ``tie: true``) or ``trl``
   (strict pairs for TRL's RewardTrainer/DPOTrainer, the ties in ``<out stem>.ties.jsonl``), as
-  JSONL, parquet or an HF dataset directory.
+  JSONL, parquet or an HF dataset directory. Rankings with an annotator's edit of the best
+  response carry ``edit`` and ``edit_of`` (its label); once one does, every record has both
+  (null where there is no edit), so parquet and dataset files get one set of columns.
 * :func:`load_project_config` reads an annotation project YAML (name, quorum, lease, guidelines).
 """
 
@@ -126,6 +128,9 @@ def export_rankings(
     rankings = store.submitted_rankings(project)
     if not rankings:
         raise StoreError("there are no submitted rankings to export yet", code="nothing_to_export")
+    if any("edit" in r for r in rankings):
+        # Parquet and datasets take their columns from the first record: give every record both.
+        rankings = [{"edit": None, "edit_of": None, **r} for r in rankings]
     export = build_export(rankings, fmt, trl_style=trl_style, model=model)
     path, ties = write_export(export, out)
     result = {"format": fmt, "records": len(export.records), "rankings": len(rankings), "out": str(path)}

@@ -2,29 +2,37 @@
 
 :class:`StoreQueries` is a base class of :class:`annotation_app.store.Store`, which adds the
 connection handling and every operation that writes; a query only reads through ``self.conn``
-(this thread's connection) and never opens a transaction of its own.
+(this thread's connection: inside a write transaction, that transaction's) and never opens a
+transaction of its own. The SQL runs unchanged on SQLite and PostgreSQL
+(:mod:`annotation_app.database`): a parameter that may be NULL on its own, as in
+``? IS NULL``, is written ``CAST(? AS TEXT)``, since PostgreSQL must know every parameter's type.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import sqlite3
 import time
 from collections.abc import Callable
 
 from annotation_app import auth
+from annotation_app.database import AnyRow, PostgresConnection, SQLiteConnection
 from annotation_app.errors import StoreError
 from annotation_app.records import Item
 from annotation_app.schema import schema_version
 from annotation_app.validation import MAX_PROMPT_ID_CHARS
 
+# Prompts whose responses one process keeps in memory (see StoreQueries._candidates).
+CACHED_PROMPTS = 10_000
+
 
 class StoreQueries:
     """Read-only queries over the annotation database (see :class:`annotation_app.store.Store`)."""
 
-    conn: sqlite3.Connection  # provided by Store: one connection per thread
+    conn: SQLiteConnection | PostgresConnection  # provided by Store
     clock: Callable[[], float]
+    _candidate_rows: dict[str, tuple]  # provided by Store: prompt id -> its candidates' rows
+    _known_users: set[str]  # provided by Store: user names found by require_user
 
     # -- schema
 
@@ -32,7 +40,24 @@ class StoreQueries:
         return schema_version(self.conn)
 
     def integrity_check(self) -> str:
-        return self.conn.execute("PRAGMA integrity_check").fetchone()[0]
+        """``"ok"``, or the first problem: the database's own check of its storage
+        (:meth:`~annotation_app.database.SQLiteConnection.storage_check`), then the store's
+        bookkeeping (each prompt's count of submitted rankings agrees with its rankings)."""
+        conn = self.conn
+        storage = conn.storage_check()
+        if storage != "ok":
+            return storage
+        wrong = conn.execute(
+            "SELECT p.prompt_id, p.n_submitted, COUNT(r.prompt_id) AS n FROM prompts p LEFT JOIN rankings r "
+            "ON r.prompt_id = p.prompt_id AND r.status = 'submitted' GROUP BY p.prompt_id, p.n_submitted "
+            "HAVING p.n_submitted <> COUNT(r.prompt_id) ORDER BY p.prompt_id LIMIT 1"
+        ).fetchone()
+        if wrong is not None:
+            return (
+                f"prompt {wrong['prompt_id']!r} counts {wrong['n_submitted']} submitted rankings "
+                f"but has {wrong['n']}"
+            )
+        return "ok"
 
     # -- users
 
@@ -52,8 +77,13 @@ class StoreQueries:
         return row["role"] if row else None
 
     def require_user(self, username: str | None) -> str:
+        """``username`` if it is an account. Accounts are never deleted, so a name once found is
+        remembered: every ranking call checks it, and on PostgreSQL a check is a round trip."""
+        if username in self._known_users:
+            return username  # type: ignore[return-value]
         if self.role(username) is None:
             raise StoreError("you are not logged in as a known user; log in again", code="unknown_user")
+        self._known_users.add(username)  # type: ignore[arg-type]
         return username  # type: ignore[return-value]
 
     def require_admin(self, username: str | None) -> str:
@@ -86,18 +116,40 @@ class StoreQueries:
         return int(row["k"] or 0)
 
     def _candidates(self, prompt_id: str) -> list[dict]:
-        rows = self.conn.execute(
-            "SELECT label, text, model, gen_json FROM candidates WHERE prompt_id = ? ORDER BY label",
-            (prompt_id,),
-        ).fetchall()
+        """A prompt's responses in label order (``[]`` for an unknown prompt), new dicts each call.
+
+        They never change once imported (``add_items`` refuses different content and nothing
+        deletes a prompt), so each process keeps them after the first read: ranking a prompt
+        then reads none of it from the database (on PostgreSQL, a round trip saved per call).
+        """
+        rows = self._candidate_rows.get(prompt_id)
+        if rows is None:
+            rows = tuple(
+                (r["label"], r["text"], r["model"], r["gen_json"])
+                for r in self.conn.execute(
+                    "SELECT label, text, model, gen_json FROM candidates WHERE prompt_id = ? ORDER BY label",
+                    (prompt_id,),
+                )
+            )
+            if rows:
+                if len(self._candidate_rows) >= CACHED_PROMPTS:
+                    self._candidate_rows.clear()  # bounded memory; starting over is good enough
+                self._candidate_rows[prompt_id] = rows
         return [
-            {"label": r["label"], "text": r["text"], "model": r["model"], "gen": json.loads(r["gen_json"])}
-            for r in rows
+            {"label": label, "text": text, "model": model, "gen": json.loads(gen)}
+            for label, text, model, gen in rows
         ]
 
-    def _prompt_row(self, conn, prompt_id) -> sqlite3.Row:
-        if not isinstance(prompt_id, str) or len(prompt_id) > MAX_PROMPT_ID_CHARS:
-            raise StoreError("unknown prompt id", code="unknown_prompt")
+    def _prompt_candidates(self, prompt_id) -> list[dict]:
+        """The responses of a stored prompt; an unknown prompt id is refused (``unknown_prompt``)."""
+        _check_prompt_id(prompt_id)
+        candidates = self._candidates(prompt_id)
+        if not candidates:
+            raise StoreError(f"unknown prompt {prompt_id!r}", code="unknown_prompt")
+        return candidates
+
+    def _prompt_row(self, conn, prompt_id) -> AnyRow:
+        _check_prompt_id(prompt_id)
         row = conn.execute(
             "SELECT p.*, j.quorum, j.guidelines, j.lease_seconds FROM prompts p "
             "JOIN projects j ON j.project_id = p.project_id WHERE p.prompt_id = ?",
@@ -110,13 +162,15 @@ class StoreQueries:
     def _item(self, conn, username: str, prompt_id: str, expires_at: float) -> Item:
         row = self._prompt_row(conn, prompt_id)
         draft = conn.execute(
-            "SELECT ranking, flags_json, comment FROM rankings WHERE prompt_id = ? AND username = ? AND status = 'draft'",
+            "SELECT ranking, flags_json, comment, edit FROM rankings WHERE prompt_id = ? AND username = ? "
+            "AND status = 'draft'",
             (prompt_id, username),
         ).fetchone()
         return Item(
             prompt_id=prompt_id,
             project=row["project_id"],
             prompt=row["prompt_text"],
+            conversation=_conversation(row["prompt_json"]),
             candidates=[{"label": c["label"], "text": c["text"]} for c in self._candidates(prompt_id)],
             lease_expires_at=expires_at,
             guidelines=row["guidelines"],
@@ -126,10 +180,11 @@ class StoreQueries:
                 "ranking": draft["ranking"],
                 "flags": json.loads(draft["flags_json"]),
                 "comment": draft["comment"],
+                **_edit_fields(draft["edit"]),
             },
         )
 
-    def _existing(self, conn, username: str, prompt_id: str) -> sqlite3.Row | None:
+    def _existing(self, conn, username: str, prompt_id: str) -> AnyRow | None:
         return conn.execute(
             "SELECT * FROM rankings WHERE prompt_id = ? AND username = ?", (prompt_id, username)
         ).fetchone()
@@ -165,6 +220,7 @@ class StoreQueries:
             "revision": row["revision"],
             "prompt": prompt["prompt_text"],
             "candidates": [{"label": c["label"], "text": c["text"]} for c in self._candidates(prompt_id)],
+            **_edit_fields(row["edit"], json.loads(row["tiers_json"])),
         }
 
     def progress(self, username: str) -> dict:
@@ -237,7 +293,8 @@ class StoreQueries:
         conn = self.conn
         rows = conn.execute(
             "SELECT r.*, p.prompt_json, p.project_id FROM rankings r JOIN prompts p ON p.prompt_id = r.prompt_id "
-            "WHERE r.status = 'submitted' AND (? IS NULL OR p.project_id = ?) ORDER BY p.seq, r.username",
+            "WHERE r.status = 'submitted' AND (CAST(? AS TEXT) IS NULL OR p.project_id = ?) "
+            "ORDER BY p.seq, r.username",
             (project, project),
         ).fetchall()
         cache: dict[str, list[dict]] = {}
@@ -259,6 +316,7 @@ class StoreQueries:
                     "time_spent": r["time_spent"],
                     "revision": r["revision"],
                     "project": r["project_id"],
+                    **_edit_fields(r["edit"], json.loads(r["tiers_json"])),
                 }
             )
         return out
@@ -285,5 +343,26 @@ class StoreQueries:
         }
 
 
+def _check_prompt_id(prompt_id) -> None:
+    if not isinstance(prompt_id, str) or len(prompt_id) > MAX_PROMPT_ID_CHARS:
+        raise StoreError("unknown prompt id", code="unknown_prompt")
+
+
+def _edit_fields(edit: str | None, tiers: list[list[str]] | None = None) -> dict:
+    """``{"edit", "edit_of"}`` of a row with an edit (``edit_of``: the label of the response it
+    corrects, the best tier's only one; a draft's ranking may not say yet), ``{}`` without."""
+    if edit is None:
+        return {}
+    if tiers and len(tiers[0]) == 1:
+        return {"edit": edit, "edit_of": tiers[0][0]}
+    return {"edit": edit}
+
+
 def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def _conversation(prompt_json: str) -> list[dict] | None:
+    """The messages of a multi-turn prompt (the prompts contract's list form), None for plain text."""
+    prompt = json.loads(prompt_json)
+    return prompt if isinstance(prompt, list) else None

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 from dataclasses import dataclass, field
+
+from annotation_app.database import AnyRow
 
 
 @dataclass
@@ -17,7 +18,8 @@ class Item:
     candidates: list[dict]  # [{"label": "A", "text": ...}, ...] in display order
     lease_expires_at: float
     guidelines: str = ""
-    draft: dict | None = None  # {"ranking", "flags", "comment"} of the caller's saved draft
+    draft: dict | None = None  # {"ranking", "flags", "comment"} of the caller's saved draft, + "edit" if any
+    conversation: list[dict] | None = None  # a multi-turn prompt's messages ({role, content}); None: plain
 
     @property
     def labels(self) -> list[str]:
@@ -28,6 +30,7 @@ class Item:
             "prompt_id": self.prompt_id,
             "project": self.project,
             "prompt": self.prompt,
+            "conversation": self.conversation,
             "responses": {c["label"]: c["text"] for c in self.candidates},
             "labels": self.labels,
             "lease_expires_at": self.lease_expires_at,
@@ -56,7 +59,7 @@ class SubmitResult:
         }
 
 
-def result_from_row(row: sqlite3.Row, duplicate: bool = False) -> SubmitResult:
+def result_from_row(row: AnyRow, duplicate: bool = False) -> SubmitResult:
     """The :class:`SubmitResult` of a stored ``rankings`` row."""
     return SubmitResult(
         prompt_id=row["prompt_id"],

@@ -1,9 +1,14 @@
-"""The annotation database's tables and their migrations (SQLite; the SQL is kept portable).
+"""The annotation database's tables and their migrations, one schema for SQLite and PostgreSQL.
+
+The statements are written in SQLite's spelling and run through the connection's ``ddl`` (which
+maps the few type names that differ, :mod:`annotation_app.database`); what cannot be spelled the
+same way on both, the append-only triggers, comes from the connection's ``append_only``.
 
 Tables: ``annotators`` (accounts, scrypt hashes), ``projects`` (quorum, guidelines, lease
 length), ``prompts`` and ``candidates`` (what is ranked), ``assignments`` (leases), ``rankings``
-(one row per prompt and annotator: draft, submitted or skipped) and ``audit_log`` (append-only,
-enforced by triggers). ``schema_version`` records every migration applied.
+(one row per prompt and annotator: draft, submitted or skipped; since v4 with the annotator's
+``edit`` of the best response) and ``audit_log`` (append-only, enforced by triggers).
+``schema_version`` records every migration applied.
 
 :data:`MIGRATIONS` is append-only: a database made by any released version opens unchanged and
 is brought up to :data:`SCHEMA_VERSION` by :func:`migrate`, one transaction per step.
@@ -12,14 +17,16 @@ is brought up to :data:`SCHEMA_VERSION` by :func:`migrate`, one transaction per 
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from annotation_app.errors import StoreError
 
-if TYPE_CHECKING:  # only for the annotation: store.py imports this module
+if TYPE_CHECKING:  # only for the annotations: store.py imports this module
+    from annotation_app.database import PostgresConnection, SQLiteConnection
     from annotation_app.store import Store
+
+    Connection = SQLiteConnection | PostgresConnection
 
 # The values the tables' CHECK constraints allow.
 ROLES = ("annotator", "admin")
@@ -27,13 +34,13 @@ STATUSES = ("draft", "submitted", "skipped")
 DEFAULT_LEASE_SECONDS = 30 * 60  # the projects.lease_seconds default (migration 2)
 
 
-def _run(conn: sqlite3.Connection, statements: list[str]) -> None:
+def _run(conn: Connection, statements: list[str]) -> None:
     # One statement at a time: ``executescript`` would COMMIT the surrounding BEGIN IMMEDIATE.
     for stmt in statements:
-        conn.execute(stmt)
+        conn.execute(conn.ddl(stmt))
 
 
-def _v1(conn: sqlite3.Connection) -> None:
+def _v1(conn: Connection) -> None:
     _run(
         conn,
         [
@@ -96,9 +103,9 @@ def _v1(conn: sqlite3.Connection) -> None:
     )
 
 
-def _v2(conn: sqlite3.Connection) -> None:
+def _v2(conn: Connection) -> None:
     # v2: per-project lease length, time spent per item, revision counter, and an append-only
-    # audit log enforced by the database itself (PostgreSQL: the same with a rule or trigger).
+    # audit log enforced by the database itself (triggers; their SQL is each database's own).
     _run(
         conn,
         [
@@ -107,16 +114,13 @@ def _v2(conn: sqlite3.Connection) -> None:
             "ALTER TABLE rankings ADD COLUMN revision INTEGER NOT NULL DEFAULT 0",
             "ALTER TABLE rankings ADD COLUMN submitted_at REAL",
             "UPDATE rankings SET submitted_at = updated_at WHERE status = 'submitted'",
-            """CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log
-            BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END""",
-            """CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log
-            BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END""",
+            *conn.append_only("audit_log"),
             "CREATE INDEX assignments_by_user ON assignments (username, expires_at)",
         ],
     )
 
 
-def _v3(conn: sqlite3.Connection) -> None:
+def _v3(conn: Connection) -> None:
     # v3: a per-prompt count of submitted rankings, kept by submit(), with an index in the order
     # next_item() wants, so choosing the next prompt reads a handful of rows instead of counting
     # rankings for every prompt inside the write lock (measured: 12 ms per call at 2000 prompts).
@@ -131,17 +135,19 @@ def _v3(conn: sqlite3.Connection) -> None:
     )
 
 
+def _v4(conn: Connection) -> None:
+    # v4: the annotator's corrected version of the response they ranked best (NULL: no edit).
+    _run(conn, ["ALTER TABLE rankings ADD COLUMN edit TEXT"])
+
+
 # Append-only list: (version, migration). Never edit a released step; add a new one.
-MIGRATIONS: list[tuple[int, Callable[[sqlite3.Connection], None]]] = [(1, _v1), (2, _v2), (3, _v3)]
+MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [(1, _v1), (2, _v2), (3, _v3), (4, _v4)]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
-def schema_version(conn: sqlite3.Connection) -> int:
-    """The highest migration applied to the database (0 for a new, empty file)."""
-    has = conn.execute(
-        "SELECT name FROM sqlite_master WHERE type='table' AND name='schema_version'"
-    ).fetchone()
-    if not has:
+def schema_version(conn: Connection) -> int:
+    """The highest migration applied to the database (0 for a new, empty one)."""
+    if not conn.table_exists("schema_version"):
         return 0
     row = conn.execute("SELECT MAX(version) AS v FROM schema_version").fetchone()
     return int(row["v"] or 0)
@@ -151,12 +157,14 @@ def migrate(store: Store) -> int:
     """Bring ``store``'s database to :data:`SCHEMA_VERSION`, one transaction per step; return it."""
     with store.write() as conn:
         conn.execute(
-            "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, applied_at REAL NOT NULL)"
+            conn.ddl(
+                "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, applied_at REAL NOT NULL)"
+            )
         )
     current = schema_version(store.conn)
     if current > SCHEMA_VERSION:
         raise StoreError(
-            f"{store.path} has schema version {current}, newer than this program's {SCHEMA_VERSION}; "
+            f"{store.db.name} has schema version {current}, newer than this program's {SCHEMA_VERSION}; "
             "upgrade rlhf-lab",
             code="schema_too_new",
         )
@@ -177,7 +185,7 @@ def migrate(store: Store) -> int:
 
 
 def write_audit(
-    conn: sqlite3.Connection, at: float, username: str | None, action: str, prompt_id: str | None, **detail
+    conn: Connection, at: float, username: str | None, action: str, prompt_id: str | None, **detail
 ) -> None:
     """Append one entry to ``audit_log`` (the table refuses updates and deletes)."""
     conn.execute(

@@ -1,25 +1,26 @@
-"""The annotation store: users, prompts, leases, rankings and an audit log in one SQLite file.
+"""The annotation store: users, prompts, leases, rankings and an audit log, in SQLite or PostgreSQL.
 
 No Gradio here: the page, the scripted API and the command line all go through :class:`Store`,
-so validation, assignment and idempotency are written (and tested) once. This module holds the
-connections and every operation that writes; the read-only queries are in
-:mod:`annotation_app.queries` (a base class of :class:`Store`), the tables and migrations in
-:mod:`annotation_app.schema`, password hashing and login in :mod:`annotation_app.auth`, input
-checks in :mod:`annotation_app.validation` and the returned records in
-:mod:`annotation_app.records`.
+so validation, assignment and idempotency are written (and tested) once. This module holds every
+operation that writes; the read-only queries are in :mod:`annotation_app.queries` (a base class
+of :class:`Store`), the tables and migrations in :mod:`annotation_app.schema`, the connections,
+transactions and the two databases' differences in :mod:`annotation_app.database`, password
+hashing and login in :mod:`annotation_app.auth`, input checks in
+:mod:`annotation_app.validation` and the returned records in :mod:`annotation_app.records`.
+
+``Store(path)`` opens a SQLite file (``:memory:`` too); ``Store("postgresql://user@host/db")``
+opens a PostgreSQL database, which several app processes can serve at once. The SQL is written
+once, in SQLite's spelling, and is portable (``ON CONFLICT``, no database functions for time,
+timestamps as epoch seconds).
 
 Durability and concurrency (docs/environment.md, "SQLite under concurrent writers"):
 
-* WAL journal, ``busy_timeout``, ``synchronous=FULL`` (an acknowledged submit survives a crash
-  or power loss);
-* ``isolation_level=None`` and an explicit ``BEGIN IMMEDIATE … COMMIT`` around every
-  transaction that may write: a deferred transaction that reads and then writes fails at once
-  with "database is locked" under contention, whatever the busy timeout;
-* one connection per thread (Gradio runs handlers on a thread pool).
-
-The SQL is kept portable (``ON CONFLICT``, no SQLite-only functions in queries, timestamps as
-epoch seconds in REAL columns) so PostgreSQL can replace SQLite later; the SQLite-specific parts
-are the PRAGMAs in :meth:`Store._connect` and ``INTEGER PRIMARY KEY`` row ids.
+* every transaction that may write is :meth:`Store.write`: ``BEGIN IMMEDIATE`` on SQLite, a
+  database-wide advisory lock on PostgreSQL — one writer at a time on either, across threads and
+  processes, so a transaction's reads stay true until it commits;
+* SQLite: WAL journal, ``busy_timeout``, ``synchronous=FULL`` (an acknowledged submit survives a
+  crash or power loss), one connection per thread (Gradio runs handlers on a thread pool);
+  PostgreSQL: a connection pool, commits durable by the server's defaults.
 
 Assignment (Argilla's per-record quorum, Label Studio's task locks):
 
@@ -34,6 +35,10 @@ Assignment (Argilla's per-record quorum, Label Studio's task locks):
   :meth:`Store.revise`, which keeps the old value in the audit log;
 * submits are idempotent on a client token: sending the same token again (a double click, a
   retry after a lost reply) returns the stored result and changes nothing.
+
+A ranking may carry an ``edit``: the annotator's corrected version of the response they ranked
+best (one response: a tie at the top cannot be edited). An edit that is empty or leaves that
+response as it was is stored as NULL.
 """
 
 from __future__ import annotations
@@ -41,11 +46,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sqlite3
-import threading
 import time
-from contextlib import contextmanager
-from pathlib import Path
 
 from annotation_app import auth, schema
 from annotation_app.auth import (
@@ -55,6 +56,7 @@ from annotation_app.auth import (
     LoginThrottle,
     hash_password,
 )
+from annotation_app.database import AnyRow, open_database
 from annotation_app.errors import StoreError
 from annotation_app.queries import StoreQueries
 from annotation_app.records import Item, SubmitResult, result_from_row
@@ -70,6 +72,7 @@ from annotation_app.validation import (
     parse_for_submit,
 )
 from rlhf.contracts import prompt_text
+from rlhf.rankings import Ranking
 
 # The names below that this module does not use moved to auth, schema and validation; they stay
 # importable from annotation_app.store for user code.
@@ -79,6 +82,7 @@ __all__ = [
     "DEFAULT_QUORUM",
     "FLAGS",
     "MAX_COMMENT_CHARS",
+    "MAX_EDIT_CHARS",
     "MAX_PASSWORD_CHARS",
     "MAX_PROMPT_ID_CHARS",
     "MAX_RANKING_CHARS",
@@ -101,66 +105,46 @@ __all__ = [
 
 DEFAULT_PROJECT = "default"
 DEFAULT_QUORUM = 3
+# An edit is a corrected response: the longest response the app imports (io.MAX_RESPONSE_CHARS).
+MAX_EDIT_CHARS = 20_000
 
 
 class Store(StoreQueries):
-    """All reads and writes of the annotation database (thread-safe: a connection per thread)."""
+    """All reads and writes of the annotation database (thread-safe).
 
-    def __init__(self, path: str | os.PathLike, *, busy_timeout_ms: int = 30_000, clock=time.time):
-        self.path = str(path)
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+    ``db`` is a SQLite file path (or ``:memory:``) or a ``postgresql://`` URL
+    (:func:`annotation_app.database.open_database`; a bad URL or an unreachable server is a
+    :class:`StoreError` here, before any work).
+    """
+
+    def __init__(self, db: str | os.PathLike, *, busy_timeout_ms: int = 30_000, clock=time.time):
+        self.path = str(db)
         self.busy_timeout_ms = busy_timeout_ms
         self.clock = clock
-        self._local = threading.local()
-        self._all_conns: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
+        self.db = open_database(db, busy_timeout_ms=busy_timeout_ms)
+        self._candidate_rows = {}  # each prompt's responses, once read (StoreQueries._candidates)
+        self._known_users = set()  # accounts, once found (StoreQueries.require_user)
         self.migrate()
 
     # -- connections and transactions
 
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(
-            self.path, isolation_level=None, timeout=self.busy_timeout_ms / 1000, check_same_thread=False
-        )
-        conn.row_factory = sqlite3.Row
-        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = FULL")
-        conn.execute("PRAGMA foreign_keys = ON")
-        return conn
-
     @property
-    def conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._connect()
-            self._local.conn = conn
-            with self._lock:
-                self._all_conns.append(conn)
-        return conn
+    def conn(self):
+        """This thread's connection: its open write transaction's, else one for reads."""
+        return self.db.connection()
 
     def close(self) -> None:
-        with self._lock:
-            for conn in self._all_conns:
-                try:
-                    conn.close()
-                except sqlite3.ProgrammingError:  # closed from its own thread already
-                    pass
-            self._all_conns.clear()
-        self._local = threading.local()
+        self.db.close()
 
-    @contextmanager
     def write(self):
-        """``BEGIN IMMEDIATE … COMMIT`` (rolled back on any exception)."""
-        conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+        """A write transaction (rolled back on any exception): one writer at a time, database-wide.
+
+        Keep it short, since every other writer waits: users and prompts are never deleted and a
+        prompt's responses never change (an import refuses different content), so operations
+        check them before the transaction; inside go the reads that other annotators' writes
+        change (leases, rankings, counts) and the writes.
+        """
+        return self.db.transaction()
 
     def _audit(self, conn, username: str | None, action: str, prompt_id: str | None, **detail) -> None:
         schema.write_audit(conn, self.clock(), username, action, prompt_id, **detail)
@@ -303,68 +287,83 @@ class Store(StoreQueries):
 
     def next_item(self, username: str, project: str | None = None) -> Item | None:
         """The caller's current lease, or a new lease on the next prompt they should rank (None: done)."""
+        self.require_user(username)
         with self.write() as conn:
-            self.require_user(username)
             now = self.clock()
-            live = conn.execute(
-                "SELECT a.prompt_id, a.expires_at FROM assignments a JOIN prompts p ON p.prompt_id = a.prompt_id "
-                "WHERE a.username = ? AND a.expires_at > ? AND (? IS NULL OR p.project_id = ?) "
-                "ORDER BY a.leased_at LIMIT 1",
-                (username, now, project, project),
-            ).fetchone()
-            if live is not None:
-                return self._item(conn, username, live["prompt_id"], live["expires_at"])
-            row = self._pick(conn, username, project, now)
-            if row is None:
+            choice = self._choose(conn, username, project, now)
+            if choice is None:
                 return None
-            expires = now + row["lease_seconds"]
-            conn.execute(
-                "INSERT INTO assignments (prompt_id, username, leased_at, expires_at) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (prompt_id, username) DO UPDATE SET leased_at = excluded.leased_at, "
-                "expires_at = excluded.expires_at",
-                (row["prompt_id"], username, now, expires),
-            )
-            self._audit(conn, username, "lease", row["prompt_id"], expires_at=expires)
-            return self._item(conn, username, row["prompt_id"], expires)
+            prompt_id, expires, new_lease = choice
+            if new_lease:
+                conn.execute(
+                    "INSERT INTO assignments (prompt_id, username, leased_at, expires_at) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (prompt_id, username) DO UPDATE SET leased_at = excluded.leased_at, "
+                    "expires_at = excluded.expires_at",
+                    (prompt_id, username, now, expires),
+                )
+                self._audit(conn, username, "lease", prompt_id, expires_at=expires)
+        # The prompt, its responses and the caller's own draft: nobody else changes them, so they
+        # are read after the commit, without holding up other writers.
+        return self._item(self.conn, username, prompt_id, expires)
 
-    def _pick(self, conn, username: str, project: str | None, now: float) -> sqlite3.Row | None:
-        """The prompt to lease next: the caller's own draft if it still has a free slot, else the
-        one with the fewest (submitted + live leases of others), oldest first.
+    def _choose(self, conn, username: str, project: str | None, now: float) -> tuple[str, float, bool] | None:
+        """``(prompt_id, lease end, new lease?)`` of the prompt to give the caller: their live
+        lease; else their own draft if it still has a free slot; else the prompt with the fewest
+        (submitted + live leases of others), oldest first. None: nothing left for them.
 
-        Rows come in (n_submitted, seq) order from an index; since taken >= n_submitted, the scan
-        stops at the first row whose n_submitted cannot beat the best taken so far — after at
-        most (prompts leased by others + 1) eligible rows.
+        The three queries are sent before any is read: on PostgreSQL, in pipeline mode, one
+        round trip inside the write lock instead of three. Rows of the last come in
+        (n_submitted, seq) order from an index; since taken >= n_submitted, the scan stops at the
+        first row whose n_submitted cannot beat the best taken so far. Before that it sees at
+        most one row without leases of others (its taken is its n_submitted), so the first
+        (prompts leased by others + 1) rows hold the answer: the query reads no more.
         """
+        in_project = "(CAST(? AS TEXT) IS NULL OR p.project_id = ?)"
         leased = (
             "(SELECT COUNT(*) FROM assignments a WHERE a.prompt_id = p.prompt_id AND a.expires_at > ? "
             "AND a.username <> ?)"
         )
+        leased_by_others_plus_one = (
+            "(SELECT COUNT(DISTINCT prompt_id) + 1 FROM assignments WHERE expires_at > ? AND username <> ?)"
+        )
+        live = conn.execute(
+            f"SELECT a.prompt_id, a.expires_at FROM assignments a JOIN prompts p ON p.prompt_id = a.prompt_id "
+            f"WHERE a.username = ? AND a.expires_at > ? AND {in_project} ORDER BY a.leased_at LIMIT 1",
+            (username, now, project, project),
+        )
         draft = conn.execute(
             f"SELECT p.prompt_id, j.lease_seconds FROM rankings r JOIN prompts p ON p.prompt_id = r.prompt_id "
             f"JOIN projects j ON j.project_id = p.project_id WHERE r.username = ? AND r.status = 'draft' "
-            f"AND (? IS NULL OR p.project_id = ?) AND p.n_submitted + {leased} < j.quorum "
-            f"ORDER BY r.updated_at DESC LIMIT 1",
+            f"AND {in_project} AND p.n_submitted + {leased} < j.quorum ORDER BY r.updated_at DESC LIMIT 1",
             (username, project, project, now, username),
-        ).fetchone()
-        if draft is not None:
-            return draft
-        cur = conn.execute(
+        )
+        neediest = conn.execute(
             f"SELECT p.prompt_id, p.n_submitted, j.quorum, j.lease_seconds, {leased} AS leased "
             f"FROM prompts p CROSS JOIN projects j WHERE j.project_id = p.project_id "
-            f"AND (? IS NULL OR p.project_id = ?) AND p.n_submitted < j.quorum "
+            f"AND {in_project} AND p.n_submitted < j.quorum "
             f"AND NOT EXISTS (SELECT 1 FROM rankings r WHERE r.prompt_id = p.prompt_id AND r.username = ? "
-            f"AND r.status IN ('submitted', 'skipped')) ORDER BY p.n_submitted, p.seq",
-            (now, username, project, project, username),
+            f"AND r.status IN ('submitted', 'skipped')) ORDER BY p.n_submitted, p.seq "
+            f"LIMIT {leased_by_others_plus_one}",
+            (now, username, project, project, username, now, username),
         )
-        best, best_taken = None, None
-        for row in cur:
-            if best_taken is not None and row["n_submitted"] >= best_taken:
-                break
-            taken = row["n_submitted"] + row["leased"]
-            if taken < row["quorum"] and (best_taken is None or taken < best_taken):
-                best, best_taken = row, taken
-        cur.close()
-        return best
+        try:
+            row = live.fetchone()
+            if row is not None:
+                return row["prompt_id"], row["expires_at"], False
+            row = draft.fetchone()
+            if row is not None:
+                return row["prompt_id"], now + row["lease_seconds"], True
+            best, best_taken = None, None
+            for row in neediest:
+                if best_taken is not None and row["n_submitted"] >= best_taken:
+                    break
+                taken = row["n_submitted"] + row["leased"]
+                if taken < row["quorum"] and (best_taken is None or taken < best_taken):
+                    best, best_taken = row, taken
+            return None if best is None else (best["prompt_id"], now + best["lease_seconds"], True)
+        finally:
+            for cursor in (live, draft, neediest):
+                cursor.close()
 
     def release(self, username: str, prompt_id: str) -> None:
         """Give a lease back early (the prompt returns to the pool at once)."""
@@ -374,11 +373,23 @@ class Store(StoreQueries):
             )
             self._audit(conn, username, "release", prompt_id)
 
-    def _live_lease(self, conn, username: str, prompt_id: str) -> sqlite3.Row:
+    def _row_and_lease(self, conn, username: str, prompt_id: str) -> tuple[AnyRow | None, AnyRow | None]:
+        """The caller's ``rankings`` row and lease for a prompt (either may be None).
+
+        Both queries are sent before either is read: on PostgreSQL, in pipeline mode, that is
+        one round trip inside the write lock instead of two.
+        """
+        row = conn.execute(
+            "SELECT * FROM rankings WHERE prompt_id = ? AND username = ?", (prompt_id, username)
+        )
         lease = conn.execute(
             "SELECT leased_at, expires_at FROM assignments WHERE prompt_id = ? AND username = ?",
             (prompt_id, username),
-        ).fetchone()
+        )
+        return row.fetchone(), lease.fetchone()
+
+    def _check_live(self, lease: AnyRow | None, prompt_id: str) -> None:
+        """Refuses a lease that is missing (``not_assigned``) or ran out (``lease_expired``)."""
         if lease is None:
             raise StoreError(
                 f"prompt {prompt_id!r} is not assigned to you; press Next to get your next prompt",
@@ -390,12 +401,19 @@ class Store(StoreQueries):
                 "press Next to continue",
                 code="lease_expired",
             )
-        return lease
 
     def save_draft(
-        self, username: str, prompt_id: str, ranking: str = "", flags=None, comment: str = ""
+        self,
+        username: str,
+        prompt_id: str,
+        ranking: str = "",
+        flags=None,
+        comment: str = "",
+        *,
+        edit: str | None = None,
     ) -> bool:
-        """Keep what the annotator has typed so far (any text, even a half-typed ranking); renews the lease.
+        """Keep what the annotator has typed so far (any text, even a half-typed ranking, and the
+        edit as typed: it is checked against the ranking on submit); renews the lease.
 
         Returns False, storing nothing, when the caller already submitted or skipped the prompt:
         a draft event that arrives after the submit (the page sends drafts as you type) is stale,
@@ -403,21 +421,31 @@ class Store(StoreQueries):
         """
         ranking = check_text(ranking, "ranking", MAX_RANKING_CHARS)
         comment = check_text(comment, "comment", MAX_COMMENT_CHARS)
+        edit = check_text(edit, "edit", MAX_EDIT_CHARS)
         flags = check_flags(flags)
+        self.require_user(username)
+        row = self._prompt_row(self.conn, prompt_id)
         with self.write() as conn:
-            self.require_user(username)
-            row = self._prompt_row(conn, prompt_id)
-            existing = self._existing(conn, username, prompt_id)
+            existing, lease = self._row_and_lease(conn, username, prompt_id)
             if existing is not None and existing["status"] != "draft":
                 return False
-            self._live_lease(conn, username, prompt_id)
+            self._check_live(lease, prompt_id)
             now = self.clock()
             conn.execute(
-                "INSERT INTO rankings (prompt_id, username, status, ranking, flags_json, comment, created_at, updated_at)"
-                " VALUES (?, ?, 'draft', ?, ?, ?, ?, ?) ON CONFLICT (prompt_id, username) DO UPDATE SET "
+                "INSERT INTO rankings (prompt_id, username, status, ranking, flags_json, comment, edit, created_at,"
+                " updated_at) VALUES (?, ?, 'draft', ?, ?, ?, ?, ?, ?) ON CONFLICT (prompt_id, username) DO UPDATE SET "
                 "ranking = excluded.ranking, flags_json = excluded.flags_json, comment = excluded.comment, "
-                "updated_at = excluded.updated_at",
-                (prompt_id, username, ranking, json.dumps(flags), comment, now, now),
+                "edit = excluded.edit, updated_at = excluded.updated_at",
+                (
+                    prompt_id,
+                    username,
+                    ranking,
+                    json.dumps(flags),
+                    comment,
+                    edit if edit.strip() else None,
+                    now,
+                    now,
+                ),
             )
             # An annotator who is still working keeps the prompt.
             conn.execute(
@@ -434,16 +462,22 @@ class Store(StoreQueries):
         flags=None,
         comment: str = "",
         client_token: str | None = None,
+        *,
+        edit: str | None = None,
     ) -> SubmitResult:
-        """Store a complete ranking for a leased prompt; idempotent on ``client_token``."""
+        """Store a complete ranking for a leased prompt; idempotent on ``client_token``.
+
+        ``edit``: the annotator's corrected version of the response ranked best (see
+        :func:`stored_edit`)."""
         ranking = check_text(ranking, "ranking", MAX_RANKING_CHARS)
         comment = check_text(comment, "comment", MAX_COMMENT_CHARS)
         client_token = check_text(client_token, "client token", MAX_TOKEN_CHARS) or None
+        edit = check_text(edit, "edit", MAX_EDIT_CHARS)
         flags = check_flags(flags)
+        self.require_user(username)
+        candidates = self._prompt_candidates(prompt_id)
         with self.write() as conn:
-            self.require_user(username)
-            self._prompt_row(conn, prompt_id)
-            existing = self._existing(conn, username, prompt_id)
+            existing, lease = self._row_and_lease(conn, username, prompt_id)
             if existing is not None and client_token and existing["client_token"] == client_token:
                 return result_from_row(existing, duplicate=True)
             if existing is not None and existing["status"] != "draft":
@@ -451,16 +485,17 @@ class Store(StoreQueries):
                     f"you have already {existing['status']} prompt {prompt_id!r}; revise it from your history instead",
                     code="already_done",
                 )
-            lease = self._live_lease(conn, username, prompt_id)
-            labels = [c["label"] for c in self._candidates(prompt_id)]
-            parsed = parse_for_submit(ranking, labels, flags)
+            self._check_live(lease, prompt_id)
+            parsed = parse_for_submit(ranking, [c["label"] for c in candidates], flags)
+            edit = stored_edit(edit, parsed, candidates)
             now = self.clock()
             conn.execute(
-                "INSERT INTO rankings (prompt_id, username, status, ranking, tiers_json, flags_json, comment, client_token,"
-                " created_at, updated_at, submitted_at, time_spent) VALUES (?, ?, 'submitted', ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                "INSERT INTO rankings (prompt_id, username, status, ranking, tiers_json, flags_json, comment, edit,"
+                " client_token, created_at, updated_at, submitted_at, time_spent)"
+                " VALUES (?, ?, 'submitted', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (prompt_id, username) DO UPDATE SET status = 'submitted', ranking = excluded.ranking,"
                 " tiers_json = excluded.tiers_json, flags_json = excluded.flags_json, comment = excluded.comment,"
-                " client_token = excluded.client_token, updated_at = excluded.updated_at,"
+                " edit = excluded.edit, client_token = excluded.client_token, updated_at = excluded.updated_at,"
                 " submitted_at = excluded.submitted_at, time_spent = excluded.time_spent",
                 (
                     prompt_id,
@@ -469,6 +504,7 @@ class Store(StoreQueries):
                     json.dumps([list(t) for t in parsed.tiers]),
                     json.dumps(flags),
                     comment,
+                    edit,
                     client_token,
                     now,
                     now,
@@ -481,9 +517,18 @@ class Store(StoreQueries):
                 "DELETE FROM assignments WHERE prompt_id = ? AND username = ?", (prompt_id, username)
             )
             self._audit(
-                conn, username, "submit", prompt_id, ranking=str(parsed), flags=flags, token=client_token
+                conn,
+                username,
+                "submit",
+                prompt_id,
+                ranking=str(parsed),
+                flags=flags,
+                token=client_token,
+                edited=edit is not None,
             )
-            return result_from_row(self._existing(conn, username, prompt_id))
+        # What was just written (read back, it would cost another round trip inside the lock).
+        revision = existing["revision"] if existing is not None else 0
+        return SubmitResult(prompt_id, "submitted", str(parsed), flags, revision=revision)
 
     def skip(
         self, username: str, prompt_id: str, comment: str = "", client_token: str | None = None
@@ -491,22 +536,22 @@ class Store(StoreQueries):
         """Decline a leased prompt: it is never offered to this annotator again and counts for nobody."""
         comment = check_text(comment, "comment", MAX_COMMENT_CHARS)
         client_token = check_text(client_token, "client token", MAX_TOKEN_CHARS) or None
+        self.require_user(username)
+        self._prompt_row(self.conn, prompt_id)
         with self.write() as conn:
-            self.require_user(username)
-            self._prompt_row(conn, prompt_id)
-            existing = self._existing(conn, username, prompt_id)
+            existing, lease = self._row_and_lease(conn, username, prompt_id)
             if existing is not None and client_token and existing["client_token"] == client_token:
                 return result_from_row(existing, duplicate=True)
             if existing is not None and existing["status"] != "draft":
                 raise StoreError(
                     f"you have already {existing['status']} prompt {prompt_id!r}", code="already_done"
                 )
-            lease = self._live_lease(conn, username, prompt_id)
+            self._check_live(lease, prompt_id)
             now = self.clock()
             conn.execute(
                 "INSERT INTO rankings (prompt_id, username, status, ranking, comment, client_token, created_at, updated_at,"
                 " time_spent) VALUES (?, ?, 'skipped', '', ?, ?, ?, ?, ?) ON CONFLICT (prompt_id, username) DO UPDATE SET"
-                " status = 'skipped', ranking = '', tiers_json = '[]', comment = excluded.comment,"
+                " status = 'skipped', ranking = '', tiers_json = '[]', comment = excluded.comment, edit = NULL,"
                 " client_token = excluded.client_token, updated_at = excluded.updated_at, time_spent = excluded.time_spent",
                 (prompt_id, username, comment, client_token, now, now, now - lease["leased_at"]),
             )
@@ -524,15 +569,19 @@ class Store(StoreQueries):
         flags=None,
         comment: str = "",
         client_token: str | None = None,
+        *,
+        edit: str | None = None,
     ) -> SubmitResult:
-        """Change the caller's own submitted ranking (no lease needed); the old value goes to the audit log."""
+        """Change the caller's own submitted ranking, comment and edit (no lease needed); the old
+        values go to the audit log."""
         ranking = check_text(ranking, "ranking", MAX_RANKING_CHARS)
         comment = check_text(comment, "comment", MAX_COMMENT_CHARS)
         client_token = check_text(client_token, "client token", MAX_TOKEN_CHARS) or None
+        edit = check_text(edit, "edit", MAX_EDIT_CHARS)
         flags = check_flags(flags)
+        self.require_user(username)
+        candidates = self._prompt_candidates(prompt_id)
         with self.write() as conn:
-            self.require_user(username)
-            self._prompt_row(conn, prompt_id)
             existing = self._existing(conn, username, prompt_id)
             if existing is None or existing["status"] != "submitted":
                 raise StoreError(
@@ -540,16 +589,17 @@ class Store(StoreQueries):
                 )
             if client_token and existing["client_token"] == client_token:
                 return result_from_row(existing, duplicate=True)
-            labels = [c["label"] for c in self._candidates(prompt_id)]
-            parsed = parse_for_submit(ranking, labels, flags)
+            parsed = parse_for_submit(ranking, [c["label"] for c in candidates], flags)
+            edit = stored_edit(edit, parsed, candidates)
             conn.execute(
-                "UPDATE rankings SET ranking = ?, tiers_json = ?, flags_json = ?, comment = ?, client_token = ?,"
-                " updated_at = ?, revision = revision + 1 WHERE ranking_id = ?",
+                "UPDATE rankings SET ranking = ?, tiers_json = ?, flags_json = ?, comment = ?, edit = ?,"
+                " client_token = ?, updated_at = ?, revision = revision + 1 WHERE ranking_id = ?",
                 (
                     str(parsed),
                     json.dumps([list(t) for t in parsed.tiers]),
                     json.dumps(flags),
                     comment,
+                    edit,
                     client_token,
                     self.clock(),
                     existing["ranking_id"],
@@ -562,8 +612,27 @@ class Store(StoreQueries):
                 prompt_id,
                 old=existing["ranking"],
                 old_flags=json.loads(existing["flags_json"]),
+                old_edit=existing["edit"],
                 new=str(parsed),
                 flags=flags,
                 token=client_token,
+                edited=edit is not None,
             )
-            return result_from_row(self._existing(conn, username, prompt_id))
+        return SubmitResult(prompt_id, "submitted", str(parsed), flags, revision=existing["revision"] + 1)
+
+
+def stored_edit(edit: str, ranking: Ranking, candidates: list[dict]) -> str | None:
+    """What is stored of an edit of the best response: None when there is none to keep (empty,
+    blank, or that response unchanged); refuses an edit when the best tier is a tie
+    (``edit_needs_single_best``): it would not say which response it corrects."""
+    if not edit.strip():
+        return None
+    best = ranking.tiers[0]
+    if len(best) != 1:
+        raise StoreError(
+            f"an edit corrects the one response ranked best, but {' = '.join(best)} are tied at the top; "
+            "rank one response first or leave the edit empty",
+            code="edit_needs_single_best",
+        )
+    original = next(c["text"] for c in candidates if c["label"] == best[0])
+    return None if edit.strip() == original.strip() else edit

@@ -1,15 +1,18 @@
-"""Crash benchmark: kill -9 the annotation server in the middle of the load, restart it, check.
+"""Crash benchmark: kill -9 an annotation server in the middle of the load, restart it, check.
 
 Simulated annotators (as in ``bench_annotation_load``) submit as fast as they can; after
 ``--kill-after-acks`` more acknowledged submits the server process gets SIGKILL (no shutdown,
-no flush) and is started again on the same port ``--down`` seconds later. Annotators whose reply was lost log in
-again and resend the same submit with the same client token (the store answers a repeat with
-the stored result). This repeats ``--kills`` times. Then:
+no flush) and is started again on the same port ``--down`` seconds later. Annotators whose reply
+was lost log in again and resend the same submit with the same client token (the store answers a
+repeat with the stored result). This repeats ``--kills`` times. With ``--servers 2`` two app
+processes serve one database (``--db postgresql://...``, or the SQLite file), the annotators
+spread over them, and the first one is killed while the other keeps writing. Then:
 
 * every submit a client was told is stored is in the database, with that ranking, once;
-* ``PRAGMA integrity_check`` is ok; no prompt is over its quorum; nobody ranked a prompt twice.
+* the store's ``integrity_check`` is ok; no prompt is over its quorum; nobody ranked a prompt twice.
 
     .venv/bin/python -m experiments.benchmarks.bench_annotation_crash --annotators 20 --kills 2
+    .venv/bin/python -m experiments.benchmarks.bench_annotation_crash --db postgresql://lab@localhost/crash --servers 2
 """
 
 from __future__ import annotations
@@ -23,13 +26,19 @@ import threading
 import time
 from pathlib import Path
 
+from annotation_app.database import without_password
 from annotation_app.simulated_client import AnnotatorLog, annotate
 from experiments.benchmarks.bench_annotation_load import (
+    acked_per_server,
+    bench_db,
     check_exactly_once,
     free_port,
     prepare_db,
     report,
+    server_log,
+    server_of,
     start_server,
+    start_servers,
     summarize,
 )
 from rlhf.scorers import get_scorer
@@ -65,14 +74,24 @@ def main(argv=None) -> int:
         default="gradio_client",
         help="gradio_client (default) or Gradio's plain HTTP API",
     )
-    ap.add_argument("--workdir", default=None, help="where the database goes (default: a temp dir)")
+    ap.add_argument(
+        "--db",
+        default=None,
+        help="an empty PostgreSQL database, postgresql://user@host:port/dbname (default: a new SQLite "
+        "file in --workdir)",
+    )
+    ap.add_argument(
+        "--servers",
+        type=int,
+        default=1,
+        help="app processes on the one database, annotators spread over them; the first is the one killed",
+    )
+    ap.add_argument("--workdir", default=None, help="where the database and logs go (default: a temp dir)")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_annotation_crash_"))
     work.mkdir(parents=True, exist_ok=True)
-    db = work / "crash.db"
-    if db.exists():
-        raise SystemExit(f"{db} exists; use a fresh --workdir")
+    db = bench_db(args.db, work, "crash.db")
     users = prepare_db(
         db,
         n_prompts=args.prompts,
@@ -80,10 +99,10 @@ def main(argv=None) -> int:
         n_users=args.annotators,
         quorum=args.quorum,
         lease_seconds=args.lease_seconds,
+        work=work,
     )
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/"
-    server = start_server(db, port, work / "server.log")
+    ports = [free_port() for _ in range(args.servers)]
+    servers = start_servers(db, ports, work)
     scorer = get_scorer("vader")
     stop = threading.Event()
     far = time.time() + 3600
@@ -91,7 +110,7 @@ def main(argv=None) -> int:
     threads = [
         threading.Thread(
             target=annotate,
-            args=(url, u, p, scorer),
+            args=(f"http://127.0.0.1:{ports[server_of(i, args.servers)]}/", u, p, scorer),
             kwargs={
                 "stop_at": far,
                 "stop": stop,
@@ -119,35 +138,46 @@ def main(argv=None) -> int:
             ):
                 time.sleep(0.05)
             acked_before = sum(len(log.acked) for log in logs)
-            os.kill(server.pid, signal.SIGKILL)  # no shutdown handlers, no flush: a crash
-            server.wait()
+            os.kill(servers[0].pid, signal.SIGKILL)  # no shutdown handlers, no flush: a crash
+            servers[0].wait()
             time.sleep(args.down)
             t_restart = time.time()
-            server = start_server(db, port, work / "server.log")
-            kills.append({"acked_before_kill": acked_before, "restart_s": round(time.time() - t_restart, 2)})
-            print(f"killed and restarted the server: {kills[-1]}", flush=True)
+            servers[0] = start_server(db, ports[0], server_log(work, 0))
+            kills.append(
+                {
+                    "acked_before_kill": acked_before,
+                    "restart_s": round(time.time() - t_restart, 2),
+                    # by the other servers, while the first was dead or starting again
+                    "acked_while_down": sum(len(log.acked) for log in logs) - acked_before,
+                }
+            )
+            print(f"killed server 0 with SIGKILL and restarted it: {kills[-1]}", flush=True)
         time.sleep(args.tail)
     finally:
         stop.set()  # annotators finish the item in hand (resending lost submits), then stop
         for t in threads:
             t.join()
     wall = time.time() - t0
-    server.terminate()
-    server.wait(timeout=30)
+    for server in servers:
+        server.terminate()
+        server.wait(timeout=30)
     result = {
-        "config": vars(args),
+        "config": {**vars(args), "db": without_password(str(db))},
         "wall_s": wall,
         "load_average_1min": os.getloadavg()[0],  # the machine is shared: read latencies with this
         "kills": kills,
         **summarize(logs, wall),
+        "acked_per_server": acked_per_server(logs, args.servers),
         "exactly_once": check_exactly_once(db, logs, args.quorum),
     }
     ok = report(result, args.json)
     eo = result["exactly_once"]
     print(
         "PASS" if ok else "FAIL",
-        f"{args.kills} kill -9, {eo['acknowledged']} acknowledged submits, "
-        f"{eo['acked_missing_or_different']} missing, integrity {eo['integrity_check']}",
+        f"{args.kills} kill -9 of 1 of {args.servers} server(s), {eo['acknowledged']} acknowledged submits "
+        f"(per server {result['acked_per_server']}), {eo['acked_missing_or_different']} missing, "
+        f"{eo['stored_not_acked']} stored unacknowledged, {eo['prompts_over_quorum']} over quorum, "
+        f"integrity {eo['integrity_check']}",
     )
     return 0 if ok else 1
 

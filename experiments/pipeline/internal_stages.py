@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from annotation_app.database import is_url
 from annotation_app.io import export_rankings, import_candidates
 from annotation_app.store import Store
 from experiments.pipeline.plan import Node
@@ -196,7 +197,8 @@ def run_annotate(ctx: RunContext, node: Node, fields: dict, run_dir: Path) -> di
 
     db = fields.get("db") or str(Path(ctx.exp.runs_dir) / ctx.exp.name / "annotate" / "lab.db")
     project = str(fields.get("project") or (f"{ctx.exp.name}-r{node.round}"))
-    Path(db).parent.mkdir(parents=True, exist_ok=True)
+    if not is_url(db):  # a PostgreSQL URL names a server, not a folder to make
+        Path(db).parent.mkdir(parents=True, exist_ok=True)
     store = Store(db)
     store.migrate()
     res = import_candidates(

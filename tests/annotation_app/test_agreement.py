@@ -14,7 +14,7 @@ from annotation_app.agreement import (
     pairwise_agreement,
     tie_rate,
 )
-from annotation_app.control import ranks_to_text, text_to_ranks
+from annotation_app.control import canonical_partial, single_best
 from annotation_app.text import safe_markdown, visible_text
 
 
@@ -89,18 +89,20 @@ def test_agreement_report_reports_nan_pairs_separately():
     assert rep["pairs_compared"] == 9 and rep["pairwise_agreement"] == pytest.approx(3 / 9)
 
 
-def test_rank_selectors_and_text_stay_in_sync():
+def test_typed_text_to_the_boards_canonical_ranking_and_the_single_best():
     labels = list("ABCD")
-    assert ranks_to_text(labels, ["3", "2", "1", "2"]) == "C > B = D > A"
-    assert ranks_to_text(labels, ["1", "5", "1", None]) == "A = C > B"  # gaps fine, partial fine
-    assert ranks_to_text(labels, [None] * 4) == ""
-    assert text_to_ranks("c > b = d > a", labels) == (["3", "2", "1", "2"], "")
-    assert text_to_ranks("C > B", labels) == ([None, "2", "1", None], "")
-    ranks, err = text_to_ranks("C > E", labels)
-    assert ranks == [None] * 4 and "unknown label E" in err
-    for text in ("A > B = C > D", "D = A > C > B", "A = B = C = D"):
-        ranks, _ = text_to_ranks(text, labels)
-        assert ranks_to_text(labels, ranks) == text_to_canonical(text)
+    assert canonical_partial("c > b = d > a", labels) == ("C > B = D > A", "")
+    assert canonical_partial("b = d", labels) == ("B = D", "")  # partial fine
+    assert canonical_partial("  ", labels) == ("", "")
+    text, err = canonical_partial("C > E", labels)
+    assert text is None and "unknown label E" in err
+    for typed in ("A > B = C > D", "D = A > C > B", "A = B = C = D"):
+        assert canonical_partial(typed, labels)[0] == text_to_canonical(typed)
+    assert single_best("c > a = b", labels) == ("C", "")
+    assert (
+        single_best("a = b > c", labels)[0] is None and "tie (A = B)" in single_best("a = b > c", labels)[1]
+    )
+    assert single_best("", labels)[0] is None
 
 
 def text_to_canonical(text: str) -> str:

@@ -4,6 +4,7 @@ session only, annotators isolated, admin handlers refuse annotators, the named A
 from __future__ import annotations
 
 import json
+import re
 import socket
 import uuid
 
@@ -173,13 +174,18 @@ def test_admin_functions_refuse_annotators(server):
     boss = login(server, "boss")
     out = call_private(server, boss, "on_admin_refresh", [])
     text = json.dumps(out)
-    assert "krippendorff_alpha_ordinal" in text and "ann1" in text
+    assert "Krippendorff" in text and "ann1" in text  # the dashboard's headline and tables
     out = call_private(server, boss, "on_admin_export", ["pairs"])
     assert "Exported 3 pairs records" in json.dumps(out)  # C > A = B: 2 strict pairs + 1 tie
-    url = out["data"][0]["url"]
+    [link] = re.findall(r"\]\((export/[^)]+)\)", out["data"][0])  # admin-download: Markdown
+    url = f"{server['url']}/{link}"
     assert httpx.get(url, timeout=30).status_code == 401  # the export file needs a login too
-    lines = boss.get(url).text.splitlines()
+    assert http1.get(url).status_code == 403  # and an admin
+    download = boss.get(url)
+    assert download.headers["content-disposition"] == 'attachment; filename="pairs.jsonl"'
+    lines = download.text.splitlines()
     assert len(lines) == 3 and sum(json.loads(x)["tie"] for x in lines) == 1
+    assert boss.get(url).json()["code"] == "no_such_export"  # deleted once downloaded
 
 
 def test_simulated_annotators_through_the_api(server):
@@ -207,8 +213,15 @@ def test_simulated_annotators_through_the_api(server):
 
 def test_password_guessing_is_throttled(server):
     url = server["url"]
-    for _ in range(5):
-        r = httpx.post(url + "/login", data={"username": "ann2", "password": "guess-guess"}, timeout=30)
+    # uvicorn takes the client's address from X-Forwarded-For when the request comes from
+    # 127.0.0.1 (FORWARDED_ALLOW_IPS' default): two "clients" from one test.
+    guesser, user = {"X-Forwarded-For": "203.0.113.7"}, {"X-Forwarded-For": "198.51.100.2"}
+    for _ in range(3):
+        r = httpx.post(
+            url + "/login", data={"username": "ann2", "password": "guess-guess"}, headers=guesser, timeout=30
+        )
         assert r.status_code in (400, 401)
-    right = httpx.post(url + "/login", data={"username": "ann2", "password": PASSWORDS["ann2"]}, timeout=30)
-    assert right.status_code in (400, 401)  # refused for a while even with the right password
+    right = {"username": "ann2", "password": PASSWORDS["ann2"]}
+    refused = httpx.post(url + "/login", data=right, headers=guesser, timeout=30)
+    assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1  # even the right one
+    assert httpx.post(url + "/login", data=right, headers=user, timeout=30).status_code == 200

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +17,10 @@ pytestmark = pytest.mark.browser
 
 CHROMIUM = shutil.which("chromium")
 TIMEOUT = 60_000  # ms; generous: the test machine is shared and often saturated
+# Where the screenshot test leaves its pictures for a reviewer (kept after the run).
+SCREENSHOTS = Path(
+    os.environ.get("RLHF_SCREENSHOTS", Path(__file__).resolve().parents[2] / "runs" / "screenshots")
+)
 XSS = '<img src=x onerror="window.__pwned = 1"> <script>window.__pwned = 2</script> ![t](http://127.0.0.1:9/x.png)'
 
 
@@ -43,10 +49,11 @@ def app(tmp_path_factory):
                     {"label": lab, "text": f"answer {lab}{i}" if lab != "B" else XSS} for lab in "ABCD"
                 ],
             }
-            for i in range(4)
+            for i in range(12)
         ]
     )
     store.add_user("alice", "password-alice")
+    store.add_user("root", "password-root", "admin")
     demo, url = launch(store, port=free_port(), block=False, quiet=True)
     yield {"url": url, "store": store}
     demo.close()
@@ -102,71 +109,158 @@ def wait_for_draft(store, prompt_id: str, text: str, timeout_s: float = TIMEOUT 
     raise AssertionError(f"the draft {text!r} of {prompt_id} was not saved")
 
 
-def log_in_with_keyboard(page, url: str) -> None:
+def log_in_with_keyboard(page, url: str, user: str = "alice", shows: str = "#prompt") -> None:
     page.goto(url)
     page.get_by_label("username").focus()
-    page.keyboard.type("alice")
+    page.keyboard.type(user)
     page.keyboard.press("Tab")
-    page.keyboard.type("password-alice")
+    page.keyboard.type(f"password-{user}")
     page.keyboard.press("Enter")
-    wait_value(page, "prompt", "Prompt number")
+    if shows == "#prompt":
+        wait_value(page, "prompt", "Prompt number")
+    else:
+        page.wait_for_selector(shows, state="visible", timeout=TIMEOUT)
     page.wait_for_selector("#response-B textarea", timeout=TIMEOUT)  # slots mount a tick after the values
 
 
-def test_keyboard_ranking_with_tie_reload_progress_revise_export(app, browser, tmp_path):
-    page = browser.new_page()
+def chips_in(page, rank: int | str) -> list[str]:
+    slot = f"#slot-rank-{rank}" if rank else "#slot-unranked"
+    return page.eval_on_selector_all(f"{slot} .chip", "cs => cs.map(c => c.dataset.label)")
+
+
+def wait_board(page, ranking: str) -> None:
+    page.wait_for_function(
+        "(r) => { const o = document.querySelector('#board .order'); return o && o.dataset.ranking === r; }",
+        arg=ranking,
+        timeout=TIMEOUT,
+    )
+
+
+def stored_ranking(store, prompt_id: str) -> str | None:
+    row = store.conn.execute(
+        "SELECT ranking FROM rankings WHERE prompt_id = ? AND status = 'submitted'", (prompt_id,)
+    ).fetchone()
+    return None if row is None else row["ranking"]
+
+
+def in_viewport(page, selector: str) -> bool:
+    box = page.locator(selector).first.bounding_box()
+    size = page.viewport_size
+    return (
+        box is not None
+        and box["y"] >= 0
+        and box["y"] + box["height"] <= size["height"]
+        and box["x"] + box["width"] <= size["width"]
+    )
+
+
+def test_keyboard_only_ranking_with_a_tie_then_typed_ranking_and_reload(app, browser):
+    page = browser.new_page(viewport={"width": 1366, "height": 768})
     log_in_with_keyboard(page, app["url"])
     first = value(page, "prompt-id")
     assert "0 submitted" in value(page, "progress")
+    for action in ("#submit", "#skip", "#progress"):  # the action bar needs no scrolling
+        assert in_viewport(page, action), f"{action} is not visible at 1366x768 without scrolling"
+    assert page.locator("#guidelines").is_visible()  # open for someone who has submitted nothing
 
-    # Keyboard only: Alt+R jumps to the ranking field, type a ranking with a tie, Enter submits.
-    page.keyboard.press("Alt+r")
-    page.keyboard.type("b = a > d > c")
-    # the rank selectors follow the text: A and B share rank 1 (a tie)
-    page.wait_for_function(
-        "document.querySelector('#rank-A input[value=\"1\"]').checked "
-        "&& document.querySelector('#rank-B input[value=\"1\"]').checked "
-        "&& document.querySelector('#rank-C input[value=\"3\"]').checked",
-        timeout=TIMEOUT,
-    )
+    # Keyboard only, on the board: Alt+K focuses it; a letter picks a response, a digit ranks
+    # it, "=" ties it with the one placed last; the focus is visible; Enter submits.
+    page.keyboard.press("Alt+k")
+    for key in ("c", "1", "b", "2", "d", "="):
+        page.keyboard.press(key)
+    assert page.evaluate("document.activeElement.id") == "chip-D"
+    outline = page.evaluate("getComputedStyle(document.activeElement).outlineStyle")
+    assert outline not in ("", "none"), "the focused response has no visible focus ring"
+    page.keyboard.press("ArrowLeft")  # D -> C ... -> A by arrows, then rank it last
+    page.keyboard.press("ArrowLeft")
+    page.keyboard.press("ArrowLeft")
+    assert page.evaluate("document.activeElement.id") == "chip-A"
+    page.keyboard.press("3")
+    wait_board(page, "C > B = D > A")
+    wait_value(page, "ranking", "C > B = D > A")  # the typed field follows the board
+    assert chips_in(page, 2) == ["B", "D"]
+    wait_for_draft(app["store"], first, "C > B = D > A")
     page.keyboard.press("Enter")
-    wait_value(page, "message", f"Saved your ranking of {first}: A = B > D > C")
+    wait_value(page, "message", f"Saved your ranking of {first}: C > B = D > A")
+    assert stored_ranking(app["store"], first) == "C > B = D > A"
     assert "1 submitted" in value(page, "progress")
     second = value(page, "prompt-id")
     assert second != first
 
-    # On the next prompt, rank with the selectors instead: the text follows (C = rank 1, A and D
-    # tied at rank 2), the draft is saved as you go and survives a reload.
-    page.check('#rank-C input[value="1"]')
-    wait_value(page, "ranking", "C")
-    page.check('#rank-A input[value="2"]')
-    wait_value(page, "ranking", "C > A")
-    page.check('#rank-D input[value="2"]')
-    wait_value(page, "ranking", "C > A = D")
-    wait_for_draft(app["store"], second, "C > A = D")  # saved by the input events, not by a button
+    # The typed path is kept: Alt+R, a ranking with a tie; the board's chips follow it, the
+    # draft is saved as you go and survives a reload.
+    page.keyboard.press("Alt+r")
+    page.keyboard.type("b = a > d")
+    wait_board(page, "A = B > D")
+    assert chips_in(page, 1) == ["A", "B"] and chips_in(page, 0) == ["C"]
+    wait_for_draft(app["store"], second, "b = a > d")
     page.reload()
     wait_value(page, "prompt", "Prompt number")
-    wait_value(page, "ranking", "C > A = D")
+    wait_board(page, "A = B > D")
     assert value(page, "prompt-id") == second
-    assert page.is_checked('#rank-D input[value="2"]') and page.is_checked('#rank-C input[value="1"]')
-    assert "1 submitted" in value(page, "progress")
+    page.keyboard.press("Alt+r")
+    page.keyboard.press("End")
+    page.keyboard.type(" > c")
+    page.keyboard.press("Enter")
+    wait_value(page, "message", f"Saved your ranking of {second}: A = B > D > C")
+    assert stored_ranking(app["store"], second) == "A = B > D > C"
+    page.close()
 
-    # Revise the first submission from the history tab.
+
+def test_mouse_only_ranking_with_a_tie_and_an_edit_of_the_best_response(app, browser):
+    page = browser.new_page(viewport={"width": 1366, "height": 768})
+    log_in_with_keyboard(page, app["url"])
+    pid = value(page, "prompt-id")
+    # Drag responses into rank slots; two in one slot are a tie.
+    page.locator("#chip-D").drag_to(page.locator("#slot-rank-1"))
+    wait_board(page, "D")
+    page.locator("#chip-A").drag_to(page.locator("#slot-rank-2"))
+    page.locator("#chip-C").drag_to(page.locator("#slot-rank-2"))
+    wait_board(page, "D > A = C")
+    # Click a chip, then a slot: the same move without dragging (touch screens).
+    page.locator("#chip-B").click()
+    page.locator("#slot-rank-3").click()
+    wait_board(page, "D > A = C > B")
+    wait_value(page, "ranking", "D > A = C > B")
+    # Correct the best response: copy it into the edit box, change it, submit with the mouse.
+    page.locator("#edit-box").get_by_text("Correct the best response").click()
+    page.locator("#start-edit").click()
+    wait_value(page, "edit", f"answer D{pid[1:]}")
+    page.locator("#edit textarea").fill("A better answer, written by the annotator.")
+    page.locator("#submit").click()
+    wait_value(page, "message", f"Saved your ranking of {pid}: D > A = C > B")
+    row = (
+        app["store"]
+        .conn.execute(
+            "SELECT ranking, edit FROM rankings WHERE prompt_id = ? AND status = 'submitted'", (pid,)
+        )
+        .fetchone()
+    )
+    assert (row["ranking"], row["edit"]) == ("D > A = C > B", "A better answer, written by the annotator.")
+    page.close()
+
+
+def test_revise_from_history_and_export(app, browser, tmp_path):
+    page = browser.new_page()
+    log_in_with_keyboard(page, app["url"])
+    pid = value(page, "prompt-id")
+    page.keyboard.press("Alt+r")
+    page.keyboard.type("a > b > c > d")
+    page.keyboard.press("Enter")
+    wait_value(page, "message", f"Saved your ranking of {pid}")
     page.get_by_role("tab", name="My history").click()
     page.locator("#history-prompt input").click()
-    page.get_by_role("option", name=first).click()
+    page.get_by_role("option", name=pid).click()
     page.locator("#history-open").click()
-    wait_value(page, "history-ranking", "A = B > D > C")
+    wait_value(page, "history-ranking", "A > B > C > D")
     page.locator("#history-ranking textarea, #history-ranking input").fill("d > c > a = b")
     page.locator("#revise").click()
-    wait_value(page, "history-message", f"Revised {first}: D > C > A = B (revision 1)")
+    wait_value(page, "history-message", f"Revised {pid}: D > C > A = B (revision 1)")
 
     out = tmp_path / "export.jsonl"
     export_rankings(app["store"], str(out))
-    records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [(r["prompt_id"], r["annotator"], r["ranking"]) for r in records] == [
-        (first, "alice", "D > C > A = B")
-    ]
+    records = {r["prompt_id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert records[pid]["ranking"] == "D > C > A = B"
     page.close()
 
 
@@ -185,3 +279,121 @@ def test_html_in_a_response_is_shown_as_text_and_runs_nothing(app, browser):
     assert page.evaluate("window.__pwned") is None
     assert not [u for u in requests if "x.png" in u or u.endswith("/x")]
     page.close()
+
+
+def test_screenshots_of_the_ranking_screen_and_the_dashboard(app, browser):
+    """Pictures for a reviewer (under runs/screenshots/ or $RLHF_SCREENSHOTS), and what they show."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    for width, height in ((1366, 768), (1920, 1080)):
+        page = browser.new_page(viewport={"width": width, "height": height})
+        log_in_with_keyboard(page, app["url"], "root")
+        page.locator("#chip-C").drag_to(page.locator("#slot-rank-1"))
+        page.locator("#chip-A").drag_to(page.locator("#slot-rank-2"))
+        page.locator("#chip-D").drag_to(page.locator("#slot-rank-2"))
+        wait_board(page, "C > A = D")
+        for action in ("#submit", "#skip", "#progress", "#board"):
+            assert in_viewport(page, action), f"{action} is off screen at {width}x{height}"
+        page.screenshot(path=str(SCREENSHOTS / f"ranking_{width}x{height}.png"))
+        page.close()
+
+
+class Clock:
+    def __init__(self, t: float = 1_750_000_000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_the_dashboard_rounds_its_figures_and_draws_its_charts(browser, tmp_path):
+    from annotation_app.server import launch
+
+    clock = Clock()
+    store = Store(tmp_path / "dash.db", clock=clock)
+    store.upsert_project("default", quorum=3)
+    store.add_items(
+        [
+            {
+                "prompt_id": f"p{i}",
+                "prompt": f"Prompt number {i}",
+                "candidates": [{"label": lab, "text": lab} for lab in "ABCD"],
+            }
+            for i in range(12)
+        ]
+    )
+    names = ["ana", "ben", "cleo", "dev"]  # dev ranks everything backwards
+    for name in names:
+        store.add_user(name, f"password-{name}")
+    store.add_user("root", "password-root", "admin")
+    orders = ["A > B = C > D", "A > C > B > D", "B > A > C = D"]
+    for step in range(30):
+        name = names[step % 4]
+        item = store.next_item(name)
+        clock.t += 7 + (step * 37) % 80  # seconds spent on the item
+        store.submit(
+            name, item.prompt_id, "D > C > B > A" if name == "dev" else orders[step % 3], [], "", None
+        )
+    demo, url = launch(store, port=free_port(), block=False, quiet=True)
+    try:
+        page = browser.new_page(viewport={"width": 1366, "height": 768})
+        log_in_with_keyboard(page, url, "root")
+        page.get_by_role("tab", name="Admin").click()
+        wait_value(page, "admin-message", "30 submitted rankings")
+        headline = page.inner_text("#admin-headline")
+        assert "30 / 36 (83 %)" in headline and "median seconds per item" in headline
+        numbers = [
+            t for t in headline.replace("[", " ").replace("]", " ").replace(",", " ").split() if "." in t
+        ]
+        assert numbers and all(len(t.split(".")[1]) <= 3 for t in numbers), headline  # rounded
+        for chart in ("admin-progress", "admin-seconds", "admin-throughput", "admin-agreement"):
+            page.wait_for_selector(f"#{chart} canvas, #{chart} svg", timeout=TIMEOUT)
+        annotators = page.inner_text("#admin-annotators")
+        assert "dev" in annotators
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOTS / "dashboard_1366x768.png"), full_page=True)
+        page.close()
+    finally:
+        demo.close()
+        store.close()
+
+
+def test_a_conversation_prompt_is_shown_as_a_chat_transcript(browser, tmp_path):
+    from annotation_app.server import launch
+
+    store = Store(tmp_path / "chat.db")
+    store.upsert_project("default", quorum=1)
+    conversation = [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "And its population? <b>bold?</b>"},
+    ]
+    store.add_items(
+        [
+            {
+                "prompt_id": "chat0",
+                "prompt": conversation,
+                "candidates": [{"label": lab, "text": f"reply {lab}"} for lab in "AB"],
+            }
+        ]
+    )
+    store.add_user("alice", "password-alice")
+    demo, url = launch(store, port=free_port(), block=False, quiet=True)
+    try:
+        page = browser.new_page(viewport={"width": 1366, "height": 768})
+        log_in_with_keyboard(page, url, shows="#conversation")
+        assert not page.locator("#prompt").is_visible()
+        transcript = page.inner_text("#conversation")
+        for turn in conversation:
+            assert turn["content"].split(" <b>")[0] in transcript
+        assert "<b>bold?</b>" in transcript  # shown as text, not rendered
+        assert page.locator("#conversation b").count() == 0
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOTS / "conversation_1366x768.png"))
+        page.keyboard.press("Alt+k")
+        for key in ("b", "1", "a", "2", "Enter"):
+            page.keyboard.press(key)
+        wait_value(page, "message", "Saved your ranking of chat0: B > A")
+        page.close()
+    finally:
+        demo.close()
+        store.close()

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import pytest
 
-from annotation_app import handlers
+from annotation_app import exports, handlers
 from annotation_app.handlers import Page, Props, Table
 from annotation_app.store import Store
 
@@ -57,12 +56,15 @@ def stored(store: Store) -> list[tuple[str, str, str]]:
 def test_load_shows_the_first_item_and_the_admin_tab_only_to_admins(page):
     assert page.slots == ("A", "B", "C", "D")
     out = handlers.load(page, "ann1")
-    assert out["prompt-id"] == "p0" and out["labels"] == "A B C D" and out["prompt"] == "prompt 0"
+    assert out["prompt-id"] == "p0" and out["labels"] == "A B C D"
+    assert out["prompt"] == Props(visible=True, value="prompt 0")
     assert out["slot-A"] == Props(visible=True) and out["response-A"] == "answer A0"
-    assert out["rank-A"] == Props(choices=["1", "2", "3", "4"], value=None)
+    assert json.loads(out["board"]) == {"labels": ["A", "B", "C", "D"], "ranking": ""}
+    assert out["conversation"] == Props(visible=False, value=[]) and out["edit"] == ""
     assert out["guidelines"] == "Prefer **kind** answers." and out["message"] == ""
     assert out["progress"] == "ann1: 0 submitted, 0 skipped — 3 of 3 prompts still need rankings"
     assert out["history"] == [] and out["history-prompt"] == Props(choices=[])
+    assert out["guidelines-box"] == Props(open=True)  # open until the first submission
     assert len(out["client-token"]) == 32
     assert out["admin-tab"] == Props(visible=False)
     assert handlers.load(page, "boss")["admin-tab"] == Props(visible=True)
@@ -73,6 +75,7 @@ def test_submit_a_ranking_with_ties_shows_the_next_item(page, store):
     out = handlers.submit(page, "ann1", first["prompt-id"], first["client-token"], "b = a > d > c", False, "")
     assert out["message"] == "Saved your ranking of p0: A = B > D > C."
     assert out["prompt-id"] == "p1" and out["ranking"] == "" and "1 submitted" in out["progress"]
+    assert out["guidelines-box"] == Props(open=False)
     [row] = store.submitted_rankings()
     assert row["tiers"] == [["A", "B"], ["D"], ["C"]] and row["annotator"] == "ann1"
     rows = handlers.history(page, "ann1")
@@ -118,37 +121,109 @@ def test_skip_moves_on_and_is_never_offered_again(page, store):
     assert handlers.skip(page, "ann1", "", "", "")["prompt-id"] == "p1"  # no item shown: Next
 
 
+def board(ranking: str, labels: str = "ABCD") -> str:
+    return json.dumps({"labels": list(labels), "ranking": ranking})
+
+
 def test_draft_is_saved_as_you_go_and_restored_on_load(page, store):
     item = handlers.load(page, "ann1")
     pid, labels = item["prompt-id"], item["labels"]
-    # rank selectors -> text (C best, A and D tied second); an earlier error message is cleared
-    out = handlers.ranks_changed(page, "ann1", pid, labels, False, "", "Error: old", "2", None, "1", "2")
-    assert out == {"ranking": "C > A = D", "message": ""}
-    # text -> rank selectors; other messages are kept
-    out = handlers.ranking_text_changed(page, "ann1", pid, labels, "c > a", False, "", "Saved ...")
-    assert out == {
-        "rank-A": Props(value="2"),
-        "rank-B": Props(value=None),
-        "rank-C": Props(value="1"),
-        "rank-D": Props(value=None),
-    }
-    half = handlers.ranking_text_changed(page, "ann1", pid, labels, "c > x", False, "", "")
-    assert set(half) == {"message"} and half["message"].startswith("Error: ")  # selectors untouched
-    assert handlers.extras_changed(page, "ann1", pid, "c > a", True, "hard one", "") == {}
+    # an earlier error message is cleared
+    out = handlers.ranking_text_changed(page, "ann1", pid, labels, "C > A = D", False, "", "", "Error: old")
+    assert out == {"board": board("C > A = D"), "message": ""}
+    # text -> board, in canonical form; other messages are kept
+    out = handlers.ranking_text_changed(page, "ann1", pid, labels, "c > a", False, "", "", "Saved ...")
+    assert out == {"board": board("C > A")}
+    half = handlers.ranking_text_changed(page, "ann1", pid, labels, "c > x", False, "", "", "")
+    assert set(half) == {"message"} and half["message"].startswith("Error: ")  # board untouched
+    assert handlers.extras_changed(page, "ann1", pid, "c > a", True, "hard one", "", "") == {}
     reopened = handlers.load(page, "ann1")
     assert reopened["prompt-id"] == pid and reopened["message"] == "Draft restored."
     assert (reopened["ranking"], reopened["all-bad"], reopened["comment"]) == ("c > a", True, "hard one")
-    assert reopened["rank-C"] == Props(choices=["1", "2", "3", "4"], value="1")
-    assert reopened["rank-A"]["value"] == "2" and reopened["rank-B"]["value"] is None
+    assert reopened["board"] == board("C > A")
     assert stored(store) == []  # a draft is not a submission
+
+
+def test_a_board_change_keeps_the_draft_and_a_malformed_value_ranks_nothing(page, store):
+    item = handlers.load(page, "ann1")
+    pid = item["prompt-id"]
+    assert handlers.board_changed(page, "ann1", pid, board("C > A = D"), False, "", "", "Error: old") == {
+        "message": ""
+    }
+    assert handlers.load(page, "ann1")["ranking"] == "C > A = D"
+    for junk in ("", "not json", "[1, 2]", '{"ranking": 5}'):
+        assert handlers.board_changed(page, "ann1", pid, junk, False, "", "", "") == {}
+        assert handlers.load(page, "ann1")["ranking"] == ""
+    handlers.submit(page, "ann1", pid, "tok", "A > B > C > D", False, "")
+    assert handlers.board_changed(page, "ann1", pid, board("D > C > B > A"), False, "", "", "") == {}  # stale
+    assert stored(store) == [("p0", "ann1", "A > B > C > D")]
+
+
+def test_the_best_response_can_be_edited_and_the_edit_is_stored_with_the_ranking(page, store):
+    item = handlers.load(page, "ann1")
+    pid, labels = item["prompt-id"], item["labels"]
+    tie = handlers.start_edit(page, "ann1", pid, labels, "A = B > C > D")
+    assert "tie" in tie["message"] and "edit" not in tie
+    assert "rank the responses first" in handlers.start_edit(page, "ann1", pid, labels, "")["message"]
+    out = handlers.start_edit(page, "ann1", pid, labels, "c > a > b > d")
+    assert out["edit"] == "answer C0" and out["message"].startswith("Editing response C")
+    # the edit is kept with the draft, restored on load, and stored with the submission
+    handlers.extras_changed(page, "ann1", pid, "c > a > b > d", False, "", "answer C0, fixed", "")
+    assert handlers.load(page, "ann1")["edit"] == "answer C0, fixed"
+    handlers.submit(page, "ann1", pid, "tok", "C > A > B > D", False, "", "answer C0, fixed")
+    [row] = store.submitted_rankings()
+    assert (row["edit"], row["edit_of"]) == ("answer C0, fixed", "C")
+    # a revision that keeps C first keeps the edit; one that puts another response first drops it
+    token = handlers.open_submission(page, "ann1", pid)["history-token"]
+    kept = handlers.revise(page, "ann1", pid, "C > B > A > D", False, "", token)
+    assert kept["history-message"] == f"Revised {pid}: C > B > A > D (revision 1)."
+    assert store.submitted_rankings()[0]["edit"] == "answer C0, fixed"
+    dropped = handlers.revise(page, "ann1", pid, "B > C > A > D", False, "", token + "x")
+    assert dropped["history-message"].endswith("Your edit of response C was dropped: it is no longer first.")
+    assert "edit" not in store.submitted_rankings()[0]
+
+
+def test_a_conversation_prompt_is_shown_as_a_transcript():
+    turns = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi\u202e there"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Capital of France?"},
+    ]
+    view = handlers.conversation_view(turns)
+    assert view["visible"] is True and view["label"] == "Conversation so far (system: Be brief.)"
+    assert [t["role"] for t in view["value"]] == ["user", "assistant", "user"]
+    assert view["value"][0]["content"] == "Hi⟦U+202E⟧ there"  # invisible tricks made visible
+    assert handlers.conversation_view(None) == Props(visible=False, value=[])
+
+
+def test_a_conversation_item_carries_its_turns(page, store):
+    turns = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Capital?"},
+    ]
+    store.upsert_project("chat", quorum=1)
+    store.add_items(
+        [
+            {
+                "prompt_id": "chat",
+                "prompt": turns,
+                "candidates": [{"label": "A", "text": "Paris"}, {"label": "B", "text": "Lyon"}],
+            }
+        ],
+        "chat",
+    )
+    out = handlers.load(Page.for_store(store, "chat"), "ann1")
+    assert out["prompt-id"] == "chat" and out["conversation"]["value"] == turns
+    assert out["prompt"]["visible"] is False  # the transcript replaces the flattened text
 
 
 def test_a_draft_event_after_the_submit_leaves_the_page_alone(page, store):
     item = handlers.load(page, "ann1")
     pid, labels = item["prompt-id"], item["labels"]
     handlers.submit(page, "ann1", pid, "tok", "A > B > C > D", False, "")
-    assert handlers.ranks_changed(page, "ann1", pid, labels, False, "", "", "1", "2", "3", "4") == {}
-    assert handlers.ranking_text_changed(page, "ann1", pid, labels, "D > C > B > A", False, "", "") == {}
+    assert handlers.ranking_text_changed(page, "ann1", pid, labels, "D > C > B > A", False, "", "", "") == {}
     assert stored(store) == [("p0", "ann1", "A > B > C > D")]
 
 
@@ -181,25 +256,41 @@ def test_another_annotators_submission_cannot_be_opened_or_revised(page, store):
 
 
 def test_admin_statistics_and_export_are_refused_for_an_annotator(page, store, tmp_path, monkeypatch):
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the export file goes under tmp_path
     item = handlers.load(page, "ann1")
     handlers.submit(page, "ann1", item["prompt-id"], "tok", "C > A = B > D", False, "")
     refused = handlers.admin_export(page, "ann1", "rankings")
-    assert refused == {"admin-file": None, "admin-message": "Error: this needs an admin account"}
+    assert refused == {"admin-download": "", "admin-message": "Error: this needs an admin account"}
     stats = handlers.admin_statistics(page, "ann1")
-    assert stats["admin-message"] == "Error: this needs an admin account" and stats["admin-summary"] is None
+    assert stats["admin-message"] == "Error: this needs an admin account" and stats["admin-headline"] is None
 
     stats = handlers.admin_statistics(page, "boss")
-    assert stats["admin-summary"]["submitted"] == 1 and "krippendorff_alpha_ordinal" in stats["admin-summary"]
+    headline = {row[0]: row[1:] for row in stats["admin-headline"].rows}
+    assert headline["rankings done / needed"] == ["1 / 6 (17 %)", ""]
     assert isinstance(stats["admin-annotators"], Table) and stats["admin-annotators"].rows[0][:3] == [
         "ann1",
-        "annotator",
         1,
+        0,
     ]
+    assert stats["admin-throughput"].rows == [["ann1", 1], ["ann2", 0], ["boss", 0]]
+    assert stats["admin-progress"].rows[0][1] == 1 and len(stats["admin-progress"].rows) == 1
     out = handlers.admin_export(page, "boss", "pairs")
     assert out["admin-message"] == "Exported 6 pairs records."  # 4 responses: 6 pairs, one of them a tie
-    lines = Path(out["admin-file"]).read_text().splitlines()
+    [link] = re.findall(r"\]\((export/[^)]+)\)", out["admin-download"])
+    _, token, name = link.split("/")
+    lines = exports.REGISTRY.find(token, "boss", name).read_text().splitlines()
     assert len(lines) == 6 and sum(json.loads(x)["tie"] for x in lines) == 1
+
+
+def test_hand_made_label_values_are_ignored_not_crashed_on(page):
+    item = handlers.load(page, "ann1")
+    for junk in (None, "2", "A 7 <b>", ""):
+        out = handlers.ranking_text_changed(page, "ann1", item["prompt-id"], junk, "A > B", False, "", "", "")
+        assert set(out) <= {"board", "message"}
+        assert "message" in handlers.start_edit(page, "ann1", item["prompt-id"], junk, "A > B")
+        assert (
+            not any(p["visible"] for p in handlers.rendered_views(page, True, junk).values())
+            or junk == "A 7 <b>"
+        )
 
 
 def test_rendered_views_follow_the_toggle_and_the_item(page):
@@ -218,9 +309,9 @@ def test_all_done_and_too_many_responses_for_the_page(store):
     assert (
         out["prompt-id"] == "" and "has 4 responses but this page was started with 2 slots" in out["message"]
     )
-    assert out["slot-A"] == Props(visible=False) and out["rank-B"] == Props(choices=[], value=None)
+    assert out["slot-A"] == Props(visible=False) and json.loads(out["board"])["labels"] == []
     done = handlers.item_view(Page.for_store(store), "ann1", None, "")
-    assert done["prompt"].startswith("All done") and done["labels"] == ""
+    assert done["prompt"]["value"].startswith("All done") and done["labels"] == ""
 
 
 def test_the_api_handlers(page, store):

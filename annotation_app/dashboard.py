@@ -1,0 +1,223 @@
+"""The admin dashboard's figures: headline numbers with intervals, and the tables behind its charts.
+
+Pure functions of the store's admin views (:meth:`Store.stats`, :meth:`Store.submitted_rankings`),
+so they are tested without a server. Agreement statistics come from
+:mod:`annotation_app.agreement`; their 95 % intervals are percentile bootstraps over prompts (the
+unit annotators are sampled on: all rankings of a prompt are resampled together, so the interval
+reflects which prompts happened to be ranked, Efron & Tibshirani 1993, ch. 13).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+
+from annotation_app import agreement
+from rlhf.reliability import fit_reliability
+
+BOOTSTRAP_RESAMPLES = 300
+PER_ANNOTATOR_COLUMNS = [
+    "annotator",
+    "submitted",
+    "skipped",
+    "items_per_hour",
+    "median_seconds",
+    "agreement_with_others",
+    "agreement_95ci",
+    "pairs_compared",
+    "reliability",
+    "training_weight",
+]
+
+
+HEADLINE_COLUMNS = ["figure", "value", "95 % interval"]
+
+
+def headline(stats: Mapping, rankings: Sequence[Mapping], *, seed: int = 0) -> list[list]:
+    """``[[figure, value, 95 % interval], ...]``: the numbers an admin checks first, rounded."""
+    prompts = stats["prompts"]
+    needed = sum(p["quorum"] for p in prompts)
+    done = sum(min(p["submitted"], p["quorum"]) for p in prompts)
+    report = agreement.agreement_report(rankings)
+    tau_ci, alpha_ci = bootstrap_over_prompts(rankings, _tau_and_alpha, seed=seed)
+    return [
+        ["rankings done / needed", f"{done} / {needed}{_percent(done, needed)}", ""],
+        [
+            "prompts complete",
+            f"{stats['complete_prompts']} / {len(prompts)}{_percent(stats['complete_prompts'], len(prompts))}",
+            "",
+        ],
+        ["tie rate (tied pairs)", _fmt(report["tie_rate"]), ""],
+        ["Kendall τ-b between annotators", _fmt(report["kendall_tau_b_mean"]), _fmt_ci(tau_ci)],
+        ["Krippendorff α (ordinal)", _fmt(report["krippendorff_alpha_ordinal"]), _fmt_ci(alpha_ci)],
+        ["pairwise win/tie/loss agreement", _fmt(report["pairwise_agreement"]), ""],
+        ["prompts ranked by 2+ annotators", str(report["prompts_with_2plus"]), ""],
+        ["median seconds per item", _fmt(stats["median_seconds_per_item"], 1), ""],
+    ]
+
+
+def _tau_and_alpha(rankings: list[Mapping]) -> tuple[float, float]:
+    report = agreement.agreement_report(rankings)
+    return report["kendall_tau_b_mean"], report["krippendorff_alpha_ordinal"]
+
+
+def bootstrap_over_prompts(
+    rankings: Sequence[Mapping],
+    statistic: Callable[[list[Mapping]], Sequence[float]],
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+) -> list[tuple[float, float] | None]:
+    """95 % percentile intervals of each number ``statistic`` returns, over prompts resampled
+    with replacement.
+
+    A prompt drawn twice enters as two prompts (its id gets a copy number), so within-prompt
+    comparisons never pair rankings of different copies. An interval is None when fewer than 2
+    prompts have two or more rankings, or when its number is undefined in most resamples.
+    """
+    by_prompt: dict[str, list[Mapping]] = defaultdict(list)
+    for rec in rankings:
+        by_prompt[str(rec["prompt_id"])].append(rec)
+    shared = [pid for pid, recs in by_prompt.items() if len(recs) >= 2]
+    n_values = len(statistic(list(rankings)))
+    if len(shared) < 2:
+        return [None] * n_values
+    rng = random.Random(seed)
+    draws: list[list[float]] = [[] for _ in range(n_values)]
+    for _ in range(resamples):
+        sample = [
+            {**rec, "prompt_id": f"{pid}#{copy}"}
+            for copy, pid in enumerate(rng.choices(shared, k=len(shared)))
+            for rec in by_prompt[pid]
+        ]
+        for i, value in enumerate(statistic(sample)):
+            if not math.isnan(value):
+                draws[i].append(value)
+    return [_percentile_interval(values, resamples) for values in draws]
+
+
+def _percentile_interval(values: list[float], resamples: int) -> tuple[float, float] | None:
+    if len(values) < resamples / 2:
+        return None
+    values = sorted(values)
+    return values[int(0.025 * (len(values) - 1))], values[int(0.975 * (len(values) - 1))]
+
+
+def progress_over_time(rankings: Sequence[Mapping]) -> list[list]:
+    """``[[time, rankings submitted so far], ...]`` in submission order (the progress chart)."""
+    times = sorted(_when(rec) for rec in rankings)
+    return [[t, i + 1] for i, t in enumerate(times)]
+
+
+def per_annotator(stats: Mapping, rankings: Sequence[Mapping], *, seed: int = 0) -> list[list]:
+    """One row per annotator: throughput, time per item, agreement with the others and reliability.
+
+    Agreement with others is the share of response pairs on which the annotator's win/tie/loss
+    call matches another annotator's on the same prompt, over every such comparison, with a
+    bootstrap interval over prompts.
+    """
+    mine: dict[str, list[Mapping]] = defaultdict(list)
+    for rec in rankings:
+        mine[rec["annotator"]].append(rec)
+    reliability = _reliability(rankings)
+    rows = []
+    for user in stats["annotators"]:
+        name = user["username"]
+        recs = mine.get(name, [])
+        agree, compared = _agreement_with_others(name, rankings)
+        (ci,) = bootstrap_over_prompts(rankings, lambda rs, who=name: (_agreement_share(who, rs),), seed=seed)
+        seconds = [r["time_spent"] for r in recs if r.get("time_spent") is not None]
+        rows.append(
+            [
+                name,
+                user["submitted"] or 0,
+                user["skipped"] or 0,
+                _items_per_hour(recs),
+                round(statistics.median(seconds), 1) if seconds else None,
+                round(agree / compared, 3) if compared else None,
+                _fmt_ci(ci),
+                compared,
+                *reliability.get(name, (None, None)),
+            ]
+        )
+    return rows
+
+
+def _reliability(rankings: Sequence[Mapping]) -> dict[str, tuple[float, float]]:
+    """``{annotator: (expected accuracy, training weight)}`` from the tie-aware Dawid–Skene model
+    (:mod:`rlhf.reliability`, the weights ``rlhf rm train --annotator_weights reliability`` uses);
+    empty until some pair has been ranked by two annotators, the only evidence it learns from."""
+    if not rankings:
+        return {}
+    fit = fit_reliability(rankings)
+    if not fit.shared_items:
+        return {}
+    return {name: (round(a.expected_accuracy, 3), round(a.weight, 3)) for name, a in fit.annotators.items()}
+
+
+SECONDS_BINS = (0, 10, 20, 30, 60, 120, 300)
+SECONDS_BIN_NAMES = [f"{lo}–{hi} s" for lo, hi in zip(SECONDS_BINS, SECONDS_BINS[1:])] + [
+    f"{SECONDS_BINS[-1]}+ s"
+]
+
+
+def seconds_histogram(rankings: Sequence[Mapping]) -> list[list]:
+    """``[[bin, rankings], ...]``: how long submitted items took (recorded seconds per item)."""
+    counts = [0] * len(SECONDS_BINS)
+    for rec in rankings:
+        seconds = rec.get("time_spent")
+        if seconds is not None:
+            counts[max(i for i, edge in enumerate(SECONDS_BINS) if seconds >= edge)] += 1
+    return [[name, n] for name, n in zip(SECONDS_BIN_NAMES, counts)]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _agreement_with_others(user: str, rankings: Sequence[Mapping]) -> tuple[int, int]:
+    by_prompt: dict[str, list[Mapping]] = defaultdict(list)
+    for rec in rankings:
+        by_prompt[str(rec["prompt_id"])].append(rec)
+    agree = compared = 0
+    for recs in by_prompt.values():
+        own = [r for r in recs if r["annotator"] == user]
+        others = [r for r in recs if r["annotator"] != user]
+        for a in own:
+            for b in others:
+                n_agree, n_compared = agreement.pairwise_agreement(a["tiers"], b["tiers"])
+                agree += n_agree
+                compared += n_compared
+    return agree, compared
+
+
+def _agreement_share(user: str, rankings: Sequence[Mapping]) -> float:
+    agree, compared = _agreement_with_others(user, rankings)
+    return agree / compared if compared else math.nan
+
+
+def _items_per_hour(recs: Sequence[Mapping]) -> float | None:
+    """Submissions per hour of the annotator's active time (sum of recorded seconds per item)."""
+    seconds = sum(r["time_spent"] for r in recs if r.get("time_spent"))
+    return round(3600 * len(recs) / seconds, 1) if seconds else None
+
+
+def _when(rec: Mapping) -> datetime:
+    return datetime.strptime(rec["created_at"], "%Y-%m-%dT%H:%M:%SZ")
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:.{digits}f}"
+
+
+def _fmt_ci(ci: tuple[float, float] | None) -> str:
+    return "" if ci is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def _percent(part: int, whole: int) -> str:
+    return f" ({100 * part / whole:.0f} %)" if whole else ""
