@@ -135,9 +135,15 @@ def test_the_lora_block_is_shared_and_an_old_key_still_works(tmp_path):
     for cls in (RMTrainConfig, PPOConfig, AdapterFields):
         assert issubclass(cls, LoraFields)
     rm = RMTrainConfig()
-    assert (rm.lora_r, rm.lora_alpha, rm.lora_target_modules) == (8, 16, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    assert (rm.lora_r, rm.lora_alpha, rm.lora_target_modules) == (
+        8,
+        16,
+        ["q_proj", "k_proj", "v_proj", "o_proj"],
+    )
     old = tmp_path / "old.yaml"
     old.write_text("rankings: r.jsonl\nlora_targets: [q_proj, v_proj]\n")
     assert build_config(RMTrainConfig, old).lora_target_modules == ["q_proj", "v_proj"]
-    with pytest.raises(ConfigError, match="lora_targets: renamed to lora_target_modules, which is also given"):
+    with pytest.raises(
+        ConfigError, match="lora_targets: renamed to lora_target_modules, which is also given"
+    ):
         build_config(RMTrainConfig, old, ["--lora_target_modules", "[k_proj]"])

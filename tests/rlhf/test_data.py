@@ -786,4 +786,7 @@ def test_a_field_only_later_records_carry_survives_parquet_and_datasets(tmp_path
 
     records = [{"id": "a", "x": 1}, {"id": "b", "x": 2, "note": "only here"}]
     out = save_records(records, tmp_path / f"recs{suffix}")
-    assert [rec for _, _, rec in read_source(out).rows] == [{"id": "a", "x": 1, "note": None}, {"id": "b", "x": 2, "note": "only here"}]
+    assert [rec for _, _, rec in read_source(out).rows] == [
+        {"id": "a", "x": 1, "note": None},
+        {"id": "b", "x": 2, "note": "only here"},
+    ]
