@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 
 Tiers = Sequence[Sequence[str]]
@@ -143,3 +143,24 @@ def agreement_report(rankings: Iterable[Mapping]) -> dict:
         "pairs_compared": compared,
         "tie_rate": tie_rate(all_tiers),
     }
+
+
+def cohen_kappa(pairs: Iterable[tuple[int, int]]) -> float:
+    """Cohen's κ between two raters over ``(class_a, class_b)`` pairs (any hashable classes):
+    (p_o − p_e) / (1 − p_e), p_e from each rater's own class frequencies (Cohen 1960). NaN when
+    there is nothing to compare or chance agreement is already perfect."""
+    pairs = list(pairs)
+    if not pairs:
+        return math.nan
+    n = len(pairs)
+    observed = sum(a == b for a, b in pairs) / n
+    count_a, count_b = Counter(a for a, _ in pairs), Counter(b for _, b in pairs)
+    expected = sum(count_a[c] * count_b[c] for c in count_a) / n**2
+    return math.nan if expected == 1 else (observed - expected) / (1 - expected)
+
+
+def proposal_outcomes(proposal: Tiers, human: Tiers) -> list[tuple[int, int]]:
+    """``(model's class, human's class)`` for every response pair both rank (win/tie/loss, as
+    :func:`pair_classes`): the units of the pre-ranking κ."""
+    model, person = pair_classes(proposal), pair_classes(human)
+    return [(model[p], person[p]) for p in sorted(set(model) & set(person))]

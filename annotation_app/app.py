@@ -250,6 +250,10 @@ def _admin_tab() -> dict:
         )
         with gr.Accordion("Per prompt", open=False):
             ui["admin-prompts"] = gr.Dataframe(interactive=False, elem_id="admin-prompts")
+        with gr.Accordion(
+            "Model pre-ranking per prompt (rlhf annotate propose; annotators do not see it)", open=False
+        ):
+            ui["admin-proposals"] = gr.Dataframe(interactive=False, elem_id="admin-proposals")
         with gr.Row(equal_height=True):
             ui["admin-format"] = gr.Radio(
                 list(EXPORT_FORMATS), value="rankings", label="Export format", elem_id="admin-format", scale=3

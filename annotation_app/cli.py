@@ -22,12 +22,16 @@ import math
 import sys
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from annotation_app.agreement import agreement_report
+from annotation_app.control import ranking_from_scores
 from annotation_app.database import is_url
 from annotation_app.io import export_rankings, import_candidates, load_project_config
 from annotation_app.store import DEFAULT_PROJECT, ROLES, Store, StoreError
 from rlhf.errors import require_extra
 from rlhf.export import EXPORT_FORMATS, TRL_STYLES
+from rlhf.rewards import load_reward_fn
 
 
 def _open(db: str, create: bool = False) -> Store:
@@ -105,6 +109,24 @@ def _export(args) -> int:
     print(f"wrote {res['records']} {res['format']} records ({res['rankings']} rankings) to {res['out']}")
     if "ties_out" in res:
         print(f"wrote {res['ties']} tied pairs (not preferences: TRL must not see them) to {res['ties_out']}")
+    return 0
+
+
+def _propose(args) -> int:
+    """Score every prompt's responses with a reward model or scorer and store its ranking as the
+    prompt's proposal (admins compare it with the annotators' on the dashboard)."""
+    store = _open(args.db)
+    prompts = store.prompts_for_proposal(args.project)
+    if not prompts:
+        raise StoreError(f"{args.db} has no prompts to propose rankings for", code="empty")
+    reward = load_reward_fn(args.reward)  # checks the spec, and loads a model, before any scoring
+    proposals = {}
+    for item in tqdm(prompts, desc="proposing rankings", unit="prompt", disable=len(prompts) < 20):
+        labels = [c["label"] for c in item["candidates"]]
+        scores = reward([item["prompt"]] * len(labels), [c["text"] for c in item["candidates"]])
+        proposals[item["prompt_id"]] = ranking_from_scores(labels, scores.tolist(), args.tie_threshold)
+    n = store.set_proposals(proposals, source=f"{reward.name} (tie_threshold {args.tie_threshold:g})")
+    print(f"stored {n} proposed rankings from {reward.name} in {store.db.name}; annotators do not see them")
     return 0
 
 
@@ -271,6 +293,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output: FILE.jsonl, FILE.parquet or a dataset folder")
     p.add_argument("--project", default=None, help="only this project (default: all)")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser(
+        "propose",
+        help="pre-annotate: a reward model or scorer proposes a ranking of every prompt (admins only see it)",
+        description="Score every prompt's responses with --reward (a reward-model dir, or a scorer such as "
+        "vader or length:target=50) and store the resulting ranking as the prompt's proposal, replacing "
+        "earlier ones. Annotators never see it; the admin dashboard reports its agreement with the "
+        "annotators (Cohen's kappa on win/tie/loss per response pair, Kendall tau-b), overall and per "
+        "prompt, so a team can tell when a model is good enough to pre-rank.",
+    )
+    db_arg(p)
+    p.add_argument("--reward", required=True, help="reward-model dir or scorer spec (as rlhf ppo's reward)")
+    p.add_argument(
+        "--tie_threshold",
+        type=float,
+        default=0.0,
+        help="responses whose scores are within this of their tier's best are proposed as a tie (default 0)",
+    )
+    p.add_argument("--project", default=None, help="only this project (default: all)")
+    p.set_defaults(func=_propose)
 
     p = sub.add_parser(
         "stats",

@@ -1,4 +1,5 @@
-"""The ranking control's logic: the typed ranking text <-> the rank board, and the best response.
+"""The ranking control's logic: the typed ranking text <-> the rank board, the best response, and
+a ranking from scores (simulated annotators, a model's proposed ranking).
 
 Pure functions, so the page only wires them. The board (:mod:`annotation_app.board`) shows a
 possibly partial ranking: labels in rank slots, ties in one slot, the rest unranked (kept as a
@@ -41,3 +42,20 @@ def single_best(text: str, labels: Sequence[str]) -> tuple[str | None, str]:
     if len(top) > 1:
         return None, f"the best rank is a tie ({' = '.join(top)}); put one response first to edit it"
     return top[0], ""
+
+
+def ranking_from_scores(labels: Sequence[str], scores: Sequence[float], tie_threshold: float = 0.0) -> str:
+    """Ranking text best first; neighbours within ``tie_threshold`` of the tier's best are tied.
+
+    ``ranking_from_scores("ABC", [0.1, 0.9, 0.12], 0.05) == "B > A = C"``.
+    """
+    order = sorted(zip(labels, scores), key=lambda x: -x[1])
+    tiers: list[list[str]] = []
+    top = None
+    for label, score in order:
+        if tiers and top - score <= tie_threshold:
+            tiers[-1].append(label)
+        else:
+            tiers.append([label])
+            top = score
+    return " > ".join(" = ".join(sorted(t)) for t in tiers)

@@ -71,18 +71,20 @@ def bootstrap_over_prompts(
     *,
     resamples: int = BOOTSTRAP_RESAMPLES,
     seed: int = 0,
+    min_per_prompt: int = 2,
 ) -> list[tuple[float, float] | None]:
     """95 % percentile intervals of each number ``statistic`` returns, over prompts resampled
     with replacement.
 
     A prompt drawn twice enters as two prompts (its id gets a copy number), so within-prompt
-    comparisons never pair rankings of different copies. An interval is None when fewer than 2
-    prompts have two or more rankings, or when its number is undefined in most resamples.
+    comparisons never pair rankings of different copies. Only prompts with ``min_per_prompt`` or
+    more rankings are resampled (2 for agreement between annotators); an interval is None when
+    fewer than 2 such prompts exist, or when its number is undefined in most resamples.
     """
     by_prompt: dict[str, list[Mapping]] = defaultdict(list)
     for rec in rankings:
         by_prompt[str(rec["prompt_id"])].append(rec)
-    shared = [pid for pid, recs in by_prompt.items() if len(recs) >= 2]
+    shared = [pid for pid, recs in by_prompt.items() if len(recs) >= min_per_prompt]
     n_values = len(statistic(list(rankings)))
     if len(shared) < 2:
         return [None] * n_values
@@ -90,7 +92,7 @@ def bootstrap_over_prompts(
     draws: list[list[float]] = [[] for _ in range(n_values)]
     for _ in range(resamples):
         sample = [
-            {**rec, "prompt_id": f"{pid}#{copy}"}
+            {**rec, "prompt_id": f"{pid}#{copy}", "resampled_from": pid}
             for copy, pid in enumerate(rng.choices(shared, k=len(shared)))
             for rec in by_prompt[pid]
         ]
@@ -157,6 +159,75 @@ def _reliability(rankings: Sequence[Mapping]) -> dict[str, tuple[float, float]]:
     if not fit.shared_items:
         return {}
     return {name: (round(a.expected_accuracy, 3), round(a.weight, 3)) for name, a in fit.annotators.items()}
+
+
+PROPOSAL_COLUMNS = ["prompt_id", "proposed", "human_rankings", "pair_agreement", "kappa"]
+
+
+def proposal_headline(
+    proposals: Mapping[str, Mapping], rankings: Sequence[Mapping], *, seed: int = 0
+) -> list[list]:
+    """Rows for the headline: how well the model's proposed rankings agree with the annotators.
+
+    Cohen's κ on the win/tie/loss call of every response pair that a proposal and a human ranking
+    both order (chance-corrected, so a model that always says "tie" scores 0, not its tie rate),
+    and Kendall τ-b averaged over (proposal, human ranking) pairs; 95 % bootstrap over prompts.
+    Empty when no proposal has been made (``rlhf annotate propose``).
+    """
+    compared = [rec for rec in rankings if rec["prompt_id"] in proposals]
+    if not proposals:
+        return []
+    source = next(iter(proposals.values()))["source"]
+    kappa, tau = _proposal_figures(proposals, compared)
+    kappa_ci, tau_ci = bootstrap_over_prompts(
+        compared, lambda rs: _proposal_figures(proposals, rs), seed=seed, min_per_prompt=1
+    )
+    return [
+        [f"model pre-ranking vs annotators: Cohen κ (pairs) — {source}", _fmt(kappa), _fmt_ci(kappa_ci)],
+        ["model pre-ranking vs annotators: Kendall τ-b", _fmt(tau), _fmt_ci(tau_ci)],
+    ]
+
+
+def proposal_rows(proposals: Mapping[str, Mapping], rankings: Sequence[Mapping]) -> list[list]:
+    """One row per proposed prompt: the proposal, how many humans ranked it, their agreement with it."""
+    by_prompt: dict[str, list[Mapping]] = defaultdict(list)
+    for rec in rankings:
+        by_prompt[str(rec["prompt_id"])].append(rec)
+    rows = []
+    for pid, proposal in proposals.items():
+        outcomes = [
+            o
+            for rec in by_prompt.get(pid, [])
+            for o in agreement.proposal_outcomes(_tiers(proposal["ranking"]), rec["tiers"])
+        ]
+        share = sum(a == b for a, b in outcomes) / len(outcomes) if outcomes else None
+        kappa = agreement.cohen_kappa(outcomes)
+        rows.append(
+            [
+                pid,
+                proposal["ranking"],
+                len(by_prompt.get(pid, [])),
+                None if share is None else round(share, 3),
+                None if math.isnan(kappa) else round(kappa, 3),
+            ]
+        )
+    return rows
+
+
+def _proposal_figures(proposals: Mapping[str, Mapping], rankings: Sequence[Mapping]) -> tuple[float, float]:
+    outcomes, taus = [], []
+    for rec in rankings:
+        pid = rec.get("resampled_from", rec["prompt_id"])  # a bootstrap copy keeps its prompt's proposal
+        proposed = _tiers(proposals[pid]["ranking"])
+        outcomes.extend(agreement.proposal_outcomes(proposed, rec["tiers"]))
+        tau = agreement.kendall_tau_b(proposed, rec["tiers"])
+        if not math.isnan(tau):
+            taus.append(tau)
+    return agreement.cohen_kappa(outcomes), (sum(taus) / len(taus) if taus else math.nan)
+
+
+def _tiers(ranking: str) -> list[list[str]]:
+    return [tier.split(" = ") for tier in ranking.split(" > ")]
 
 
 SECONDS_BINS = (0, 10, 20, 30, 60, 120, 300)

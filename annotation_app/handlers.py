@@ -417,6 +417,7 @@ ADMIN_FIGURES = (
     "admin-seconds",
     "admin-annotators",
     "admin-prompts",
+    "admin-proposals",
 )
 
 
@@ -428,13 +429,18 @@ def admin_statistics(page: Page, user: str) -> dict:
         return {**dict.fromkeys(ADMIN_FIGURES), "admin-message": explain(err)}
     stats = page.store.stats()
     rankings = page.store.submitted_rankings(page.project)
+    proposals = page.store.proposals(page.project)
     annotators = dashboard.per_annotator(stats, rankings)
     prompts = [
         [p["prompt_id"], p["project_id"], p["quorum"], p["submitted"], p["skipped"], p["leased"]]
         for p in stats["prompts"]
     ]
     return {
-        "admin-headline": Table(dashboard.HEADLINE_COLUMNS, dashboard.headline(stats, rankings)),
+        "admin-headline": Table(
+            dashboard.HEADLINE_COLUMNS,
+            dashboard.headline(stats, rankings) + dashboard.proposal_headline(proposals, rankings),
+        ),
+        "admin-proposals": Table(dashboard.PROPOSAL_COLUMNS, dashboard.proposal_rows(proposals, rankings)),
         "admin-progress": Table(["time", "rankings"], dashboard.progress_over_time(rankings)),
         "admin-throughput": Table(["annotator", "submitted"], [row[:2] for row in annotators]),
         "admin-agreement": Table(

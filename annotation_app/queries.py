@@ -288,6 +288,31 @@ class StoreQueries:
             "median_seconds_per_item": times[len(times) // 2] if times else math.nan,
         }
 
+    def proposals(self, project: str | None = None) -> dict[str, dict]:
+        """``{prompt_id: {"ranking", "source"}}`` of every prompt with a model's proposed ranking (admin)."""
+        rows = self.conn.execute(
+            "SELECT prompt_id, proposal, proposal_source FROM prompts WHERE proposal IS NOT NULL "
+            "AND (CAST(? AS TEXT) IS NULL OR project_id = ?) ORDER BY seq",
+            (project, project),
+        ).fetchall()
+        return {r["prompt_id"]: {"ranking": r["proposal"], "source": r["proposal_source"]} for r in rows}
+
+    def prompts_for_proposal(self, project: str | None = None) -> list[dict]:
+        """Every prompt with its responses, as a scorer needs them: ``prompt`` (text or messages),
+        ``candidates`` (label, text)."""
+        rows = self.conn.execute(
+            "SELECT prompt_id, prompt_json FROM prompts WHERE (CAST(? AS TEXT) IS NULL OR project_id = ?) ORDER BY seq",
+            (project, project),
+        ).fetchall()
+        return [
+            {
+                "prompt_id": r["prompt_id"],
+                "prompt": json.loads(r["prompt_json"]),
+                "candidates": self._candidates(r["prompt_id"]),
+            }
+            for r in rows
+        ]
+
     def submitted_rankings(self, project: str | None = None) -> list[dict]:
         """Every submitted ranking in the rankings contract (admin export)."""
         conn = self.conn

@@ -140,8 +140,26 @@ def _v4(conn: Connection) -> None:
     _run(conn, ["ALTER TABLE rankings ADD COLUMN edit TEXT"])
 
 
+def _v5(conn: Connection) -> None:
+    # v5: a model's proposed ranking of each prompt (pre-annotation) and what proposed it; shown
+    # to admins only, to measure how well a model could pre-rank (NULL: none proposed).
+    _run(
+        conn,
+        [
+            "ALTER TABLE prompts ADD COLUMN proposal TEXT",
+            "ALTER TABLE prompts ADD COLUMN proposal_source TEXT",
+        ],
+    )
+
+
 # Append-only list: (version, migration). Never edit a released step; add a new one.
-MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [(1, _v1), (2, _v2), (3, _v3), (4, _v4)]
+MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
+    (1, _v1),
+    (2, _v2),
+    (3, _v3),
+    (4, _v4),
+    (5, _v5),
+]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 

@@ -19,24 +19,9 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from annotation_app.control import ranking_from_scores
+
 Scorer = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
-
-
-def ranking_from_scores(labels: Sequence[str], scores: Sequence[float], tie_threshold: float = 0.0) -> str:
-    """Ranking text best first; neighbours within ``tie_threshold`` of the tier's best are tied.
-
-    ``ranking_from_scores("ABC", [0.1, 0.9, 0.12], 0.05) == "B > A = C"``.
-    """
-    order = sorted(zip(labels, scores), key=lambda x: -x[1])
-    tiers: list[list[str]] = []
-    top = None
-    for label, score in order:
-        if tiers and top - score <= tie_threshold:
-            tiers[-1].append(label)
-        else:
-            tiers.append([label])
-            top = score
-    return " > ".join(" = ".join(sorted(t)) for t in tiers)
 
 
 @dataclass

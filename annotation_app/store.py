@@ -72,7 +72,7 @@ from annotation_app.validation import (
     parse_for_submit,
 )
 from rlhf.contracts import prompt_text
-from rlhf.rankings import Ranking
+from rlhf.rankings import Ranking, RankingError, parse_ranking
 
 # The names below that this module does not use moved to auth, schema and validation; they stay
 # importable from annotation_app.store for user code.
@@ -217,6 +217,33 @@ class Store(StoreQueries):
                     ),
                 )
         return self.project(project_id)
+
+    def set_proposals(self, proposals: dict[str, str], source: str) -> int:
+        """Store a model's proposed ranking per prompt (``{prompt_id: ranking}``, canonical text over
+        the prompt's labels), replacing earlier ones; annotators never see them. Returns how many.
+
+        Every proposal is checked first; an unknown prompt or a ranking that does not name the
+        prompt's labels is refused with nothing written."""
+        problems, canonical = [], {}
+        for prompt_id, text in proposals.items():
+            labels = [c["label"] for c in self._candidates(prompt_id)]
+            if not labels:
+                problems.append(f"{prompt_id}: unknown prompt")
+                continue
+            try:
+                canonical[prompt_id] = str(parse_ranking(text, labels))
+            except RankingError as err:
+                problems.append(f"{prompt_id}: {err}")
+        if problems:
+            raise StoreError("proposals refused: " + "; ".join(problems[:5]), code="bad_proposal")
+        with self.write() as conn:
+            for prompt_id, text in canonical.items():
+                conn.execute(
+                    "UPDATE prompts SET proposal = ?, proposal_source = ? WHERE prompt_id = ?",
+                    (text, source, prompt_id),
+                )
+            self._audit(conn, None, "propose", None, source=source, prompts=len(canonical))
+        return len(canonical)
 
     def add_items(self, records: list[dict], project_id: str = DEFAULT_PROJECT) -> dict:
         """Insert validated candidate records (the candidates contract); idempotent.

@@ -193,3 +193,41 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_propose_stores_a_scorers_ranking_that_only_admins_see(tmp_path, capsys):
+    from annotation_app import handlers
+    from annotation_app.handlers import Page
+
+    db = str(tmp_path / "lab.db")
+    recs = [
+        {
+            "prompt_id": f"p{i}",
+            "prompt": f"Describe a day #{i}",
+            "candidates": [
+                {"label": "A", "text": "a wonderful, lovely, great day"},
+                {"label": "B", "text": "an awful, terrible day"},
+                {"label": "C", "text": "a day"},
+            ],
+        }
+        for i in range(3)
+    ]
+    src = write_jsonl(tmp_path / "cands.jsonl", recs)
+    assert main(["annotate", "import", str(src), "--db", db]) == 0
+    assert main(["annotate", "propose", "--db", db, "--reward", "vader"]) == 0
+    assert "stored 3 proposed rankings from vader" in capsys.readouterr().out
+    store = Store(db)
+    assert {p["ranking"] for p in store.proposals().values()} == {"A > C > B"}
+    # a human who agrees on p0 and one who reverses p1: per-prompt agreement 1 and 0
+    store.add_user("ann", "password-ann")
+    store.add_user("boss", "password-boss", "admin")
+    store.upsert_project("default", quorum=1)
+    for order in ("A > C > B", "B > C > A"):
+        item = store.next_item("ann")
+        store.submit("ann", item.prompt_id, order, [], "", None)
+    stats = handlers.admin_statistics(Page.for_store(store), "boss")
+    rows = {row[0]: row for row in stats["admin-proposals"].rows}
+    assert rows["p0"][3] == 1.0 and rows["p1"][3] == 0.0 and rows["p2"][2] == 0
+    assert any(row[0].startswith("model pre-ranking") for row in stats["admin-headline"].rows)
+    assert main(["annotate", "propose", "--db", db, "--reward", "no-such-scorer"]) == 2
+    store.close()

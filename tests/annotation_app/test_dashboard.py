@@ -111,3 +111,28 @@ def test_the_same_seed_gives_the_same_interval(seed):
     assert dashboard.bootstrap_over_prompts(recs, stat, seed=seed) == dashboard.bootstrap_over_prompts(
         recs, stat, seed=seed
     )
+
+
+def test_cohen_kappa_by_hand():
+    from annotation_app.agreement import cohen_kappa, proposal_outcomes
+
+    # 10 units: agree on 8; rater a says + 6 times, b says + 5 times (classes + and 0)
+    pairs = [(1, 1)] * 5 + [(0, 0)] * 3 + [(1, 0)] * 1 + [(0, 1)] * 0 + [(1, 0)] * 1
+    # p_o = 0.8; a: + 7, 0 3; b: + 5, 0 5; p_e = (7*5 + 3*5) / 100 = 0.5; κ = 0.3 / 0.5 = 0.6
+    assert cohen_kappa(pairs) == pytest.approx(0.6)
+    assert cohen_kappa([]) != cohen_kappa([])  # NaN: nothing to compare
+    assert cohen_kappa([(0, 0), (0, 0)]) != cohen_kappa([(0, 0)])  # NaN: chance agreement is perfect
+    assert proposal_outcomes([["A"], ["B", "C"]], [["B"], ["A"], ["C"]]) == [(1, -1), (1, 1), (0, 1)]
+
+
+def test_proposal_rows_and_headline():
+    proposals = {
+        "p0": {"ranking": "A > B > C > D", "source": "vader"},
+        "p1": {"ranking": "D > C > B > A", "source": "vader"},
+    }
+    recs = [record(f"p{i}", who, "A > B > C > D") for i in range(2) for who in ("ana", "ben")]
+    rows = {row[0]: row for row in dashboard.proposal_rows(proposals, recs)}
+    assert rows["p0"][1:4] == ["A > B > C > D", 2, 1.0] and rows["p1"][3] == 0.0
+    headline = dashboard.proposal_headline(proposals, recs)
+    assert headline[0][0].endswith("vader") and headline[1][1] == "0.000"  # τ-b: +1 on p0, -1 on p1
+    assert dashboard.proposal_headline({}, recs) == []

@@ -467,3 +467,23 @@ def test_database_urls_fail_early_with_one_line():
             Store(url)
         assert e.value.code == code, url
         assert "\n" not in str(e.value) and "secret" not in str(e.value)
+
+
+def test_proposals_are_stored_checked_and_replaced(store):
+    assert store.proposals() == {}
+    assert store.set_proposals({"p0": "c > a = b > d", "p1": "A > B > C > D"}, source="vader") == 2
+    assert store.proposals() == {
+        "p0": {"ranking": "C > A = B > D", "source": "vader"},
+        "p1": {"ranking": "A > B > C > D", "source": "vader"},
+    }
+    with pytest.raises(StoreError, match="nope: unknown prompt"):
+        store.set_proposals({"p2": "A > B > C > D", "nope": "A > B"}, source="x")
+    with pytest.raises(StoreError, match="p2: "):
+        store.set_proposals({"p2": "A > Z"}, source="x")
+    assert "p2" not in store.proposals()  # nothing written by a refused call
+    store.set_proposals({"p0": "B > A > C > D"}, source="rm")
+    assert store.proposals()["p0"] == {"ranking": "B > A > C > D", "source": "rm"}
+    item = store.next_item("ann1")
+    assert "proposal" not in item.to_dict() and all(
+        "B > A > C > D" not in str(v) for v in item.to_dict().values()
+    )
