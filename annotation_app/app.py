@@ -64,6 +64,7 @@ PAGE_CSS = """
 .response-column { min-width: 280px; }
 .response-column textarea { font-size: 0.92rem; line-height: 1.35; }
 #prompt textarea { font-weight: 500; }
+#conversation button[aria-label="Clear"] { display: none; }  /* the transcript is read-only */
 """
 
 PRIVATE = {"api_visibility": "private"}  # page events: not part of the scripts' API

@@ -387,6 +387,7 @@ def test_a_conversation_prompt_is_shown_as_a_chat_transcript(browser, tmp_path):
             assert turn["content"].split(" <b>")[0] in transcript
         assert "<b>bold?</b>" in transcript  # shown as text, not rendered
         assert page.locator("#conversation b").count() == 0
+        assert not page.locator('#conversation button[aria-label="Clear"]').is_visible()  # read-only
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SCREENSHOTS / "conversation_1366x768.png"))
         page.keyboard.press("Alt+k")
