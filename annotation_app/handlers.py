@@ -469,6 +469,8 @@ def admin_export(page: Page, user: str, fmt: str) -> dict:
     files = [(Path(res["out"]).name, f"{res['records']} records")]
     if "ties_out" in res:  # format trl: the tied pairs in a file of their own
         files.append((Path(res["ties_out"]).name, f"{res['ties']} tied pairs"))
+    if "annotators_out" in res:  # the annotators' reliability, fitted on these rankings
+        files.append((Path(res["annotators_out"]).name, "annotators' reliability"))
     links = "\n".join(f"* [{name}]({export.url(name)}) ({what})" for name, what in files)
     minutes = round(exports.REGISTRY.lifetime_s / 60)
     return {

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
@@ -23,6 +24,8 @@ from annotation_app.store import DEFAULT_PROJECT, Store, StoreError
 from rlhf.contracts import load_candidates, prompt_text
 from rlhf.errors import ConfigError, UserError
 from rlhf.export import build_export, check_export_options, write_export
+from rlhf.fsio import atomic_file
+from rlhf.reliability import fit_reliability
 
 MAX_RESPONSE_CHARS = 20_000
 MAX_PROMPT_CHARS = 20_000
@@ -128,12 +131,21 @@ def export_rankings(
     rankings = store.submitted_rankings(project)
     if not rankings:
         raise StoreError("there are no submitted rankings to export yet", code="nothing_to_export")
-    if any("edit" in r for r in rankings):
-        # Parquet and datasets take their columns from the first record: give every record both.
-        rankings = [{"edit": None, "edit_of": None, **r} for r in rankings]
     export = build_export(rankings, fmt, trl_style=trl_style, model=model)
     path, ties = write_export(export, out)
     result = {"format": fmt, "records": len(export.records), "rankings": len(rankings), "out": str(path)}
     if ties is not None:
         result.update(ties=len(export.ties), ties_out=str(ties))
+    reliability = fit_reliability(rankings)
+    if reliability.shared_items:  # only rankings that overlap say anything about who is reliable
+        sidecar = annotators_path(path)
+        with atomic_file(sidecar) as tmp:
+            tmp.write_text(json.dumps(reliability.as_dict(), indent=2))
+        result["annotators_out"] = str(sidecar)
     return result
+
+
+def annotators_path(out: str | Path) -> Path:
+    """Where an export writes its annotators' reliability: ``<out stem>.annotators.json`` beside it."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.annotators.json")

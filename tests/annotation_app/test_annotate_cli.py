@@ -231,3 +231,30 @@ def test_propose_stores_a_scorers_ranking_that_only_admins_see(tmp_path, capsys)
     assert any(row[0].startswith("model pre-ranking") for row in stats["admin-headline"].rows)
     assert main(["annotate", "propose", "--db", db, "--reward", "no-such-scorer"]) == 2
     store.close()
+
+
+def test_export_writes_the_annotators_reliability_beside_it(tmp_path):
+    store = Store(tmp_path / "lab.db")
+    store.upsert_project("default", quorum=3)
+    store.add_items(candidates(n=6, k=3))
+    for name in ("ann", "ben", "rev"):
+        store.add_user(name, f"password-{name}")
+    for name in ("ann", "ben", "rev"):
+        for _ in range(6):
+            item = store.next_item(name)
+            store.submit(name, item.prompt_id, "C > B > A" if name == "rev" else "A > B > C", [], "", None)
+    out = tmp_path / "rankings.jsonl"
+    res = export_rankings(store, str(out))
+    sidecar = json.loads((tmp_path / "rankings.annotators.json").read_text())
+    assert res["annotators_out"] == str(tmp_path / "rankings.annotators.json")
+    weights = {a["annotator"]: a["weight"] for a in sidecar["annotators"]}
+    assert weights["rev"] == 0.0 and weights["ann"] > 0.5 and weights["ben"] > 0.5
+    # one annotator alone says nothing about reliability: no sidecar
+    solo = Store(tmp_path / "solo.db")
+    solo.upsert_project("default", quorum=1)
+    solo.add_items(candidates(n=2, k=3))
+    solo.add_user("ann", "password-ann")
+    item = solo.next_item("ann")
+    solo.submit("ann", item.prompt_id, "A > B > C", [], "", None)
+    assert "annotators_out" not in export_rankings(solo, str(tmp_path / "solo.jsonl"))
+    assert not (tmp_path / "solo.annotators.json").exists()

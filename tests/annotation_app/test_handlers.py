@@ -364,3 +364,13 @@ def test_old_import_paths_still_work():
 
     pytest.importorskip("gradio")
     from annotation_app.app import BodySizeLimit, build_app, launch, make_auth, serve, serve_candidates  # noqa: F401
+
+
+def test_the_admin_export_links_the_annotators_reliability_when_rankings_overlap(page, store):
+    for user in ("ann1", "ann2"):  # both rank all three prompts
+        for i in range(3):
+            item = handlers.load(page, user)
+            handlers.submit(page, user, item["prompt-id"], f"tok-{user}-{i}", "A > B > C > D", False, "")
+    out = handlers.admin_export(page, "boss", "rankings")
+    names = [link.split("/")[-1] for link in re.findall(r"\]\((export/[^)]+)\)", out["admin-download"])]
+    assert names == ["rankings.jsonl", "rankings.annotators.json"]
