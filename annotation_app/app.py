@@ -58,6 +58,9 @@ HELP = (
 # The annotate tab's layout: the action bar stays on screen; responses sit side by side, up to
 # four to a row, each scrolling on its own so long answers can be compared without paging.
 PAGE_CSS = """
+/* Gradio's container hides its overflow, which makes it the scroll box a sticky child sticks in
+   (and it never scrolls); clip still clips but is no scroll box, so the bar sticks to the window. */
+.gradio-container { overflow: clip !important; }
 #topbar { position: sticky; top: 0; z-index: 20; background: var(--background-fill-primary);
   padding: 4px 0; align-items: center; }
 #topbar textarea, #topbar input { font-size: 0.9rem; }

@@ -162,6 +162,10 @@ def test_keyboard_only_ranking_with_a_tie_then_typed_ranking_and_reload(app, bro
     for action in ("#submit", "#skip", "#progress"):  # the action bar needs no scrolling
         assert in_viewport(page, action), f"{action} is not visible at 1366x768 without scrolling"
     assert page.locator("#guidelines").is_visible()  # open for someone who has submitted nothing
+    page.mouse.wheel(0, 2000)  # scrolled down to the last response, the action bar stays in view
+    page.wait_for_function("window.scrollY > 200", timeout=TIMEOUT)
+    assert in_viewport(page, "#submit") and in_viewport(page, "#skip")
+    page.mouse.wheel(0, -4000)
 
     # Keyboard only, on the board: Alt+K focuses it; a letter picks a response, a digit ranks
     # it, "=" ties it with the one placed last; the focus is visible; Enter submits.
