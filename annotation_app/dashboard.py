@@ -9,6 +9,7 @@ reflects which prompts happened to be ranked, Efron & Tibshirani 1993, ch. 13).
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import statistics
@@ -126,12 +127,15 @@ def per_annotator(stats: Mapping, rankings: Sequence[Mapping], *, seed: int = 0)
     for rec in rankings:
         mine[rec["annotator"]].append(rec)
     reliability = _reliability(rankings)
+    names = [user["username"] for user in stats["annotators"]]
+    counts = _agreement_with_others(rankings)
+    # One bootstrap for every annotator at once: each resample is grouped and compared once.
+    intervals = bootstrap_over_prompts(rankings, lambda rs: _agreement_shares(names, rs), seed=seed)
     rows = []
-    for user in stats["annotators"]:
+    for user, ci in zip(stats["annotators"], intervals):
         name = user["username"]
         recs = mine.get(name, [])
-        agree, compared = _agreement_with_others(name, rankings)
-        (ci,) = bootstrap_over_prompts(rankings, lambda rs, who=name: (_agreement_share(who, rs),), seed=seed)
+        agree, compared = counts.get(name, (0, 0))
         seconds = [r["time_spent"] for r in recs if r.get("time_spent") is not None]
         rows.append(
             [
@@ -249,25 +253,29 @@ def seconds_histogram(rankings: Sequence[Mapping]) -> list[list]:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _agreement_with_others(user: str, rankings: Sequence[Mapping]) -> tuple[int, int]:
+def _agreement_with_others(rankings: Sequence[Mapping]) -> dict[str, tuple[int, int]]:
+    """``{annotator: (agreeing pairs, compared pairs)}`` against every other annotator's ranking of
+    the same prompt, all annotators in one pass (each pair of rankings is compared once and counts
+    for both annotators: the win/tie/loss agreement is symmetric)."""
     by_prompt: dict[str, list[Mapping]] = defaultdict(list)
     for rec in rankings:
         by_prompt[str(rec["prompt_id"])].append(rec)
-    agree = compared = 0
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for recs in by_prompt.values():
-        own = [r for r in recs if r["annotator"] == user]
-        others = [r for r in recs if r["annotator"] != user]
-        for a in own:
-            for b in others:
-                n_agree, n_compared = agreement.pairwise_agreement(a["tiers"], b["tiers"])
-                agree += n_agree
-                compared += n_compared
-    return agree, compared
+        for a, b in itertools.combinations(recs, 2):
+            if a["annotator"] == b["annotator"]:
+                continue
+            n_agree, n_compared = agreement.pairwise_agreement(a["tiers"], b["tiers"])
+            for who in (a["annotator"], b["annotator"]):
+                counts[who][0] += n_agree
+                counts[who][1] += n_compared
+    return {who: (agree, compared) for who, (agree, compared) in counts.items()}
 
 
-def _agreement_share(user: str, rankings: Sequence[Mapping]) -> float:
-    agree, compared = _agreement_with_others(user, rankings)
-    return agree / compared if compared else math.nan
+def _agreement_shares(names: Sequence[str], rankings: Sequence[Mapping]) -> tuple[float, ...]:
+    counts = _agreement_with_others(rankings)
+    pairs = [counts.get(name, (0, 0)) for name in names]
+    return tuple(agree / compared if compared else math.nan for agree, compared in pairs)
 
 
 def _items_per_hour(recs: Sequence[Mapping]) -> float | None:

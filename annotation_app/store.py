@@ -400,6 +400,16 @@ class Store(StoreQueries):
             )
             self._audit(conn, username, "release", prompt_id)
 
+    def leased_candidates(self, username: str, prompt_id: str) -> list[dict]:
+        """The responses of a prompt leased to the caller, read only (the lease is not renewed);
+        refused like a submit when the prompt is not, or no longer, theirs."""
+        self.require_user(username)
+        lease = self.conn.execute(
+            "SELECT expires_at FROM assignments WHERE prompt_id = ? AND username = ?", (prompt_id, username)
+        ).fetchone()
+        self._check_live(lease, prompt_id)
+        return self._candidates(prompt_id)
+
     def _row_and_lease(self, conn, username: str, prompt_id: str) -> tuple[AnyRow | None, AnyRow | None]:
         """The caller's ``rankings`` row and lease for a prompt (either may be None).
 

@@ -21,19 +21,17 @@ import argparse
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 from annotation_app.database import without_password
 from annotation_app.simulated_client import AnnotatorLog, annotate
 from experiments.benchmarks.bench_annotation_load import (
     acked_per_server,
-    bench_db,
+    add_pool_arguments,
     check_exactly_once,
     free_port,
-    prepare_db,
+    prepare_pool,
     report,
     server_log,
     server_of,
@@ -61,46 +59,13 @@ def main(argv=None) -> int:
         "--down", type=float, default=1.0, help="seconds the server stays dead before the restart"
     )
     ap.add_argument("--tail", type=float, default=6.0, help="seconds of load after the last restart")
-    ap.add_argument("--prompts", type=int, default=2000, help="prompts imported")
-    ap.add_argument("--k", type=int, default=4, help="responses per prompt")
-    ap.add_argument("--quorum", type=int, default=3, help="rankings needed per prompt")
     ap.add_argument("--lease-seconds", type=int, default=120, help="lease length (longer than a restart)")
-    ap.add_argument(
-        "--double-submit", type=float, default=0.2, help="share of items submitted twice (same token)"
+    add_pool_arguments(
+        ap,
+        servers_help="app processes on the one database, annotators spread over them; the first is the one killed",
     )
-    ap.add_argument(
-        "--transport",
-        choices=("gradio_client", "http"),
-        default="gradio_client",
-        help="gradio_client (default) or Gradio's plain HTTP API",
-    )
-    ap.add_argument(
-        "--db",
-        default=None,
-        help="an empty PostgreSQL database, postgresql://user@host:port/dbname (default: a new SQLite "
-        "file in --workdir)",
-    )
-    ap.add_argument(
-        "--servers",
-        type=int,
-        default=1,
-        help="app processes on the one database, annotators spread over them; the first is the one killed",
-    )
-    ap.add_argument("--workdir", default=None, help="where the database and logs go (default: a temp dir)")
-    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_annotation_crash_"))
-    work.mkdir(parents=True, exist_ok=True)
-    db = bench_db(args.db, work, "crash.db")
-    users = prepare_db(
-        db,
-        n_prompts=args.prompts,
-        k=args.k,
-        n_users=args.annotators,
-        quorum=args.quorum,
-        lease_seconds=args.lease_seconds,
-        work=work,
-    )
+    work, db, users = prepare_pool(args, "crash")
     ports = [free_port() for _ in range(args.servers)]
     servers = start_servers(db, ports, work)
     scorer = get_scorer("vader")

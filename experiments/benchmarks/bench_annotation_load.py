@@ -346,35 +346,13 @@ def report(result: dict, json_path: str | None) -> bool:
     )
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument(
-        "--annotators", type=int, default=50, help="simulated annotators (threads), each its own account"
-    )
-    ap.add_argument(
-        "--duration", type=float, default=20.0, help="seconds of annotation after everyone logged in"
-    )
+def add_pool_arguments(ap: argparse.ArgumentParser, *, servers_help: str) -> None:
+    """The options both annotation benchmarks (load, crash) share: the prompts, the store, the servers."""
     ap.add_argument("--prompts", type=int, default=2000, help="prompts imported")
     ap.add_argument("--k", type=int, default=4, help="responses per prompt")
     ap.add_argument("--quorum", type=int, default=3, help="rankings needed per prompt")
     ap.add_argument(
-        "--lease-seconds",
-        type=int,
-        default=None,
-        help="lease length (default 4 s, short so abandoned leases expire within the run; with "
-        "--think, 6 × the think time, so reading annotators do not lose their leases)",
-    )
-    ap.add_argument(
         "--double-submit", type=float, default=0.2, help="share of items submitted twice (same token)"
-    )
-    ap.add_argument(
-        "--abandon", type=float, default=0.03, help="share of items abandoned (lease left to expire)"
-    )
-    ap.add_argument(
-        "--think",
-        type=float,
-        default=0.0,
-        help="mean seconds an annotator reads before submitting (0: submit as fast as possible)",
     )
     ap.add_argument(
         "--transport",
@@ -388,20 +366,17 @@ def main(argv=None) -> int:
         help="an empty PostgreSQL database, postgresql://user@host:port/dbname (default: a new SQLite "
         "file in --workdir)",
     )
-    ap.add_argument(
-        "--servers",
-        type=int,
-        default=1,
-        help="app processes on the one database, annotators spread over them",
-    )
+    ap.add_argument("--servers", type=int, default=1, help=servers_help)
     ap.add_argument("--workdir", default=None, help="where the database and logs go (default: a temp dir)")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
-    args = ap.parse_args(argv)
-    if args.lease_seconds is None:
-        args.lease_seconds = max(4, int(6 * args.think))
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_annotation_"))
+
+
+def prepare_pool(args: argparse.Namespace, name: str) -> tuple[Path, str, list]:
+    """``(work folder, database, accounts)``: the folder made, the database filled with prompts
+    and one account per annotator, from the options of :func:`add_pool_arguments`."""
+    work = Path(args.workdir or tempfile.mkdtemp(prefix=f"bench_annotation_{name}_"))
     work.mkdir(parents=True, exist_ok=True)
-    db = bench_db(args.db, work, "load.db")
+    db = bench_db(args.db, work, f"{name}.db")
     users = prepare_db(
         db,
         n_prompts=args.prompts,
@@ -411,6 +386,38 @@ def main(argv=None) -> int:
         lease_seconds=args.lease_seconds,
         work=work,
     )
+    return work, db, users
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--annotators", type=int, default=50, help="simulated annotators (threads), each its own account"
+    )
+    ap.add_argument(
+        "--duration", type=float, default=20.0, help="seconds of annotation after everyone logged in"
+    )
+    ap.add_argument(
+        "--lease-seconds",
+        type=int,
+        default=None,
+        help="lease length (default 4 s, short so abandoned leases expire within the run; with "
+        "--think, 6 × the think time, so reading annotators do not lose their leases)",
+    )
+    ap.add_argument(
+        "--abandon", type=float, default=0.03, help="share of items abandoned (lease left to expire)"
+    )
+    ap.add_argument(
+        "--think",
+        type=float,
+        default=0.0,
+        help="mean seconds an annotator reads before submitting (0: submit as fast as possible)",
+    )
+    add_pool_arguments(ap, servers_help="app processes on the one database, annotators spread over them")
+    args = ap.parse_args(argv)
+    if args.lease_seconds is None:
+        args.lease_seconds = max(4, int(6 * args.think))
+    work, db, users = prepare_pool(args, "load")
     baseline = store_baseline(db, users, min(args.duration, 5.0), work)
     ports = [free_port() for _ in range(args.servers)]
     servers = start_servers(db, ports, work)

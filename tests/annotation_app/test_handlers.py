@@ -167,6 +167,8 @@ def test_the_best_response_can_be_edited_and_the_edit_is_stored_with_the_ranking
     assert "rank the responses first" in handlers.start_edit(page, "ann1", pid, labels, "")["message"]
     out = handlers.start_edit(page, "ann1", pid, labels, "c > a > b > d")
     assert out["edit"] == "answer C0" and out["message"].startswith("Editing response C")
+    assert "no response E" in handlers.start_edit(page, "ann1", pid, "A B C D E", "E > A")["message"]
+    assert "not assigned to you" in handlers.start_edit(page, "ann2", pid, labels, "C > A")["message"]
     # the edit is kept with the draft, restored on load, and stored with the submission
     handlers.extras_changed(page, "ann1", pid, "c > a > b > d", False, "", "answer C0, fixed", "")
     assert handlers.load(page, "ann1")["edit"] == "answer C0, fixed"
