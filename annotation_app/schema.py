@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # only for the annotations: store.py imports this module
 
 # The values the tables' CHECK constraints allow.
 ROLES = ("annotator", "admin")
+PROJECT_KINDS = ("ranking", "arena")  # since v6: what a project's items ask for
 STATUSES = ("draft", "submitted", "skipped")
 DEFAULT_LEASE_SECONDS = 30 * 60  # the projects.lease_seconds default (migration 2)
 
@@ -152,6 +153,29 @@ def _v5(conn: Connection) -> None:
     )
 
 
+def _v6(conn: Connection) -> None:
+    # v6, three additions that share the prompt-choosing query:
+    # - projects.kind: 'ranking' (rank K responses) or 'arena' (vote on two policies' responses,
+    #   blind; docs/arena.md); each tab of the app serves its own kind.
+    # - gold items: prompts.gold holds a known answer (a full or partial ranking; NULL: none) and
+    #   projects.gold_rate the share of an annotator's items drawn from them, unannounced.
+    # - active selection: prompts.serve_order, the order prompts with equally many rankings are
+    #   served in (import order until `rlhf annotate prioritize` puts the least certain first);
+    #   the need index follows it.
+    _run(
+        conn,
+        [
+            "ALTER TABLE projects ADD COLUMN kind TEXT NOT NULL DEFAULT 'ranking' CHECK (kind IN ('ranking', 'arena'))",
+            "ALTER TABLE projects ADD COLUMN gold_rate REAL NOT NULL DEFAULT 0 CHECK (gold_rate >= 0 AND gold_rate <= 1)",
+            "ALTER TABLE prompts ADD COLUMN gold TEXT",
+            "ALTER TABLE prompts ADD COLUMN serve_order INTEGER",
+            "UPDATE prompts SET serve_order = seq",
+            "DROP INDEX prompts_by_need",
+            "CREATE INDEX prompts_by_need ON prompts (n_submitted, serve_order)",
+        ],
+    )
+
+
 # Append-only list: (version, migration). Never edit a released step; add a new one.
 MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (1, _v1),
@@ -159,6 +183,7 @@ MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (3, _v3),
     (4, _v4),
     (5, _v5),
+    (6, _v6),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

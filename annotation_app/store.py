@@ -60,7 +60,14 @@ from annotation_app.database import AnyRow, open_database
 from annotation_app.errors import StoreError
 from annotation_app.queries import StoreQueries
 from annotation_app.records import Item, SubmitResult, result_from_row
-from annotation_app.schema import DEFAULT_LEASE_SECONDS, MIGRATIONS, ROLES, SCHEMA_VERSION, STATUSES
+from annotation_app.schema import (
+    DEFAULT_LEASE_SECONDS,
+    MIGRATIONS,
+    PROJECT_KINDS,
+    ROLES,
+    SCHEMA_VERSION,
+    STATUSES,
+)
 from annotation_app.validation import (
     FLAGS,
     MAX_COMMENT_CHARS,
@@ -90,6 +97,7 @@ __all__ = [
     "MAX_USERNAME_CHARS",
     "MIGRATIONS",
     "MIN_PASSWORD_CHARS",
+    "PROJECT_KINDS",
     "ROLES",
     "SCHEMA_VERSION",
     "STATUSES",
@@ -185,7 +193,23 @@ class Store(StoreQueries):
         quorum: int | None = None,
         guidelines: str | None = None,
         lease_seconds: int | None = None,
+        kind: str | None = None,
+        gold_rate: float | None = None,
     ) -> dict:
+        """Create or update a project; a field left None keeps its stored value (or the default).
+
+        ``kind`` is fixed when the project is created: ``ranking`` (the default) or ``arena``.
+        ``gold_rate`` is the share of an annotator's items drawn from the project's gold items."""
+        if kind is not None and kind not in PROJECT_KINDS:
+            raise StoreError(
+                f"project kind must be one of {', '.join(PROJECT_KINDS)}, got {kind!r}", code="bad_kind"
+            )
+        if gold_rate is not None and (
+            isinstance(gold_rate, bool) or not isinstance(gold_rate, int | float) or not 0 <= gold_rate <= 1
+        ):
+            raise StoreError(
+                f"gold_rate must be a number from 0 to 1, got {gold_rate!r}", code="bad_gold_rate"
+            )
         if quorum is not None and (not isinstance(quorum, int) or quorum < 1):
             raise StoreError(f"quorum must be a whole number >= 1, got {quorum!r}", code="bad_quorum")
         if lease_seconds is not None and (not isinstance(lease_seconds, int) or lease_seconds < 1):
@@ -196,23 +220,32 @@ class Store(StoreQueries):
             row = conn.execute("SELECT * FROM projects WHERE project_id = ?", (project_id,)).fetchone()
             if row is None:
                 conn.execute(
-                    "INSERT INTO projects (project_id, quorum, guidelines, lease_seconds, created_at) VALUES (?, ?, ?, ?, ?)",
+                    "INSERT INTO projects (project_id, quorum, guidelines, lease_seconds, kind, gold_rate, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (
                         project_id,
                         quorum or DEFAULT_QUORUM,
                         guidelines or "",
                         lease_seconds or DEFAULT_LEASE_SECONDS,
+                        kind or "ranking",
+                        float(gold_rate or 0.0),
                         self.clock(),
                     ),
                 )
-                self._audit(conn, None, "project_add", None, project=project_id)
+                self._audit(conn, None, "project_add", None, project=project_id, kind=kind or "ranking")
             else:
+                if kind is not None and kind != row["kind"]:
+                    raise StoreError(
+                        f"project {project_id!r} is a {row['kind']} project; its kind cannot change to {kind!r}",
+                        code="bad_kind",
+                    )
                 conn.execute(
-                    "UPDATE projects SET quorum = ?, guidelines = ?, lease_seconds = ? WHERE project_id = ?",
+                    "UPDATE projects SET quorum = ?, guidelines = ?, lease_seconds = ?, gold_rate = ? WHERE project_id = ?",
                     (
                         quorum if quorum is not None else row["quorum"],
                         guidelines if guidelines is not None else row["guidelines"],
                         lease_seconds if lease_seconds is not None else row["lease_seconds"],
+                        float(gold_rate) if gold_rate is not None else row["gold_rate"],
                         project_id,
                     ),
                 )
@@ -244,6 +277,32 @@ class Store(StoreQueries):
                 )
             self._audit(conn, None, "propose", None, source=source, prompts=len(canonical))
         return len(canonical)
+
+    def set_serve_order(self, order: list[str], source: str, project: str | None = None) -> int:
+        """Serve ``order``'s prompts first, in that order, among prompts with equally many rankings
+        (active selection: ``rlhf annotate prioritize`` puts the least certain first); the other
+        prompts of ``project`` (None: all) follow in import order. Returns how many were ordered.
+        An unknown prompt id is refused with nothing written."""
+        known = {p["prompt_id"] for p in self.prompts_for_proposal(project)}
+        unknown = [pid for pid in order if pid not in known]
+        if unknown:
+            raise StoreError(
+                f"{len(unknown)} prompt id(s) to prioritise are not stored"
+                + (f" in project {project!r}" if project else "")
+                + f": {', '.join(map(repr, unknown[:5]))}",
+                code="unknown_prompt",
+            )
+        if len(set(order)) != len(order):
+            raise StoreError("the order to serve names a prompt twice", code="bad_order")
+        with self.write() as conn:
+            conn.execute(
+                "UPDATE prompts SET serve_order = seq + ? WHERE (CAST(? AS TEXT) IS NULL OR project_id = ?)",
+                (len(order), project, project),
+            )
+            for position, prompt_id in enumerate(order, 1):
+                conn.execute("UPDATE prompts SET serve_order = ? WHERE prompt_id = ?", (position, prompt_id))
+            self._audit(conn, None, "prioritize", None, source=source, prompts=len(order), project=project)
+        return len(order)
 
     def add_items(self, records: list[dict], project_id: str = DEFAULT_PROJECT) -> dict:
         """Insert validated candidate records (the candidates contract); idempotent.
@@ -277,11 +336,12 @@ class Store(StoreQueries):
                     continue
                 seq += 1
                 conn.execute(
-                    "INSERT INTO prompts (prompt_id, project_id, seq, prompt_json, prompt_text, content_hash, created_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO prompts (prompt_id, project_id, seq, serve_order, prompt_json, prompt_text, "
+                    "content_hash, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         pid,
                         project_id,
+                        seq,
                         seq,
                         json.dumps(rec["prompt"]),
                         rec.get("prompt_text") or prompt_text(rec["prompt"]),
@@ -312,12 +372,14 @@ class Store(StoreQueries):
 
     # -- assignment
 
-    def next_item(self, username: str, project: str | None = None) -> Item | None:
-        """The caller's current lease, or a new lease on the next prompt they should rank (None: done)."""
+    def next_item(self, username: str, project: str | None = None, kind: str = "ranking") -> Item | None:
+        """The caller's current lease, or a new lease on the next prompt they should rank (None: done),
+        among the prompts of ``project`` (None: every project) of this ``kind`` (``ranking`` for the
+        ranking screen, ``arena`` for the arena's pairs)."""
         self.require_user(username)
         with self.write() as conn:
             now = self.clock()
-            choice = self._choose(conn, username, project, now)
+            choice = self._choose(conn, username, project, kind, now)
             if choice is None:
                 return None
             prompt_id, expires, new_lease = choice
@@ -333,19 +395,23 @@ class Store(StoreQueries):
         # are read after the commit, without holding up other writers.
         return self._item(self.conn, username, prompt_id, expires)
 
-    def _choose(self, conn, username: str, project: str | None, now: float) -> tuple[str, float, bool] | None:
+    def _choose(
+        self, conn, username: str, project: str | None, kind: str, now: float
+    ) -> tuple[str, float, bool] | None:
         """``(prompt_id, lease end, new lease?)`` of the prompt to give the caller: their live
         lease; else their own draft if it still has a free slot; else the prompt with the fewest
-        (submitted + live leases of others), oldest first. None: nothing left for them.
+        (submitted + live leases of others), first in serve order (import order, or the order
+        ``rlhf annotate prioritize`` set). None: nothing left for them. Only prompts of projects
+        of ``kind`` count, leases included: the arena tab never hands out a ranking item.
 
         The three queries are sent before any is read: on PostgreSQL, in pipeline mode, one
         round trip inside the write lock instead of three. Rows of the last come in
-        (n_submitted, seq) order from an index; since taken >= n_submitted, the scan stops at the
-        first row whose n_submitted cannot beat the best taken so far. Before that it sees at
-        most one row without leases of others (its taken is its n_submitted), so the first
+        (n_submitted, serve_order) order from an index; since taken >= n_submitted, the scan stops
+        at the first row whose n_submitted cannot beat the best taken so far. Before that it sees
+        at most one row without leases of others (its taken is its n_submitted), so the first
         (prompts leased by others + 1) rows hold the answer: the query reads no more.
         """
-        in_project = "(CAST(? AS TEXT) IS NULL OR p.project_id = ?)"
+        in_project = "(CAST(? AS TEXT) IS NULL OR p.project_id = ?) AND j.kind = ?"
         leased = (
             "(SELECT COUNT(*) FROM assignments a WHERE a.prompt_id = p.prompt_id AND a.expires_at > ? "
             "AND a.username <> ?)"
@@ -355,23 +421,24 @@ class Store(StoreQueries):
         )
         live = conn.execute(
             f"SELECT a.prompt_id, a.expires_at FROM assignments a JOIN prompts p ON p.prompt_id = a.prompt_id "
+            f"JOIN projects j ON j.project_id = p.project_id "
             f"WHERE a.username = ? AND a.expires_at > ? AND {in_project} ORDER BY a.leased_at LIMIT 1",
-            (username, now, project, project),
+            (username, now, project, project, kind),
         )
         draft = conn.execute(
             f"SELECT p.prompt_id, j.lease_seconds FROM rankings r JOIN prompts p ON p.prompt_id = r.prompt_id "
             f"JOIN projects j ON j.project_id = p.project_id WHERE r.username = ? AND r.status = 'draft' "
             f"AND {in_project} AND p.n_submitted + {leased} < j.quorum ORDER BY r.updated_at DESC LIMIT 1",
-            (username, project, project, now, username),
+            (username, project, project, kind, now, username),
         )
         neediest = conn.execute(
             f"SELECT p.prompt_id, p.n_submitted, j.quorum, j.lease_seconds, {leased} AS leased "
             f"FROM prompts p CROSS JOIN projects j WHERE j.project_id = p.project_id "
             f"AND {in_project} AND p.n_submitted < j.quorum "
             f"AND NOT EXISTS (SELECT 1 FROM rankings r WHERE r.prompt_id = p.prompt_id AND r.username = ? "
-            f"AND r.status IN ('submitted', 'skipped')) ORDER BY p.n_submitted, p.seq "
+            f"AND r.status IN ('submitted', 'skipped')) ORDER BY p.n_submitted, p.serve_order "
             f"LIMIT {leased_by_others_plus_one}",
-            (now, username, project, project, username, now, username),
+            (now, username, project, project, kind, username, now, username),
         )
         try:
             row = live.fetchone()
