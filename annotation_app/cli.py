@@ -133,7 +133,7 @@ def _propose(args) -> int:
 def _stats(args) -> int:
     store = _open(args.db)
     stats = store.stats()
-    report = agreement_report(store.submitted_rankings(args.project))
+    report = agreement_report(store.submitted_rankings(args.project, kind="ranking"))
     if args.json:
 
         def clean(v):

@@ -430,7 +430,7 @@ def admin_statistics(page: Page, user: str) -> dict:
     except UserError as err:
         return {**dict.fromkeys(ADMIN_FIGURES), "admin-message": explain(err)}
     stats = page.store.stats()
-    rankings = page.store.submitted_rankings(page.project)
+    rankings = page.store.submitted_rankings(page.project, kind="ranking")
     proposals = page.store.proposals(page.project)
     annotators = dashboard.per_annotator(stats, rankings)
     prompts = [

@@ -313,14 +313,18 @@ class StoreQueries:
             for r in rows
         ]
 
-    def submitted_rankings(self, project: str | None = None) -> list[dict]:
-        """Every submitted ranking in the rankings contract (admin export)."""
+    def submitted_rankings(self, project: str | None = None, kind: str | None = None) -> list[dict]:
+        """Every submitted ranking in the rankings contract (admin export), of ``project`` (None:
+        all) and of projects of ``kind`` (``ranking``, ``arena``; None: both). An arena vote is a
+        ranking of two responses (``A > B``, ``A = B`` or ``B > A``) whose candidates name their
+        ``model``."""
         conn = self.conn
         rows = conn.execute(
             "SELECT r.*, p.prompt_json, p.project_id FROM rankings r JOIN prompts p ON p.prompt_id = r.prompt_id "
+            "JOIN projects j ON j.project_id = p.project_id "
             "WHERE r.status = 'submitted' AND (CAST(? AS TEXT) IS NULL OR p.project_id = ?) "
-            "ORDER BY p.seq, r.username",
-            (project, project),
+            "AND (CAST(? AS TEXT) IS NULL OR j.kind = ?) ORDER BY p.seq, r.username",
+            (project, project, kind, kind),
         ).fetchall()
         cache: dict[str, list[dict]] = {}
         out = []
