@@ -49,6 +49,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "kto": ("rlhf.kto", "KTO on rankings (desirable / undesirable responses) through TRL's KTOTrainer"),
     "baseline": ("rlhf.baselines", "TRL's RLOO / GRPO on the same prompts and reward, for comparison"),
     "eval": ("rlhf.evaluate", "score a policy on held-out prompts (reward model, gold scorer, KL, length)"),
+    "arena": (
+        "rlhf.arena",
+        "blind pairwise arena of policies: sample, vote (people or automated), rate with intervals",
+    ),
     "quickstart": ("experiments.quickstart", "the whole loop on the embedded defaults, in one command"),
     "experiment": ("experiments.runner", "run a named experiment pipeline or sweep from YAML"),
     "compare": (

@@ -18,6 +18,7 @@ The same :func:`evaluate_policy` runs inside PPO every ``eval_every`` updates, s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -71,6 +72,43 @@ class EvalConfig(RunFields):
 
 
 @torch.no_grad()
+def sample_one_each(
+    policy,
+    tokenizer,
+    query: torch.Tensor,
+    query_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    stop_token_id: int,
+    batch_size: int,
+    seed: int,
+    sampling_context: Callable | None = None,
+    progress: str | None = "eval",
+):
+    """One response per query, query ``i`` from its own random stream seeded ``seed, i``: returns
+    the rollout (tokens, mask, stop flags, log-probs) and the decoded responses. The responses do
+    not depend on ``batch_size``, and two policies sampled with the same seed draw the same random
+    numbers per prompt, so they are compared on equal terms (common random numbers)."""
+    bar = progress_bar(len(query), progress or "", "prompt", enabled=progress is not None, transient=True)
+    with bar, sampling_context() if sampling_context is not None else contextlib.nullcontext():
+        ro = sample_rollout(
+            policy,
+            query,
+            query_mask,
+            generator=None,
+            on_batch=bar.update,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            stop_token_id=stop_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            batch_size=batch_size,
+            row_seeds=eval_row_seeds(seed, query.shape[0]),
+        )
+    return ro, decode_responses(tokenizer, ro.tokens, ro.mask, ro.has_stop)
+
+
+@torch.no_grad()
 def evaluate_policy(
     policy,
     tokenizer,
@@ -107,25 +145,20 @@ def evaluate_policy(
     ``progress`` labels the bar that follows the sampling, None draws none. The bar clears its line
     when done: inside PPO it sits under PPO's own bar.
     """
-    import contextlib
-
     prompt_texts = [prompt_text(p) for p in prompts]
-    bar = progress_bar(len(prompts), progress or "", "prompt", enabled=progress is not None, transient=True)
-    with bar, sampling_context() if sampling_context is not None else contextlib.nullcontext():
-        ro = sample_rollout(
-            policy,
-            query,
-            query_mask,
-            generator=None,
-            on_batch=bar.update,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            stop_token_id=stop_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            batch_size=batch_size,
-            row_seeds=eval_row_seeds(seed, query.shape[0]),
-        )
-    responses = decode_responses(tokenizer, ro.tokens, ro.mask, ro.has_stop)
+    ro, responses = sample_one_each(
+        policy,
+        tokenizer,
+        query,
+        query_mask,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        stop_token_id=stop_token_id,
+        batch_size=batch_size,
+        seed=seed,
+        sampling_context=sampling_context,
+        progress=progress,
+    )
     finished = ro.has_stop.tolist()
     scores = torch.as_tensor(reward_fn(list(prompts), responses, finished), dtype=torch.float32).reshape(-1)
     metrics: dict[str, float] = {

@@ -1,0 +1,286 @@
+"""The arena command: blind pairs, voters, votes as preference data, leaderboards; end to end
+through the real command line on two tiny policies built in code, and through the app's store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf.arena import (
+    arena_pairs,
+    fit_leaderboard,
+    judge_votes,
+    leaderboards_by_voter,
+    policy_name_and_path,
+    simulated_votes,
+    votes_from_rankings,
+)
+from rlhf.arena_fit import Vote, fit_bradley_terry_davidson, length_controlled_win_rates
+from rlhf.cli import main
+from rlhf.contracts import load_rankings
+from rlhf.errors import UserError
+
+MODELS = ("m1", "m2", "m3")
+
+
+def _responses(n_prompts: int = 4) -> list[dict]:
+    return [
+        {
+            "prompt_id": f"q{i}",
+            "prompt": f"prompt {i}",
+            "responses": {
+                m: {"text": f"{m} answer {i}" + "." * (i * (k + 1) % 7), "n_tokens": 3, "finished": True}
+                for k, m in enumerate(MODELS)
+            },
+        }
+        for i in range(n_prompts)
+    ]
+
+
+def test_pairs_cover_every_model_pair_once_per_prompt_in_a_random_blind_order():
+    pairs = arena_pairs(_responses(40), seed=3)
+    assert len(pairs) == 40 * 3
+    seen = {}
+    for pair in pairs:
+        models = [c["model"] for c in pair["candidates"]]
+        assert [c["label"] for c in pair["candidates"]] == ["A", "B"]
+        assert len(set(models)) == 2
+        assert not any(m in pair["prompt_id"] for m in MODELS)  # the id names no model
+        assert all(c["text"].startswith(c["model"]) for c in pair["candidates"])  # text stays with its model
+        seen.setdefault(frozenset(models), []).append(models[0])
+    assert {len(v) for v in seen.values()} == {40}
+    for firsts in seen.values():  # which model is A is a coin flip, not a rule
+        share = sum(f == min(firsts) for f in firsts) / len(firsts)
+        assert 0.2 < share < 0.8
+    assert arena_pairs(_responses(40), seed=3) == pairs  # seeded
+    assert arena_pairs(_responses(40), seed=4) != pairs
+
+
+def _pair(text_a: str, text_b: str, model_a: str = "x", model_b: str = "y", prompt: str = "p") -> dict:
+    return {
+        "prompt_id": f"{prompt}-p1",
+        "prompt": prompt,
+        "candidates": [
+            {"label": "A", "text": text_a, "model": model_a, "gen": {"finished": True}},
+            {"label": "B", "text": text_b, "model": model_b, "gen": {"finished": True}},
+        ],
+    }
+
+
+def test_a_judge_votes_for_the_higher_score_and_ties_close_ones():
+    # length:target=10 scores -|len - 10| / 10 (rlhf/scorers.py): 10 chars 0, 5 chars -0.5, 9 chars -0.1
+    pairs = [_pair("x" * 10, "x" * 5), _pair("x" * 5, "x" * 10), _pair("x" * 10, "x" * 9)]
+    votes = judge_votes(pairs, "length:target=10,unit=chars", tie_threshold=0.15)
+    assert [v["ranking"] for v in votes] == ["A > B", "B > A", "A = B"]
+    assert all(v["voter"] == "length:target=10,unit=chars" for v in votes)
+    assert load_rankings_roundtrip(votes)  # votes are valid rankings: preference data as they are
+
+
+def load_rankings_roundtrip(records: list[dict], tmp: Path | None = None) -> bool:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "votes.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        back = load_rankings(str(path))
+    return [r["ranking"] for r in back] == [r["ranking"] for r in records]
+
+
+def test_noiseless_simulated_annotators_vote_as_the_judge():
+    pairs = [_pair("x" * 10, "x" * 5), _pair("x" * 5, "x" * 10), _pair("x" * 10, "x" * 9)]
+    sim = simulated_votes(
+        pairs,
+        "length:target=10,unit=chars",
+        n_annotators=2,
+        votes_per_pair=1,
+        temperature=0.0,
+        tie_threshold=0.15,
+        seed=0,
+    )
+    assert [v["ranking"] for v in sim] == ["A > B", "B > A", "A = B"]
+    assert {v["voter"] for v in sim} == {"simulated:length:target=10,unit=chars"}
+    noisy = simulated_votes(
+        pairs * 50,
+        "length:target=10,unit=chars",
+        n_annotators=3,
+        votes_per_pair=2,
+        temperature=1.0,
+        tie_threshold=0.0,
+        seed=0,
+    )
+    assert len(noisy) == 300 and {"A > B", "B > A"} == {v["ranking"] for v in noisy}  # noise flips some
+
+
+def test_votes_read_outcomes_models_lengths_and_group_by_prompt():
+    records = [
+        {**_pair("aaaa", "bb", "x", "y", "p1"), "ranking": "A > B", "tiers": [["A"], ["B"]]},
+        {**_pair("aaaa", "bb", "y", "x", "p1"), "ranking": "A > B", "tiers": [["A"], ["B"]]},
+        {**_pair("a", "bbb", "x", "z", "p2"), "ranking": "A = B", "tiers": [["A", "B"]]},
+        {**_pair("a", "bbb", "z", "y", "p2"), "ranking": "B > A", "tiers": [["B"], ["A"]]},
+    ]
+    assert votes_from_rankings(records) == [
+        Vote("x", "y", "a", "p1", 4.0, 2.0),
+        Vote("y", "x", "a", "p1", 4.0, 2.0),
+        Vote("x", "z", "tie", "p2", 1.0, 3.0),
+        Vote("z", "y", "b", "p2", 1.0, 3.0),
+    ]
+    bad = {**_pair("a", "b", "x", "x"), "ranking": "A > B"}
+    with pytest.raises(UserError, match=r"vote 2 .*two different named models"):
+        votes_from_rankings([records[0], bad])
+
+
+def _arena_votes(n_prompts: int = 60) -> list[Vote]:
+    # m1 > m2 > m3 most of the time, with ties; lengths vary
+    import random
+
+    rng = random.Random(0)
+    strength = {"m1": 1.0, "m2": 0.0, "m3": -1.0}
+    votes = []
+    for i in range(n_prompts):
+        for a, b in (("m1", "m2"), ("m2", "m3"), ("m1", "m3")):
+            d = strength[a] - strength[b] + rng.gauss(0, 1)
+            outcome = "tie" if abs(d) < 0.3 else ("a" if d > 0 else "b")
+            votes.append(Vote(a, b, outcome, f"p{i}", rng.randint(10, 90), rng.randint(10, 90)))
+    return votes
+
+
+def test_the_leaderboard_is_the_fit_of_its_votes():
+    votes = _arena_votes()
+    board = fit_leaderboard(votes, "judge", baseline="m3", n_boot=200, seed=1)
+    ratings = fit_bradley_terry_davidson(votes, n_boot=200, seed=1)
+    lc = length_controlled_win_rates(votes, "m3", n_boot=200, seed=1)
+    rows = board.rows()
+    assert [r["model"] for r in rows] == ["m1", "m2", "m3"]
+    for row in rows:
+        assert row["rating"] == pytest.approx(ratings.rating(row["model"]).value)
+        assert row["ci_low"] < row["rating"] < row["ci_high"]
+    assert rows[0]["lc_win_rate"] == pytest.approx(lc["m1"].lc_win_rate.value)
+    assert rows[-1]["lc_win_rate"] is None  # the baseline against itself
+    assert board.tie_rate == pytest.approx(sum(v.outcome == "tie" for v in votes) / len(votes))
+    assert fit_leaderboard(votes, "judge", n_boot=0).baseline == "m3"  # default: the lowest rated
+    with pytest.raises(UserError, match="baseline 'm9' is not in the arena"):
+        fit_leaderboard(votes, "judge", baseline="m9", n_boot=0)
+    with pytest.raises(UserError, match="cannot rate"):
+        fit_leaderboard([Vote("m1", "m2", "tie", "p")], "judge", n_boot=0)
+
+
+def test_leaderboards_by_voter_keeps_voters_apart():
+    pairs = arena_pairs(_responses(30), seed=0)
+    records = judge_votes(pairs, "length:target=10,unit=chars", 0.0)
+    records += [{**r, "voter": None} for r in judge_votes(pairs, "length:target=30,unit=chars", 0.0)]
+    boards = leaderboards_by_voter(records, None, n_boot=0)
+    assert [b.voter for b in boards] == ["length:target=10,unit=chars", "human"]
+    assert [b.ratings.n_votes for b in boards] == [90, 90]
+
+
+def test_policy_names_come_from_run_dirs(tmp_path):
+    (tmp_path / "ppo" / "policy").mkdir(parents=True)
+    assert policy_name_and_path(str(tmp_path / "ppo")) == ("ppo", str(tmp_path / "ppo" / "policy"))
+    assert policy_name_and_path(str(tmp_path / "ppo" / "policy")) == ("ppo", str(tmp_path / "ppo" / "policy"))
+    assert policy_name_and_path("base=smollm2-135m-instruct") == ("base", "smollm2-135m-instruct")
+    assert policy_name_and_path("tiny") == ("tiny", "tiny")
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def _other_tiny_policy(run_dir: Path) -> None:
+    """A second tiny policy: the tiny model with its output layer perturbed, as a run dir."""
+    from rlhf.model_cache import build_tiny_model, build_tiny_tokenizer
+    from rlhf.models import write_policy_dir
+
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(tok)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(1)
+        model.lm_head.weight.add_(torch.randn(model.lm_head.weight.shape, generator=gen) * 0.5)
+    write_policy_dir(model, tok, run_dir / "policy", {"base": "tiny", "stage": "test"})
+
+
+def test_arena_run_import_vote_in_the_store_and_fit(in_tmp, monkeypatch):
+    from annotation_app.store import Store
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    _other_tiny_policy(in_tmp / "runs" / "other")
+    prompts = in_tmp / "prompts.jsonl"
+    prompts.write_text(
+        "".join(
+            json.dumps({"prompt_id": f"q{i}", "prompt": f"Say something about {w}."}) + "\n"
+            for i, w in enumerate("abcdefghijkl")
+        ),
+        encoding="utf-8",
+    )
+    rc = main(
+        [
+            "arena",
+            "run",
+            "--policies",
+            "[tiny, runs/other]",
+            "--prompts",
+            str(prompts),
+            "--split",
+            "null",
+            "--voters",
+            "[length:target=3, simulated:length:target=3]",
+            "--max_new_tokens",
+            "12",
+            "--n_boot",
+            "50",
+            "--experiment",
+            "arena_e2e",
+        ]
+    )
+    assert rc == 0
+    out = in_tmp / "runs" / "arena_e2e" / "arena"
+    for name in (
+        "responses.jsonl",
+        "pairs.jsonl",
+        "votes.jsonl",
+        "leaderboard.json",
+        "leaderboard.png",
+        "config.yaml",
+    ):
+        assert (out / name).is_file(), name
+    boards = json.loads((out / "leaderboard.json").read_text())
+    assert [b["voter"] for b in boards] == ["length:target=3", "simulated:length:target=3"]
+    assert all(b["n_votes"] == 12 and b["baseline"] == "tiny" for b in boards)
+    assert {m["model"] for m in boards[0]["models"]} == {"tiny", "other"}
+    votes = load_rankings(str(out / "votes.jsonl"))  # preference data in the rankings contract
+    assert len(votes) == 24
+    assert main(["export", "--rankings", str(out / "votes.jsonl"), "--out", "prefs.jsonl"]) == 0
+    assert (in_tmp / "prefs.jsonl").stat().st_size > 0
+
+    # People vote in the app: import, vote through the store (as the Arena tab does), fit.
+    db = in_tmp / "lab.db"
+    assert main(["arena", "import", "--pairs", str(out / "pairs.jsonl"), "--db", str(db)]) == 0
+    store = Store(db)
+    store.add_user("ann", "a-long-password")
+    assert store.next_item("ann") is None  # the ranking screen never serves an arena pair
+    for n in range(12):
+        item = store.next_item("ann", kind="arena")
+        assert [c.keys() for c in item.candidates] == [{"label", "text"}] * 2  # blind: no model
+        store.submit("ann", item.prompt_id, ("A > B", "A = B", "B > A")[n % 3])
+    assert store.next_item("ann", kind="arena") is None
+    store.close()
+    assert main(["arena", "fit", "--db", str(db), "--votes", f"[{out / 'votes.jsonl'}]", "--n_boot", "50",
+                 "--experiment", "arena_e2e"]) == 0  # fmt: skip
+    fitted = json.loads((in_tmp / "runs" / "arena_e2e" / "arena_fit" / "leaderboard.json").read_text())
+    assert [b["voter"] for b in fitted] == ["length:target=3", "simulated:length:target=3", "human"]
+    assert fitted[2]["n_votes"] == 12
+
+
+def test_bad_arena_input_gets_one_line_before_any_work(in_tmp, capsys):
+    assert main(["arena", "run", "--policies", "[tiny]"]) == 2
+    assert "two or more policies" in capsys.readouterr().err
+    assert main(["arena", "run", "--policies", "[tiny, no/such/dir]"]) == 2
+    assert "no/such/dir" in capsys.readouterr().err
+    assert main(["arena", "run", "--policies", "[tiny, b=tiny]", "--voters", "[nonsense-scorer]"]) == 2
+    assert "nonsense-scorer" in capsys.readouterr().err
+    assert main(["arena", "run", "--policies", "[a=tiny, b=tiny]", "--baseline", "c"]) == 2
+    assert "baseline" in capsys.readouterr().err
+    assert main(["arena", "fit"]) == 2
+    assert "--votes" in capsys.readouterr().err
+    assert not (in_tmp / "runs").exists()
