@@ -2,7 +2,7 @@
 its reference (chance, the annotators' ceiling) and a verdict.
 
 :func:`learning_evidence` reads the stage results of an experiment (``rm_eval``, ``ppo``, ``eval``,
-as in ``experiment_summary.json``) and returns the claims the lab can make, each as
+``arena``, as in ``experiment_summary.json``) and returns the claims the lab can make, each as
 
     {"claim": ..., "value": v, "ci": [low, high], "reference": r, "verdict": "yes" | "no" | "unclear"}
 
@@ -71,7 +71,33 @@ def learning_evidence(stages: dict[str, dict]) -> list[dict[str, Any]]:
         ),
         _claim(ev, "eval/gold_score_diff", "PPO raised the gold score over SFT (held-out difference)", 0.0),
     ]
+    claims += arena_claims(stages.get("arena", {}))
     return [c for c in claims if c is not None]
+
+
+def arena_claims(arena: dict) -> list[dict[str, Any] | None]:
+    """One claim per arena voter and policy measured against the baseline: its length-controlled
+    win rate (``arena/<voter>/<model>/lc_win_rate``, :mod:`rlhf.arena_command`)."""
+    claims = []
+    for key in arena:
+        if not (key.startswith("arena/") and key.endswith("/lc_win_rate")):
+            continue
+        voter, model = key[len("arena/") : -len("/lc_win_rate")].rsplit("/", 1)
+        who = (
+            f"simulated annotators following {voter.split(':', 1)[1]}"
+            if voter.startswith("simulated:")
+            else voter
+        )
+        claims.append(
+            _claim(
+                arena,
+                key,
+                f"{model} beat the baseline in the blind arena, judged by {who} (length-controlled win rate)",
+                0.5,
+                "chance 0.5",
+            )
+        )
+    return claims
 
 
 def evidence_lines(claims: list[dict[str, Any]]) -> list[str]:

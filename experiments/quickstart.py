@@ -1,7 +1,8 @@
 """``rlhf quickstart``: the whole loop on the embedded defaults, in one command.
 
 It runs the shipped experiment ``experiments/quickstart.yaml`` (SFT → generate from the SFT
-policy → simulate → export → reward model train and eval → PPO → eval), so the quickstart and
+policy → simulate → export → reward model train and eval → PPO → eval → a blind arena of SFT
+against PPO), so the quickstart and
 ``rlhf experiment run experiments/quickstart.yaml`` are one pipeline with one cache: a second
 ``rlhf quickstart`` reuses every stage whose config and inputs did not change. Every stage is a
 W&B run (offline by default) in one group, every output under ``runs/<experiment>/<stage>/``.
@@ -103,6 +104,12 @@ def print_summary(summary: dict) -> None:
         _row("gold score difference", ev, "eval/gold_score_diff", "PPO − SFT")
         if ev.get("eval/kl") is not None:
             print(f"    {'KL to the SFT policy':<26}{ev['eval/kl']:>7.3f}")
+    arena = stages.get("arena", {})
+    if arena.get("png"):
+        print(f"\n  blind arena, {arena.get('arena/prompts', '?')} held-out prompts: {arena['png']}")
+        for key in sorted(k for k in arena if k.endswith("/lc_win_rate")):
+            voter, model = key[len("arena/") : -len("/lc_win_rate")].rsplit("/", 1)
+            _row(f"{model}, {voter}"[:26], arena, key, "length-controlled win rate vs SFT; chance 0.5")
     claims = summary.get("evidence") or []
     if claims:
         print("\n  verdicts (yes: the whole 95 % interval is on the better side of the reference):")

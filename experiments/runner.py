@@ -20,7 +20,8 @@ as ``rlhf <stage> --help``); see ``experiments/README.md`` for the full format. 
 **Wiring.** Outputs flow as in ``rlhf quickstart`` unless a section sets the field itself:
 sft.policy_dir → a later generate's model (candidates come from the SFT policy); generate.candidates → simulate/annotate; their rankings → export, rm_train; rm_train.model_dir and
 eval_rankings → rm_eval; sft.policy_dir → ppo/baseline policy; rm_train.model_dir → ppo/baseline
-reward; ppo.policy_dir → eval policy (sft as reference). Any string may reference an output with
+reward; ppo.policy_dir → eval policy (sft as reference); sft and the trained policies → arena
+policies, rm_train.model_dir → arena reward. Any string may reference an output with
 ``${stage.key}``.
 
 **Caching.** Each stage's key is a hash of its resolved config (without ``runs_dir``, ``experiment``

@@ -40,7 +40,34 @@ from rlhf.tracking import RunFields, start_stage
 
 
 @dataclass
-class EvalConfig(RunFields):
+class HeldOutSampling:
+    """How policies answer held-out prompts: one block for every command that samples them to
+    judge a policy (``rlhf eval``, ``rlhf arena``), so both read the same prompts the same way."""
+
+    prompts: str = option(
+        "lab:prompts", help="prompt source (lab:prompts, a .jsonl file, a dataset dir or Hub id)"
+    )
+    split: str | None = option("eval", help="split of the prompts (null = all records)")
+    num_prompts: int = option(64, help="at most this many prompts (0 = all)")
+    max_prompt_tokens: int = option(256, help="keep at most this many (last) prompt tokens")
+    max_new_tokens: int = option(48, help="response length limit in tokens")
+    temperature: float = option(0.7, help="sampling temperature (use the one PPO trained with)")
+    stop_token: str = option("eos", help="'eos' or a token string at which responses end")
+    batch_size: int = option(16, help="prompts per generation batch")
+    seed: int = option(0, help="sampling seed (the same seed gives every policy the same random stream)")
+
+    def validate_sampling(self) -> None:
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature: {self.temperature} must be > 0")
+        if self.num_prompts < 0:
+            raise ConfigError(f"num_prompts: {self.num_prompts} must be ≥ 0")
+        for name in ("max_new_tokens", "batch_size", "max_prompt_tokens"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: {getattr(self, name)} must be > 0")
+
+
+@dataclass
+class EvalConfig(RunFields, HeldOutSampling):
     policy: str = option("smollm2-135m-instruct", help="policy to evaluate: a policy dir, alias or model dir")
     reference: str = option(
         "", help="reference policy for KL and win rate (e.g. the SFT policy dir); empty = no KL / win rate"
@@ -51,24 +78,9 @@ class EvalConfig(RunFields):
         "(vader, length:target=N, keywords:good=a|b, module:function)",
     )
     gold: str | None = option(None, help="gold scorer spec for eval/gold_score (e.g. vader); null = none")
-    prompts: str = option(
-        "lab:prompts", help="prompt source (lab:prompts, a .jsonl file, a dataset dir or Hub id)"
-    )
-    split: str | None = option("eval", help="split of the prompts (null = all records)")
-    num_prompts: int = option(64, help="evaluate on at most this many prompts (0 = all)")
-    max_prompt_tokens: int = option(256, help="keep at most this many (last) prompt tokens")
-    max_new_tokens: int = option(48, help="response length limit in tokens")
-    temperature: float = option(0.7, help="sampling temperature (use the one PPO trained with)")
-    stop_token: str = option("eos", help="'eos' or a token string at which responses end")
-    batch_size: int = option(16, help="prompts per generation batch")
-    seed: int = option(0, help="sampling seed (the same seed gives both policies the same random stream)")
 
     def validate(self) -> None:
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature: {self.temperature} must be > 0")
-        for name in ("max_new_tokens", "batch_size", "max_prompt_tokens"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name}: {getattr(self, name)} must be > 0")
+        self.validate_sampling()
 
 
 @torch.no_grad()

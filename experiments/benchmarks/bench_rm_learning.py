@@ -176,7 +176,11 @@ def run_choice(args, name: str, fields: dict, train: Path, held: Path, out: Path
         "eval/gold_length_corr",
         "eval/gold_pairs",
     )
-    return {"seconds": round(seconds, 1), **{k.split("/", 1)[1]: ev.get(k) for k in keys}}
+    return {
+        "seconds": round(seconds, 1),
+        "model_dir": str(s["model_dir"]),
+        **{k.split("/", 1)[1]: ev.get(k) for k in keys},
+    }
 
 
 def table(rows: list[dict], scorer: str) -> str:

@@ -30,6 +30,7 @@ LIBRARY_STAGES: dict[str, tuple[str, str, str]] = {
     "dpo": ("reward_models.dpo", "DPOStageConfig", "run_dpo"),
     "kto": ("rlhf.kto", "KTOStageConfig", "run_kto"),
     "eval": ("rlhf.evaluate", "EvalConfig", "run_eval"),
+    "arena": ("rlhf.arena_command", "ArenaConfig", "run_arena"),
 }
 # Stages the runner implements itself (internal_stages.py: annotation by people; the round bookkeeping
 # of the closed loop).
@@ -37,7 +38,7 @@ INTERNAL_STAGES = ("annotate", "prompts", "select", "collect")
 USER_STAGES = tuple(LIBRARY_STAGES) + ("annotate",)
 # The stage fields a top-level ``gold:`` fills in (where the stage's section does not set them): the
 # simulated annotators follow it, PPO and evaluation report it. It never reaches a reward.
-GOLD_FIELDS = {"simulate": "scorer", "ppo": "gold", "baseline": "gold", "eval": "gold"}
+GOLD_FIELDS = {"simulate": "scorer", "ppo": "gold", "baseline": "gold", "eval": "gold", "arena": "gold"}
 TOP_LEVEL_KEYS = (
     "name",
     "description",

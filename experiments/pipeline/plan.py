@@ -8,6 +8,7 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from experiments.pipeline.experiment_file import LIBRARY_STAGES, REF, Experiment, stage_kind
 from rlhf.config import did_you_mean
@@ -21,7 +22,7 @@ class Node:
     name: str  # instance name, unique in the plan ("ppo", "ppo@2", "rm_ens1@2")
     kind: str
     section: dict  # fields of the stage (``${}`` refs allowed)
-    wired: dict[str, str]  # field → "${inst.key}" default wiring
+    wired: dict[str, Any]  # field → "${inst.key}" default wiring (a list of them for arena.policies)
     round: int = 1
     folder: str = ""  # sub-folder under the run prefix ("" = the standard runs/<exp>/<kind>/)
 
@@ -33,7 +34,7 @@ class Node:
 RANKINGS_PRODUCERS = ("simulate", "annotate", "collect")
 
 
-def default_wiring(kind: str, latest: dict[str, str]) -> dict[str, str]:
+def default_wiring(kind: str, latest: dict[str, str]) -> dict[str, Any]:
     """Quickstart's wiring: each input field ← the latest earlier stage that produces it."""
 
     def ref(stage: str, key: str) -> str | None:
@@ -63,6 +64,11 @@ def default_wiring(kind: str, latest: dict[str, str]) -> dict[str, str]:
             "reference": ref("sft", "policy_dir"),
             "reward": ref("rm_train", "model_dir"),
         }
+    elif kind == "arena":
+        # the starting policy against every trained one, judged blind; the reward model judges too
+        trained = [k for k in ("ppo", "baseline", "dpo", "kto") if k in latest]
+        policies = [f"{k}={ref(k, 'policy_dir')}" for k in ["sft", *trained] if k in latest]
+        wires = {"policies": policies if len(policies) >= 2 else None, "reward": ref("rm_train", "model_dir")}
     return {k: v for k, v in wires.items() if v is not None}
 
 

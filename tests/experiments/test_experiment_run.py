@@ -519,7 +519,17 @@ def test_shipped_quickstart_tiny_offline_lineage_and_reruns_that_keep_earlier_re
     root = runs / "quickstart_tiny"
     summary = root / "experiment_summary.json"
     assert main(["experiment", "run", qs, *common]) == 0
-    assert ran(summary) == {"generate", "simulate", "export", "rm_train", "rm_eval", "sft", "ppo", "eval"}
+    assert ran(summary) == {
+        "generate",
+        "simulate",
+        "export",
+        "rm_train",
+        "rm_eval",
+        "sft",
+        "ppo",
+        "eval",
+        "arena",
+    }
 
     # Lineage in the offline run files: every input is the artifact its producer logged, so after
     # `wandb sync` the graph reads candidates → rankings → reward model → policies across runs.
@@ -534,6 +544,13 @@ def test_shipped_quickstart_tiny_offline_lineage_and_reruns_that_keep_earlier_re
     produced = next(a for a in ppo["records"] if a["name"] == f"{exp}-ppo-policy")
     used = next(a for a in evaluation["records"] if a["name"] == f"{exp}-ppo-policy")
     assert used["digest"] == produced["digest"]
+    arena = _artifacts(root / "arena")  # the arena judged SFT and PPO, with the reward model as a judge
+    assert {
+        (f"{exp}-ppo-policy", "model"),
+        (f"{exp}-sft-policy", "model"),
+        (f"{exp}-reward-model", "model"),
+    } <= set(arena["in"])
+    assert (f"{exp}-arena-votes", "dataset") in arena["out"]
     sft = _artifacts(root / "sft")  # SFT records its demonstrations and its base model
     assert ("demonstrations", "dataset") in sft["in"] and ("base-tiny", "model") in sft["in"]
     # the KB-sized datasets are in the artifacts themselves (a teammate can download them)
@@ -544,7 +561,7 @@ def test_shipped_quickstart_tiny_offline_lineage_and_reruns_that_keep_earlier_re
     assert ran(summary) == set()
     # another kl_coef: ppo and eval rerun, and the earlier results move aside instead of being overwritten
     assert main(["experiment", "run", qs, *common, "ppo.kl_coef=0.1"]) == 0
-    assert ran(summary) == {"ppo", "eval"}
+    assert ran(summary) == {"ppo", "eval", "arena"}
     (earlier_ppo,) = root.glob("ppo@*")
     assert yaml.safe_load((earlier_ppo / "config.yaml").read_text())["kl_coef"] == 0.05
     assert yaml.safe_load((root / "ppo" / "config.yaml").read_text())["kl_coef"] == 0.1

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-STAGES = {"generate", "simulate", "export", "rm_train", "rm_eval", "sft", "ppo", "eval"}
+STAGES = {"generate", "simulate", "export", "rm_train", "rm_eval", "sft", "ppo", "eval", "arena"}
 
 
 def _bin(name: str) -> str:
@@ -43,11 +43,16 @@ def test_quickstart_tiny_runs_the_whole_loop_then_reuses_it(tmp_path):
     assert "accuracy vs gold" in stdout and "chance 0.5" in stdout
     assert "gold win rate vs SFT" in stdout and "SFT" in stdout and "PPO" in stdout
     assert "verdicts" in stdout and "PPO beat SFT on the gold scorer (held-out win rate):" in stdout
+    assert (
+        "blind arena" in stdout
+        and "ppo beat the baseline in the blind arena, judged by simulated annotators" in stdout
+    )
     evidence = json.loads((tmp_path / "runs" / "quickstart_tiny" / "experiment_summary.json").read_text())[
         "evidence"
     ]
     assert {c["verdict"] for c in evidence} <= {"yes", "no", "unclear"} and len(evidence) >= 5
     root = tmp_path / "runs" / "quickstart_tiny"
+    assert (root / "arena" / "leaderboard.png").stat().st_size > 1000
     assert (root / "ppo" / "learning_curves.png").stat().st_size > 1000
 
     # One offline W&B run per stage, all in the experiment's group, job_type = the stage kind.
@@ -69,4 +74,4 @@ def test_quickstart_tiny_runs_the_whole_loop_then_reuses_it(tmp_path):
 
     stdout = _quickstart(tmp_path)
     assert _statuses(tmp_path) == {s: "cached" for s in STAGES}
-    assert "reused 8 from cache" in stdout
+    assert "reused 9 from cache" in stdout

@@ -9,15 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf.arena import (
-    arena_pairs,
-    fit_leaderboard,
-    judge_votes,
-    leaderboards_by_voter,
-    policy_name_and_path,
-    simulated_votes,
-    votes_from_rankings,
-)
+from rlhf.arena import arena_pairs, fit_leaderboard, leaderboards_by_voter, votes_from_rankings
+from rlhf.arena_command import judge_votes, policy_name_and_path, simulated_votes
 from rlhf.arena_fit import Vote, fit_bradley_terry_davidson, length_controlled_win_rates
 from rlhf.cli import main
 from rlhf.contracts import load_rankings
@@ -223,8 +216,8 @@ def test_arena_run_import_vote_in_the_store_and_fit(in_tmp, monkeypatch):
             str(prompts),
             "--split",
             "null",
-            "--voters",
-            "[length:target=3, simulated:length:target=3]",
+            "--gold",
+            "length:target=3",
             "--max_new_tokens",
             "12",
             "--n_boot",
@@ -245,7 +238,7 @@ def test_arena_run_import_vote_in_the_store_and_fit(in_tmp, monkeypatch):
     ):
         assert (out / name).is_file(), name
     boards = json.loads((out / "leaderboard.json").read_text())
-    assert [b["voter"] for b in boards] == ["length:target=3", "simulated:length:target=3"]
+    assert [b["voter"] for b in boards] == ["simulated:length:target=3", "length:target=3"]
     assert all(b["n_votes"] == 12 and b["baseline"] == "tiny" for b in boards)
     assert {m["model"] for m in boards[0]["models"]} == {"tiny", "other"}
     votes = load_rankings(str(out / "votes.jsonl"))  # preference data in the rankings contract
@@ -268,7 +261,7 @@ def test_arena_run_import_vote_in_the_store_and_fit(in_tmp, monkeypatch):
     assert main(["arena", "fit", "--db", str(db), "--votes", f"[{out / 'votes.jsonl'}]", "--n_boot", "50",
                  "--experiment", "arena_e2e"]) == 0  # fmt: skip
     fitted = json.loads((in_tmp / "runs" / "arena_e2e" / "arena_fit" / "leaderboard.json").read_text())
-    assert [b["voter"] for b in fitted] == ["length:target=3", "simulated:length:target=3", "human"]
+    assert [b["voter"] for b in fitted] == ["simulated:length:target=3", "length:target=3", "human"]
     assert fitted[2]["n_votes"] == 12
 
 
@@ -281,6 +274,8 @@ def test_bad_arena_input_gets_one_line_before_any_work(in_tmp, capsys):
     assert "nonsense-scorer" in capsys.readouterr().err
     assert main(["arena", "run", "--policies", "[a=tiny, b=tiny]", "--baseline", "c"]) == 2
     assert "baseline" in capsys.readouterr().err
+    assert main(["arena", "run", "--policies", "[a=tiny, b=tiny]", "--gold", "null"]) == 2
+    assert "no voter" in capsys.readouterr().err
     assert main(["arena", "fit"]) == 2
     assert "--votes" in capsys.readouterr().err
     assert not (in_tmp / "runs").exists()
