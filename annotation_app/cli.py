@@ -75,6 +75,7 @@ def _import(args) -> int:
     project = args.project or cfg.get("project") or DEFAULT_PROJECT
     quorum = args.quorum if args.quorum is not None else cfg.get("quorum")
     lease = int(args.lease_minutes * 60) if args.lease_minutes is not None else cfg.get("lease_seconds")
+    gold_rate = args.gold_rate if args.gold_rate is not None else cfg.get("gold_rate")
     guidelines = cfg.get("guidelines")
     if args.guidelines:
         path = Path(args.guidelines)
@@ -88,6 +89,7 @@ def _import(args) -> int:
         quorum=quorum,
         guidelines=guidelines,
         lease_seconds=lease,
+        gold_rate=gold_rate,
         max_chars=args.max_chars,
     )
     print(
@@ -148,9 +150,11 @@ def _stats(args) -> int:
         # NaN means "not defined yet" (no rankings, no prompt with two annotators, ...)
         return "- (not enough rankings yet)" if isinstance(v, float) and math.isnan(v) else format(v, fmt)
 
-    n_prompts = len(stats["prompts"])
+    n_gold = sum(1 for p in stats["prompts"] if p["gold"] is not None)
+    n_prompts = len(stats["prompts"]) - n_gold
     print(
-        f"prompts: {n_prompts}, complete (quorum reached): {stats['complete_prompts']}, "
+        f"prompts: {n_prompts}" + (f" (and {n_gold} gold items)" if n_gold else "") + ", "
+        f"complete (quorum reached): {stats['complete_prompts']}, "
         f"submitted rankings: {stats['submitted']}, median seconds per item: "
         f"{num(stats['median_seconds_per_item'], '.1f')}"
     )
@@ -253,7 +257,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--project_config",
         default=None,
-        help="project YAML (project, quorum, lease_minutes, guidelines or guidelines_file), "
+        help="project YAML (project, quorum, lease_minutes, guidelines or guidelines_file, gold_rate), "
         "e.g. experiments/configs/annotation_project.yaml",
     )
     p.add_argument(
@@ -264,6 +268,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--lease_minutes", type=float, default=None, help="minutes an annotator holds a prompt (default 30)"
     )
     p.add_argument("--guidelines", default=None, help="Markdown file with the annotation guidelines")
+    p.add_argument(
+        "--gold_rate",
+        type=float,
+        default=None,
+        help="share (0 to 1) of each annotator's items drawn, unannounced, from the project's gold items: "
+        "records with a `gold` answer such as 'B > A = C' (default: from the config, else 0)",
+    )
     p.add_argument("--max_chars", type=int, default=20_000, help="longest response accepted, in characters")
     p.set_defaults(func=_import)
 

@@ -4,7 +4,8 @@ Pure functions of the store's admin views (:meth:`Store.stats`, :meth:`Store.sub
 so they are tested without a server. Agreement statistics come from
 :mod:`annotation_app.agreement`; their 95 % intervals are percentile bootstraps over prompts (the
 unit annotators are sampled on: all rankings of a prompt are resampled together, so the interval
-reflects which prompts happened to be ranked, Efron & Tibshirani 1993, ch. 13).
+reflects which prompts happened to be ranked, Efron & Tibshirani 1993, ch. 13). Accuracy on gold
+items comes from :mod:`annotation_app.gold`, its interval over each annotator's gold items.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 
 from annotation_app import agreement
+from annotation_app.gold import GoldAccuracy, gold_accuracy
 from rlhf.reliability import fit_reliability
 
 BOOTSTRAP_RESAMPLES = 300
@@ -35,12 +37,22 @@ PER_ANNOTATOR_COLUMNS = [
 ]
 
 
+# Added after PER_ANNOTATOR_COLUMNS when the project has gold items (per_annotator_columns).
+GOLD_COLUMNS = ["gold_items", "gold_pair_accuracy", "gold_all_right"]
+
+
+def per_annotator_columns(gold: Mapping[str, str] | None) -> list[str]:
+    """The per-annotator table's columns: the gold ones only when there are gold items."""
+    return PER_ANNOTATOR_COLUMNS + (GOLD_COLUMNS if gold else [])
+
+
 HEADLINE_COLUMNS = ["figure", "value", "95 % interval"]
 
 
 def headline(stats: Mapping, rankings: Sequence[Mapping], *, seed: int = 0) -> list[list]:
-    """``[[figure, value, 95 % interval], ...]``: the numbers an admin checks first, rounded."""
-    prompts = stats["prompts"]
+    """``[[figure, value, 95 % interval], ...]``: the numbers an admin checks first, rounded.
+    Progress counts the prompts that need a quorum: gold items (``gold`` true) are outside it."""
+    prompts = [p for p in stats["prompts"] if not p.get("gold")]
     needed = sum(p["quorum"] for p in prompts)
     done = sum(min(p["submitted"], p["quorum"]) for p in prompts)
     report = agreement.agreement_report(rankings)
@@ -116,17 +128,24 @@ def progress_over_time(rankings: Sequence[Mapping]) -> list[list]:
     return [[t, i + 1] for i, t in enumerate(times)]
 
 
-def per_annotator(stats: Mapping, rankings: Sequence[Mapping], *, seed: int = 0) -> list[list]:
-    """One row per annotator: throughput, time per item, agreement with the others and reliability.
+def per_annotator(
+    stats: Mapping, rankings: Sequence[Mapping], *, gold: Mapping[str, str] | None = None, seed: int = 0
+) -> list[list]:
+    """One row per annotator (columns: :func:`per_annotator_columns`): throughput, time per item,
+    agreement with the others, reliability and, when there are ``gold`` answers
+    (``{prompt_id: ranking text}``), accuracy on gold items.
 
     Agreement with others is the share of response pairs on which the annotator's win/tie/loss
     call matches another annotator's on the same prompt, over every such comparison, with a
-    bootstrap interval over prompts.
+    bootstrap interval over prompts. The reliability fit takes the gold answers as anchors.
+    Gold accuracy (:func:`annotation_app.gold.gold_accuracy`): how many gold items they ranked,
+    their pair accuracy with its 95 % interval over those items, the share of items fully right.
     """
     mine: dict[str, list[Mapping]] = defaultdict(list)
     for rec in rankings:
         mine[rec["annotator"]].append(rec)
-    reliability = _reliability(rankings)
+    reliability = _reliability(rankings, gold)
+    on_gold = gold_accuracy(rankings, gold, resamples=BOOTSTRAP_RESAMPLES, seed=seed) if gold else {}
     names = [user["username"] for user in stats["annotators"]]
     counts = _agreement_with_others(rankings)
     # One bootstrap for every annotator at once: each resample is grouped and compared once.
@@ -148,19 +167,32 @@ def per_annotator(stats: Mapping, rankings: Sequence[Mapping], *, seed: int = 0)
                 _fmt_ci(ci),
                 compared,
                 *reliability.get(name, (None, None)),
+                *(_gold_cells(on_gold.get(name)) if gold else []),
             ]
         )
     return rows
 
 
-def _reliability(rankings: Sequence[Mapping]) -> dict[str, tuple[float, float]]:
+def _gold_cells(acc: GoldAccuracy | None) -> list:
+    """``[gold items, "0.83 [0.70, 0.93]", share fully right]`` (blank for no gold item ranked)."""
+    if acc is None:
+        return [0, "", None]
+    estimate = acc.pair_accuracy
+    shown = f"{estimate.value:.2f}" if math.isnan(estimate.low) else estimate.fmt(2)
+    return [acc.items, shown, round(acc.all_right, 3)]
+
+
+def _reliability(
+    rankings: Sequence[Mapping], gold: Mapping[str, str] | None = None
+) -> dict[str, tuple[float, float]]:
     """``{annotator: (expected accuracy, training weight)}`` from the tie-aware Dawid–Skene model
-    (:mod:`rlhf.reliability`, the weights ``rlhf rm train --annotator_weights reliability`` uses);
-    empty until some pair has been ranked by two annotators, the only evidence it learns from."""
+    (:mod:`rlhf.reliability`, the weights ``rlhf rm train --annotator_weights reliability`` uses),
+    with ``gold`` answers as anchors; empty until it has evidence: a pair ranked by two
+    annotators, or a ranked gold item."""
     if not rankings:
         return {}
-    fit = fit_reliability(rankings)
-    if not fit.shared_items:
+    fit = fit_reliability(rankings, gold=gold)
+    if not (fit.shared_items or fit.anchored_items):
         return {}
     return {name: (round(a.expected_accuracy, 3), round(a.weight, 3)) for name, a in fit.annotators.items()}
 

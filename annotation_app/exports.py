@@ -77,6 +77,12 @@ class ExportRegistry:
             self.discard(token)
             raise
 
+    def links(self, export: Export, files: list[tuple[str, str]]) -> str:
+        """Markdown for the page: a link to each file of ``export`` (its name, what it holds) and
+        what the links allow."""
+        listed = "\n".join(f"* [{name}]({export.url(name)}) ({what})" for name, what in files)
+        return f"{listed}\n\nEach link works once, for you only, for {round(self.lifetime_s / 60)} minutes."
+
     def find(self, token: str, owner: str, name: str) -> Path | None:
         """The file ``name`` of export ``token`` if ``owner`` made it and it has not expired."""
         with self._lock:

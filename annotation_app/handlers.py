@@ -41,7 +41,7 @@ ALL_DONE = (
 )
 # Column names of the history table (in the order history_rows fills it) and the admin tables.
 HISTORY_COLUMNS = ["prompt_id", "status", "ranking", "flags", "revisions", "updated"]
-PROMPT_COLUMNS = ["prompt_id", "project", "quorum", "submitted", "skipped", "leased"]
+PROMPT_COLUMNS = ["prompt_id", "project", "quorum", "submitted", "skipped", "leased", "gold"]
 
 
 class Props(dict):
@@ -432,9 +432,18 @@ def admin_statistics(page: Page, user: str) -> dict:
     stats = page.store.stats()
     rankings = page.store.submitted_rankings(page.project, kind="ranking")
     proposals = page.store.proposals(page.project)
-    annotators = dashboard.per_annotator(stats, rankings)
+    gold = page.store.gold_answers(page.project)  # admin only: annotators never see these
+    annotators = dashboard.per_annotator(stats, rankings, gold=gold)
     prompts = [
-        [p["prompt_id"], p["project_id"], p["quorum"], p["submitted"], p["skipped"], p["leased"]]
+        [
+            p["prompt_id"],
+            p["project_id"],
+            p["quorum"],
+            p["submitted"],
+            p["skipped"],
+            p["leased"],
+            p["gold"] or "",
+        ]
         for p in stats["prompts"]
     ]
     return {
@@ -449,7 +458,7 @@ def admin_statistics(page: Page, user: str) -> dict:
             ["annotator", "agreement"], [[row[0], row[5]] for row in annotators if row[5] is not None]
         ),
         "admin-seconds": Table(["seconds", "rankings"], dashboard.seconds_histogram(rankings)),
-        "admin-annotators": Table(dashboard.PER_ANNOTATOR_COLUMNS, annotators),
+        "admin-annotators": Table(dashboard.per_annotator_columns(gold), annotators),
         "admin-prompts": Table(PROMPT_COLUMNS, prompts),
         "admin-message": f"Updated {time.strftime('%H:%M:%S')}: {len(rankings)} submitted rankings.",
     }

@@ -10,7 +10,8 @@
   JSONL, parquet or an HF dataset directory. Rankings with an annotator's edit of the best
   response carry ``edit`` and ``edit_of`` (its label); once one does, every record has both
   (null where there is no edit), so parquet and dataset files get one set of columns.
-* :func:`load_project_config` reads an annotation project YAML (name, quorum, lease, guidelines).
+* :func:`load_project_config` reads an annotation project YAML (name, quorum, lease, guidelines,
+  gold rate).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from annotation_app.gold import gold_problems
 from annotation_app.store import DEFAULT_PROJECT, Store, StoreError
 from rlhf.contracts import load_candidates, prompt_text
 from rlhf.errors import ConfigError, UserError
@@ -29,7 +31,15 @@ from rlhf.reliability import fit_reliability
 
 MAX_RESPONSE_CHARS = 20_000
 MAX_PROMPT_CHARS = 20_000
-PROJECT_KEYS = {"project", "quorum", "lease_minutes", "guidelines", "guidelines_file", "description"}
+PROJECT_KEYS = {
+    "project",
+    "quorum",
+    "lease_minutes",
+    "guidelines",
+    "guidelines_file",
+    "description",
+    "gold_rate",
+}
 
 
 class ImportRowsError(UserError):
@@ -37,7 +47,7 @@ class ImportRowsError(UserError):
 
 
 def load_project_config(path: str | Path) -> dict:
-    """``{"project", "quorum", "lease_seconds", "guidelines"}`` from a project YAML file."""
+    """``{"project", "quorum", "lease_seconds", "guidelines", "gold_rate"}`` from a project YAML file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"project config {str(path)!r} does not exist")
@@ -58,6 +68,9 @@ def load_project_config(path: str | Path) -> dict:
     lease = data.get("lease_minutes", 30)
     if isinstance(lease, bool) or not isinstance(lease, (int, float)) or lease <= 0:
         raise ConfigError(f"project config: lease_minutes must be a number > 0, got {lease!r}")
+    gold_rate = data.get("gold_rate", 0)
+    if isinstance(gold_rate, bool) or not isinstance(gold_rate, (int, float)) or not 0 <= gold_rate <= 1:
+        raise ConfigError(f"project config: gold_rate must be a number from 0 to 1, got {gold_rate!r}")
     guidelines = data.get("guidelines") or ""
     if data.get("guidelines_file"):
         gpath = (path.parent / data["guidelines_file"]).resolve()
@@ -69,6 +82,7 @@ def load_project_config(path: str | Path) -> dict:
         "quorum": quorum,
         "lease_seconds": max(1, int(round(lease * 60))),
         "guidelines": str(guidelines),
+        "gold_rate": float(gold_rate),
     }
 
 
@@ -96,19 +110,26 @@ def import_candidates(
     quorum: int | None = None,
     guidelines: str | None = None,
     lease_seconds: int | None = None,
+    gold_rate: float | None = None,
     max_chars: int = MAX_RESPONSE_CHARS,
 ) -> dict:
     """Validate and import a candidates file; returns ``{"added", "unchanged", "rows"}``.
 
+    A record's optional ``gold`` is the prompt's known answer (:mod:`annotation_app.gold`);
+    ``gold_rate`` the share of each annotator's items drawn from the project's gold items (None
+    keeps the stored rate; a new project starts at 0).
+
     Raises ``DataError`` (from ``load_candidates``) or :class:`ImportRowsError` listing every bad
-    row; nothing is written unless every row is good.
+    row (sizes, gold answers); nothing is written unless every row is good.
     """
     records = load_candidates(source)
-    errors = check_limits(records, max_chars)
+    errors = check_limits(records, max_chars) + gold_problems(records)
     if errors:
         shown = "; ".join(errors[:20]) + (f"; and {len(errors) - 20} more" if len(errors) > 20 else "")
         raise ImportRowsError(f"{source}: {len(errors)} bad row(s), nothing imported: {shown}")
-    store.upsert_project(project, quorum=quorum, guidelines=guidelines, lease_seconds=lease_seconds)
+    store.upsert_project(
+        project, quorum=quorum, guidelines=guidelines, lease_seconds=lease_seconds, gold_rate=gold_rate
+    )
     rows = [{**rec, "prompt_text": prompt_text(rec["prompt"])} for rec in records]
     result = store.add_items(rows, project_id=project)
     return {**result, "rows": len(records)}
@@ -136,8 +157,9 @@ def export_rankings(
     result = {"format": fmt, "records": len(export.records), "rankings": len(rankings), "out": str(path)}
     if ties is not None:
         result.update(ties=len(export.ties), ties_out=str(ties))
-    reliability = fit_reliability(rankings)
-    if reliability.shared_items:  # only rankings that overlap say anything about who is reliable
+    reliability = fit_reliability(rankings, gold=store.gold_answers(project))
+    # Only rankings that overlap, or rankings of gold items, say anything about who is reliable.
+    if reliability.shared_items or reliability.anchored_items:
         sidecar = annotators_path(path)
         with atomic_file(sidecar) as tmp:
             tmp.write_text(json.dumps(reliability.as_dict(), indent=2))

@@ -232,9 +232,10 @@ class StoreQueries:
             )
         }
         total = conn.execute("SELECT COUNT(*) AS n FROM prompts").fetchone()["n"]
+        # Gold items are outside the quorum (Store._choose): they never "need" rankings.
         open_ = conn.execute(
             "SELECT COUNT(*) AS n FROM prompts p JOIN projects j ON j.project_id = p.project_id "
-            "WHERE p.n_submitted < j.quorum"
+            "WHERE p.n_submitted < j.quorum AND p.gold IS NULL"
         ).fetchone()["n"]
         return {
             "submitted": mine.get("submitted", 0),
@@ -247,7 +248,9 @@ class StoreQueries:
     # -- admin views
 
     def stats(self) -> dict:
-        """Progress per annotator and per prompt, time per item (admin)."""
+        """Progress per annotator and per prompt, time per item (admin). A prompt's ``gold`` is
+        its known answer (None: not a gold item); gold items are outside the quorum, so
+        ``complete_prompts`` counts the others only."""
         conn = self.conn
         per_user = [
             dict(r)
@@ -265,7 +268,7 @@ class StoreQueries:
         per_prompt = [
             dict(r)
             for r in conn.execute(
-                "SELECT p.prompt_id, p.project_id, j.quorum, "
+                "SELECT p.prompt_id, p.project_id, j.quorum, p.gold, "
                 "(SELECT COUNT(*) FROM rankings r WHERE r.prompt_id = p.prompt_id AND r.status = 'submitted') AS submitted, "
                 "(SELECT COUNT(*) FROM rankings r WHERE r.prompt_id = p.prompt_id AND r.status = 'skipped') AS skipped, "
                 "(SELECT COUNT(*) FROM assignments a WHERE a.prompt_id = p.prompt_id AND a.expires_at > ?) AS leased "
@@ -283,7 +286,9 @@ class StoreQueries:
         return {
             "annotators": per_user,
             "prompts": per_prompt,
-            "complete_prompts": sum(1 for p in per_prompt if p["submitted"] >= p["quorum"]),
+            "complete_prompts": sum(
+                1 for p in per_prompt if p["gold"] is None and p["submitted"] >= p["quorum"]
+            ),
             "submitted": sum(p["submitted"] for p in per_prompt),
             "median_seconds_per_item": times[len(times) // 2] if times else math.nan,
         }
@@ -296,6 +301,16 @@ class StoreQueries:
             (project, project),
         ).fetchall()
         return {r["prompt_id"]: {"ranking": r["proposal"], "source": r["proposal_source"]} for r in rows}
+
+    def gold_answers(self, project: str | None = None) -> dict[str, str]:
+        """``{prompt_id: known answer}`` (canonical ranking text) of every gold item of ``project``
+        (None: all) (admin: annotators must never see these)."""
+        rows = self.conn.execute(
+            "SELECT prompt_id, gold FROM prompts WHERE gold IS NOT NULL "
+            "AND (CAST(? AS TEXT) IS NULL OR project_id = ?) ORDER BY seq",
+            (project, project),
+        ).fetchall()
+        return {r["prompt_id"]: r["gold"] for r in rows}
 
     def prompts_for_proposal(self, project: str | None = None) -> list[dict]:
         """Every prompt with its responses, as a scorer needs them: ``prompt`` (text or messages),

@@ -28,6 +28,8 @@ Assignment (Argilla's per-record quorum, Label Studio's task locks):
 * ``next_item`` returns the caller's live lease if they have one, otherwise leases the prompt
   with the fewest (submitted + live-leased) rankings that the caller has not submitted or
   skipped and that still has a free slot — a prompt where the caller has a draft comes first;
+* gold items (a known answer in ``prompts.gold``, :mod:`annotation_app.gold`) are outside the
+  quorum: each annotator may get each once, unannounced, at the project's ``gold_rate``;
 * a lease expires after ``lease_seconds``; expired leases stop counting against the quorum, so
   the prompt returns to the pool; saving a draft renews the caller's lease;
 * a submit needs a live lease held by the caller, and a (prompt, annotator) pair has one
@@ -58,6 +60,7 @@ from annotation_app.auth import (
 )
 from annotation_app.database import AnyRow, open_database
 from annotation_app.errors import StoreError
+from annotation_app.gold import gold_problems, gold_ranking, serve_gold
 from annotation_app.queries import StoreQueries
 from annotation_app.records import Item, SubmitResult, result_from_row
 from annotation_app.schema import (
@@ -309,18 +312,34 @@ class Store(StoreQueries):
 
         A record whose ``prompt_id`` is already stored with the same content is skipped; one with
         different content is refused (all refusals are collected, nothing is written then).
+        A record may carry ``gold``, the prompt's known answer (:mod:`annotation_app.gold`): a
+        bad one is refused, with its row, before anything is written. The canonical answer is
+        part of the content, so re-importing a prompt with a different gold answer (or adding or
+        dropping one) is refused like changed responses; a prompt without one hashes as before.
+
         Returns ``{"added": n, "unchanged": m}``.
         """
         self.project(project_id)
+        problems = gold_problems(records)
+        if problems:
+            raise StoreError(
+                f"{len(problems)} row(s) have a bad gold answer; nothing imported: "
+                + "; ".join(problems[:20]),
+                code="bad_gold",
+            )
         prepared = []
         for rec in records:
-            content = json.dumps({"prompt": rec["prompt"], "candidates": rec["candidates"]}, sort_keys=True)
-            prepared.append((rec, hashlib.sha256(content.encode("utf-8")).hexdigest()))
-        added = unchanged = 0
+            gold = gold_ranking(rec.get("gold"), [c["label"] for c in rec["candidates"]])
+            content = {"prompt": rec["prompt"], "candidates": rec["candidates"]}
+            if gold is not None:
+                content["gold"] = str(gold)
+            digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode("utf-8")).hexdigest()
+            prepared.append((rec, digest, None if gold is None else str(gold)))
+        added = unchanged = added_gold = 0
         conflicts = []
         with self.write() as conn:
             seq = conn.execute("SELECT COALESCE(MAX(seq), 0) AS s FROM prompts").fetchone()["s"]
-            for i, (rec, digest) in enumerate(prepared):
+            for i, (rec, digest, gold) in enumerate(prepared):
                 pid = str(rec["prompt_id"])
                 row = conn.execute(
                     "SELECT content_hash, project_id FROM prompts WHERE prompt_id = ?", (pid,)
@@ -331,13 +350,13 @@ class Store(StoreQueries):
                     else:
                         conflicts.append(
                             f"row {i + 1}: prompt_id {pid!r} is already imported with different "
-                            "content or into another project"
+                            "content (responses or gold answer) or into another project"
                         )
                     continue
                 seq += 1
                 conn.execute(
                     "INSERT INTO prompts (prompt_id, project_id, seq, serve_order, prompt_json, prompt_text, "
-                    "content_hash, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    "content_hash, gold, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         pid,
                         project_id,
@@ -346,6 +365,7 @@ class Store(StoreQueries):
                         json.dumps(rec["prompt"]),
                         rec.get("prompt_text") or prompt_text(rec["prompt"]),
                         digest,
+                        gold,
                         self.clock(),
                     ),
                 )
@@ -361,13 +381,23 @@ class Store(StoreQueries):
                         ),
                     )
                 added += 1
+                added_gold += gold is not None
             if conflicts:
                 raise StoreError(
                     f"{len(conflicts)} row(s) conflict with stored prompts; nothing imported: "
                     + "; ".join(conflicts[:20]),
                     code="import_conflict",
                 )
-            self._audit(conn, None, "import", None, project=project_id, added=added, unchanged=unchanged)
+            self._audit(
+                conn,
+                None,
+                "import",
+                None,
+                project=project_id,
+                added=added,
+                unchanged=unchanged,
+                gold=added_gold,
+            )
         return {"added": added, "unchanged": unchanged}
 
     # -- assignment
@@ -399,17 +429,30 @@ class Store(StoreQueries):
         self, conn, username: str, project: str | None, kind: str, now: float
     ) -> tuple[str, float, bool] | None:
         """``(prompt_id, lease end, new lease?)`` of the prompt to give the caller: their live
-        lease; else their own draft if it still has a free slot; else the prompt with the fewest
-        (submitted + live leases of others), first in serve order (import order, or the order
-        ``rlhf annotate prioritize`` set). None: nothing left for them. Only prompts of projects
-        of ``kind`` count, leases included: the arena tab never hands out a ranking item.
+        lease; else their own draft if it still has a free slot (a gold item's always has one);
+        else, when the gold draw says so, a gold item; else the prompt with the fewest (submitted
+        + live leases of others), first in serve order (import order, or the order ``rlhf annotate
+        prioritize`` set). None: nothing left for them. Only prompts of projects of ``kind``
+        count, leases included: the arena tab never hands out a ranking item.
 
-        The three queries are sent before any is read: on PostgreSQL, in pipeline mode, one
-        round trip inside the write lock instead of three. Rows of the last come in
+        Gold items (``prompts.gold``, :mod:`annotation_app.gold`) are outside the quorum: every
+        annotator may answer each one once, and the neediest query never returns one. The gold
+        query returns the caller's first unseen gold item in serve order, with its project's
+        ``gold_rate`` and how many items of this kind (and project) the caller has submitted or
+        skipped; :func:`~annotation_app.gold.serve_gold` draws on those. Serve order rather than a
+        per-annotator shuffle: annotators then answer the same gold items first, so their
+        accuracies are measured on the same items and compare fairly, and ``prioritize`` can
+        order gold items like any others. With ``project`` None the first unseen gold item's
+        project's rate applies. A project with rate 0 never serves its gold items; one with a
+        rate above 0 serves them also when no other item is left for the caller.
+
+        The four queries are sent before any is read: on PostgreSQL, in pipeline mode, one
+        round trip inside the write lock instead of four. Rows of the neediest come in
         (n_submitted, serve_order) order from an index; since taken >= n_submitted, the scan stops
         at the first row whose n_submitted cannot beat the best taken so far. Before that it sees
         at most one row without leases of others (its taken is its n_submitted), so the first
-        (prompts leased by others + 1) rows hold the answer: the query reads no more.
+        (prompts leased by others + 1) rows hold the answer: the query reads no more (gold
+        leases count in that limit too: a bound above the need is still right).
         """
         in_project = "(CAST(? AS TEXT) IS NULL OR p.project_id = ?) AND j.kind = ?"
         leased = (
@@ -418,6 +461,10 @@ class Store(StoreQueries):
         )
         leased_by_others_plus_one = (
             "(SELECT COUNT(DISTINCT prompt_id) + 1 FROM assignments WHERE expires_at > ? AND username <> ?)"
+        )
+        done_by_caller = (
+            "EXISTS (SELECT 1 FROM rankings r WHERE r.prompt_id = p.prompt_id AND r.username = ? "
+            "AND r.status IN ('submitted', 'skipped'))"
         )
         live = conn.execute(
             f"SELECT a.prompt_id, a.expires_at FROM assignments a JOIN prompts p ON p.prompt_id = a.prompt_id "
@@ -428,17 +475,30 @@ class Store(StoreQueries):
         draft = conn.execute(
             f"SELECT p.prompt_id, j.lease_seconds FROM rankings r JOIN prompts p ON p.prompt_id = r.prompt_id "
             f"JOIN projects j ON j.project_id = p.project_id WHERE r.username = ? AND r.status = 'draft' "
-            f"AND {in_project} AND p.n_submitted + {leased} < j.quorum ORDER BY r.updated_at DESC LIMIT 1",
+            f"AND {in_project} AND (p.gold IS NOT NULL OR p.n_submitted + {leased} < j.quorum) "
+            f"ORDER BY r.updated_at DESC LIMIT 1",
             (username, project, project, kind, now, username),
         )
         neediest = conn.execute(
             f"SELECT p.prompt_id, p.n_submitted, j.quorum, j.lease_seconds, {leased} AS leased "
             f"FROM prompts p CROSS JOIN projects j WHERE j.project_id = p.project_id "
-            f"AND {in_project} AND p.n_submitted < j.quorum "
-            f"AND NOT EXISTS (SELECT 1 FROM rankings r WHERE r.prompt_id = p.prompt_id AND r.username = ? "
-            f"AND r.status IN ('submitted', 'skipped')) ORDER BY p.n_submitted, p.serve_order "
+            f"AND {in_project} AND p.n_submitted < j.quorum AND p.gold IS NULL "
+            f"AND NOT {done_by_caller} ORDER BY p.n_submitted, p.serve_order "
             f"LIMIT {leased_by_others_plus_one}",
             (now, username, project, project, kind, username, now, username),
+        )
+        items_done = (  # the caller's submitted or skipped items of this kind (and project)
+            "(SELECT COUNT(*) FROM rankings r JOIN prompts rp ON rp.prompt_id = r.prompt_id "
+            "JOIN projects rj ON rj.project_id = rp.project_id WHERE r.username = ? "
+            "AND r.status IN ('submitted', 'skipped') AND (CAST(? AS TEXT) IS NULL OR rp.project_id = ?) "
+            "AND rj.kind = ?)"
+        )
+        gold = conn.execute(
+            f"SELECT p.prompt_id, j.gold_rate, j.lease_seconds, {items_done} AS items_done "
+            f"FROM prompts p JOIN projects j ON j.project_id = p.project_id "
+            f"WHERE {in_project} AND p.gold IS NOT NULL AND j.gold_rate > 0 AND NOT {done_by_caller} "
+            f"ORDER BY p.serve_order, p.seq LIMIT 1",
+            (username, project, project, kind, project, project, kind, username),
         )
         try:
             row = live.fetchone()
@@ -454,9 +514,14 @@ class Store(StoreQueries):
                 taken = row["n_submitted"] + row["leased"]
                 if taken < row["quorum"] and (best_taken is None or taken < best_taken):
                     best, best_taken = row, taken
+            row = gold.fetchone()
+            if row is not None and (
+                best is None or serve_gold(username, row["items_done"], row["gold_rate"])
+            ):
+                best = row
             return None if best is None else (best["prompt_id"], now + best["lease_seconds"], True)
         finally:
-            for cursor in (live, draft, neediest):
+            for cursor in (live, draft, neediest, gold):
                 cursor.close()
 
     def release(self, username: str, prompt_id: str) -> None:
