@@ -1,7 +1,8 @@
 """The annotation page (Gradio 6.31): layout and wiring only.
 
 Everything that decides something lives elsewhere: what each control does in
-:mod:`annotation_app.handlers` (plain functions, tested without a server), storage, leases,
+:mod:`annotation_app.handlers` (plain functions, tested without a server; the Arena tab's, blind
+pairwise votes and the admins' leaderboard, in :mod:`annotation_app.arena_tab`), storage, leases,
 validation and idempotency in :mod:`annotation_app.store`, login in :mod:`annotation_app.auth`,
 the rank board in :mod:`annotation_app.board` (its browser side included) and
 :mod:`annotation_app.control`, how untrusted text is shown in :mod:`annotation_app.text`, the
@@ -23,12 +24,13 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from annotation_app import dashboard, handlers
+from annotation_app import arena_tab, dashboard, handlers
 from annotation_app.api import wire_api
 from annotation_app.auth import session_user
 from annotation_app.board import BOARD_CSS, BOARD_HTML, BOARD_JS, board_value
 from annotation_app.handlers import Page, Props, Table, slot_keys
 from annotation_app.store import Store
+from rlhf.arena import LABELS as ARENA_LABELS
 from rlhf.export import EXPORT_FORMATS
 
 # Keyboard shortcuts on top of the board's own keys (see annotation_app/board.py) and Enter in the
@@ -36,7 +38,8 @@ from rlhf.export import EXPORT_FORMATS
 KEYS_JS = """
 () => {
   document.addEventListener('keydown', (e) => {
-    const click = (id) => { const b = document.getElementById(id); if (b) b.click(); };
+    // Only a button on screen: Alt+S on the Arena tab must not skip the hidden ranking item.
+    const click = (id) => { const b = document.getElementById(id); if (b && b.offsetParent !== null) b.click(); };
     const focus = (sel) => { const t = document.querySelector(sel); if (t) { t.focus(); e.preventDefault(); } };
     if (e.altKey && (e.key === 'r' || e.key === 'R')) focus('#ranking textarea, #ranking input');
     else if (e.altKey && (e.key === 'k' || e.key === 'K')) focus('#board .chip[tabindex="0"]');
@@ -82,8 +85,9 @@ def build_app(store: Store, *, project: str | None = None, max_k: int | None = N
     page = Page.for_store(store, project, max_k)
     with gr.Blocks(title="RLHF Lab — annotation", analytics_enabled=False) as demo:
         with gr.Tabs():
-            ui = {**_annotate_tab(page.slots), **_history_tab(), **_admin_tab()}
+            ui = {**_annotate_tab(page.slots), **_arena_tab(), **_history_tab(), **_admin_tab()}
         _wire_annotate(demo, page, ui)
+        _wire_arena(demo, page, ui)
         _wire_history(page, ui)
         _wire_admin(page, ui)
         wire_api(page)
@@ -122,16 +126,7 @@ def _annotate_tab(slots: tuple[str, ...]) -> dict:
         ui["labels"] = gr.Textbox(visible="hidden", elem_id="labels")
         ui["client-token"] = gr.Textbox(visible="hidden", elem_id="client-token")
         ui["prompt"] = gr.Textbox(label="Prompt", interactive=False, elem_id="prompt", lines=1, max_lines=6)
-        # Shown for a multi-turn prompt: the turns as literal text, no Markdown or HTML rendered.
-        ui["conversation"] = gr.Chatbot(
-            label="Conversation so far",
-            elem_id="conversation",
-            visible=False,
-            height=220,
-            render_markdown=False,
-            sanitize_html=True,
-            buttons=[],
-        )
+        ui["conversation"] = _transcript("conversation")
         ui["board"] = gr.HTML(
             board_value([], ""),
             html_template=BOARD_HTML,
@@ -178,6 +173,87 @@ def _annotate_tab(slots: tuple[str, ...]) -> dict:
             )
         ui["comment"] = gr.Textbox(label="Comment (optional)", elem_id="comment", lines=1, max_length=5000)
         ui["next"] = gr.Button("Next / refresh", elem_id="next", size="sm")
+    return ui
+
+
+def _transcript(elem_id: str) -> gr.Chatbot:
+    """Shown for a multi-turn prompt: the turns as literal text, no Markdown or HTML rendered."""
+    return gr.Chatbot(
+        label="Conversation so far",
+        elem_id=elem_id,
+        visible=False,
+        height=220,
+        render_markdown=False,
+        sanitize_html=True,
+        buttons=[],
+    )
+
+
+def _arena_tab() -> dict:
+    ui: dict = {}
+    with gr.Tab("Arena", id="arena") as ui["arena-tab"]:
+        with gr.Row(equal_height=True):
+            ui["arena-progress"] = gr.Textbox(
+                show_label=False, interactive=False, elem_id="arena-progress", scale=2, container=False
+            )
+            ui["arena-message"] = gr.Textbox(
+                show_label=False,
+                interactive=False,
+                elem_id="arena-message",
+                scale=5,
+                container=False,
+                placeholder="Messages appear here",
+            )
+            ui["arena-next"] = gr.Button(
+                "Next / refresh", elem_id="arena-next", scale=0, min_width=120, size="sm"
+            )
+        # Guidelines come from the admin's project config (trusted), so Markdown is fine.
+        ui["arena-guidelines"] = gr.Markdown(elem_id="arena-guidelines")
+        ui["arena-prompt-id"] = gr.Textbox(visible="hidden", elem_id="arena-prompt-id")
+        ui["arena-token"] = gr.Textbox(visible="hidden", elem_id="arena-token")
+        ui["arena-prompt"] = gr.Textbox(
+            label="Prompt", interactive=False, elem_id="arena-prompt", lines=1, max_lines=6
+        )
+        ui["arena-conversation"] = _transcript("arena-conversation")
+        with gr.Row(equal_height=True):
+            for label in ARENA_LABELS:  # side by side, each scrolling on its own
+                ui[f"arena-response-{label}"] = gr.Textbox(
+                    label=label,
+                    interactive=False,
+                    elem_id=f"arena-response-{label}",
+                    elem_classes="response-column",
+                    lines=12,
+                    max_lines=12,
+                    autoscroll=False,
+                )
+        with gr.Row(elem_id="arena-votes"):
+            for key, choice in arena_tab.CHOICES.items():
+                ui[key] = gr.Button(choice.button_text(), elem_id=key, variant="primary", interactive=False)
+            ui["arena-skip"] = gr.Button(
+                arena_tab.SKIP.button_text(), elem_id="arena-skip", scale=0, min_width=110, interactive=False
+            )
+        # Admins only (the handlers check the role on every call; this is only what shows).
+        with gr.Column(visible=False, elem_id="arena-admin") as ui["arena-admin"]:
+            gr.Markdown(
+                "### Arena leaderboard\nThe app's votes (voter `human`): Bradley–Terry–Davidson ratings "
+                "and length-controlled win rates with 95 % bootstrap intervals over prompts (docs/arena.md)."
+            )
+            with gr.Row(equal_height=True):
+                ui["arena-baseline"] = gr.Dropdown(
+                    choices=[arena_tab.LOWEST_RATED],
+                    value="",
+                    label="Win rates against",
+                    elem_id="arena-baseline",
+                    scale=2,
+                )
+                ui["arena-refresh"] = gr.Button("Refresh leaderboard", elem_id="arena-refresh", scale=1)
+                ui["arena-export"] = gr.Button("Export votes (JSONL)", elem_id="arena-export", scale=1)
+            ui["arena-admin-message"] = gr.Textbox(
+                show_label=False, interactive=False, elem_id="arena-admin-message", container=False
+            )
+            ui["arena-leaderboard"] = gr.Dataframe(interactive=False, elem_id="arena-leaderboard", wrap=True)
+            ui["arena-figure"] = gr.Plot(show_label=False, elem_id="arena-figure", format="png")
+            ui["arena-download"] = gr.Markdown(elem_id="arena-download")
     return ui
 
 
@@ -379,6 +455,50 @@ def _wire_annotate(demo: gr.Blocks, page: Page, ui: dict) -> None:
     )
     for changed in (ui["rendered-toggle"].change, ui["labels"].change):
         changed(on_rendered, [ui["rendered-toggle"], ui["labels"]], _components(ui, rendered_keys), **PRIVATE)
+
+
+def _wire_arena(demo: gr.Blocks, page: Page, ui: dict) -> None:
+    view_keys = list(arena_tab.VIEW_KEYS)
+    view = _components(ui, view_keys)
+    pair = [ui["arena-prompt-id"], ui["arena-token"]]
+    leaderboard_keys = list(arena_tab.LEADERBOARD_KEYS)
+    export_keys = list(arena_tab.EXPORT_KEYS)
+
+    def on_arena_open(request: gr.Request):
+        return _answer(arena_tab.open_arena(page, session_user(request)), [*view_keys, "arena-admin"])
+
+    def on_arena_next(request: gr.Request):
+        return _answer(arena_tab.next_pair(page, session_user(request)), view_keys)
+
+    def on_arena_vote(button: str):
+        # One handler per vote button, named after it (on_arena_a, ...): the choice is fixed
+        # here on the server, never sent by the page.
+        def on_vote(pid: str, tok: str, request: gr.Request):
+            return _answer(arena_tab.vote(page, session_user(request), pid, tok, button), view_keys)
+
+        on_vote.__name__ = on_vote.__qualname__ = "on_" + button.replace("-", "_")
+        return on_vote
+
+    def on_arena_skip(pid: str, tok: str, request: gr.Request):
+        return _answer(arena_tab.skip(page, session_user(request), pid, tok), view_keys)
+
+    def on_arena_leaderboard(baseline: str, request: gr.Request):
+        return _answer(arena_tab.leaderboard(page, session_user(request), baseline), leaderboard_keys)
+
+    def on_arena_export(request: gr.Request):
+        return _answer(arena_tab.export_votes(page, session_user(request)), export_keys)
+
+    # The pair is leased when the tab is opened, not at page load: someone who never opens the
+    # Arena tab holds no pair back from the others.
+    ui["arena-tab"].select(on_arena_open, None, [*view, ui["arena-admin"]], **PRIVATE)
+    ui["arena-next"].click(on_arena_next, None, view, **PRIVATE)
+    for key in arena_tab.CHOICES:
+        ui[key].click(on_arena_vote(key), pair, view, trigger_mode="once", **PRIVATE)
+    ui["arena-skip"].click(on_arena_skip, pair, view, trigger_mode="once", **PRIVATE)
+    for trigger in (ui["arena-refresh"].click, ui["arena-baseline"].input):
+        trigger(on_arena_leaderboard, [ui["arena-baseline"]], _components(ui, leaderboard_keys), **PRIVATE)
+    ui["arena-export"].click(on_arena_export, None, _components(ui, export_keys), **PRIVATE)
+    demo.load(None, None, None, js=arena_tab.KEYS_JS, **PRIVATE)
 
 
 def _wire_history(page: Page, ui: dict) -> None:

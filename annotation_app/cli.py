@@ -7,6 +7,7 @@ A round end to end::
         --project_config experiments/configs/annotation_project.yaml
     rlhf annotate serve --db lab.db                               # http://127.0.0.1:7860
     rlhf annotate stats --db lab.db
+    rlhf annotate prioritize --db lab.db --reward runs/x/rm_train/model   # least certain first
     rlhf annotate export --db lab.db --format pairs --out prefs   # HF dataset dir (or .jsonl)
 
 ``--db`` is a SQLite file, or a PostgreSQL URL (``postgresql://user@host:5432/lab``; the database
@@ -29,6 +30,7 @@ from annotation_app.control import ranking_from_scores
 from annotation_app.database import is_url
 from annotation_app.io import export_rankings, import_candidates, load_project_config
 from annotation_app.store import DEFAULT_PROJECT, ROLES, Store, StoreError
+from rlhf.active import MEASURES, least_certain_first, uncertainty
 from rlhf.errors import require_extra
 from rlhf.export import EXPORT_FORMATS, TRL_STYLES
 from rlhf.rewards import load_reward_fn
@@ -107,6 +109,8 @@ def _export(args) -> int:
         project=args.project,
         trl_style=args.trl_style,
         model=args.model,
+        # all projects: the ranking items; a named project: its rankings, or its arena votes
+        kind="ranking" if args.project is None else None,
     )
     print(f"wrote {res['records']} {res['format']} records ({res['rankings']} rankings) to {res['out']}")
     if "ties_out" in res:
@@ -129,6 +133,22 @@ def _propose(args) -> int:
         proposals[item["prompt_id"]] = ranking_from_scores(labels, scores.tolist(), args.tie_threshold)
     n = store.set_proposals(proposals, source=f"{reward.name} (tie_threshold {args.tie_threshold:g})")
     print(f"stored {n} proposed rankings from {reward.name} in {store.db.name}; annotators do not see them")
+    return 0
+
+
+def _prioritize(args) -> int:
+    """Active selection: serve first the prompts a reward model is least certain how to rank."""
+    store = _open(args.db)
+    prompts = store.prompts_for_proposal(args.project)
+    if not prompts:
+        raise StoreError(f"{args.db} has no prompts to prioritise", code="empty")
+    reward = load_reward_fn(args.reward)  # checks the spec, and loads a model, before any scoring
+    order = least_certain_first(uncertainty(prompts, reward, args.by))
+    n = store.set_serve_order(order, source=f"{reward.name} ({args.by})", project=args.project)
+    print(
+        f"{store.db.name}: {n} prompts now served least certain first by {reward.name} ({args.by}); "
+        f"first: {', '.join(order[:5])}. Rerun after training on the new rankings."
+    )
     return 0
 
 
@@ -324,6 +344,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--project", default=None, help="only this project (default: all)")
     p.set_defaults(func=_propose)
+
+    p = sub.add_parser(
+        "prioritize",
+        help="active selection: serve first the prompts a reward model is least certain how to rank",
+        description="Score every prompt's responses with --reward and serve the prompts it is least "
+        "certain about first, among prompts with equally many rankings (rlhf/active.py): --by margin, "
+        "the closest two responses' scores; --by ensemble, how much the members of a reward-model "
+        "ensemble (rlhf rm train --ensemble N) disagree. Rerun it after training on the new rankings; "
+        "experiments/benchmarks/bench_active_selection.py measures what it buys.",
+    )
+    db_arg(p)
+    p.add_argument("--reward", required=True, help="reward-model dir, ensemble dir or scorer spec")
+    p.add_argument("--by", choices=MEASURES, default="margin", help="uncertainty measure (default margin)")
+    p.add_argument("--project", default=None, help="only this project (default: all)")
+    p.set_defaults(func=_prioritize)
 
     p = sub.add_parser(
         "stats",

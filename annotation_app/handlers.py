@@ -474,7 +474,8 @@ def admin_export(page: Page, user: str, fmt: str) -> dict:
         page.store.require_admin(user)
         with exports.REGISTRY.new(user) as export:
             out = export.folder / f"{fmt}.jsonl"
-            res = export_rankings(page.store, str(out), fmt=fmt, project=page.project)
+            # the ranking items only: the Arena tab exports its votes itself
+            res = export_rankings(page.store, str(out), fmt=fmt, project=page.project, kind="ranking")
     except UserError as err:
         return {"admin-download": "", "admin-message": explain(err)}
     files = [(Path(res["out"]).name, f"{res['records']} records")]

@@ -142,14 +142,16 @@ def export_rankings(
     project: str | None = None,
     trl_style: str = "conversational",
     model: str | None = None,
+    kind: str | None = None,
 ) -> dict:
-    """Write the submitted rankings to ``out`` in export format ``fmt`` (``rlhf.data.EXPORT_FORMATS``).
+    """Write the submitted rankings to ``out`` in export format ``fmt`` (``rlhf.data.EXPORT_FORMATS``),
+    of ``project`` (None: all) and of projects of ``kind`` (None: ranking items and arena votes).
 
     Returns ``{"format", "records", "rankings", "out"}``, plus ``"ties"`` and ``"ties_out"`` for
     format ``trl``. ``trl_style`` and ``model`` as in ``rlhf export``.
     """
     check_export_options(fmt, trl_style, model)  # before the store is read
-    rankings = store.submitted_rankings(project)
+    rankings = store.submitted_rankings(project, kind=kind)
     if not rankings:
         raise StoreError("there are no submitted rankings to export yet", code="nothing_to_export")
     export = build_export(rankings, fmt, trl_style=trl_style, model=model)

@@ -223,19 +223,28 @@ class StoreQueries:
             **_edit_fields(row["edit"], json.loads(row["tiers_json"])),
         }
 
-    def progress(self, username: str) -> dict:
+    def progress(self, username: str, kind: str = "ranking") -> dict:
+        """The caller's counts (submitted, skipped, drafts) and the prompts still needing rankings,
+        among projects of ``kind``: the ranking screen counts ranking items, the arena its pairs."""
         conn = self.conn
         mine = {
             r["status"]: r["n"]
             for r in conn.execute(
-                "SELECT status, COUNT(*) AS n FROM rankings WHERE username = ? GROUP BY status", (username,)
+                "SELECT r.status, COUNT(*) AS n FROM rankings r JOIN prompts p ON p.prompt_id = r.prompt_id "
+                "JOIN projects j ON j.project_id = p.project_id WHERE r.username = ? AND j.kind = ? "
+                "GROUP BY r.status",
+                (username, kind),
             )
         }
-        total = conn.execute("SELECT COUNT(*) AS n FROM prompts").fetchone()["n"]
+        total = conn.execute(
+            "SELECT COUNT(*) AS n FROM prompts p JOIN projects j ON j.project_id = p.project_id WHERE j.kind = ?",
+            (kind,),
+        ).fetchone()["n"]
         # Gold items are outside the quorum (Store._choose): they never "need" rankings.
         open_ = conn.execute(
             "SELECT COUNT(*) AS n FROM prompts p JOIN projects j ON j.project_id = p.project_id "
-            "WHERE p.n_submitted < j.quorum AND p.gold IS NULL"
+            "WHERE p.n_submitted < j.quorum AND p.gold IS NULL AND j.kind = ?",
+            (kind,),
         ).fetchone()["n"]
         return {
             "submitted": mine.get("submitted", 0),

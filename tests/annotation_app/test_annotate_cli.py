@@ -258,3 +258,40 @@ def test_export_writes_the_annotators_reliability_beside_it(tmp_path):
     solo.submit("ann", item.prompt_id, "A > B > C", [], "", None)
     assert "annotators_out" not in export_rankings(solo, str(tmp_path / "solo.jsonl"))
     assert not (tmp_path / "solo.annotators.json").exists()
+
+
+def test_prioritize_serves_the_least_certain_prompts_first(tmp_path, capsys):
+    # length:target=4 (words) scores -|n - 4| / 4: the closest pair of scores decides each prompt's place
+    gaps = {
+        "p0": ("a b c d", "a"),
+        "p1": ("a b c", "a b c d e"),
+        "p2": ("a b c d", "a b"),
+        "p3": ("a b c d", "a b c"),
+    }
+    recs = [
+        {
+            "prompt_id": pid,
+            "prompt": "Say it",
+            "candidates": [{"label": "A", "text": a}, {"label": "B", "text": b}],
+        }
+        for pid, (a, b) in gaps.items()
+    ]
+    db = str(tmp_path / "lab.db")
+    assert main(["annotate", "import", str(write_jsonl(tmp_path / "c.jsonl", recs)), "--db", db]) == 0
+    store = Store(db)
+    store.add_user("ann", "password-ann")
+    assert store.next_item("ann").prompt_id == "p0"  # import order before any prioritising
+    store.release("ann", "p0")
+    assert main(["annotate", "prioritize", "--db", db, "--reward", "length:target=4"]) == 0
+    assert "4 prompts now served least certain first" in capsys.readouterr().out
+    served = []
+    for _ in gaps:
+        item = store.next_item("ann")
+        served.append(item.prompt_id)
+        store.submit("ann", item.prompt_id, "A > B")
+    # gaps 0 (p1: 3 and 5 words), 0.25 (p3), 0.5 (p2), 0.75 (p0)
+    assert served == ["p1", "p3", "p2", "p0"]
+    assert (
+        main(["annotate", "prioritize", "--db", db, "--reward", "length:target=4", "--by", "ensemble"]) == 2
+    )
+    assert "needs an ensemble" in capsys.readouterr().err

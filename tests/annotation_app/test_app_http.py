@@ -188,6 +188,14 @@ def test_admin_functions_refuse_annotators(server):
     assert boss.get(url).json()["code"] == "no_such_export"  # deleted once downloaded
 
 
+def test_arena_admin_events_refuse_annotators(server):
+    http1 = login(server, "ann1")
+    for fn_name, data in (("on_arena_leaderboard", [""]), ("on_arena_export", [])):
+        assert "needs an admin account" in json.dumps(call_private(server, http1, fn_name, data))
+    boss = login(server, "boss")
+    assert "no arena votes yet" in json.dumps(call_private(server, boss, "on_arena_leaderboard", [""]))
+
+
 def test_simulated_annotators_through_the_api(server):
     from annotation_app.simulated_client import ranking_from_scores, run_annotators
     from rlhf.scorers import get_scorer
