@@ -231,5 +231,7 @@ def test_an_admin_sees_the_leaderboard_with_intervals_and_downloads_the_votes(ap
     records = [json.loads(line) for line in open(download.value.path(), encoding="utf-8")]
     assert records and all(len(r["candidates"]) == 2 and r["voter"] == "human" for r in records)
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    # Gradio marks an output pending while its event runs: shoot once everything has been drawn
+    page.wait_for_function("() => !document.querySelector('.pending, .progress-text')", timeout=TIMEOUT)
     page.screenshot(path=str(SCREENSHOTS / "arena_leaderboard_1366x768.png"), full_page=True)
     page.close()
