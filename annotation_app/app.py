@@ -99,21 +99,27 @@ def build_app(store: Store, *, project: str | None = None, max_k: int | None = N
 # column of response X, "admin-tab"); creation order is the page order.
 
 
+def _progress_and_message(progress_id: str, message_id: str, scales: tuple[int, int]):
+    """The read-only progress and message lines a tab's top bar starts with."""
+    progress = gr.Textbox(
+        show_label=False, interactive=False, elem_id=progress_id, scale=scales[0], container=False
+    )
+    message = gr.Textbox(
+        show_label=False,
+        interactive=False,
+        elem_id=message_id,
+        scale=scales[1],
+        container=False,
+        placeholder="Messages appear here",
+    )
+    return progress, message
+
+
 def _annotate_tab(slots: tuple[str, ...]) -> dict:
     ui: dict = {}
     with gr.Tab("Annotate", id="annotate"):
         with gr.Row(elem_id="topbar", equal_height=True):
-            ui["progress"] = gr.Textbox(
-                show_label=False, interactive=False, elem_id="progress", scale=3, container=False
-            )
-            ui["message"] = gr.Textbox(
-                show_label=False,
-                interactive=False,
-                elem_id="message",
-                scale=4,
-                container=False,
-                placeholder="Messages appear here",
-            )
+            ui["progress"], ui["message"] = _progress_and_message("progress", "message", scales=(3, 4))
             ui["skip"] = gr.Button("Skip", elem_id="skip", scale=0, min_width=80)
             ui["submit"] = gr.Button("Submit", variant="primary", elem_id="submit", scale=0, min_width=110)
         with gr.Accordion("Guidelines", open=True, elem_id="guidelines-box") as ui["guidelines-box"]:
@@ -193,16 +199,8 @@ def _arena_tab() -> dict:
     ui: dict = {}
     with gr.Tab("Arena", id="arena") as ui["arena-tab"]:
         with gr.Row(equal_height=True):
-            ui["arena-progress"] = gr.Textbox(
-                show_label=False, interactive=False, elem_id="arena-progress", scale=2, container=False
-            )
-            ui["arena-message"] = gr.Textbox(
-                show_label=False,
-                interactive=False,
-                elem_id="arena-message",
-                scale=5,
-                container=False,
-                placeholder="Messages appear here",
+            ui["arena-progress"], ui["arena-message"] = _progress_and_message(
+                "arena-progress", "arena-message", scales=(2, 5)
             )
             ui["arena-next"] = gr.Button(
                 "Next / refresh", elem_id="arena-next", scale=0, min_width=120, size="sm"

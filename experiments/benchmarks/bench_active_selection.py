@@ -43,8 +43,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from experiments.benchmarks.bench_annotator_reliability import _fmt, t_interval  # noqa: E402
 from experiments.benchmarks.bench_rm_learning import run_choice  # noqa: E402
-from experiments.benchmarks.bench_rm_vs_trl import add_data_args, make_candidates, split, write_jsonl  # noqa: E402
-from reward_models.simulate import simulate_rankings  # noqa: E402
+from experiments.benchmarks.bench_rm_vs_trl import (  # noqa: E402
+    add_data_args,
+    make_candidates,
+    simulate_pool,
+    split,
+    write_jsonl,
+)
 from rlhf.active import MEASURES, least_certain_first, uncertainty  # noqa: E402
 from rlhf.rewards import load_reward_fn  # noqa: E402
 from rlhf.scorers import get_scorer  # noqa: E402
@@ -88,16 +93,7 @@ def main(argv=None) -> int:
 
 def run_seed(args, seed: int, cands: list[dict], scorer, out: Path) -> list[dict]:
     """Both arms for one seed: one result per arm and round (the first round's model is shared)."""
-    rankings = simulate_rankings(
-        cands,
-        scorer,
-        n_annotators=args.annotators,
-        temperature=args.temperature,
-        tie_threshold=args.tie_threshold,
-        seed=seed,
-        per_prompt=args.per_prompt or args.annotators,
-        scorer_name=args.scorer,
-    )
+    rankings = simulate_pool(args, cands, scorer, seed)
     pool_records, held_records = split(rankings, 0.25, seed)
     held = write_jsonl(out / "held.jsonl", held_records)
     by_prompt: dict[str, list[dict]] = {}

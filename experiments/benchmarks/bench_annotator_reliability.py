@@ -49,8 +49,14 @@ import numpy as np  # noqa: E402
 from scipy.stats import t as student_t  # noqa: E402
 
 from experiments.benchmarks.bench_rm_learning import run_choice  # noqa: E402
-from experiments.benchmarks.bench_rm_vs_trl import add_data_args, make_candidates, split, write_jsonl  # noqa: E402
-from reward_models.simulate import gold_pair_agreement, simulate_rankings  # noqa: E402
+from experiments.benchmarks.bench_rm_vs_trl import (  # noqa: E402
+    add_data_args,
+    make_candidates,
+    simulate_pool,
+    split,
+    write_jsonl,
+)
+from reward_models.simulate import gold_pair_agreement  # noqa: E402
 from rlhf.scorers import get_scorer  # noqa: E402
 
 # name → (share of careless annotators, share of adversarial ones)
@@ -117,17 +123,7 @@ def pool_kinds(pool: str, n_annotators: int, seed: int) -> list[str]:
 def run_pool(args, pool: str, seed: int, cands: list[dict], scorer, out: Path) -> list[dict]:
     """Simulate ``pool`` with ``seed``, split it, train and score both arms: one result per arm."""
     kinds = pool_kinds(pool, args.annotators, seed)
-    rankings = simulate_rankings(
-        cands,
-        scorer,
-        n_annotators=args.annotators,
-        temperature=args.temperature,
-        tie_threshold=args.tie_threshold,
-        seed=seed,
-        per_prompt=args.per_prompt or args.annotators,
-        scorer_name=args.scorer,
-        kinds=kinds,
-    )
+    rankings = simulate_pool(args, cands, scorer, seed, kinds)
     train_records, held_records = split(rankings, 0.25, seed)
     where = out / pool / f"seed-{seed}"
     train = write_jsonl(where / "train.jsonl", train_records)

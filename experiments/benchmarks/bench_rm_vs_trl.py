@@ -186,20 +186,27 @@ def simulated_data(args, out: Path):
     under ``out``: returns ``(cands, rankings, train_records, held_records, train_path, held_path)``."""
     cands = make_candidates(args)
     write_jsonl(out / "candidates.jsonl", cands)
-    rankings = simulate_rankings(
-        cands,
-        get_scorer(args.scorer),
-        n_annotators=args.annotators,
-        temperature=args.temperature,
-        tie_threshold=args.tie_threshold,
-        seed=args.seed,
-        per_prompt=args.per_prompt or args.annotators,
-        scorer_name=args.scorer,
-    )
+    rankings = simulate_pool(args, cands, get_scorer(args.scorer), args.seed)
     train_records, held_records = split(rankings, 0.25, args.seed)
     train = write_jsonl(out / "train.jsonl", train_records)
     held = write_jsonl(out / "held.jsonl", held_records)
     return cands, rankings, train_records, held_records, train, held
+
+
+def simulate_pool(args, cands: list[dict], scorer, seed: int, kinds: list[str] | None = None) -> list[dict]:
+    """The candidates ranked by the simulated pool the data options describe (``add_data_args``),
+    with ``seed``; ``kinds``: each annotator's kind (all good by default)."""
+    return simulate_rankings(
+        cands,
+        scorer,
+        n_annotators=args.annotators,
+        temperature=args.temperature,
+        tie_threshold=args.tie_threshold,
+        seed=seed,
+        per_prompt=args.per_prompt or args.annotators,
+        scorer_name=args.scorer,
+        kinds=kinds,
+    )
 
 
 def split(records: list[dict], frac: float, seed: int) -> tuple[list[dict], list[dict]]:

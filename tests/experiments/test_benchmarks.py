@@ -66,3 +66,24 @@ def test_rm_vs_trl_table_has_every_trainer(in_tmp, capsys):
     again = json.loads((in_tmp / "cmp" / "results.json").read_text())
     for a, b in zip(rows, again):
         assert b["pair_acc"] == pytest.approx(a["pair_acc"]) and b["rankings_per_s"] == a["rankings_per_s"]
+
+
+def test_active_selection_compares_both_orders_over_seeds(in_tmp, capsys):
+    from experiments.benchmarks import bench_active_selection
+
+    rc = bench_active_selection.main(
+        [*DATA[:2], "--prompts", "16", *DATA[4:], "--config", str(TINY_RM), "--batch", "4", "--rounds", "2"]
+        + ["--seeds", "2", "--out", "active"]
+    )
+    assert rc == 0
+    runs = json.loads((in_tmp / "active" / "results.json").read_text())["runs"]
+    # per seed: the shared first batch (reported for both arms), then one model per arm at 8 prompts
+    assert sorted((r["seed"], r["arm"], r["prompts"]) for r in runs) == sorted(
+        (seed, arm, n) for seed in (0, 1) for arm in ("random", "active") for n in (4, 8)
+    )
+    for seed in (0, 1):
+        first = [r for r in runs if r["seed"] == seed and r["prompts"] == 4]
+        assert first[0]["gold_pair_accuracy"] == first[1]["gold_pair_accuracy"]  # one model, both arms
+    out = capsys.readouterr().out
+    assert "| 8 | 2 |" in out and "active − random" in out
+    assert (in_tmp / "active" / "active_selection.png").stat().st_size > 1000
