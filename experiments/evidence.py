@@ -77,7 +77,7 @@ def learning_evidence(stages: dict[str, dict]) -> list[dict[str, Any]]:
 
 def arena_claims(arena: dict) -> list[dict[str, Any] | None]:
     """One claim per arena voter and policy measured against the baseline: its length-controlled
-    win rate (``arena/<voter>/<model>/lc_win_rate``, :mod:`rlhf.arena_command`)."""
+    win rate (``arena/<voter>/<model>/lc_win_rate``, :mod:`experiments.arena`)."""
     claims = []
     for key in arena:
         if not (key.startswith("arena/") and key.endswith("/lc_win_rate")):

@@ -1,4 +1,4 @@
-"""Arena votes and leaderboards (docs/arena.md): pure functions, no models, no I/O.
+"""Arena votes and leaderboards (docs/arena.md): no models, no database; the one file written is a PNG.
 
 - :func:`arena_pairs`: every pair of policies' answers to a prompt, in a random order, blind;
 - :func:`votes_from_rankings`: votes (:class:`rlhf.arena_fit.Vote`) from ranking records of two
@@ -9,7 +9,7 @@
 - :func:`leaderboard_table`, :func:`format_leaderboards`, :func:`leaderboard_figure`,
   :func:`leaderboard_metrics`: the same for W&B, the terminal, a PNG and a run summary.
 
-The ``rlhf arena`` command that samples policies and lets voters vote is :mod:`rlhf.arena_command`;
+The ``rlhf arena`` command that samples policies and lets voters vote is :mod:`experiments.arena`;
 the app's Arena tab fits its votes with these functions.
 """
 
@@ -20,6 +20,8 @@ import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from matplotlib.figure import Figure
 
 from rlhf.arena_fit import Ratings, Vote, fit_bradley_terry_davidson, length_controlled_win_rates
 from rlhf.contracts import prompt_text
@@ -238,17 +240,13 @@ def format_leaderboards(boards: Sequence[Leaderboard]) -> str:
 def leaderboard_figure(boards: Sequence[Leaderboard]):
     """A figure with a column per voter: ratings with their intervals (top), length-controlled win
     rates against the baseline with theirs (bottom). Same model order in every column."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     order = [r["model"] for r in boards[0].rows()][::-1]  # best at the top
     for b in boards[1:]:
         order += [m for m in b.ratings.models if m not in order]
-    fig, axes = plt.subplots(
-        2, len(boards), figsize=(4.2 * len(boards), 1.2 + 1.1 * len(order)), squeeze=False
-    )
+    # A Figure of its own, not pyplot's: no global state and no backend to choose, in a script or
+    # in the app's server alike.
+    fig = Figure(figsize=(4.2 * len(boards), 1.2 + 1.1 * len(order)))
+    axes = fig.subplots(2, len(boards), squeeze=False)
     for col, board in enumerate(boards):
         rows = {r["model"]: r for r in board.rows()}
         models = [m for m in order if m in rows]
@@ -287,6 +285,11 @@ def leaderboard_figure(boards: Sequence[Leaderboard]):
         bottom.set_xlabel(f"length-controlled win rate vs {board.baseline}", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def write_leaderboard_png(boards: Sequence[Leaderboard], path) -> None:
+    """:func:`leaderboard_figure` saved as a PNG."""
+    leaderboard_figure(boards).savefig(path, dpi=120)
 
 
 def leaderboard_metrics(boards: Sequence[Leaderboard]) -> dict[str, float]:

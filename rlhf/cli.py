@@ -50,7 +50,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "baseline": ("rlhf.baselines", "TRL's RLOO / GRPO on the same prompts and reward, for comparison"),
     "eval": ("rlhf.evaluate", "score a policy on held-out prompts (reward model, gold scorer, KL, length)"),
     "arena": (
-        "rlhf.arena_command",
+        "experiments.arena",
         "blind pairwise arena of policies: sample, vote (people or automated), rate with intervals",
     ),
     "quickstart": ("experiments.quickstart", "the whole loop on the embedded defaults, in one command"),

@@ -30,7 +30,7 @@ LIBRARY_STAGES: dict[str, tuple[str, str, str]] = {
     "dpo": ("reward_models.dpo", "DPOStageConfig", "run_dpo"),
     "kto": ("rlhf.kto", "KTOStageConfig", "run_kto"),
     "eval": ("rlhf.evaluate", "EvalConfig", "run_eval"),
-    "arena": ("rlhf.arena_command", "ArenaConfig", "run_arena"),
+    "arena": ("experiments.arena", "ArenaConfig", "run_arena"),
 }
 # Stages the runner implements itself (internal_stages.py: annotation by people; the round bookkeeping
 # of the closed loop).

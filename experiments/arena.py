@@ -37,23 +37,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from annotation_app.io import import_candidates
+from annotation_app.store import Store
+from reward_models.simulate import simulate_rankings
 from rlhf.arena import (
     LABELS,
     Leaderboard,
     arena_pairs,
     format_leaderboards,
-    leaderboard_figure,
     leaderboard_metrics,
     leaderboard_table,
     leaderboards_by_voter,
+    write_leaderboard_png,
 )
 from rlhf.config import ConfigError, add_config_arguments, config_from_args, option
 from rlhf.contracts import load_rankings
 from rlhf.datafiles import write_jsonl
 from rlhf.errors import UserError
-from rlhf.evaluate import HeldOutSampling, load_eval_prompts
-from rlhf.models import MIXED_PRECISION, MIXED_PRECISION_HELP
+from rlhf.evaluate import HeldOutSampling, load_eval_prompts, resolve_stop_token, sample_one_each
+from rlhf.models import MIXED_PRECISION, MIXED_PRECISION_HELP, check_model_name, load_policy, use_bf16
+from rlhf.ppo.rollout import encode_queries, left_pad
 from rlhf.rankings import parse_ranking
+from rlhf.rewards import check_reward_spec, load_reward_fn, reward_model_dirs
+from rlhf.scorers import get_scorer
 from rlhf.tracking import RunFields, start_stage
 
 SIMULATED = "simulated:"
@@ -87,12 +95,6 @@ def sample_policy_responses(
     The eval sampler (:func:`rlhf.evaluate.sample_one_each`) with ``rlhf eval``'s settings: prompt
     ``i`` draws from the stream seeded ``seed, i`` whatever the policy, so two policies differ by
     what they are, not by luck."""
-    import torch
-
-    from rlhf.evaluate import resolve_stop_token, sample_one_each
-    from rlhf.models import load_policy, use_bf16
-    from rlhf.ppo.rollout import encode_queries, left_pad
-
     policy, tokenizer = load_policy(path, merged=True)
     if use_bf16(mixed_precision, next(policy.parameters()).device):
         policy = policy.to(torch.bfloat16)
@@ -120,8 +122,6 @@ def sample_policy_responses(
 
 def _scores(spec: str, pairs: Sequence[Mapping]) -> list[tuple[float, float]]:
     """Both responses of every pair scored by a reward spec (scorer or reward-model dir)."""
-    from rlhf.rewards import load_reward_fn
-
     reward = load_reward_fn(spec)
     prompts = [p["prompt"] for p in pairs for _ in LABELS]
     texts = [c["text"] for p in pairs for c in p["candidates"]]
@@ -150,8 +150,6 @@ def simulated_votes(
     seed: int,
 ) -> list[dict]:
     """Votes of simulated annotators following the scorer ``spec`` (:mod:`reward_models.simulate`)."""
-    from reward_models.simulate import simulate_rankings
-
     # Scored here rather than by simulate_rankings: a reward model must know which responses ended
     # with EOS. simulate_rankings asks for the responses in the pairs' order, A then B.
     flat = [s for pair_scores in _scores(spec, pairs) for s in pair_scores]
@@ -171,7 +169,7 @@ def simulated_votes(
         scorer_name=spec,
     )
     voter = SIMULATED + spec
-    return [{**r, "voter": voter, "arena": True} for r in rankings]
+    return [{**r, "voter": voter} for r in rankings]
 
 
 def _vote_record(
@@ -187,7 +185,6 @@ def _vote_record(
         "annotator": annotator,
         "flags": ["all_tied"] if parsed.all_tied else [],
         "voter": voter,
-        "arena": True,
     }
     if gold is not None:
         rec["gold"], rec["gold_scorer"] = gold, voter
@@ -196,9 +193,6 @@ def _vote_record(
 
 def parse_voter(spec: str) -> str:
     """A voter spec, checked without loading anything (bad specs fail before any sampling)."""
-    from rlhf.rewards import check_reward_spec, reward_model_dirs
-    from rlhf.scorers import get_scorer
-
     spec = str(spec).strip()
     reward = spec[len(SIMULATED) :] if spec.startswith(SIMULATED) else spec
     check_reward_spec(reward)
@@ -273,8 +267,6 @@ class ArenaConfig(RunFields, HeldOutSampling):
 
 def run_arena(cfg: ArenaConfig) -> dict[str, Any]:
     """Sample, pair, vote and rate (module docstring); returns the files written and the boards."""
-    from rlhf.models import check_model_name
-
     cfg.validate()
     policies = [policy_name_and_path(p) for p in cfg.policies]
     for _, path in policies:
@@ -347,15 +339,11 @@ def run_arena(cfg: ArenaConfig) -> dict[str, Any]:
 
 def publish_leaderboards(boards: Sequence[Leaderboard], out: Path, tracker) -> dict[str, Any]:
     """``leaderboard.json``, ``leaderboard.png`` and the W&B table, image and summary."""
-    import matplotlib.pyplot as plt
-
     out.mkdir(parents=True, exist_ok=True)
     (out / "leaderboard.json").write_text(
         json.dumps([b.as_dict() for b in boards], indent=2), encoding="utf-8"
     )
-    fig = leaderboard_figure(boards)
-    fig.savefig(out / "leaderboard.png", dpi=120)
-    plt.close(fig)
+    write_leaderboard_png(boards, out / "leaderboard.png")
     columns, rows = leaderboard_table(boards)
     tracker.log_table("arena/leaderboard", columns, rows)
     tracker.log_image("arena/leaderboard", out / "leaderboard.png")
@@ -390,8 +378,6 @@ class ArenaFitConfig(RunFields):
 
 def app_votes(db: str, project: str | None) -> list[dict]:
     """The submitted votes of the app's arena projects, as vote records of voter ``human``."""
-    from annotation_app.store import Store
-
     store = Store(db)
     try:
         return [{**r, "voter": "human"} for r in store.submitted_rankings(project or None, kind="arena")]
@@ -430,9 +416,6 @@ def run_arena_fit(cfg: ArenaFitConfig) -> dict[str, Any]:
 
 def import_pairs(pairs_file: str, db: str, project: str, quorum: int, guidelines: str = "") -> dict:
     """The arena's pairs into the annotation database as an ``arena`` project (created if new)."""
-    from annotation_app.io import import_candidates
-    from annotation_app.store import Store
-
     store = Store(db)
     try:
         store.migrate()
