@@ -54,7 +54,8 @@ def wire_api(page: Page) -> None:
 
     def api_next(request: gr.Request) -> dict:
         """The caller's next assigned item: prompt_id, prompt, responses {label: text}, labels,
-        lease_expires_at (epoch seconds), draft. ``prompt_id`` is None when nothing is left."""
+        lease_expires_at (epoch seconds), draft, and proposal (a model's suggested ranking) only
+        for an annotator who opted in on the page. ``prompt_id`` is None when nothing is left."""
         return _api_call(handlers.api_next, page, request)
 
     def api_submit(

@@ -12,8 +12,9 @@ one handler call, its answer (a dict keyed by component) turned into Gradio upda
 Security (login, throttling, sessions, exports, malformed calls) is :mod:`annotation_app.server`'s
 job and is listed in docs/annotation-security.md; what this page adds: responses are shown as
 literal text (text boxes, a chat transcript that renders no Markdown), the optional rendered view
-escapes HTML and turns images into links, the board draws only labels, and admin handlers check
-the caller's role on every call, not just the tab's visibility.
+escapes HTML and turns images into links, the board draws only labels, a model's suggested ranking
+reaches only an annotator who opted in (as literal text), and admin handlers check the caller's
+role on every call, not just the tab's visibility.
 
 The named API endpoints for scripts are declared in :mod:`annotation_app.api`; serving (login,
 request limits, launch) is :mod:`annotation_app.server`.
@@ -126,6 +127,11 @@ def _annotate_tab(slots: tuple[str, ...]) -> dict:
             # Guidelines come from the admin's project config (trusted), so Markdown is fine.
             ui["guidelines"] = gr.Markdown(elem_id="guidelines")
             gr.Markdown(HELP)
+            # Off by default: a suggestion seen first can pull the ranking toward it (anchoring);
+            # the dashboard reports agreement with and without it apart.
+            ui["show-proposals"] = gr.Checkbox(
+                label="Show the model's suggested ranking (if any)", elem_id="show-proposals"
+            )
         ui["prompt-id"] = gr.Textbox(
             label="Prompt id", interactive=False, elem_id="prompt-id", visible="hidden"
         )
@@ -133,6 +139,10 @@ def _annotate_tab(slots: tuple[str, ...]) -> dict:
         ui["client-token"] = gr.Textbox(visible="hidden", elem_id="client-token")
         ui["prompt"] = gr.Textbox(label="Prompt", interactive=False, elem_id="prompt", lines=1, max_lines=6)
         ui["conversation"] = _transcript("conversation")
+        # A text box: the suggestion is shown as literal text, like the responses.
+        ui["proposal"] = gr.Textbox(
+            show_label=False, interactive=False, elem_id="proposal", container=False, visible=False
+        )
         ui["board"] = gr.HTML(
             board_value([], ""),
             html_template=BOARD_HTML,
@@ -329,7 +339,8 @@ def _admin_tab() -> dict:
         with gr.Accordion("Per prompt", open=False):
             ui["admin-prompts"] = gr.Dataframe(interactive=False, elem_id="admin-prompts")
         with gr.Accordion(
-            "Model pre-ranking per prompt (rlhf annotate propose; annotators do not see it)", open=False
+            "Model pre-ranking per prompt (rlhf annotate propose; shown only to annotators who opt in)",
+            open=False,
         ):
             ui["admin-proposals"] = gr.Dataframe(interactive=False, elem_id="admin-proposals")
         with gr.Row(equal_height=True):
@@ -362,7 +373,17 @@ def _item_keys(slots: tuple[str, ...]) -> list[str]:
     """The components that show an item, in the order of the item events' outputs."""
     slot_parts = [key for label in slots for key in slot_keys(label)]
     form = ["ranking", "all-bad", "comment", "edit", "progress", "message", "guidelines", "guidelines-box"]
-    return ["prompt-id", "labels", "client-token", "prompt", "conversation", "board", *slot_parts, *form]
+    return [
+        "prompt-id",
+        "labels",
+        "client-token",
+        "prompt",
+        "conversation",
+        "proposal",
+        "board",
+        *slot_parts,
+        *form,
+    ]
 
 
 def _components(ui: dict, keys: list[str]) -> list:
@@ -371,7 +392,7 @@ def _components(ui: dict, keys: list[str]) -> list:
 
 def _wire_annotate(demo: gr.Blocks, page: Page, ui: dict) -> None:
     item_keys = _item_keys(page.slots)
-    load_keys = [*item_keys, "history", "history-prompt", "admin-tab"]
+    load_keys = [*item_keys, "history", "history-prompt", "show-proposals", "admin-tab"]
     rendered_keys = [slot_keys(label)[2] for label in page.slots]
     history_keys = ["history", "history-prompt"]
 
@@ -408,6 +429,10 @@ def _wire_annotate(demo: gr.Blocks, page: Page, ui: dict) -> None:
 
     def on_skip(pid: str, tok: str, note: str, request: gr.Request):
         return _answer(handlers.skip(page, session_user(request), pid, tok, note), item_keys)
+
+    def on_show_proposals(on: bool, pid: str, request: gr.Request):
+        values = handlers.show_proposals_changed(page, session_user(request), on, pid)
+        return _answer(values, ["proposal", "message"])
 
     def on_rendered(show: bool, labels: str):
         return _answer(handlers.rendered_views(page, show, labels), rendered_keys)
@@ -449,6 +474,13 @@ def _wire_annotate(demo: gr.Blocks, page: Page, ui: dict) -> None:
         [ui["prompt-id"], ui["client-token"], ui["comment"]],
         _components(ui, item_keys),
         trigger_mode="once",
+        **PRIVATE,
+    )
+    # .input, not .change: only the annotator's own click saves the choice, not the page load.
+    ui["show-proposals"].input(
+        on_show_proposals,
+        [ui["show-proposals"], ui["prompt-id"]],
+        _components(ui, ["proposal", "message"]),
         **PRIVATE,
     )
     for changed in (ui["rendered-toggle"].change, ui["labels"].change):

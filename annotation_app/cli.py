@@ -132,7 +132,10 @@ def _propose(args) -> int:
         scores = reward([item["prompt"]] * len(labels), [c["text"] for c in item["candidates"]])
         proposals[item["prompt_id"]] = ranking_from_scores(labels, scores.tolist(), args.tie_threshold)
     n = store.set_proposals(proposals, source=f"{reward.name} (tie_threshold {args.tie_threshold:g})")
-    print(f"stored {n} proposed rankings from {reward.name} in {store.db.name}; annotators do not see them")
+    print(
+        f"stored {n} proposed rankings from {reward.name} in {store.db.name}; "
+        "only annotators who opt in see them"
+    )
     return 0
 
 
@@ -327,12 +330,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "propose",
-        help="pre-annotate: a reward model or scorer proposes a ranking of every prompt (admins only see it)",
+        help="pre-annotate: a reward model or scorer proposes a ranking of every prompt (hidden unless opted in)",
         description="Score every prompt's responses with --reward (a reward-model dir, or a scorer such as "
         "vader or length:target=50) and store the resulting ranking as the prompt's proposal, replacing "
-        "earlier ones. Annotators never see it; the admin dashboard reports its agreement with the "
-        "annotators (Cohen's kappa on win/tie/loss per response pair, Kendall tau-b), overall and per "
-        "prompt, so a team can tell when a model is good enough to pre-rank.",
+        "earlier ones. Annotators see it only if they opt in (a box on the Annotate tab); the admin "
+        "dashboard reports its agreement with the annotators (Cohen's kappa on win/tie/loss per response "
+        "pair, Kendall tau-b), overall and per prompt, and apart for rankings made with and without it "
+        "shown, so a team can tell when a model is good enough to pre-rank.",
     )
     db_arg(p)
     p.add_argument("--reward", required=True, help="reward-model dir or scorer spec (as rlhf ppo's reward)")

@@ -197,7 +197,7 @@ def _reliability(
     return {name: (round(a.expected_accuracy, 3), round(a.weight, 3)) for name, a in fit.annotators.items()}
 
 
-PROPOSAL_COLUMNS = ["prompt_id", "proposed", "human_rankings", "pair_agreement", "kappa"]
+PROPOSAL_COLUMNS = ["prompt_id", "proposed", "human_rankings", "pair_agreement", "kappa", "saw_proposal"]
 
 
 def proposal_headline(
@@ -209,32 +209,56 @@ def proposal_headline(
     both order (chance-corrected, so a model that always says "tie" scores 0, not its tie rate),
     and Kendall τ-b averaged over (proposal, human ranking) pairs; 95 % bootstrap over prompts.
     Empty when no proposal has been made (``rlhf annotate propose``).
+
+    When some annotators saw the proposal as they ranked (they opted in; ``proposal_shown``),
+    both figures follow again for those rankings ("shown": agreement there may be anchoring) and
+    for the others ("hidden": the annotator opted out, or the prompt had no proposal yet), each
+    with its count of rankings; together the two are the rankings of the overall figures.
     """
     compared = [rec for rec in rankings if rec["prompt_id"] in proposals]
     if not proposals:
         return []
     source = next(iter(proposals.values()))["source"]
-    kappa, tau = _proposal_figures(proposals, compared)
+    rows = _proposal_agreement_rows(proposals, compared, f" — {source}", "", seed)
+    shown = [rec for rec in compared if rec.get("proposal_shown")]
+    if shown:
+        hidden = [rec for rec in compared if not rec.get("proposal_shown")]
+        for subset, which in ((shown, "shown"), (hidden, "hidden")):
+            rows += _proposal_agreement_rows(
+                proposals,
+                subset,
+                f", suggestion {which} ({len(subset)} rankings)",
+                f", suggestion {which}",
+                seed,
+            )
+    return rows
+
+
+def _proposal_agreement_rows(
+    proposals: Mapping[str, Mapping], rankings: Sequence[Mapping], kappa_note: str, tau_note: str, seed: int
+) -> list[list]:
+    """The κ and τ-b headline rows of the model's proposals against ``rankings``, with intervals."""
+    kappa, tau = _proposal_figures(proposals, rankings)
     kappa_ci, tau_ci = bootstrap_over_prompts(
-        compared, lambda rs: _proposal_figures(proposals, rs), seed=seed, min_per_prompt=1
+        rankings, lambda rs: _proposal_figures(proposals, rs), seed=seed, min_per_prompt=1
     )
     return [
-        [f"model pre-ranking vs annotators: Cohen κ (pairs) — {source}", _fmt(kappa), _fmt_ci(kappa_ci)],
-        ["model pre-ranking vs annotators: Kendall τ-b", _fmt(tau), _fmt_ci(tau_ci)],
+        [f"model pre-ranking vs annotators: Cohen κ (pairs){kappa_note}", _fmt(kappa), _fmt_ci(kappa_ci)],
+        [f"model pre-ranking vs annotators: Kendall τ-b{tau_note}", _fmt(tau), _fmt_ci(tau_ci)],
     ]
 
 
 def proposal_rows(proposals: Mapping[str, Mapping], rankings: Sequence[Mapping]) -> list[list]:
-    """One row per proposed prompt: the proposal, how many humans ranked it, their agreement with it."""
+    """One row per proposed prompt: the proposal, how many humans ranked it, their agreement with
+    it, and how many of them saw it as they ranked (``saw_proposal``)."""
     by_prompt: dict[str, list[Mapping]] = defaultdict(list)
     for rec in rankings:
         by_prompt[str(rec["prompt_id"])].append(rec)
     rows = []
     for pid, proposal in proposals.items():
+        recs = by_prompt.get(pid, [])
         outcomes = [
-            o
-            for rec in by_prompt.get(pid, [])
-            for o in agreement.proposal_outcomes(_tiers(proposal["ranking"]), rec["tiers"])
+            o for rec in recs for o in agreement.proposal_outcomes(_tiers(proposal["ranking"]), rec["tiers"])
         ]
         share = sum(a == b for a, b in outcomes) / len(outcomes) if outcomes else None
         kappa = agreement.cohen_kappa(outcomes)
@@ -242,9 +266,10 @@ def proposal_rows(proposals: Mapping[str, Mapping], rankings: Sequence[Mapping])
             [
                 pid,
                 proposal["ranking"],
-                len(by_prompt.get(pid, [])),
+                len(recs),
                 None if share is None else round(share, 3),
                 None if math.isnan(kappa) else round(kappa, 3),
+                sum(1 for rec in recs if rec.get("proposal_shown")),
             ]
         )
     return rows

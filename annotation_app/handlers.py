@@ -105,7 +105,12 @@ def load(page: Page, user: str) -> dict:
         values = item_view(page, user, item, "Draft restored." if item and item.draft else "")
     except UserError as err:
         values = item_view(page, user, None, explain(err))
-    return {**values, **history(page, user), "admin-tab": Props(visible=role == "admin")}
+    return {
+        **values,
+        **history(page, user),
+        "show-proposals": page.store.shows_proposals(user),
+        "admin-tab": Props(visible=role == "admin"),
+    }
 
 
 def next_item(page: Page, user: str) -> dict:
@@ -219,6 +224,25 @@ def skip(page: Page, user: str, prompt_id: str, token: str, comment: str) -> dic
     return item_view(page, user, page.store.next_item(user, page.project), f"Skipped {prompt_id}.")
 
 
+def show_proposals_changed(page: Page, user: str, on: bool, prompt_id: str) -> dict:
+    """The annotator opted into (or out of) seeing the model's suggested ranking: keep the choice
+    and show or hide the current item's suggestion at once."""
+    try:
+        page.store.set_show_proposals(user, bool(on))
+        proposal = page.store.leased_proposal(user, prompt_id) if prompt_id else None
+    except UserError as err:
+        return {"message": explain(err)}
+    shown = "shown above the board when there is one" if on else "hidden"
+    return {"proposal": proposal_view(proposal), "message": f"The model's suggested ranking is {shown}."}
+
+
+def proposal_view(proposal: str | None) -> Props:
+    """The model's suggested ranking as a line of literal text (hidden when there is none to show)."""
+    if proposal is None:
+        return Props(visible=False, value="")
+    return Props(visible=True, value=f"Model's suggestion: {proposal}")
+
+
 def rendered_views(page: Page, show: bool, labels: str) -> dict:
     """Show the rendered (Markdown) view of each response of the item, or hide them all."""
     present = set(page_labels(labels))
@@ -234,6 +258,7 @@ def item_view(page: Page, user: str, item: Item | None, message: str) -> dict:
             "client-token": "",
             "prompt": Props(visible=True, value=ALL_DONE),
             "conversation": Props(visible=False, value=[]),
+            "proposal": proposal_view(None),
             "board": board_value([], ""),
             **{key: value for label in page.slots for key, value in _hidden_slot(label).items()},
             **_form(page.store, user, message, draft={}, guidelines=""),
@@ -266,6 +291,7 @@ def item_view(page: Page, user: str, item: Item | None, message: str) -> dict:
         # A conversation is shown as a chat transcript instead of the flattened prompt text.
         "prompt": Props(visible=item.conversation is None, value=visible_text(item.prompt)),
         "conversation": conversation_view(item.conversation),
+        "proposal": proposal_view(item.proposal),  # None unless the annotator opted in
         "board": board_value(labels, canonical or ""),
         **slots,
         **_form(page.store, user, message, draft=draft, guidelines=item.guidelines),

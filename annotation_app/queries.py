@@ -76,6 +76,13 @@ class StoreQueries:
         row = self.conn.execute("SELECT role FROM annotators WHERE username = ?", (username,)).fetchone()
         return row["role"] if row else None
 
+    def shows_proposals(self, username: str) -> bool:
+        """Whether the annotator opted into seeing a model's proposed ranking (off by default)."""
+        row = self.conn.execute(
+            "SELECT show_proposals FROM annotators WHERE username = ?", (username,)
+        ).fetchone()
+        return bool(row is not None and row["show_proposals"])
+
     def require_user(self, username: str | None) -> str:
         """``username`` if it is an account. Accounts are never deleted, so a name once found is
         remembered: every ranking call checks it, and on PostgreSQL a check is a round trip."""
@@ -151,7 +158,7 @@ class StoreQueries:
     def _prompt_row(self, conn, prompt_id) -> AnyRow:
         _check_prompt_id(prompt_id)
         row = conn.execute(
-            "SELECT p.*, j.quorum, j.guidelines, j.lease_seconds FROM prompts p "
+            "SELECT p.*, j.quorum, j.guidelines, j.lease_seconds, j.kind FROM prompts p "
             "JOIN projects j ON j.project_id = p.project_id WHERE p.prompt_id = ?",
             (prompt_id,),
         ).fetchone()
@@ -174,6 +181,7 @@ class StoreQueries:
             candidates=[{"label": c["label"], "text": c["text"]} for c in self._candidates(prompt_id)],
             lease_expires_at=expires_at,
             guidelines=row["guidelines"],
+            proposal=self._shown_proposal(username, row),
             draft=None
             if draft is None
             else {
@@ -183,6 +191,14 @@ class StoreQueries:
                 **_edit_fields(draft["edit"]),
             },
         )
+
+    def _shown_proposal(self, username: str, prompt_row: AnyRow) -> str | None:
+        """The model's proposed ranking of the prompt (``_prompt_row``) as the caller may see it: only
+        on the ranking screen, and only when they opted in (:meth:`shows_proposals`); else None.
+        Store.submit records the same condition as the ranking's ``proposal_shown``."""
+        if prompt_row["proposal"] is None or prompt_row["kind"] != "ranking":
+            return None  # no read of the caller's preference when there is nothing to show
+        return prompt_row["proposal"] if self.shows_proposals(username) else None
 
     def _existing(self, conn, username: str, prompt_id: str) -> AnyRow | None:
         return conn.execute(
@@ -341,7 +357,8 @@ class StoreQueries:
         """Every submitted ranking in the rankings contract (admin export), of ``project`` (None:
         all) and of projects of ``kind`` (``ranking``, ``arena``; None: both). An arena vote is a
         ranking of two responses (``A > B``, ``A = B`` or ``B > A``) whose candidates name their
-        ``model``."""
+        ``model``. ``proposal_shown``: True when the annotator saw the model's proposed ranking as
+        they submitted, False when not, None when the prompt had no proposal then."""
         conn = self.conn
         rows = conn.execute(
             "SELECT r.*, p.prompt_json, p.project_id FROM rankings r JOIN prompts p ON p.prompt_id = r.prompt_id "
@@ -369,6 +386,8 @@ class StoreQueries:
                     "time_spent": r["time_spent"],
                     "revision": r["revision"],
                     "project": r["project_id"],
+                    # whether the annotator saw a model's proposed ranking (None: none existed then)
+                    "proposal_shown": None if r["proposal_shown"] is None else bool(r["proposal_shown"]),
                     **_edit_fields(r["edit"], json.loads(r["tiers_json"])),
                 }
             )

@@ -20,6 +20,9 @@ class Item:
     guidelines: str = ""
     draft: dict | None = None  # {"ranking", "flags", "comment"} of the caller's saved draft, + "edit" if any
     conversation: list[dict] | None = None  # a multi-turn prompt's messages ({role, content}); None: plain
+    # A model's proposed ranking, set only for an annotator who opted in to see it (no anchoring
+    # otherwise): never filled from the prompt alone.
+    proposal: str | None = None
 
     @property
     def labels(self) -> list[str]:
@@ -35,6 +38,8 @@ class Item:
             "labels": self.labels,
             "lease_expires_at": self.lease_expires_at,
             "draft": self.draft,
+            # absent, not null, for an annotator who has not opted in: their answers name no proposal
+            **({"proposal": self.proposal} if self.proposal is not None else {}),
         }
 
 

@@ -7,7 +7,8 @@ same way on both, the append-only triggers, comes from the connection's ``append
 Tables: ``annotators`` (accounts, scrypt hashes), ``projects`` (quorum, guidelines, lease
 length), ``prompts`` and ``candidates`` (what is ranked), ``assignments`` (leases), ``rankings``
 (one row per prompt and annotator: draft, submitted or skipped; since v4 with the annotator's
-``edit`` of the best response) and ``audit_log`` (append-only, enforced by triggers).
+``edit`` of the best response, since v7 with whether a model's proposal was shown) and
+``audit_log`` (append-only, enforced by triggers).
 ``schema_version`` records every migration applied.
 
 :data:`MIGRATIONS` is append-only: a database made by any released version opens unchanged and
@@ -176,6 +177,21 @@ def _v6(conn: Connection) -> None:
     )
 
 
+def _v7(conn: Connection) -> None:
+    # v7: pre-annotation opt-in. annotators.show_proposals: the annotator chose to see the model's
+    # proposed ranking (prompts.proposal) on the ranking screen (0 by default: no anchoring).
+    # rankings.proposal_shown: whether that proposal was shown when the ranking was submitted (1/0;
+    # NULL: no proposal then), so the dashboard can tell anchored agreement from independent.
+    _run(
+        conn,
+        [
+            "ALTER TABLE annotators ADD COLUMN show_proposals INTEGER NOT NULL DEFAULT 0 "
+            "CHECK (show_proposals IN (0, 1))",
+            "ALTER TABLE rankings ADD COLUMN proposal_shown INTEGER CHECK (proposal_shown IN (0, 1))",
+        ],
+    )
+
+
 # Append-only list: (version, migration). Never edit a released step; add a new one.
 MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (1, _v1),
@@ -184,6 +200,7 @@ MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (4, _v4),
     (5, _v5),
     (6, _v6),
+    (7, _v7),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

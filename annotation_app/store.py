@@ -41,6 +41,11 @@ Assignment (Argilla's per-record quorum, Label Studio's task locks):
 A ranking may carry an ``edit``: the annotator's corrected version of the response they ranked
 best (one response: a tie at the top cannot be edited). An edit that is empty or leaves that
 response as it was is stored as NULL.
+
+Pre-annotation: a model's proposed ranking of a prompt (:meth:`Store.set_proposals`) reaches only
+annotators who opted in (:meth:`Store.set_show_proposals`); each submit records in
+``proposal_shown`` whether it was shown then. A revision keeps that value: the history tab shows
+no proposal, and the ranking revised is the one made with or without it.
 """
 
 from __future__ import annotations
@@ -118,6 +123,15 @@ DEFAULT_PROJECT = "default"
 DEFAULT_QUORUM = 3
 # An edit is a corrected response: the longest response the app imports (io.MAX_RESPONSE_CHARS).
 MAX_EDIT_CHARS = 20_000
+# rankings.proposal_shown of a submit (parameters: prompt id, user name): whether the annotator
+# sees the prompt's proposal now, the condition of StoreQueries._shown_proposal (a proposal, a
+# ranking project, the annotator's opt-in); NULL when there is no proposal to show. Computed in the
+# INSERT itself: no extra round trip inside the write lock.
+PROPOSAL_SHOWN = (
+    "(SELECT CASE WHEN p.proposal IS NULL OR j.kind <> 'ranking' THEN NULL ELSE a.show_proposals END"
+    " FROM prompts p JOIN projects j ON j.project_id = p.project_id, annotators a"
+    " WHERE p.prompt_id = ? AND a.username = ?)"
+)
 
 
 class Store(StoreQueries):
@@ -186,6 +200,16 @@ class Store(StoreQueries):
             self._audit(
                 conn, None, "user_add" if not exists else "user_replace", None, user=username, role=role
             )
+
+    def set_show_proposals(self, username: str, on: bool) -> None:
+        """The annotator's own choice to see (``on``) or not a model's proposed ranking of each
+        item on the ranking screen (pre-annotation; off by default, so nobody is anchored unasked)."""
+        if not isinstance(on, bool):
+            raise StoreError(f"show_proposals must be true or false, got {on!r}", code="bad_input")
+        self.require_user(username)
+        with self.write() as conn:
+            conn.execute("UPDATE annotators SET show_proposals = ? WHERE username = ?", (int(on), username))
+            self._audit(conn, username, "show_proposals", None, on=on)
 
     # -- projects and items
 
@@ -256,7 +280,8 @@ class Store(StoreQueries):
 
     def set_proposals(self, proposals: dict[str, str], source: str) -> int:
         """Store a model's proposed ranking per prompt (``{prompt_id: ranking}``, canonical text over
-        the prompt's labels), replacing earlier ones; annotators never see them. Returns how many.
+        the prompt's labels), replacing earlier ones; only annotators who opted in see them
+        (:meth:`set_show_proposals`). Returns how many.
 
         Every proposal is checked first; an unknown prompt or a ranking that does not name the
         prompt's labels is refused with nothing written."""
@@ -542,6 +567,18 @@ class Store(StoreQueries):
         self._check_live(lease, prompt_id)
         return self._candidates(prompt_id)
 
+    def leased_proposal(self, username: str, prompt_id: str) -> str | None:
+        """The model's proposed ranking of a prompt leased to the caller, when they opted in to see
+        it (None otherwise, or when it has none); refused like a submit when the prompt is not, or
+        no longer, theirs."""
+        self.require_user(username)
+        row = self._prompt_row(self.conn, prompt_id)
+        lease = self.conn.execute(
+            "SELECT expires_at FROM assignments WHERE prompt_id = ? AND username = ?", (prompt_id, username)
+        ).fetchone()
+        self._check_live(lease, prompt_id)
+        return self._shown_proposal(username, row)
+
     def _row_and_lease(self, conn, username: str, prompt_id: str) -> tuple[AnyRow | None, AnyRow | None]:
         """The caller's ``rankings`` row and lease for a prompt (either may be None).
 
@@ -660,12 +697,13 @@ class Store(StoreQueries):
             now = self.clock()
             conn.execute(
                 "INSERT INTO rankings (prompt_id, username, status, ranking, tiers_json, flags_json, comment, edit,"
-                " client_token, created_at, updated_at, submitted_at, time_spent)"
-                " VALUES (?, ?, 'submitted', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " client_token, created_at, updated_at, submitted_at, time_spent, proposal_shown)"
+                f" VALUES (?, ?, 'submitted', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {PROPOSAL_SHOWN})"
                 " ON CONFLICT (prompt_id, username) DO UPDATE SET status = 'submitted', ranking = excluded.ranking,"
                 " tiers_json = excluded.tiers_json, flags_json = excluded.flags_json, comment = excluded.comment,"
                 " edit = excluded.edit, client_token = excluded.client_token, updated_at = excluded.updated_at,"
-                " submitted_at = excluded.submitted_at, time_spent = excluded.time_spent",
+                " submitted_at = excluded.submitted_at, time_spent = excluded.time_spent,"
+                " proposal_shown = excluded.proposal_shown",
                 (
                     prompt_id,
                     username,
@@ -679,6 +717,8 @@ class Store(StoreQueries):
                     now,
                     now,
                     now - lease["leased_at"],
+                    prompt_id,
+                    username,
                 ),
             )
             conn.execute("UPDATE prompts SET n_submitted = n_submitted + 1 WHERE prompt_id = ?", (prompt_id,))

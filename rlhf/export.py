@@ -261,6 +261,7 @@ def exported_rankings_types() -> dict[str, Any]:
         "gold_scorer": pa.string(),
         "edit": pa.string(),
         "edit_of": pa.string(),
+        "proposal_shown": pa.bool_(),  # the annotation app's: null where no proposal existed
     }
 
 

@@ -402,3 +402,22 @@ def test_a_conversation_prompt_is_shown_as_a_chat_transcript(browser, tmp_path):
     finally:
         demo.close()
         store.close()
+
+
+def test_ticking_the_box_shows_the_models_suggestion(app, browser):
+    store = app["store"]
+    store.add_user("bob", "password-bob")  # a fresh annotator: the box starts unticked
+    store.set_proposals({f"p{i}": "C > B = D > A" for i in range(12)}, source="test")
+    page = browser.new_page(viewport={"width": 1366, "height": 768})
+    log_in_with_keyboard(page, app["url"], "bob")
+    assert not page.locator("#proposal").is_visible()  # not opted in: nothing shown
+    page.locator("#show-proposals input").check()
+    wait_value(page, "proposal", "Model's suggestion: C > B = D > A")
+    wait_value(page, "message", "The model's suggested ranking is shown")
+    assert store.shows_proposals("bob")
+    for action in ("#submit", "#skip", "#progress"):
+        assert in_viewport(page, action), f"{action} is not visible at 1366x768 without scrolling"
+    page.reload()  # the choice is kept
+    wait_value(page, "proposal", "Model's suggestion: C > B = D > A")
+    assert page.locator("#show-proposals input").is_checked()
+    page.close()
