@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from annotation_app.database import is_url
 from annotation_app.io import import_candidates
 from annotation_app.store import Store
 from reward_models.simulate import simulate_rankings
@@ -391,7 +392,7 @@ def run_arena_fit(cfg: ArenaFitConfig) -> dict[str, Any]:
     for path in cfg.votes:
         records += load_rankings(path)
     if cfg.db:
-        if not Path(cfg.db).exists() and "://" not in cfg.db:
+        if not is_url(cfg.db) and not Path(cfg.db).is_file():
             raise UserError(f"no annotation database at {cfg.db}", code="not_found")
         records += app_votes(cfg.db, cfg.project)
     boards = leaderboards_by_voter(records, cfg.baseline or None, n_boot=cfg.n_boot, seed=cfg.seed)
