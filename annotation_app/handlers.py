@@ -509,10 +509,8 @@ def admin_export(page: Page, user: str, fmt: str) -> dict:
         files.append((Path(res["ties_out"]).name, f"{res['ties']} tied pairs"))
     if "annotators_out" in res:  # the annotators' reliability, fitted on these rankings
         files.append((Path(res["annotators_out"]).name, "annotators' reliability"))
-    links = "\n".join(f"* [{name}]({export.url(name)}) ({what})" for name, what in files)
-    minutes = round(exports.REGISTRY.lifetime_s / 60)
     return {
-        "admin-download": f"{links}\n\nEach link works once, for you only, for {minutes} minutes.",
+        "admin-download": exports.REGISTRY.links(export, files),
         "admin-message": f"Exported {res['records']} {fmt} records.",
     }
 
