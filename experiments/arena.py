@@ -333,6 +333,7 @@ def run_arena(cfg: ArenaConfig) -> dict[str, Any]:
             "votes": str(out / "votes.jsonl"),
             **report,
             **sizes,
+            "arena/baseline": baseline,
         }
     finally:
         tracker.finish()

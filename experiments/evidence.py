@@ -78,26 +78,33 @@ def learning_evidence(stages: dict[str, dict]) -> list[dict[str, Any]]:
 def arena_claims(arena: dict) -> list[dict[str, Any] | None]:
     """One claim per arena voter and policy measured against the baseline: its length-controlled
     win rate (``arena/<voter>/<model>/lc_win_rate``, :mod:`experiments.arena`)."""
+    baseline = arena.get("arena/baseline", "the baseline")
     claims = []
     for key in arena:
         if not (key.startswith("arena/") and key.endswith("/lc_win_rate")):
             continue
         voter, model = key[len("arena/") : -len("/lc_win_rate")].rsplit("/", 1)
-        who = (
-            f"simulated annotators following {voter.split(':', 1)[1]}"
-            if voter.startswith("simulated:")
-            else voter
-        )
         claims.append(
             _claim(
                 arena,
                 key,
-                f"{model} beat the baseline in the blind arena, judged by {who} (length-controlled win rate)",
+                f"{model} beat {baseline} in the blind arena, judged by {voter_words(voter)} "
+                "(length-controlled win rate)",
                 0.5,
                 "chance 0.5",
             )
         )
     return claims
+
+
+def voter_words(voter: str) -> str:
+    """An arena voter as people say it: ``simulated:vader`` → simulated annotators following vader;
+    a reward-model dir → the reward model (its path)."""
+    if voter.startswith("simulated:"):
+        return f"simulated annotators following {voter.split(':', 1)[1]}"
+    if "/" in voter:
+        return f"the reward model ({voter})"
+    return voter
 
 
 def evidence_lines(claims: list[dict[str, Any]]) -> list[str]:

@@ -109,7 +109,14 @@ def print_summary(summary: dict) -> None:
         print(f"\n  blind arena, {arena.get('arena/prompts', '?')} held-out prompts: {arena['png']}")
         for key in sorted(k for k in arena if k.endswith("/lc_win_rate")):
             voter, model = key[len("arena/") : -len("/lc_win_rate")].rsplit("/", 1)
-            _row(f"{model}, {voter}"[:26], arena, key, "length-controlled win rate vs SFT; chance 0.5")
+            judge = (
+                "simulated people"
+                if voter.startswith("simulated:")
+                else "reward model"
+                if "/" in voter
+                else voter
+            )
+            _row(f"{model}, by {judge}"[:26], arena, key, "length-controlled win rate vs SFT; chance 0.5")
     claims = summary.get("evidence") or []
     if claims:
         print("\n  verdicts (yes: the whole 95 % interval is on the better side of the reference):")

@@ -45,7 +45,7 @@ def test_quickstart_tiny_runs_the_whole_loop_then_reuses_it(tmp_path):
     assert "verdicts" in stdout and "PPO beat SFT on the gold scorer (held-out win rate):" in stdout
     assert (
         "blind arena" in stdout
-        and "ppo beat the baseline in the blind arena, judged by simulated annotators" in stdout
+        and "ppo beat sft in the blind arena, judged by simulated annotators" in stdout
     )
     evidence = json.loads((tmp_path / "runs" / "quickstart_tiny" / "experiment_summary.json").read_text())[
         "evidence"
