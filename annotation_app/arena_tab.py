@@ -29,12 +29,19 @@ from annotation_app.errors import StoreError
 from annotation_app.handlers import Page, Props, Table, conversation_view, explain
 from annotation_app.records import Item
 from annotation_app.text import visible_text
-from rlhf.arena import LABELS, Leaderboard, fit_leaderboard, leaderboard_figure, votes_from_rankings
+from rlhf.arena import (
+    HUMAN,
+    LABELS,
+    Leaderboard,
+    fit_leaderboard,
+    leaderboard_figure,
+    people_votes,
+    votes_from_rankings,
+)
 from rlhf.arena_fit import Vote
 from rlhf.errors import UserError
 from rlhf.export import build_export, write_export
 
-HUMAN = "human"  # the voter name of the app's votes, as `rlhf arena fit --db` names them
 N_BOOT = 1000  # bootstrap replicates of the leaderboard's intervals (rlhf arena's default)
 LOWEST_RATED = ("lowest rated (default)", "")  # the baseline choice that lets the fit pick it
 
@@ -202,19 +209,13 @@ def progress_text(page: Page, user: str) -> str:
 # ----------------------------------------------------------------------------- admins (role checked per call)
 
 
-def human_votes(page: Page) -> list[dict]:
-    """The app's arena votes as vote records of voter ``human`` (as ``rlhf arena fit --db`` reads
-    them): rankings of two responses whose candidates name their model."""
-    return [{**r, "voter": HUMAN} for r in page.store.submitted_rankings(page.project, kind="arena")]
-
-
 def leaderboard(page: Page, user: str, baseline: str = "", *, n_boot: int = N_BOOT) -> dict:
     """The leaderboard of the app's votes (admins only): ratings with 95 % intervals, win rates
     against ``baseline`` ("": the lowest rated), the figure. Votes that cannot rate the models
     (none, only ties, a disconnected arena) get the fit's one-line reason instead of a table."""
     try:
         page.store.require_admin(user)
-        votes = votes_from_rankings(human_votes(page))
+        votes = votes_from_rankings(page.store.submitted_rankings(page.project, kind="arena"))
         if not votes:
             raise StoreError(
                 "no arena votes yet: the leaderboard appears once annotators have voted", code="no_votes"
@@ -272,7 +273,7 @@ def export_votes(page: Page, user: str) -> dict:
     with their models), behind a private download link (admins only; :mod:`annotation_app.exports`)."""
     try:
         page.store.require_admin(user)
-        records = human_votes(page)
+        records = people_votes(page.store.submitted_rankings(page.project, kind="arena"))
         if not records:
             raise StoreError("there are no arena votes to export yet", code="nothing_to_export")
         with exports.REGISTRY.new(user) as export:

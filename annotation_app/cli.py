@@ -23,8 +23,6 @@ import math
 import sys
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from annotation_app.agreement import agreement_report
 from annotation_app.control import ranking_from_scores
 from annotation_app.database import is_url
@@ -33,7 +31,7 @@ from annotation_app.store import DEFAULT_PROJECT, ROLES, Store, StoreError
 from rlhf.active import MEASURES, least_certain_first, uncertainty
 from rlhf.errors import require_extra
 from rlhf.export import EXPORT_FORMATS, TRL_STYLES
-from rlhf.rewards import load_reward_fn
+from rlhf.rewards import load_reward_fn, score_candidates
 
 
 def _open(db: str, create: bool = False) -> Store:
@@ -126,11 +124,12 @@ def _propose(args) -> int:
     if not prompts:
         raise StoreError(f"{args.db} has no prompts to propose rankings for", code="empty")
     reward = load_reward_fn(args.reward)  # checks the spec, and loads a model, before any scoring
-    proposals = {}
-    for item in tqdm(prompts, desc="proposing rankings", unit="prompt", disable=len(prompts) < 20):
-        labels = [c["label"] for c in item["candidates"]]
-        scores = reward([item["prompt"]] * len(labels), [c["text"] for c in item["candidates"]])
-        proposals[item["prompt_id"]] = ranking_from_scores(labels, scores.tolist(), args.tie_threshold)
+    proposals = {
+        item["prompt_id"]: ranking_from_scores(
+            [c["label"] for c in item["candidates"]], scores, args.tie_threshold
+        )
+        for item, scores in zip(prompts, score_candidates(reward, prompts))  # one batched call
+    }
     n = store.set_proposals(proposals, source=f"{reward.name} (tie_threshold {args.tie_threshold:g})")
     print(
         f"stored {n} proposed rankings from {reward.name} in {store.db.name}; "

@@ -51,6 +51,7 @@ from rlhf.arena import (
     leaderboard_metrics,
     leaderboard_table,
     leaderboards_by_voter,
+    people_votes,
     write_leaderboard_png,
 )
 from rlhf.config import ConfigError, add_config_arguments, config_from_args, option
@@ -61,7 +62,7 @@ from rlhf.evaluate import HeldOutSampling, load_eval_prompts, resolve_stop_token
 from rlhf.models import MIXED_PRECISION, MIXED_PRECISION_HELP, check_model_name, load_policy, use_bf16
 from rlhf.ppo.rollout import encode_queries, left_pad
 from rlhf.rankings import parse_ranking
-from rlhf.rewards import check_reward_spec, load_reward_fn, reward_model_dirs
+from rlhf.rewards import check_reward_spec, load_reward_fn, reward_model_dirs, score_candidates
 from rlhf.scorers import get_scorer
 from rlhf.tracking import RunFields, start_stage
 
@@ -123,12 +124,7 @@ def sample_policy_responses(
 
 def _scores(spec: str, pairs: Sequence[Mapping]) -> list[tuple[float, float]]:
     """Both responses of every pair scored by a reward spec (scorer or reward-model dir)."""
-    reward = load_reward_fn(spec)
-    prompts = [p["prompt"] for p in pairs for _ in LABELS]
-    texts = [c["text"] for p in pairs for c in p["candidates"]]
-    finished = [bool((c.get("gen") or {}).get("finished", True)) for p in pairs for c in p["candidates"]]
-    flat = [float(s) for s in reward(prompts, texts, finished)]
-    return list(zip(flat[0::2], flat[1::2]))
+    return [(a, b) for a, b in score_candidates(load_reward_fn(spec), pairs)]
 
 
 def judge_votes(pairs: Sequence[Mapping], spec: str, tie_threshold: float) -> list[dict]:
@@ -382,7 +378,7 @@ def app_votes(db: str, project: str | None) -> list[dict]:
     """The submitted votes of the app's arena projects, as vote records of voter ``human``."""
     store = Store(db)
     try:
-        return [{**r, "voter": "human"} for r in store.submitted_rankings(project or None, kind="arena")]
+        return people_votes(store.submitted_rankings(project or None, kind="arena"))
     finally:
         store.close()
 

@@ -80,10 +80,7 @@ def arena_claims(arena: dict) -> list[dict[str, Any] | None]:
     win rate (``arena/<voter>/<model>/lc_win_rate``, :mod:`experiments.arena`)."""
     baseline = arena.get("arena/baseline", "the baseline")
     claims = []
-    for key in arena:
-        if not (key.startswith("arena/") and key.endswith("/lc_win_rate")):
-            continue
-        voter, model = key[len("arena/") : -len("/lc_win_rate")].rsplit("/", 1)
+    for key, voter, model in arena_win_rates(arena):
         claims.append(
             _claim(
                 arena,
@@ -97,13 +94,25 @@ def arena_claims(arena: dict) -> list[dict[str, Any] | None]:
     return claims
 
 
-def voter_words(voter: str) -> str:
+def arena_win_rates(arena: dict) -> list[tuple[str, str, str]]:
+    """``(key, voter, model)`` of every length-controlled win rate an arena stage reported
+    (``arena/<voter>/<model>/lc_win_rate``; a voter may contain slashes, a model name does not)."""
+    out = []
+    for key in arena:
+        if key.startswith("arena/") and key.endswith("/lc_win_rate"):
+            voter, model = key[len("arena/") : -len("/lc_win_rate")].rsplit("/", 1)
+            out.append((key, voter, model))
+    return out
+
+
+def voter_words(voter: str, short: bool = False) -> str:
     """An arena voter as people say it: ``simulated:vader`` → simulated annotators following vader;
-    a reward-model dir → the reward model (its path)."""
+    a reward-model dir → the reward model (its path). ``short``: for a table column (simulated
+    people, reward model)."""
     if voter.startswith("simulated:"):
-        return f"simulated annotators following {voter.split(':', 1)[1]}"
+        return "simulated people" if short else f"simulated annotators following {voter.split(':', 1)[1]}"
     if "/" in voter:
-        return f"the reward model ({voter})"
+        return "reward model" if short else f"the reward model ({voter})"
     return voter
 
 

@@ -22,7 +22,7 @@ import argparse
 from importlib import resources
 from pathlib import Path
 
-from experiments.evidence import evidence_lines
+from experiments.evidence import arena_win_rates, evidence_lines, voter_words
 from experiments.pipeline.execution import run_experiment, run_plan
 from experiments.pipeline.experiment_file import load_raw, parse_experiment
 from experiments.pipeline.plan import build_plan, upstream_of
@@ -107,16 +107,13 @@ def print_summary(summary: dict) -> None:
     arena = stages.get("arena", {})
     if arena.get("png"):
         print(f"\n  blind arena, {arena.get('arena/prompts', '?')} held-out prompts: {arena['png']}")
-        for key in sorted(k for k in arena if k.endswith("/lc_win_rate")):
-            voter, model = key[len("arena/") : -len("/lc_win_rate")].rsplit("/", 1)
-            judge = (
-                "simulated people"
-                if voter.startswith("simulated:")
-                else "reward model"
-                if "/" in voter
-                else voter
+        for key, voter, model in sorted(arena_win_rates(arena)):
+            _row(
+                f"{model}, by {voter_words(voter, short=True)}"[:26],
+                arena,
+                key,
+                "length-controlled win rate vs SFT; chance 0.5",
             )
-            _row(f"{model}, by {judge}"[:26], arena, key, "length-controlled win rate vs SFT; chance 0.5")
     claims = summary.get("evidence") or []
     if claims:
         print("\n  verdicts (yes: the whole 95 % interval is on the better side of the reference):")

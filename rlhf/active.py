@@ -24,10 +24,9 @@ from collections.abc import Mapping, Sequence
 from itertools import combinations
 
 import numpy as np
-import torch
 
 from rlhf.errors import UserError
-from rlhf.rewards import EnsembleRewardFunction, RewardFunction
+from rlhf.rewards import EnsembleRewardFunction, RewardFunction, score_candidates
 
 MEASURES = ("margin", "ensemble")
 
@@ -48,14 +47,6 @@ def ensemble_uncertainty(member_scores: np.ndarray) -> float:
     return float(np.mean(spread))
 
 
-def _member_scores(reward: RewardFunction, prompts: list, texts: list[str]) -> np.ndarray:
-    """``[members, N]`` scores (one row for a single reward model), all responses in one call
-    per member: a reward model batches them."""
-    if isinstance(reward, EnsembleRewardFunction):
-        return torch.stack([m(prompts, texts).float() for m in reward.members]).numpy()
-    return reward(prompts, texts).float().numpy()[None, :]
-
-
 def uncertainty(
     records: Sequence[Mapping], reward: RewardFunction, measure: str = "margin"
 ) -> dict[str, float]:
@@ -71,13 +62,12 @@ def uncertainty(
             f"ensemble:mean:DIR,DIR); {reward.name} is one model: use --by margin",
             code="config",
         )
-    prompts = [rec["prompt"] for rec in records for _ in rec["candidates"]]
-    texts = [c["text"] for rec in records for c in rec["candidates"]]
-    scores = _member_scores(reward, prompts, texts)
-    out, start = {}, 0
-    for rec in records:
-        mine = scores[:, start : start + len(rec["candidates"])]
-        start += len(rec["candidates"])
+    # every member scores all responses in one call; a single reward model is a committee of one
+    members = reward.members if isinstance(reward, EnsembleRewardFunction) else [reward]
+    per_member = [score_candidates(member, records) for member in members]
+    out = {}
+    for i, rec in enumerate(records):
+        mine = np.array([scores[i] for scores in per_member])  # [members, K]
         out[rec["prompt_id"]] = (
             ensemble_uncertainty(mine) if measure == "ensemble" else margin_uncertainty(mine.mean(0))
         )

@@ -29,6 +29,7 @@ from rlhf.errors import UserError
 from rlhf.rankings import parse_ranking
 
 LABELS = ("A", "B")  # an arena pair's two responses, in the order shown
+HUMAN = "human"  # the voter of a vote that names none: a person (the app's votes)
 
 
 # ----------------------------------------------------------------------------- pairs and votes
@@ -164,6 +165,11 @@ def fit_leaderboard(
     )
 
 
+def people_votes(records: Iterable[Mapping]) -> list[dict]:
+    """Ranking records of two responses (the app's arena votes) as votes of voter :data:`HUMAN`."""
+    return [{**r, "voter": HUMAN} for r in records]
+
+
 def leaderboards_by_voter(
     records: Sequence[Mapping], baseline: str | None, *, n_boot: int = 1000, seed: int = 0
 ) -> list[Leaderboard]:
@@ -171,7 +177,7 @@ def leaderboards_by_voter(
     the order voters first appear."""
     groups: dict[str, list[Mapping]] = {}
     for rec in records:
-        groups.setdefault(str(rec.get("voter") or "human"), []).append(rec)
+        groups.setdefault(str(rec.get("voter") or HUMAN), []).append(rec)
     return [
         fit_leaderboard(votes_from_rankings(recs), voter, baseline, n_boot=n_boot, seed=seed)
         for voter, recs in groups.items()

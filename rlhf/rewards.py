@@ -174,6 +174,23 @@ class EnsembleRewardFunction(RewardFunction):
 ENSEMBLE_USAGE = "ensemble:COMBINE:DIR,DIR,... with COMBINE one of mean, min, mean_minus_std[=k]"
 
 
+def score_candidates(reward: RewardFunction, records: Sequence[Any]) -> list[list[float]]:
+    """Every response of candidates records (``prompt``, ``candidates`` with ``text`` and optionally
+    ``gen.finished``), scored in one call (a reward model batches them across prompts), as one list
+    of scores per record."""
+    prompts = [rec["prompt"] for rec in records for _ in rec["candidates"]]
+    texts = [c["text"] for rec in records for c in rec["candidates"]]
+    finished = [
+        bool((c.get("gen") or {}).get("finished", True)) for rec in records for c in rec["candidates"]
+    ]
+    flat = [float(s) for s in reward(prompts, texts, finished)] if texts else []
+    out, start = [], 0
+    for rec in records:
+        out.append(flat[start : start + len(rec["candidates"])])
+        start += len(rec["candidates"])
+    return out
+
+
 def parse_ensemble_rule(rule: str, where: str) -> tuple[str, float]:
     """``mean`` / ``min`` / ``mean_minus_std[=k]`` → ``(combine, k)``; ``where`` names the field in errors."""
     combine, _, k_text = rule.partition("=")
