@@ -517,7 +517,7 @@ def _save_parquet(records: list[dict], out: Path, column_types: Mapping[str, Any
     import pyarrow.parquet as pq
 
     try:
-        table = pa.Table.from_pydict(_columns(records))
+        table = pa.Table.from_pydict(_columns([_without_empty_objects(rec) for rec in records]))
         for name, type_ in column_types.items():
             if name in table.column_names:
                 table = table.set_column(table.column_names.index(name), name, table[name].cast(type_))
@@ -527,6 +527,21 @@ def _save_parquet(records: list[dict], out: Path, column_types: Mapping[str, Any
         ) from None
     with atomic_file(out) as tmp:
         pq.write_table(table, tmp)
+
+
+def _without_empty_objects(value: Any) -> Any:
+    """``value`` with every empty object (``{}``) replaced by ``None``, at any depth.
+
+    Parquet cannot store a struct with no fields (pyarrow refuses to write one), and a column of
+    empty objects, such as candidates' ``gen: {}`` from a source that recorded no generation
+    settings, would stop the whole export. Every reader of the lab treats a missing object like an
+    empty one.
+    """
+    if isinstance(value, dict):
+        return {k: _without_empty_objects(v) for k, v in value.items()} or None
+    if isinstance(value, list):
+        return [_without_empty_objects(v) for v in value]
+    return value
 
 
 def _save_dataset(records: list[dict], out: Path, column_types: Mapping[str, Any]) -> None:

@@ -790,3 +790,20 @@ def test_a_field_only_later_records_carry_survives_parquet_and_datasets(tmp_path
         {"id": "a", "x": 1, "note": None},
         {"id": "b", "x": 2, "note": "only here"},
     ]
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ""])
+def test_empty_objects_are_stored_as_missing_in_parquet_and_datasets(tmp_path, suffix):
+    """Parquet cannot hold a struct with no fields: candidates' ``gen: {}`` in every row used to
+    stop the export with pyarrow's error."""
+    from rlhf.datafiles import read_source, save_records
+
+    records = [
+        {"id": "a", "candidates": [{"label": "A", "gen": {}}, {"label": "B", "gen": {}}], "meta": {}},
+        {"id": "b", "candidates": [{"label": "A", "gen": {}}, {"label": "B", "gen": {}}], "meta": {}},
+    ]
+    out = save_records(records, tmp_path / f"recs{suffix}")
+    rows = [rec for _, _, rec in read_source(out).rows]
+    assert [rec["id"] for rec in rows] == ["a", "b"]
+    assert all(c["gen"] in (None, {}) for rec in rows for c in rec["candidates"])
+    assert [c["label"] for c in rows[1]["candidates"]] == ["A", "B"]
