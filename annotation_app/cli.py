@@ -128,7 +128,7 @@ def _propose(args) -> int:
         item["prompt_id"]: ranking_from_scores(
             [c["label"] for c in item["candidates"]], scores, args.tie_threshold
         )
-        for item, scores in zip(prompts, score_candidates(reward, prompts))  # one batched call
+        for item, scores in zip(prompts, score_candidates(reward, prompts, progress="propose: scoring"))
     }
     n = store.set_proposals(proposals, source=f"{reward.name} (tie_threshold {args.tie_threshold:g})")
     print(

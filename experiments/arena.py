@@ -124,7 +124,9 @@ def sample_policy_responses(
 
 def _scores(spec: str, pairs: Sequence[Mapping]) -> list[tuple[float, float]]:
     """Both responses of every pair scored by a reward spec (scorer or reward-model dir)."""
-    return [(a, b) for a, b in score_candidates(load_reward_fn(spec), pairs)]
+    return [
+        (a, b) for a, b in score_candidates(load_reward_fn(spec), pairs, progress=f"arena: {spec} judging")
+    ]
 
 
 def judge_votes(pairs: Sequence[Mapping], spec: str, tie_threshold: float) -> list[dict]:

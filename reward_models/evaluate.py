@@ -49,7 +49,15 @@ from rlhf.cli import progress_bar
 from rlhf.config import ConfigError, add_config_arguments, config_from_args, option
 from rlhf.contracts import prompt_text
 from rlhf.errors import UserError
-from rlhf.reward_model import encode_conversations, load_reward_model, read_meta, score_ids
+from rlhf.reward_model import (
+    encode_conversations,
+    is_ensemble_dir,
+    load_reward_model,
+    read_ensemble,
+    read_meta,
+    score_ids,
+)
+from rlhf.rewards import load_reward_fn
 from rlhf.scorers import get_scorer
 from rlhf.stats import bootstrap_ci
 from rlhf.tracking import RunFields, start_stage
@@ -57,13 +65,21 @@ from rlhf.tracking import RunFields, start_stage
 
 @dataclass
 class RMEvalConfig(RunFields):
-    reward_model: str = option("", help="reward-model dir (written by `rlhf rm train`)")
+    reward_model: str = option(
+        "",
+        help="reward-model dir (written by `rlhf rm train`), or an ensemble dir (`--ensemble N`), "
+        "evaluated as the reward it gives: its members combined by its rule",
+    )
     rankings: str = option("", help="held-out rankings file (e.g. runs/<exp>/rm_train/eval_rankings.jsonl)")
     gold: str = option(
         "", help="gold scorer spec to score candidates now (default: the records' own `gold` field)"
     )
     gold_tie_threshold: float = option(0.0, help="gold scores closer than this are not a gold preference")
-    max_length: int = option(0, help="tokens per sequence (0 = the reward model's training max_length)")
+    max_length: int = option(
+        0,
+        help="tokens per sequence (0 = the reward model's training max_length; an ensemble's members "
+        "always use their own)",
+    )
     batch_size: int = option(16, help="sequences per forward pass")
     n_bins: int = option(10, help="calibration bins")
     worst_n: int = option(10, help="rows in the worst-ranked table")
@@ -254,12 +270,43 @@ def reliability_plot(bins: list[dict], ece: float, path: Path, title: str) -> Pa
     return path
 
 
+def score_one_model(
+    cfg: RMEvalConfig, prompts: list, texts: list[str], finished: list[bool]
+) -> tuple[torch.Tensor, float, float, int]:
+    """``(raw scores, offset, scale, sequences truncated)`` of one reward model: its raw scores, and the
+    normalisation it stored, which the reported scores and length correlation apply."""
+    model, tokenizer, meta = load_reward_model(cfg.reward_model)
+    max_length = cfg.max_length or int(meta.get("max_length", 512))
+    norm = meta.get("normalization") or {}
+    offset, scale = float(norm.get("offset", 0.0)), float(norm.get("scale", 1.0)) or 1.0
+    enc = encode_conversations(tokenizer, prompts, texts, max_length, finished)
+    with progress_bar(len(enc.ids), "rm eval: scoring", "seq") as bar:
+        raw = score_ids(
+            model, enc.ids, tokenizer.pad_token_id, cfg.batch_size, starts=enc.starts, on_batch=bar.update
+        )
+    return raw, offset, scale, enc.truncated
+
+
+def score_ensemble(
+    cfg: RMEvalConfig, prompts: list, texts: list[str], finished: list[bool]
+) -> tuple[torch.Tensor, float, float, int]:
+    """The same for an ensemble dir (``rlhf rm train --ensemble N``): the reward PPO would get from it,
+    every member normalised on its own and combined by the dir's rule, so offset 0 and scale 1."""
+    reward = load_reward_fn(cfg.reward_model, batch_size=cfg.batch_size)
+    print(f"rm eval: scoring {len(texts)} responses with {reward.name}", flush=True)
+    scores = reward(prompts, texts, finished).double()
+    return scores, 0.0, 1.0, max(member.truncated for member in reward.members)
+
+
 def run_rm_eval(cfg: RMEvalConfig) -> dict:
     """Score held-out rankings with a reward model and write every metric (module docstring)."""
     cfg.validate()
-    meta = read_meta(cfg.reward_model)  # fail before anything heavy on a wrong dir
+    ensemble = read_ensemble(cfg.reward_model) if is_ensemble_dir(cfg.reward_model) else None
+    # fail before anything heavy on a wrong dir; an ensemble's members were trained with one loss
+    meta = read_meta(ensemble["members"][0] if ensemble else cfg.reward_model)
     records = read_records(cfg.rankings)
-    loss = meta.get("loss", "grouped_bt")
+    # an ensemble has no tie model of its own: it is measured under the θ fitted to these pairs
+    loss = f"ensemble of {len(ensemble['members'])}" if ensemble else meta.get("loss", "grouped_bt")
     report = DataReport()
     groups = build_groups(records, report, "plackett_luce")  # keep all-tied rankings: they test ties
     if not groups:
@@ -276,11 +323,6 @@ def run_rm_eval(cfg: RMEvalConfig) -> dict:
     try:
         tracker.use_artifact(cfg.rankings, "eval-rankings", "dataset")
         tracker.use_artifact(cfg.reward_model, "reward-model", "model")
-        model, tokenizer, meta = load_reward_model(cfg.reward_model)
-        max_length = cfg.max_length or int(meta.get("max_length", 512))
-        norm = meta.get("normalization") or {}
-        offset, scale = float(norm.get("offset", 0.0)), float(norm.get("scale", 1.0)) or 1.0
-
         flat_prompts, flat_texts, flat_finished, where = [], [], [], []
         for gi, g in enumerate(groups):
             for ci, t in enumerate(g.texts):
@@ -288,11 +330,8 @@ def run_rm_eval(cfg: RMEvalConfig) -> dict:
                 flat_texts.append(t)
                 flat_finished.append(g.finished[ci] if g.finished else True)
                 where.append((gi, ci))
-        enc = encode_conversations(tokenizer, flat_prompts, flat_texts, max_length, flat_finished)
-        with progress_bar(len(enc.ids), "rm eval: scoring", "seq") as bar:
-            raw = score_ids(
-                model, enc.ids, tokenizer.pad_token_id, cfg.batch_size, starts=enc.starts, on_batch=bar.update
-            )
+        score = score_ensemble if ensemble else score_one_model
+        raw, offset, scale, truncated = score(cfg, flat_prompts, flat_texts, flat_finished)
         kmax = max(g.k for g in groups)
         grid = torch.zeros(len(groups), kmax, dtype=torch.float64)
         for (gi, ci), r in zip(where, raw.tolist()):
@@ -410,7 +449,7 @@ def run_rm_eval(cfg: RMEvalConfig) -> dict:
             metrics["eval/length_corr"] = float(pearsonr(norm_scores, lengths).statistic)
             metrics["eval/length_spearman"] = float(spearmanr(norm_scores, lengths).statistic)
         metrics["eval/reward_mean"] = float(sum(norm_scores) / len(norm_scores))
-        metrics["eval/truncated"] = enc.truncated
+        metrics["eval/truncated"] = truncated
 
         # agreement with the gold scorer
         gold = None

@@ -64,7 +64,10 @@ def uncertainty(
         )
     # every member scores all responses in one call; a single reward model is a committee of one
     members = reward.members if isinstance(reward, EnsembleRewardFunction) else [reward]
-    per_member = [score_candidates(member, records) for member in members]
+    per_member = [
+        score_candidates(member, records, progress=f"prioritize: scoring with {member.name}")
+        for member in members
+    ]
     out = {}
     for i, rec in enumerate(records):
         mine = np.array([scores[i] for scores in per_member])  # [members, K]

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from rlhf.cli import progress_bar
 from rlhf.contracts import prompt_text
 from rlhf.errors import ConfigError, UserError
 from rlhf.fsio import recover_dir
@@ -174,20 +175,33 @@ class EnsembleRewardFunction(RewardFunction):
 ENSEMBLE_USAGE = "ensemble:COMBINE:DIR,DIR,... with COMBINE one of mean, min, mean_minus_std[=k]"
 
 
-def score_candidates(reward: RewardFunction, records: Sequence[Any]) -> list[list[float]]:
+def score_candidates(
+    reward: RewardFunction, records: Sequence[Any], progress: str | None = None, chunk: int = 512
+) -> list[list[float]]:
     """Every response of candidates records (``prompt``, ``candidates`` with ``text`` and optionally
-    ``gen.finished``), scored in one call (a reward model batches them across prompts), as one list
-    of scores per record."""
-    prompts = [rec["prompt"] for rec in records for _ in rec["candidates"]]
-    texts = [c["text"] for rec in records for c in rec["candidates"]]
-    finished = [
-        bool((c.get("gen") or {}).get("finished", True)) for rec in records for c in rec["candidates"]
-    ]
-    flat = [float(s) for s in reward(prompts, texts, finished)] if texts else []
-    out, start = [], 0
-    for rec in records:
-        out.append(flat[start : start + len(rec["candidates"])])
-        start += len(rec["candidates"])
+    ``gen.finished``), scored and returned as one list of scores per record.
+
+    A reward model batches the responses across prompts. ``progress`` names a bar over the records;
+    with one, they are scored ``chunk`` records per call, so a store of many thousand prompts shows
+    how far it is. The scores do not depend on ``chunk`` (up to rounding): each response is scored
+    on its own.
+    """
+    out: list[list[float]] = []
+    with progress_bar(len(records), progress or "", "prompt", enabled=progress is not None) as bar:
+        step = chunk if progress is not None else max(len(records), 1)
+        for start in range(0, len(records), step):
+            part = records[start : start + step]
+            prompts = [rec["prompt"] for rec in part for _ in rec["candidates"]]
+            texts = [c["text"] for rec in part for c in rec["candidates"]]
+            finished = [
+                bool((c.get("gen") or {}).get("finished", True)) for rec in part for c in rec["candidates"]
+            ]
+            flat = [float(s) for s in reward(prompts, texts, finished)] if texts else []
+            at = 0
+            for rec in part:
+                out.append(flat[at : at + len(rec["candidates"])])
+                at += len(rec["candidates"])
+            bar.update(len(part))
     return out
 
 

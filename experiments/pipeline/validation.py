@@ -146,9 +146,11 @@ def _check_reward(reward: str | list[dict]) -> None:
 
 
 def _check_reward_model_dir(path: str) -> None:
-    from rlhf.reward_model import read_meta  # imports torch: only when a plan is checked
+    """A reward-model dir, or an ensemble dir whose members all are (``rlhf rm eval`` takes both)."""
+    from rlhf.reward_model import is_ensemble_dir, read_ensemble, read_meta  # imports torch: only here
 
-    read_meta(path)
+    for member in read_ensemble(path)["members"] if is_ensemble_dir(path) else [path]:
+        read_meta(member)
 
 
 DATA_FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet")  # the files rlhf.data reads

@@ -10,7 +10,7 @@ import torch
 
 from reward_models.model import ENSEMBLE_FILE, read_meta
 from rlhf.cli import main
-from rlhf.rewards import EnsembleRewardFunction, load_reward_fn
+from rlhf.rewards import EnsembleRewardFunction, load_reward_fn, score_candidates
 from tests.reward_models.rm_data import make_records, write_records
 
 PROMPTS = ["Say something kind.", "Describe the sea."]
@@ -54,13 +54,35 @@ def test_the_ensemble_dir_is_a_reward_with_its_rule_and_can_be_overridden(ensemb
     torch.testing.assert_close(worst(PROMPTS, RESPONSES), stacked.min(0).values, atol=1e-5, rtol=1e-5)
 
 
-def test_a_command_that_takes_one_reward_model_names_a_member(ensemble, capsys):
+def test_rm_eval_judges_the_ensemble_as_the_reward_it_gives(ensemble, tmp_path):
+    """`rlhf rm eval` on the ensemble dir scores with the members combined by the dir's rule, the
+    reward PPO would get: its pair accuracy is the one computed here from that reward."""
     model_dir = ensemble / "model"
     rankings = ensemble / "member-0" / "eval_rankings.jsonl"
     argv = ["rm", "eval", "--reward_model", str(model_dir), "--rankings", str(rankings)]
-    assert main([*argv, "--tracking.mode", "disabled", "--runs_dir", str(ensemble / "eval_runs")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "ensemble of 3" in err and "member-0" in err
+    assert main([*argv, "--tracking.mode", "disabled", "--runs_dir", str(tmp_path)]) == 0
+    metrics = json.loads(next(tmp_path.rglob("metrics.json")).read_text())["metrics"]
+
+    reward = load_reward_fn(str(model_dir))
+    right = pairs = 0
+    every_score = []
+    for rec in map(json.loads, rankings.read_text().splitlines()):
+        labels = [c["label"] for c in rec["candidates"]]
+        finished = [bool((c.get("gen") or {}).get("finished", True)) for c in rec["candidates"]]
+        scores = reward([rec["prompt"]] * len(labels), [c["text"] for c in rec["candidates"]], finished)
+        every_score += scores.tolist()
+        tiers = [tier.split("=") for tier in rec["ranking"].replace(" ", "").split(">")]
+        for hi, upper in enumerate(tiers):
+            for lower in tiers[hi + 1 :]:
+                for winner in upper:
+                    for loser in lower:
+                        d = float(scores[labels.index(winner)] - scores[labels.index(loser)])
+                        right += (d > 0) + 0.5 * (d == 0)
+                        pairs += 1
+    assert metrics["eval/pairs"] == pairs > 0
+    assert metrics["eval/pair_accuracy"] == pytest.approx(right / pairs)
+    assert metrics["eval/reward_mean"] == pytest.approx(sum(every_score) / len(every_score), abs=1e-5)
+    assert "eval/tie_theta_fitted" in metrics  # no tie model of its own: measured under the fitted θ
 
 
 @pytest.mark.parametrize(
@@ -79,3 +101,27 @@ def test_bad_ensemble_settings_are_one_line_before_any_work(tmp_path, capsys, ex
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and words in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_scoring_candidates_in_chunks_with_a_bar_gives_the_same_scores(ensemble, capsys):
+    """`rlhf annotate propose`, `prioritize` and the arena's judges score a store's prompts in chunks
+    under a progress bar; the chunks must not change a score."""
+    reward = load_reward_fn(str(ensemble / "model"))
+    records = [
+        {
+            "prompt": prompt,
+            "candidates": [
+                {"label": "A", "text": RESPONSES[i % 2]},
+                {"label": "B", "text": RESPONSES[(i + 1) % 2] + " More.", "gen": {"finished": False}},
+                {"label": "C", "text": "Yes."},
+            ],
+        }
+        for i, prompt in enumerate(PROMPTS * 3)
+    ]
+    whole = score_candidates(reward, records)
+    capsys.readouterr()  # the fixture's training bars
+    chunked = score_candidates(reward, records, progress="scoring", chunk=2)
+    assert [len(s) for s in chunked] == [3] * len(records)
+    torch.testing.assert_close(torch.tensor(chunked), torch.tensor(whole), atol=1e-5, rtol=1e-5)
+    bar = capsys.readouterr().err
+    assert "scoring" in bar and f"{len(records)}/{len(records)}" in bar
