@@ -25,7 +25,9 @@ from pathlib import Path
 
 from annotation_app.agreement import agreement_report
 from annotation_app.control import ranking_from_scores
+from annotation_app.dashboard import BOOTSTRAP_RESAMPLES
 from annotation_app.database import is_url
+from annotation_app.gold import gold_accuracy, gold_accuracy_text
 from annotation_app.io import export_rankings, import_candidates, load_project_config
 from annotation_app.store import DEFAULT_PROJECT, ROLES, Store, StoreError
 from rlhf.active import MEASURES, least_certain_first, uncertainty
@@ -157,7 +159,11 @@ def _prioritize(args) -> int:
 def _stats(args) -> int:
     store = _open(args.db)
     stats = store.stats()
-    report = agreement_report(store.submitted_rankings(args.project, kind="ranking"))
+    rankings = store.submitted_rankings(args.project, kind="ranking")
+    report = agreement_report(rankings)
+    # accuracy on the items with a known answer, as the admin dashboard shows it
+    gold = store.gold_answers(args.project)
+    on_gold = gold_accuracy(rankings, gold, resamples=BOOTSTRAP_RESAMPLES) if gold else {}
     if args.json:
 
         def clean(v):
@@ -165,6 +171,18 @@ def _stats(args) -> int:
 
         out = {**{k: v for k, v in stats.items()}, "agreement": {k: clean(v) for k, v in report.items()}}
         out["median_seconds_per_item"] = clean(out["median_seconds_per_item"])
+        for user in out["annotators"]:
+            acc = on_gold.get(user["username"])
+            if acc is not None:
+                interval = acc.pair_accuracy
+                user["gold"] = {
+                    "items": acc.items,
+                    "pairs": acc.pairs,
+                    "pair_accuracy": clean(interval.value),
+                    "pair_accuracy_ci_low": clean(interval.low),
+                    "pair_accuracy_ci_high": clean(interval.high),
+                    "all_right": acc.all_right,
+                }
         print(json.dumps(out, indent=2))
         return 0
 
@@ -180,12 +198,17 @@ def _stats(args) -> int:
         f"submitted rankings: {stats['submitted']}, median seconds per item: "
         f"{num(stats['median_seconds_per_item'], '.1f')}"
     )
-    print("annotator\trole\tsubmitted\tskipped\tdrafts\tmean_s")
+    print(
+        "annotator\trole\tsubmitted\tskipped\tdrafts\tmean_s"
+        + ("\tgold_items\tgold_pair_accuracy" if gold else "")
+    )
     for u in stats["annotators"]:
         mean = "-" if u["mean_seconds"] is None else f"{u['mean_seconds']:.1f}"
-        print(
-            f"{u['username']}\t{u['role']}\t{u['submitted'] or 0}\t{u['skipped'] or 0}\t{u['drafts'] or 0}\t{mean}"
-        )
+        row = f"{u['username']}\t{u['role']}\t{u['submitted'] or 0}\t{u['skipped'] or 0}\t{u['drafts'] or 0}\t{mean}"
+        if gold:
+            acc = on_gold.get(u["username"])
+            row += f"\t{acc.items}\t{gold_accuracy_text(acc)}" if acc else "\t0\t-"
+        print(row)
     print("agreement:")
     for key, value in report.items():
         print(f"  {key}: {num(value)}" if isinstance(value, float) else f"  {key}: {value}")
@@ -365,9 +388,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "stats",
-        help="progress per annotator and prompt, agreement, tie rate, time per item",
+        help="progress per annotator and prompt, agreement, tie rate, time per item, accuracy on gold items",
         description="Print the progress per annotator and prompt, the agreement between annotators, "
-        "the tie rate and the time per item.",
+        "the tie rate, the time per item and, when the project has gold items, each annotator's "
+        "accuracy on them (pairs of the known answer ranked the same way, with a 95 % interval over items).",
     )
     db_arg(p)
     p.add_argument("--project", default=None, help="agreement over this project only (default: all)")

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 
 from annotation_app import agreement
-from annotation_app.gold import GoldAccuracy, gold_accuracy
+from annotation_app.gold import GoldAccuracy, gold_accuracy, gold_accuracy_text
 from rlhf.reliability import fit_reliability
 
 BOOTSTRAP_RESAMPLES = 300
@@ -177,9 +177,7 @@ def _gold_cells(acc: GoldAccuracy | None) -> list:
     """``[gold items, "0.83 [0.70, 0.93]", share fully right]`` (blank for no gold item ranked)."""
     if acc is None:
         return [0, "", None]
-    estimate = acc.pair_accuracy
-    shown = f"{estimate.value:.2f}" if math.isnan(estimate.low) else estimate.fmt(2)
-    return [acc.items, shown, round(acc.all_right, 3)]
+    return [acc.items, gold_accuracy_text(acc), round(acc.all_right, 3)]
 
 
 def _reliability(

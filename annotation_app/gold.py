@@ -138,6 +138,12 @@ def gold_accuracy(
     }
 
 
+def gold_accuracy_text(acc: GoldAccuracy) -> str:
+    """``"0.83 [0.70, 0.93]"``, or the value alone when one gold item gives no interval."""
+    estimate = acc.pair_accuracy
+    return f"{estimate.value:.2f}" if math.isnan(estimate.low) else estimate.fmt(2)
+
+
 def _pair_share(items: Sequence[tuple[int, int]]) -> float:
     decided = sum(d for _, d in items)
     return sum(r for r, _ in items) / decided if decided else math.nan

@@ -330,3 +330,36 @@ def test_the_export_fits_reliability_with_gold_anchors(db, tmp_path):
     assert fit["anchored_items"] == 12 * 3
     assert weights["honest"] > 0.8 and weights["rev1"] == weights["rev2"] == 0.0
     store.close()
+
+
+def test_annotate_stats_reports_gold_accuracy_per_annotator(db, capsys):
+    """The command line says what the dashboard says: each annotator's accuracy on the gold items."""
+    store = open_store(db, gold_rate=1.0)
+    store.add_items(items(2) + items(4, prefix="g", gold="A > B > C"))
+    rank_until_done(store, "ann1", "A > B > C")
+    rank_until_done(store, "ann2", "A > C > B")
+    store.close()
+
+    assert main(["annotate", "stats", "--db", db, "--json"]) == 0
+    users = {u["username"]: u for u in json.loads(capsys.readouterr().out)["annotators"]}
+    assert users["ann1"]["gold"]["items"] == 4 and users["ann1"]["gold"]["pair_accuracy"] == 1.0
+    assert users["ann2"]["gold"]["pair_accuracy"] == pytest.approx(2 / 3)  # B > C reversed, of 3 pairs
+    assert users["ann2"]["gold"]["all_right"] == 0.0 and "gold" not in users["boss"]
+
+    assert main(["annotate", "stats", "--db", db]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("annotator\t"))
+    assert header.endswith("gold_items\tgold_pair_accuracy")
+    rows = {line.split("\t")[0]: line.split("\t") for line in lines if "\t" in line}
+    assert rows["ann1"][-2:] == ["4", "1.00 [1.00, 1.00]"] and rows["ann2"][-1].startswith("0.67")
+    assert rows["boss"][-2:] == ["0", "-"]
+
+
+def test_annotate_stats_has_no_gold_columns_without_gold_items(db, capsys):
+    store = open_store(db, gold_rate=0.0)
+    store.add_items(items(2))
+    rank_until_done(store, "ann1")
+    store.close()
+    assert main(["annotate", "stats", "--db", db]) == 0
+    out = capsys.readouterr().out
+    assert "gold_items" not in out and "ann1" in out
