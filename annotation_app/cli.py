@@ -93,10 +93,12 @@ def _import(args) -> int:
         lease_seconds=lease,
         gold_rate=gold_rate,
         max_chars=args.max_chars,
+        correct_gold=args.correct_gold,
     )
+    corrected = f", {res['gold_corrected']} gold answers corrected" if args.correct_gold else ""
     print(
-        f"{args.file}: {res['rows']} rows, {res['added']} new prompts, {res['unchanged']} already imported "
-        f"(project {project!r})"
+        f"{args.file}: {res['rows']} rows, {res['added']} new prompts, {res['unchanged']} already imported"
+        f"{corrected} (project {project!r})"
     )
     return 0
 
@@ -321,6 +323,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "records with a `gold` answer such as 'B > A = C' (default: from the config, else 0)",
     )
     p.add_argument("--max_chars", type=int, default=20_000, help="longest response accepted, in characters")
+    p.add_argument(
+        "--correct_gold",
+        action="store_true",
+        help="let this file change the answer of gold items already imported (same prompt and responses, "
+        "a corrected `gold`); each change is audited, and accuracy on gold is then judged against the "
+        "new answer, for rankings already made too. Without it a changed answer is a conflict",
+    )
     p.set_defaults(func=_import)
 
     p = sub.add_parser(

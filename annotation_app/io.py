@@ -112,12 +112,14 @@ def import_candidates(
     lease_seconds: int | None = None,
     gold_rate: float | None = None,
     max_chars: int = MAX_RESPONSE_CHARS,
+    correct_gold: bool = False,
 ) -> dict:
     """Validate and import a candidates file; returns ``{"added", "unchanged", "rows"}``.
 
     A record's optional ``gold`` is the prompt's known answer (:mod:`annotation_app.gold`);
     ``gold_rate`` the share of each annotator's items drawn from the project's gold items (None
-    keeps the stored rate; a new project starts at 0).
+    keeps the stored rate; a new project starts at 0). ``correct_gold`` lets the file change the
+    answer of gold items already stored (:meth:`Store.add_items`) and adds ``"gold_corrected"``.
 
     Raises ``DataError`` (from ``load_candidates``) or :class:`ImportRowsError` listing every bad
     row (sizes, gold answers); nothing is written unless every row is good.
@@ -131,7 +133,7 @@ def import_candidates(
         project, quorum=quorum, guidelines=guidelines, lease_seconds=lease_seconds, gold_rate=gold_rate
     )
     rows = [{**rec, "prompt_text": prompt_text(rec["prompt"])} for rec in records]
-    result = store.add_items(rows, project_id=project)
+    result = store.add_items(rows, project_id=project, correct_gold=correct_gold)
     return {**result, "rows": len(records)}
 
 

@@ -332,7 +332,9 @@ class Store(StoreQueries):
             self._audit(conn, None, "prioritize", None, source=source, prompts=len(order), project=project)
         return len(order)
 
-    def add_items(self, records: list[dict], project_id: str = DEFAULT_PROJECT) -> dict:
+    def add_items(
+        self, records: list[dict], project_id: str = DEFAULT_PROJECT, correct_gold: bool = False
+    ) -> dict:
         """Insert validated candidate records (the candidates contract); idempotent.
 
         A record whose ``prompt_id`` is already stored with the same content is skipped; one with
@@ -342,7 +344,14 @@ class Store(StoreQueries):
         part of the content, so re-importing a prompt with a different gold answer (or adding or
         dropping one) is refused like changed responses; a prompt without one hashes as before.
 
-        Returns ``{"added": n, "unchanged": m}``.
+        ``correct_gold``: a stored gold item whose prompt and responses are unchanged takes the
+        record's new answer instead (a mistyped answer is fixed by importing the corrected file).
+        Each correction is audited with the old and the new answer. Accuracy on gold items is
+        computed when it is read, so every ranking already made is judged against the new answer.
+        Adding or dropping an answer is still refused: it would move the prompt into or out of
+        the quorum after annotators ranked it.
+
+        Returns ``{"added": n, "unchanged": m}``, and ``"gold_corrected"`` with ``correct_gold``.
         """
         self.project(project_id)
         problems = gold_problems(records)
@@ -355,23 +364,33 @@ class Store(StoreQueries):
         prepared = []
         for rec in records:
             gold = gold_ranking(rec.get("gold"), [c["label"] for c in rec["candidates"]])
-            content = {"prompt": rec["prompt"], "candidates": rec["candidates"]}
-            if gold is not None:
-                content["gold"] = str(gold)
-            digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode("utf-8")).hexdigest()
-            prepared.append((rec, digest, None if gold is None else str(gold)))
+            gold = None if gold is None else str(gold)
+            prepared.append((rec, _content_hash(rec, gold), gold))
         added = unchanged = added_gold = 0
+        corrected: list[tuple[str, str, str]] = []  # (prompt_id, old answer, new answer)
         conflicts = []
         with self.write() as conn:
             seq = conn.execute("SELECT COALESCE(MAX(seq), 0) AS s FROM prompts").fetchone()["s"]
             for i, (rec, digest, gold) in enumerate(prepared):
                 pid = str(rec["prompt_id"])
                 row = conn.execute(
-                    "SELECT content_hash, project_id FROM prompts WHERE prompt_id = ?", (pid,)
+                    "SELECT content_hash, project_id, gold FROM prompts WHERE prompt_id = ?", (pid,)
                 ).fetchone()
                 if row is not None:
                     if row["content_hash"] == digest and row["project_id"] == project_id:
                         unchanged += 1
+                    elif (
+                        correct_gold
+                        and row["project_id"] == project_id
+                        and row["gold"] is not None
+                        and gold is not None
+                        and _content_hash(rec, row["gold"]) == row["content_hash"]  # only the answer differs
+                    ):
+                        conn.execute(
+                            "UPDATE prompts SET gold = ?, content_hash = ? WHERE prompt_id = ?",
+                            (gold, digest, pid),
+                        )
+                        corrected.append((pid, row["gold"], gold))
                     else:
                         conflicts.append(
                             f"row {i + 1}: prompt_id {pid!r} is already imported with different "
@@ -413,6 +432,8 @@ class Store(StoreQueries):
                     + "; ".join(conflicts[:20]),
                     code="import_conflict",
                 )
+            for pid, before, after in corrected:
+                self._audit(conn, None, "correct_gold", pid, before=before, after=after)
             self._audit(
                 conn,
                 None,
@@ -422,8 +443,10 @@ class Store(StoreQueries):
                 added=added,
                 unchanged=unchanged,
                 gold=added_gold,
+                **({"gold_corrected": len(corrected)} if correct_gold else {}),
             )
-        return {"added": added, "unchanged": unchanged}
+        result = {"added": added, "unchanged": unchanged}
+        return {**result, "gold_corrected": len(corrected)} if correct_gold else result
 
     # -- assignment
 
@@ -845,3 +868,12 @@ def stored_edit(edit: str, ranking: Ranking, candidates: list[dict]) -> str | No
         )
     original = next(c["text"] for c in candidates if c["label"] == best[0])
     return None if edit.strip() == original.strip() else edit
+
+
+def _content_hash(rec: dict, gold: str | None) -> str:
+    """The digest that makes an import idempotent: the prompt, the responses and the canonical gold
+    answer (a prompt without one hashes as it did before gold answers existed)."""
+    content = {"prompt": rec["prompt"], "candidates": rec["candidates"]}
+    if gold is not None:
+        content["gold"] = gold
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode("utf-8")).hexdigest()

@@ -363,3 +363,66 @@ def test_annotate_stats_has_no_gold_columns_without_gold_items(db, capsys):
     assert main(["annotate", "stats", "--db", db]) == 0
     out = capsys.readouterr().out
     assert "gold_items" not in out and "ann1" in out
+
+
+def test_a_mistyped_gold_answer_is_corrected_by_importing_the_fixed_file(db, tmp_path, capsys):
+    """`rlhf annotate import --correct_gold`: only the answer of a stored gold item may change; the
+    change is audited and the rankings already made are judged against the new answer."""
+    store = open_store(db, gold_rate=1.0)
+    records = items(2) + items(2, prefix="g", gold="C > B > A")  # mistyped: should be A > B > C
+    src = write_jsonl(tmp_path / "c.jsonl", records)
+    assert import_candidates(store, src)["added"] == 4
+    rank_until_done(store, "ann1", "A > B > C")
+    before = gold_accuracy(store.submitted_rankings(), store.gold_answers())["ann1"]
+    assert before.pair_accuracy.value == 0.0
+    store.close()
+
+    for rec in records[2:]:
+        rec["gold"] = "a > b > c"
+    fixed = write_jsonl(tmp_path / "fixed.jsonl", records)
+    assert main(["annotate", "import", fixed, "--db", db]) == 2  # without the flag: a conflict
+    assert "already imported with different content" in capsys.readouterr().err
+    assert main(["annotate", "import", fixed, "--db", db, "--correct_gold"]) == 0
+    assert "2 gold answers corrected" in capsys.readouterr().out
+
+    store = Store(db, clock=Clock())
+    assert store.gold_answers() == {"g0": "A > B > C", "g1": "A > B > C"}
+    after = gold_accuracy(store.submitted_rankings(), store.gold_answers())["ann1"]
+    assert after.pair_accuracy.value == 1.0 and after.items == 2
+    audit = store.conn.execute(
+        "SELECT prompt_id, detail FROM audit_log WHERE action = 'correct_gold' ORDER BY prompt_id"
+    ).fetchall()
+    assert [row["prompt_id"] for row in audit] == ["g0", "g1"]
+    assert json.loads(audit[0]["detail"]) == {"before": "C > B > A", "after": "A > B > C"}
+    # the corrected file is now the stored content: importing it again changes nothing
+    assert import_candidates(store, fixed, correct_gold=True) == {
+        "added": 0,
+        "unchanged": 4,
+        "gold_corrected": 0,
+        "rows": 4,
+    }
+    store.close()
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["a response", "an answer added to a plain prompt", "the answer dropped"],
+)
+def test_correct_gold_changes_nothing_but_a_stored_answer(db, tmp_path, change):
+    store = open_store(db, gold_rate=1.0)
+    records = items(1) + items(1, prefix="g", gold="A > B > C")
+    assert import_candidates(store, write_jsonl(tmp_path / "c.jsonl", records))["added"] == 2
+    if change == "a response":
+        records[1] = {**records[1], "gold": "B > A > C"}
+        records[1]["candidates"] = [
+            {**records[1]["candidates"][0], "text": "changed"},
+            *records[1]["candidates"][1:],
+        ]
+    elif change == "an answer added to a plain prompt":
+        records[0] = {**records[0], "gold": "A > B"}
+    else:
+        records[1] = {k: v for k, v in records[1].items() if k != "gold"}
+    with pytest.raises(StoreError, match="already imported with different content"):
+        import_candidates(store, write_jsonl(tmp_path / "changed.jsonl", records), correct_gold=True)
+    assert store.gold_answers() == {"g0": "A > B > C"}
+    store.close()
