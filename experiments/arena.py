@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,8 @@ from rlhf.scorers import get_scorer
 from rlhf.tracking import RunFields, start_stage
 
 SIMULATED = "simulated:"
+# A voter that starts `key=` with no scorer name is the tail of a spec the list split at its comma.
+SPEC_TAIL = re.compile(r"^\w+=")
 
 
 # ----------------------------------------------------------------------------- policies
@@ -222,7 +225,8 @@ class ArenaConfig(RunFields, HeldOutSampling):
     voters: list[str] = option(
         default_factory=list,
         help="further voters: SPEC (a judge: scorer spec or reward-model dir) or simulated:SPEC "
-        "(simulated annotators following SPEC with noise and ties)",
+        "(simulated annotators following SPEC with noise and ties); quote a spec that has a comma, "
+        "or the list splits it: '[\"keywords:good=thanks,bad=sorry\"]'",
     )
     baseline: str = option("", help="the policy win rates are measured against (default: the first policy)")
     tie_threshold: float = option(0.05, help="judges and simulated annotators tie scores this close")
@@ -244,6 +248,12 @@ class ArenaConfig(RunFields, HeldOutSampling):
             raise ConfigError(f"baseline: {self.baseline!r} is not a policy; policies: {', '.join(names)}")
         if not self.all_voters():
             raise ConfigError("voters: no voter; give gold, reward or voters (e.g. simulated:vader)")
+        for before, voter in zip(self.voters, self.voters[1:]):
+            if SPEC_TAIL.match(voter):  # `bad=sorry` alone: the list split a spec at its comma
+                raise ConfigError(
+                    f"voters: {voter!r} looks like the end of {before!r}, split at a comma by the list; "
+                    f"quote the whole spec: '[\"{before},{voter}\"]'"
+                )
         self.validate_sampling()
         if self.n_boot < 0:
             raise ConfigError(f"n_boot: {self.n_boot} must be ≥ 0")

@@ -158,6 +158,9 @@ def test_bad_arena_input_gets_one_line_before_any_work(in_tmp, capsys):
     assert "no/such/dir" in capsys.readouterr().err
     assert main(["arena", "run", "--policies", "[tiny, b=tiny]", "--voters", "[nonsense-scorer]"]) == 2
     assert "nonsense-scorer" in capsys.readouterr().err
+    voters = "[keywords:good=thanks,bad=sorry]"  # the list splits the spec at its comma
+    assert main(["arena", "run", "--policies", "[tiny, b=tiny]", "--voters", voters]) == 2
+    assert """'["keywords:good=thanks,bad=sorry"]'""" in capsys.readouterr().err
     assert main(["arena", "run", "--policies", "[a=tiny, b=tiny]", "--baseline", "c"]) == 2
     assert "baseline" in capsys.readouterr().err
     assert main(["arena", "run", "--policies", "[a=tiny, b=tiny]", "--gold", "null"]) == 2
