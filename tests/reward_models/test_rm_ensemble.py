@@ -125,3 +125,25 @@ def test_scoring_candidates_in_chunks_with_a_bar_gives_the_same_scores(ensemble,
     torch.testing.assert_close(torch.tensor(chunked), torch.tensor(whole), atol=1e-5, rtol=1e-5)
     bar = capsys.readouterr().err
     assert "scoring" in bar and f"{len(records)}/{len(records)}" in bar
+
+
+def test_an_experiment_checks_and_evaluates_an_ensemble_dir(ensemble, tmp_path, capsys):
+    """The experiment file's check takes an ensemble dir as `rm_eval.reward_model` (its members
+    must be reward-model dirs) and refuses a dir that is neither, in one line before any work."""
+    rankings = ensemble / "member-0" / "eval_rankings.jsonl"
+
+    def run(reward_model) -> int:
+        exp = tmp_path / "e.yaml"
+        exp.write_text(
+            f"name: ens_eval\nstages:\n  rm_eval: {{reward_model: {reward_model}, rankings: {rankings}}}\n"
+        )
+        return main(
+            ["experiment", "run", str(exp), "--runs_dir", str(tmp_path / "runs"), "tracking.mode=disabled"]
+        )
+
+    assert run(ensemble / "model") == 0
+    assert (tmp_path / "runs" / "ens_eval" / "rm_eval" / "metrics.json").is_file()
+    capsys.readouterr()
+    assert run(ensemble) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a reward-model directory" in err[0]
