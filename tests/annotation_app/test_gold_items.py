@@ -13,6 +13,7 @@ import math
 import pytest
 
 from annotation_app import dashboard, handlers
+from annotation_app.database import is_url
 from annotation_app.gold import gold_accuracy, serve_gold
 from annotation_app.handlers import Page
 from annotation_app.io import annotators_path, export_rankings, import_candidates, load_project_config
@@ -425,4 +426,19 @@ def test_correct_gold_changes_nothing_but_a_stored_answer(db, tmp_path, change):
     with pytest.raises(StoreError, match="already imported with different content"):
         import_candidates(store, write_jsonl(tmp_path / "changed.jsonl", records), correct_gold=True)
     assert store.gold_answers() == {"g0": "A > B > C"}
+    store.close()
+
+
+def test_the_gold_items_are_found_through_their_index_in_serve_order(db):
+    """Schema v8: the choice's look-up of the next gold item reads the partial index instead of
+    scanning and sorting every prompt (experiments/benchmarks/bench_store_choice.py)."""
+    store = open_store(db, gold_rate=0.5)
+    if is_url(db):
+        rows = store.conn.execute("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'prompts'")
+        definitions = {row["indexname"]: row["indexdef"] for row in rows.fetchall()}
+        assert "gold IS NOT NULL" in definitions["prompts_gold"]
+    else:
+        query = "SELECT prompt_id FROM prompts WHERE gold IS NOT NULL ORDER BY serve_order, seq LIMIT 1"
+        plan = " ".join(str(row[-1]) for row in store.conn.execute("EXPLAIN QUERY PLAN " + query).fetchall())
+        assert "prompts_gold" in plan and "TEMP B-TREE" not in plan
     store.close()
