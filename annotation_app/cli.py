@@ -176,13 +176,11 @@ def _stats(args) -> int:
         for user in out["annotators"]:
             acc = on_gold.get(user["username"])
             if acc is not None:
-                interval = acc.pair_accuracy
+                interval = acc.pair_accuracy.as_dict("pair_accuracy")
                 user["gold"] = {
                     "items": acc.items,
                     "pairs": acc.pairs,
-                    "pair_accuracy": clean(interval.value),
-                    "pair_accuracy_ci_low": clean(interval.low),
-                    "pair_accuracy_ci_high": clean(interval.high),
+                    **{key: clean(value) for key, value in interval.items()},
                     "all_right": acc.all_right,
                 }
         print(json.dumps(out, indent=2))

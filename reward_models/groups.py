@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from reward_models import losses as L
-from rlhf.contracts import validate_ranking
+from rlhf.contracts import candidates_finished, validate_ranking
 from rlhf.datafiles import DataError, RowError, read_source
 from rlhf.errors import UserError
 from rlhf.rankings import Ranking, parse_ranking
@@ -194,12 +194,6 @@ def build_groups(records: list[dict], report: DataReport, loss: str) -> list[Gro
     for g in out:
         report.k_counts[g.k] = report.k_counts.get(g.k, 0) + 1
     return out
-
-
-def candidates_finished(candidates: list[dict]) -> list[bool]:
-    """Whether each candidate ended with EOS: ``gen.finished`` as ``rlhf generate`` records it
-    (a response cut at the length limit has no EOS), True where the record does not say."""
-    return [bool((c.get("gen") or {}).get("finished", True)) for c in candidates]
 
 
 def split_groups(groups: list[Group], fraction: float, seed: int) -> tuple[list[Group], list[Group]]:

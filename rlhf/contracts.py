@@ -166,6 +166,14 @@ def prompt_text(prompt: Any) -> str:
     raise ValueError(f"a prompt is text or a list of chat messages, got {type_name(prompt)}")
 
 
+def candidates_finished(candidates: list[dict]) -> list[bool]:
+    """Whether each candidate ended with EOS: ``gen.finished`` as ``rlhf generate`` records it
+    (a response cut at the length limit has no EOS), True where the record does not say. Every
+    reader that formats a response as the reward model saw it (training, scoring, TRL export)
+    appends EOS by this rule."""
+    return [bool((c.get("gen") or {}).get("finished", True)) for c in candidates]
+
+
 def _text_id(text: str, prefix: str = "p") -> str:
     return f"{prefix}-{hashlib.sha1(text.encode('utf-8')).hexdigest()[:12]}"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.config import ConfigError, add_config_arguments, config_from_args, option
-from rlhf.contracts import load_rankings, prompt_text
+from rlhf.contracts import candidates_finished, load_rankings, prompt_text
 from rlhf.datafiles import DataError, output_kind, save_records, write_jsonl
 from rlhf.models import format_conversation, format_prompt, load_tokenizer
 from rlhf.rankings import Ranking, parse_ranking
@@ -177,7 +177,8 @@ def _trl_prompt_and_completions(rec: dict, style: str, tokenizer: Any) -> tuple[
 
     # `rlhf generate` records whether a response ended with EOS; a response cut at the length
     # limit is formatted without it, as the lab's reward model reads it (docs/reward-models.md).
-    ended = {c["label"]: bool((c.get("gen") or {}).get("finished", True)) for c in rec["candidates"]}
+    labels = [c["label"] for c in rec["candidates"]]
+    ended = dict(zip(labels, candidates_finished(rec["candidates"])))
     prompt = format_prompt(tokenizer, rec["prompt"])
     completions = {
         label: format_conversation(tokenizer, rec["prompt"], text, eos=ended[label])[len(prompt) :]

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from rlhf.cli import progress_bar
-from rlhf.contracts import prompt_text
+from rlhf.contracts import candidates_finished, prompt_text
 from rlhf.errors import ConfigError, UserError
 from rlhf.fsio import recover_dir
 from rlhf.reward_model import (
@@ -181,21 +181,17 @@ def score_candidates(
     """Every response of candidates records (``prompt``, ``candidates`` with ``text`` and optionally
     ``gen.finished``), scored and returned as one list of scores per record.
 
-    A reward model batches the responses across prompts. ``progress`` names a bar over the records;
-    with one, they are scored ``chunk`` records per call, so a store of many thousand prompts shows
-    how far it is. The scores do not depend on ``chunk`` (up to rounding): each response is scored
-    on its own.
+    They are scored ``chunk`` records per call (a reward model batches the responses across
+    prompts), so a store of many thousand prompts can show how far it is: ``progress`` names that
+    bar. The scores do not depend on ``chunk`` (up to rounding): each response is scored on its own.
     """
     out: list[list[float]] = []
     with progress_bar(len(records), progress or "", "prompt", enabled=progress is not None) as bar:
-        step = chunk if progress is not None else max(len(records), 1)
-        for start in range(0, len(records), step):
-            part = records[start : start + step]
+        for start in range(0, len(records), chunk):
+            part = records[start : start + chunk]
             prompts = [rec["prompt"] for rec in part for _ in rec["candidates"]]
             texts = [c["text"] for rec in part for c in rec["candidates"]]
-            finished = [
-                bool((c.get("gen") or {}).get("finished", True)) for rec in part for c in rec["candidates"]
-            ]
+            finished = [ended for rec in part for ended in candidates_finished(rec["candidates"])]
             flat = [float(s) for s in reward(prompts, texts, finished)] if texts else []
             at = 0
             for rec in part:

@@ -10,6 +10,7 @@ import torch
 
 from reward_models.model import ENSEMBLE_FILE, read_meta
 from rlhf.cli import main
+from rlhf.contracts import candidates_finished
 from rlhf.rewards import EnsembleRewardFunction, load_reward_fn, score_candidates
 from tests.reward_models.rm_data import make_records, write_records
 
@@ -68,7 +69,7 @@ def test_rm_eval_judges_the_ensemble_as_the_reward_it_gives(ensemble, tmp_path):
     every_score = []
     for rec in map(json.loads, rankings.read_text().splitlines()):
         labels = [c["label"] for c in rec["candidates"]]
-        finished = [bool((c.get("gen") or {}).get("finished", True)) for c in rec["candidates"]]
+        finished = candidates_finished(rec["candidates"])
         scores = reward([rec["prompt"]] * len(labels), [c["text"] for c in rec["candidates"]], finished)
         every_score += scores.tolist()
         tiers = [tier.split("=") for tier in rec["ranking"].replace(" ", "").split(">")]
