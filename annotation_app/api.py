@@ -2,15 +2,17 @@
 check every call to the app passes first.
 
 ``/next`` → the caller's next item as a dict (``None`` fields when all is done);
-``/submit`` (prompt_id, ranking, flags, comment, client_token) → ``{"ok": true, "status", ...,
-"server_ms"}`` or ``{"ok": false, "code", "message"}``; ``/skip`` (prompt_id, client_token) likewise.
+``/submit`` (prompt_id, ranking, flags, comment, client_token, and optionally edit) →
+``{"ok": true, "status", ..., "server_ms"}`` or ``{"ok": false, "code", "message"}``; ``/skip``
+(prompt_id, client_token) likewise.
 What each does is in :mod:`annotation_app.handlers` (``api_*``); this module declares them.
 
 Malformed calls (:func:`guard_calls`, :data:`EXCEPTION_HANDLERS`): Gradio checks only that a call
 has *enough* inputs, drops extra ones silently, and answers a short call, an unknown endpoint or
 bad keyword arguments with ``{"error": null}`` or a bare 500 after printing a traceback. Here every
 call's inputs are counted and their JSON types checked against the endpoint's own description
-(what ``/gradio_api/info`` publishes) before Gradio reads them: the named endpoints answer
+(what ``/gradio_api/info`` publishes) before Gradio reads them; optional trailing inputs a call
+leaves out take their defaults, as ``gradio_client`` fills them in: the named endpoints answer
 ``{"ok": false, "code": "bad_request", "message"}``, the page's own events a plain error, and
 neither prints a traceback (a malformed call is the caller's mistake, not the server's).
 """
@@ -22,6 +24,8 @@ import logging
 import re
 from collections.abc import Callable
 from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
 
 import gradio as gr
 from fastapi.exception_handlers import request_validation_exception_handler
@@ -65,10 +69,15 @@ def wire_api(page: Page) -> None:
         comment: str,
         client_token: str,
         request: gr.Request,
+        edit: str | None = None,
     ) -> dict:
         """Submit a complete ranking (e.g. "C > B = D > A") for a prompt leased to the caller.
-        flags: [] or ["all_bad"]. Sending the same client_token again returns the stored result."""
-        return _api_call(handlers.api_submit, page, request, prompt_id, ranking, flags, comment, client_token)
+        flags: [] or ["all_bad"]. Sending the same client_token again returns the stored result.
+        edit (optional): your corrected version of the response ranked first, which must be ranked
+        first alone; an edit equal to that response, or blank, stores no edit."""
+        return _api_call(
+            handlers.api_submit, page, request, prompt_id, ranking, flags, comment, client_token, edit
+        )
 
     def api_skip(prompt_id: str, client_token: str, request: gr.Request) -> dict:
         """Skip a prompt leased to the caller (it is not offered to them again)."""
@@ -119,7 +128,7 @@ def guard_calls(demo: gr.Blocks) -> None:
         _MALFORMED.set(problem)
         if problem is None:
             try:
-                return await preprocess(block_fn, inputs, state, explicit_call)
+                return await preprocess(block_fn, with_defaults(block_fn, inputs), state, explicit_call)
             except gr.Error as err:
                 err.print_exception = False  # the caller's mistake: its message is the answer
                 raise
@@ -134,26 +143,60 @@ def guard_calls(demo: gr.Blocks) -> None:
 def malformed_call(block_fn, inputs: list) -> str | None:
     """What is wrong with a call's ``inputs`` (one line), or None: their number, then each one's
     JSON type against the input's API description (``null`` passes, as in Gradio)."""
-    name, params, schemas = _described(block_fn)
-    if len(inputs) != len(schemas):
-        listed = f" ({', '.join(params)})" if params else ""
-        return f"{name} takes {len(params)} inputs{listed}, got {len(inputs)}"
-    for param, schema, value in zip(params, schemas, inputs, strict=True):
+    sig = _described(block_fn)
+    if not sig.required <= len(inputs) <= len(sig.params):
+        return f"{sig.name} takes {sig.takes()}, got {len(inputs)}"
+    for param, schema, value in zip(sig.params, sig.schemas, inputs, strict=False):
         if not _fits(value, schema):
-            return f"{name}: {param} must be {_describe(schema)}, got {_kind(value)}"
+            return f"{sig.name}: {param} must be {_describe(schema)}, got {_kind(value)}"
     return None
 
 
+def with_defaults(block_fn, inputs: list) -> list:
+    """``inputs`` with the optional trailing ones the call left out set to their defaults."""
+    return [*inputs, *_described(block_fn).defaults[len(inputs) :]]
+
+
+@dataclass(frozen=True)
+class _Signature:
+    """What a call to one event must send: its inputs' names and JSON schemas, how many of the
+    first ones are required, and every input's default (used only for the optional ones)."""
+
+    name: str
+    params: list[str]
+    schemas: list[dict]
+    required: int
+    defaults: list[Any]
+
+    def takes(self) -> str:
+        optional = self.params[self.required :]
+        listed = ", ".join(self.params[: self.required]) + "".join(f"[, {p}]" for p in optional)
+        count = f"{self.required} to {len(self.params)}" if optional else str(self.required)
+        return f"{count} inputs" + (f" ({listed})" if self.params else "")
+
+
 @functools.cache
-def _described(block_fn) -> tuple[str, list[str], list[dict]]:
-    """An event's name for messages, its inputs' names and their JSON schemas (computed once:
-    reading a signature and the components' API descriptions costs ~0.1 ms)."""
+def _described(block_fn) -> _Signature:
+    """An event's name for messages and its inputs' names, JSON schemas and defaults (computed
+    once: reading a signature and the components' API descriptions costs ~0.1 ms)."""
     name = f"/{block_fn.api_name}" if block_fn.api_visibility == "public" else block_fn.name
-    params = [p[0] for p in get_function_params(block_fn.fn)] if block_fn.fn else []
-    if len(params) != len(block_fn.inputs):
+    schemas = [_nullable(block.api_info()) if hasattr(block, "api_info") else {} for block in block_fn.inputs]
+    fn_params = get_function_params(block_fn.fn) if block_fn.fn else []
+    if len(fn_params) != len(block_fn.inputs):  # a page event: its inputs are all required
         params = [f"input {i + 1}" for i in range(len(block_fn.inputs))]
-    schemas = [block.api_info() if hasattr(block, "api_info") else {} for block in block_fn.inputs]
-    return name, params, schemas
+        return _Signature(name, params, schemas, len(params), [None] * len(params))
+    params = [p[0] for p in fn_params]
+    has_default = [p[1] for p in fn_params]
+    required = len(params) - has_default[::-1].index(False) if False in has_default else 0
+    return _Signature(name, params, schemas, required, [p[2] for p in fn_params])
+
+
+def _nullable(schema: dict) -> dict:
+    """The one type a ``str | None`` input's ``oneOf: [null, string]`` allows besides ``null``
+    (which every input accepts); any other schema as it is."""
+    options = schema.get("oneOf") or schema.get("anyOf") or []
+    typed = [o for o in options if o.get("type") != "null"]
+    return typed[0] if len(typed) == 1 and len(options) == 2 else schema
 
 
 _JSON_TYPES = {

@@ -536,12 +536,22 @@ def api_next(page: Page, user: str) -> dict:
 
 
 def api_submit(
-    page: Page, user: str, prompt_id: str, ranking: str, flags: list[str], comment: str, client_token: str
+    page: Page,
+    user: str,
+    prompt_id: str,
+    ranking: str,
+    flags: list[str],
+    comment: str,
+    client_token: str,
+    edit: str | None = None,
 ) -> dict:
-    """Submit a complete ranking; the same ``client_token`` again returns the stored result."""
+    """Submit a complete ranking, and optionally an edit of the response ranked first; the same
+    ``client_token`` again returns the stored result."""
     t0 = time.perf_counter()
     try:
-        res = page.store.submit(user, prompt_id, ranking, flags or [], comment or "", client_token or None)
+        res = page.store.submit(
+            user, prompt_id, ranking, flags or [], comment or "", client_token or None, edit=edit or None
+        )
     except UserError as err:
         return refusal(err)
     # server_ms: time in the handler (validation + the SQLite transaction, waits for the

@@ -163,6 +163,15 @@ def test_api_next_submit_and_isolation(server):
     assert "Revised" not in json.dumps(out)
     assert server["store"].submitted_rankings()[0]["ranking"] == "C > A = B"
     assert server["store"].history("ann2") == []
+    # The optional edit, by keyword: refused while the top is tied, stored with a single best.
+    tied = c2.predict(item2["prompt_id"], "A = B > C", [], "", "tok-e1", edit="better A", api_name="/submit")
+    assert tied["ok"] is False and tied["code"] == "edit_needs_single_best", tied
+    edited = c2.predict(
+        item2["prompt_id"], "B > A > C", [], "", "tok-e2", edit="better B", api_name="/submit"
+    )
+    assert edited["ok"] is True and edited["status"] == "submitted", edited
+    stored = [r for r in server["store"].submitted_rankings() if r["prompt_id"] == item2["prompt_id"]]
+    assert [(r["edit"], r["edit_of"]) for r in stored] == [("better B", "B")]
 
 
 def test_admin_functions_refuse_annotators(server):
@@ -176,7 +185,8 @@ def test_admin_functions_refuse_annotators(server):
     text = json.dumps(out)
     assert "Krippendorff" in text and "ann1" in text  # the dashboard's headline and tables
     out = call_private(server, boss, "on_admin_export", ["pairs"])
-    assert "Exported 3 pairs records" in json.dumps(out)  # C > A = B: 2 strict pairs + 1 tie
+    # ann1's C > A = B (2 strict pairs + 1 tie) and ann2's B > A > C (3 strict pairs)
+    assert "Exported 6 pairs records" in json.dumps(out)
     [link] = re.findall(r"\]\((export/[^)]+)\)", out["data"][0])  # admin-download: Markdown
     url = f"{server['url']}/{link}"
     assert httpx.get(url, timeout=30).status_code == 401  # the export file needs a login too
@@ -184,7 +194,7 @@ def test_admin_functions_refuse_annotators(server):
     download = boss.get(url)
     assert download.headers["content-disposition"] == 'attachment; filename="pairs.jsonl"'
     lines = download.text.splitlines()
-    assert len(lines) == 3 and sum(json.loads(x)["tie"] for x in lines) == 1
+    assert len(lines) == 6 and sum(json.loads(x)["tie"] for x in lines) == 1
     assert boss.get(url).json()["code"] == "no_such_export"  # deleted once downloaded
 
 

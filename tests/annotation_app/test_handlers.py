@@ -337,6 +337,22 @@ def test_the_api_handlers(page, store):
     }
 
 
+def test_the_api_submits_an_edit_of_the_best_response(page, store):
+    pid = handlers.api_next(page, "ann1")["prompt_id"]
+    tied = handlers.api_submit(page, "ann1", pid, "A = B > C > D", [], "", "tok-1", "a better A")
+    assert tied["ok"] is False and tied["code"] == "edit_needs_single_best"
+    res = handlers.api_submit(page, "ann1", pid, "C > A > B > D", [], "", "tok-2", "answer C0, fixed")
+    assert res["ok"] is True and res["status"] == "submitted"
+    row = store.submitted_rankings()[0]
+    assert (row["edit"], row["edit_of"]) == ("answer C0, fixed", "C")
+    # no edit (None from a client that leaves it out, or blank) stores none
+    pid = handlers.api_next(page, "ann1")["prompt_id"]
+    assert handlers.api_submit(page, "ann1", pid, "A > B > C > D", [], "", "tok-3", None)["ok"] is True
+    pid = handlers.api_next(page, "ann1")["prompt_id"]
+    assert handlers.api_submit(page, "ann1", pid, "A > B > C > D", [], "", "tok-4", "  ")["ok"] is True
+    assert [("edit" in r) for r in store.submitted_rankings()] == [True, False, False]
+
+
 def test_importing_the_app_leaves_the_environment_alone(tmp_path):
     pytest.importorskip("gradio")
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRADIO_ANALYTICS")}

@@ -239,7 +239,9 @@ def test_the_named_api_keeps_its_description_for_gradio_client(server):
         "flags",
         "comment",
         "client_token",
+        "edit",
     ]
+    assert [p["parameter_has_default"] for p in endpoints["/submit"]["parameters"]] == [False] * 5 + [True]
     bad = client.predict("p0", 7, [], "", "tok", api_name="/submit")  # the client does not check types
     assert bad == {
         "ok": False,
@@ -279,10 +281,11 @@ def server_errors(capfd):
 
 def test_malformed_api_calls_answer_bad_request(server, server_errors):
     http = login(server, "ann2")
-    submit = "/submit takes 5 inputs (prompt_id, ranking, flags, comment, client_token)"
+    submit = "/submit takes 5 to 6 inputs (prompt_id, ranking, flags, comment, client_token[, edit])"
     for name, data, message in [
         ("submit", ["p0"], f"{submit}, got 1"),
-        ("submit", ["p0", "A > B > C", [], "", "t", "extra"], f"{submit}, got 6"),
+        ("submit", ["p0", "A > B > C", [], "", "t", "an edit", "extra"], f"{submit}, got 7"),
+        ("submit", ["p0", "A > B > C", [], "", "t", 7], "/submit: edit must be a string, got a whole number"),
         ("submit", [1, "A > B > C", [], "", "t"], "/submit: prompt_id must be a string, got a whole number"),
         (
             "submit",
@@ -312,9 +315,16 @@ def test_malformed_api_calls_answer_bad_request(server, server_errors):
         r = http.post(method_path, json=body)
         assert r.status_code == status and r.json()["code"] == "bad_request", (method_path, r.text)
         assert r.json()["message"].startswith(message), r.text
-    # A well-formed call still works.
+    # Well-formed calls still work, the optional edit left out or sent.
     item = call_named(http, "next", [])
     assert item["ok"] is True and item["prompt_id"]
+    ranking = " > ".join(item["labels"])
+    without_edit = call_named(http, "submit", [item["prompt_id"], ranking, [], "", "t-raw"])
+    assert without_edit["ok"] is True and without_edit["status"] == "submitted", without_edit
+    item = call_named(http, "next", [])
+    first = item["labels"][0]
+    with_edit = call_named(http, "submit", [item["prompt_id"], ranking, [], "", "t-raw-2", f"{first}, fixed"])
+    assert with_edit["ok"] is True and with_edit["status"] == "submitted", with_edit
     printed = server_errors()
     assert "Traceback" not in printed and "Exception in ASGI application" not in printed, printed
 
