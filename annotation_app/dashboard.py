@@ -211,7 +211,10 @@ def proposal_headline(
     When some annotators saw the proposal as they ranked (they opted in; ``proposal_shown``),
     both figures follow again for those rankings ("shown": agreement there may be anchoring) and
     for the others ("hidden": the annotator opted out, or the prompt had no proposal yet), each
-    with its count of rankings; together the two are the rankings of the overall figures.
+    with its count of rankings; together the two are the rankings of the overall figures. The
+    overall and "hidden" figures judge the current proposals; the "shown" ones judge each ranking
+    against the proposal its annotator saw (``seen_proposal``), which a later ``propose`` may have
+    replaced.
     """
     compared = [rec for rec in rankings if rec["prompt_id"] in proposals]
     if not proposals:
@@ -228,17 +231,24 @@ def proposal_headline(
                 f", suggestion {which} ({len(subset)} rankings)",
                 f", suggestion {which}",
                 seed,
+                as_seen=which == "shown",
             )
     return rows
 
 
 def _proposal_agreement_rows(
-    proposals: Mapping[str, Mapping], rankings: Sequence[Mapping], kappa_note: str, tau_note: str, seed: int
+    proposals: Mapping[str, Mapping],
+    rankings: Sequence[Mapping],
+    kappa_note: str,
+    tau_note: str,
+    seed: int,
+    as_seen: bool = False,
 ) -> list[list]:
-    """The κ and τ-b headline rows of the model's proposals against ``rankings``, with intervals."""
-    kappa, tau = _proposal_figures(proposals, rankings)
+    """The κ and τ-b headline rows of the model's proposals against ``rankings``, with intervals
+    (``as_seen``: each ranking against the proposal its annotator saw, where it was kept)."""
+    kappa, tau = _proposal_figures(proposals, rankings, as_seen)
     kappa_ci, tau_ci = bootstrap_over_prompts(
-        rankings, lambda rs: _proposal_figures(proposals, rs), seed=seed, min_per_prompt=1
+        rankings, lambda rs: _proposal_figures(proposals, rs, as_seen), seed=seed, min_per_prompt=1
     )
     return [
         [f"model pre-ranking vs annotators: Cohen κ (pairs){kappa_note}", _fmt(kappa), _fmt_ci(kappa_ci)],
@@ -273,11 +283,14 @@ def proposal_rows(proposals: Mapping[str, Mapping], rankings: Sequence[Mapping])
     return rows
 
 
-def _proposal_figures(proposals: Mapping[str, Mapping], rankings: Sequence[Mapping]) -> tuple[float, float]:
+def _proposal_figures(
+    proposals: Mapping[str, Mapping], rankings: Sequence[Mapping], as_seen: bool = False
+) -> tuple[float, float]:
     outcomes, taus = [], []
     for rec in rankings:
         pid = rec.get("resampled_from", rec["prompt_id"])  # a bootstrap copy keeps its prompt's proposal
-        proposed = _tiers(proposals[pid]["ranking"])
+        seen = rec.get("seen_proposal") if as_seen else None
+        proposed = _tiers(seen or proposals[pid]["ranking"])
         outcomes.extend(agreement.proposal_outcomes(proposed, rec["tiers"]))
         tau = agreement.kendall_tau_b(proposed, rec["tiers"])
         if not math.isnan(tau):

@@ -358,7 +358,9 @@ class StoreQueries:
         all) and of projects of ``kind`` (``ranking``, ``arena``; None: both). An arena vote is a
         ranking of two responses (``A > B``, ``A = B`` or ``B > A``) whose candidates name their
         ``model``. ``proposal_shown``: True when the annotator saw the model's proposed ranking as
-        they submitted, False when not, None when the prompt had no proposal then."""
+        they submitted, False when not, None when the prompt had no proposal then;
+        ``seen_proposal``: that proposed ranking when it was shown (None otherwise, and for
+        rankings stored before the store kept it)."""
         conn = self.conn
         rows = conn.execute(
             "SELECT r.*, p.prompt_json, p.project_id FROM rankings r JOIN prompts p ON p.prompt_id = r.prompt_id "
@@ -388,6 +390,7 @@ class StoreQueries:
                     "project": r["project_id"],
                     # whether the annotator saw a model's proposed ranking (None: none existed then)
                     "proposal_shown": None if r["proposal_shown"] is None else bool(r["proposal_shown"]),
+                    "seen_proposal": r["seen_proposal"],
                     **_edit_fields(r["edit"], json.loads(r["tiers_json"])),
                 }
             )

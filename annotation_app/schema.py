@@ -7,7 +7,8 @@ same way on both, the append-only triggers, comes from the connection's ``append
 Tables: ``annotators`` (accounts, scrypt hashes), ``projects`` (quorum, guidelines, lease
 length), ``prompts`` and ``candidates`` (what is ranked), ``assignments`` (leases), ``rankings``
 (one row per prompt and annotator: draft, submitted or skipped; since v4 with the annotator's
-``edit`` of the best response, since v7 with whether a model's proposal was shown) and
+``edit`` of the best response, since v7 with whether a model's proposal was shown, since v9 with
+the proposed ranking shown) and
 ``audit_log`` (append-only, enforced by triggers).
 ``schema_version`` records every migration applied.
 
@@ -200,6 +201,14 @@ def _v8(conn: Connection) -> None:
     _run(conn, ["CREATE INDEX prompts_gold ON prompts (serve_order, seq) WHERE gold IS NOT NULL"])
 
 
+def _v9(conn: Connection) -> None:
+    # v9: rankings.seen_proposal, the proposed ranking the annotator saw as they submitted (NULL:
+    # none shown). prompts.proposal is replaced whenever `rlhf annotate propose` runs again (every
+    # round of an active-learning loop), so without a copy the dashboard would judge anchoring
+    # against a proposal nobody saw.
+    _run(conn, ["ALTER TABLE rankings ADD COLUMN seen_proposal TEXT"])
+
+
 # Append-only list: (version, migration). Never edit a released step; add a new one.
 MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (1, _v1),
@@ -210,6 +219,7 @@ MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (6, _v6),
     (7, _v7),
     (8, _v8),
+    (9, _v9),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

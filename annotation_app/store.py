@@ -44,8 +44,9 @@ response as it was is stored as NULL.
 
 Pre-annotation: a model's proposed ranking of a prompt (:meth:`Store.set_proposals`) reaches only
 annotators who opted in (:meth:`Store.set_show_proposals`); each submit records in
-``proposal_shown`` whether it was shown then. A revision keeps that value: the history tab shows
-no proposal, and the ranking revised is the one made with or without it.
+``proposal_shown`` whether it was shown then, and in ``seen_proposal`` which proposed ranking (a
+later ``set_proposals`` replaces the prompt's proposal, not what was seen). A revision keeps both:
+the history tab shows no proposal, and the ranking revised is the one made with or without it.
 """
 
 from __future__ import annotations
@@ -123,15 +124,24 @@ DEFAULT_PROJECT = "default"
 DEFAULT_QUORUM = 3
 # An edit is a corrected response: the longest response the app imports (io.MAX_RESPONSE_CHARS).
 MAX_EDIT_CHARS = 20_000
-# rankings.proposal_shown of a submit (parameters: prompt id, user name): whether the annotator
-# sees the prompt's proposal now, the condition of StoreQueries._shown_proposal (a proposal, a
-# ranking project, the annotator's opt-in); NULL when there is no proposal to show. Computed in the
-# INSERT itself: no extra round trip inside the write lock.
-PROPOSAL_SHOWN = (
-    "(SELECT CASE WHEN p.proposal IS NULL OR j.kind <> 'ranking' THEN NULL ELSE a.show_proposals END"
-    " FROM prompts p JOIN projects j ON j.project_id = p.project_id, annotators a"
-    " WHERE p.prompt_id = ? AND a.username = ?)"
-)
+# rankings.proposal_shown and rankings.seen_proposal of a submit (parameters of each: prompt id,
+# user name): whether the annotator sees the prompt's proposal now, and which proposed ranking,
+# under the condition of StoreQueries._shown_proposal (a proposal, a ranking project, the
+# annotator's opt-in); NULL when there is no proposal to show (seen_proposal: or it is not shown).
+# Computed in the INSERT itself: no extra round trip inside the write lock.
+_NO_PROPOSAL_TO_SHOW = "p.proposal IS NULL OR j.kind <> 'ranking'"
+
+
+def _proposal_at_submit(value: str) -> str:
+    return (
+        f"(SELECT CASE WHEN {_NO_PROPOSAL_TO_SHOW} THEN NULL ELSE {value} END"
+        " FROM prompts p JOIN projects j ON j.project_id = p.project_id, annotators a"
+        " WHERE p.prompt_id = ? AND a.username = ?)"
+    )
+
+
+PROPOSAL_SHOWN = _proposal_at_submit("a.show_proposals")
+SEEN_PROPOSAL = _proposal_at_submit("CASE WHEN a.show_proposals = 1 THEN p.proposal END")
 
 
 class Store(StoreQueries):
@@ -720,13 +730,13 @@ class Store(StoreQueries):
             now = self.clock()
             conn.execute(
                 "INSERT INTO rankings (prompt_id, username, status, ranking, tiers_json, flags_json, comment, edit,"
-                " client_token, created_at, updated_at, submitted_at, time_spent, proposal_shown)"
-                f" VALUES (?, ?, 'submitted', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {PROPOSAL_SHOWN})"
+                " client_token, created_at, updated_at, submitted_at, time_spent, proposal_shown, seen_proposal)"
+                f" VALUES (?, ?, 'submitted', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {PROPOSAL_SHOWN}, {SEEN_PROPOSAL})"
                 " ON CONFLICT (prompt_id, username) DO UPDATE SET status = 'submitted', ranking = excluded.ranking,"
                 " tiers_json = excluded.tiers_json, flags_json = excluded.flags_json, comment = excluded.comment,"
                 " edit = excluded.edit, client_token = excluded.client_token, updated_at = excluded.updated_at,"
                 " submitted_at = excluded.submitted_at, time_spent = excluded.time_spent,"
-                " proposal_shown = excluded.proposal_shown",
+                " proposal_shown = excluded.proposal_shown, seen_proposal = excluded.seen_proposal",
                 (
                     prompt_id,
                     username,
@@ -740,6 +750,8 @@ class Store(StoreQueries):
                     now,
                     now,
                     now - lease["leased_at"],
+                    prompt_id,
+                    username,
                     prompt_id,
                     username,
                 ),

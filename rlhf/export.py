@@ -263,6 +263,7 @@ def exported_rankings_types() -> dict[str, Any]:
         "edit": pa.string(),
         "edit_of": pa.string(),
         "proposal_shown": pa.bool_(),  # the annotation app's: null where no proposal existed
+        "seen_proposal": pa.string(),  # the annotation app's: the proposed ranking shown, or null
     }
 
 

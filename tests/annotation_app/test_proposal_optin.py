@@ -117,9 +117,17 @@ def test_proposal_shown_is_recorded_at_submit_and_kept_by_a_revision(store):
     exported = {(r["annotator"], r["prompt_id"]): r["proposal_shown"] for r in store.submitted_rankings()}
     assert exported[("ann1", "p0")] is False and exported[("ann2", "p0")] is True
     assert exported[("ann1", "p2")] is None and exported[("ann2", "p2")] is None
+    seen = {(r["annotator"], r["prompt_id"]): r["seen_proposal"] for r in store.submitted_rankings()}
+    assert [seen[("ann2", p)] for p in ("p0", "p1", "p2")] == [PROPOSAL, PROPOSAL, None]
+    assert [seen[("ann1", p)] for p in ("p0", "p1", "p2")] == [None, None, None]
     store.set_show_proposals("ann1", True)
     store.revise("ann1", "p0", "D > C > B > A")  # the history tab shows no proposal: kept as made
     assert shown_column(store, "ann1", "p0") == 0
+    # a new proposal (propose run again) replaces the prompt's, not the one ann2 saw
+    store.set_proposals({"p0": "A > B > C > D"}, source="another model")
+    store.revise("ann2", "p0", "D > C > B > A")
+    seen = {(r["annotator"], r["prompt_id"]): r["seen_proposal"] for r in store.submitted_rankings()}
+    assert (seen[("ann2", "p0")], seen[("ann1", "p0")]) == (PROPOSAL, None)
 
 
 def test_an_arena_vote_never_counts_as_shown(store):
@@ -165,7 +173,12 @@ def test_migration_from_version_6_keeps_data(db):
     assert s.schema_version() == store_mod.SCHEMA_VERSION
     assert s.verify_password("old", "old-password") and not s.shows_proposals("old")
     [row] = s.submitted_rankings()
-    assert (row["ranking"], row["annotator"], row["proposal_shown"]) == ("A > B", "old", None)
+    assert (row["ranking"], row["annotator"], row["proposal_shown"], row["seen_proposal"]) == (
+        "A > B",
+        "old",
+        None,
+        None,
+    )
     assert s.proposals() == {"p0": {"ranking": "B > A", "source": "vader"}}
     migrated = [json.loads(e["detail"]) for e in s.audit_log() if e["action"] == "migrate"]
     assert sorted(m["version"] for m in migrated) == list(range(7, store_mod.SCHEMA_VERSION + 1))
@@ -315,6 +328,20 @@ def test_the_dashboard_splits_the_agreement_into_shown_and_hidden(tmp_path):
     assert stats["admin-proposals"].columns == dashboard.PROPOSAL_COLUMNS
     # before anyone saw a proposal: the overall rows only, as before the opt-in existed
     assert sum(row[0].startswith("model pre-ranking") for row in before["admin-headline"].rows) == 2
+    # A new model proposes the reverse, B = C > A (propose run again). The shown rows still judge
+    # ann1 against the A > B = C ann1 saw (κ 1, τ-b 1); the overall and hidden rows judge the new
+    # proposal, which ann2 matches (hidden: κ 1, τ-b 1) and ann1 reverses (all four: κ 0.5, τ-b 0).
+    s.set_proposals({"p0": "B = C > A", "p1": "B = C > A"}, source="reranker")
+    stats = handlers.admin_statistics(page, "boss")
+    rows = {row[0]: row[1] for row in stats["admin-headline"].rows if row[0].startswith("model pre-ranking")}
+    assert rows == {
+        "model pre-ranking vs annotators: Cohen κ (pairs) — reranker": "0.500",
+        "model pre-ranking vs annotators: Kendall τ-b": "0.000",
+        "model pre-ranking vs annotators: Cohen κ (pairs), suggestion shown (2 rankings)": "1.000",
+        "model pre-ranking vs annotators: Kendall τ-b, suggestion shown": "1.000",
+        "model pre-ranking vs annotators: Cohen κ (pairs), suggestion hidden (2 rankings)": "1.000",
+        "model pre-ranking vs annotators: Kendall τ-b, suggestion hidden": "1.000",
+    }
     s.close()
 
 
