@@ -54,21 +54,27 @@ def pair_stats(rewards: torch.Tensor, tiers: torch.Tensor) -> tuple[float, int]:
 
 
 @torch.no_grad()
-def build_cache(model, groups: list[Group], pad_id: int, batch_size: int, progress: bool) -> dict:
-    """Lower-layer hidden states ``[T_i, H]`` of every sequence, keyed by group (computed once)."""
-    flat = [(g, ci) for g in groups for ci in range(g.k)]
-    flat.sort(key=lambda x: len(x[0].ids[x[1]]))
-    cache: dict = {id(g): [None] * g.k for g in groups}
-    bar = progress_bar(len(flat), "rm: caching frozen layers", "seq", enabled=progress)
-    for s in range(0, len(flat), batch_size):
-        chunk = flat[s : s + batch_size]
-        ids, mask = pad_right([g.ids[ci] for g, ci in chunk], pad_id)
+def build_cache(
+    model, groups: list[Group], pad_id: int, batch_size: int, progress: bool, known: dict | None = None
+) -> dict:
+    """Lower-layer hidden states ``[T_i, H]`` of every sequence, keyed by group (computed once).
+
+    ``known`` maps a sequence's token ids (a tuple) to its states: sequences found there are not
+    computed again, and the ones computed are added to it. An answer sampled twice for a prompt is
+    computed once, and an ensemble's members of one depth share their states through it."""
+    known = {} if known is None else known
+    todo = list(dict.fromkeys(tuple(ids) for g in groups for ids in g.ids if tuple(ids) not in known))
+    todo.sort(key=len)  # stable: without repeats, the same batches as one sequence per slot
+    bar = progress_bar(len(todo), "rm: caching frozen layers", "seq", enabled=progress)
+    for s in range(0, len(todo), batch_size):
+        chunk = todo[s : s + batch_size]
+        ids, mask = pad_right([list(seq) for seq in chunk], pad_id)
         h = model.lower_hidden(ids, mask)
-        for j, (g, ci) in enumerate(chunk):
-            cache[id(g)][ci] = h[j, : len(g.ids[ci])].clone()
+        for j, seq in enumerate(chunk):
+            known[seq] = h[j, : len(seq)].clone()
         bar.update(len(chunk))
     bar.close()
-    return cache
+    return {id(g): [known[tuple(ids)] for ids in g.ids] for g in groups}
 
 
 def evaluate_groups(

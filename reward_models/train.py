@@ -102,7 +102,7 @@ def run_rm_train(cfg: RMTrainConfig) -> dict:
     cfg.validate()
     if cfg.ensemble > 1:
         return _train_ensemble(cfg)
-    return _train_one(cfg, split_seed=cfg.seed, stage="rm_train")
+    return train_one(cfg, split_seed=cfg.seed, stage="rm_train")
 
 
 def _train_ensemble(cfg: RMTrainConfig) -> dict:
@@ -112,14 +112,23 @@ def _train_ensemble(cfg: RMTrainConfig) -> dict:
     compare, and none of them trained on another's held-out prompts."""
     run_dir = stage_run_dir(cfg, "rm_train")
     members = []
-    for i in range(cfg.ensemble):
-        layers = cfg.ensemble_layers[i % len(cfg.ensemble_layers)] if cfg.ensemble_layers else cfg.layers
+    depths = [
+        cfg.ensemble_layers[i % len(cfg.ensemble_layers)] if cfg.ensemble_layers else cfg.layers
+        for i in range(cfg.ensemble)
+    ]
+    # Members differ only in seed and depth: those of one depth have the same frozen layers, so
+    # they share the states the first of them computed, kept until the last of them has trained.
+    frozen_states_by_depth: dict[int, dict] = {}
+    for i, layers in enumerate(depths):
         member = dataclasses.replace(cfg, ensemble=1, seed=cfg.seed + i, layers=layers, out="")
         print(
             f"rm train: ensemble member {i + 1}/{cfg.ensemble} (seed {member.seed}, layers {layers or 'all'})",
             flush=True,
         )
-        members.append(_train_one(member, split_seed=cfg.seed, stage=f"rm_train/member-{i}"))
+        frozen_states = frozen_states_by_depth.setdefault(layers, {})
+        members.append(train_one(member, cfg.seed, f"rm_train/member-{i}", frozen_states))
+        if layers not in depths[i + 1 :]:
+            del frozen_states_by_depth[layers]
     model_dir = Path(cfg.out) if cfg.out else run_dir / "model"
     manifest = {
         "combine": cfg.ensemble_reward,
@@ -145,9 +154,11 @@ def _train_ensemble(cfg: RMTrainConfig) -> dict:
     }
 
 
-def _train_one(cfg: RMTrainConfig, split_seed: int, stage: str) -> dict:
+def train_one(cfg: RMTrainConfig, split_seed: int, stage: str, frozen_states: dict | None = None) -> dict:
     """One reward model; ``split_seed`` picks the held-out and validation prompts, ``stage`` names
-    the run (and its dir under the experiment). Steps 1-8 of the module docstring, in order."""
+    the run (and its dir under the experiment), ``frozen_states`` holds frozen-layer states another
+    model of the same frozen layers computed (:class:`Run`). Steps 1-8 of the module docstring, in
+    order."""
     t_start = time.time()
     data = read_data(cfg, split_seed)  # before any model loads, so bad input fails fast
 
@@ -161,7 +172,9 @@ def _train_one(cfg: RMTrainConfig, split_seed: int, stage: str) -> dict:
     try:
         tracker.use_artifact(cfg.rankings, "rankings", "dataset")
         run_dir = Path(tracker.run_dir) if tracker.run_dir else stage_run_dir(cfg, stage)
-        run = Run(cfg, accelerator, bf16, tracker, run_dir, t_start)
+        run = Run(
+            cfg, accelerator, bf16, tracker, run_dir, t_start, {} if frozen_states is None else frozen_states
+        )
         if run.main:
             write_jsonl(run.eval_path, [r for g in data.held for r in g.records])
         trainee = set_up(run, data)

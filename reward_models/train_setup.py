@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +192,9 @@ class Run:
     tracker: Tracker
     run_dir: Path
     t_start: float
+    # frozen-layer states by token ids (scoring.build_cache), shared by an ensemble's members of
+    # one depth so that each sequence goes through the frozen layers once
+    frozen_states: dict = field(default_factory=dict)
 
     @property
     def main(self) -> bool:
@@ -299,12 +302,16 @@ def _cache_frozen_layers(run: Run, model, groups: list[Group], pad_id: int) -> t
     if not (model.caches_lower_layers and run.cfg.cache_hidden):
         return None, 0.0
     t0 = time.time()
+    reused = len(run.frozen_states)
     with run.amp():
-        cache = build_cache(model, groups, pad_id, run.cfg.score_batch_size, run.main)
+        cache = build_cache(model, groups, pad_id, run.cfg.score_batch_size, run.main, run.frozen_states)
     cache_time = time.time() - t0
     if run.main:
+        computed = len(run.frozen_states) - reused
+        note = f"; reused {reused} sequences an earlier ensemble member cached" if reused else ""
         print(
-            f"rm: cached the {model.n_layers - model.top_layers} frozen layers in {time.time() - t0:.1f}s",
+            f"rm: cached the {model.n_layers - model.top_layers} frozen layers of {computed} sequences "
+            f"in {cache_time:.1f}s{note}",
             flush=True,
         )
     return cache, cache_time

@@ -8,8 +8,12 @@ import json
 import pytest
 import torch
 
+from reward_models.groups import Group
 from reward_models.model import ENSEMBLE_FILE, read_meta
+from reward_models.scoring import build_cache
+from reward_models.train import RMTrainConfig, train_one
 from rlhf.cli import main
+from rlhf.config import build_config
 from rlhf.contracts import candidates_finished
 from rlhf.rewards import EnsembleRewardFunction, load_reward_fn, score_candidates
 from tests.reward_models.rm_data import make_records, write_records
@@ -28,6 +32,45 @@ def ensemble(tmp_path_factory):
     extra += ["--top_layers", "1"]
     assert main([*argv, *extra]) == 0
     return root / "runs" / "default" / "rm_train"
+
+
+def test_a_member_that_reuses_frozen_states_trains_as_if_it_had_computed_them(ensemble, tmp_path):
+    """Member 2 (all layers, seed 2) read the frozen-layer states member 0 computed. The same
+    member trained on its own, on the same split, computes them itself: its weights come out the
+    same."""
+    config = json.loads((ensemble / "model" / ENSEMBLE_FILE).read_text())["config"]
+    overrides = {"ensemble": 1, "seed": 2, "layers": 0, "out": "", "runs_dir": str(tmp_path)}
+    alone = build_config(RMTrainConfig, base={**config, **overrides})
+    summary = train_one(alone, split_seed=0, stage="rm_train/alone")
+    shared = load_reward_fn(str(ensemble / "model" / "member-2")).model.state_dict()
+    own = load_reward_fn(summary["model_dir"]).model.state_dict()
+    assert shared.keys() == own.keys()
+    for name in shared:
+        torch.testing.assert_close(shared[name], own[name], rtol=0, atol=0, msg=name)
+
+
+class CountingLowerLayers:
+    """Stands in for a reward model's frozen layers: a sequence's states are its token ids."""
+
+    def __init__(self):
+        self.rows = 0
+
+    def lower_hidden(self, ids, mask):
+        self.rows += ids.shape[0]
+        return ids.float()[..., None].repeat(1, 1, 2)
+
+
+def test_the_frozen_layers_see_each_sequence_once():
+    twice = Group("p0", "hi", ["a", "b", "a"], ["A", "B", "C"], ids=[[1, 2], [1, 3, 4], [1, 2]])
+    other = Group("p1", "yo", ["c", "d"], ["A", "B"], ids=[[5], [1, 3, 4]])
+    model, known = CountingLowerLayers(), {}
+    cache = build_cache(model, [twice, other], pad_id=0, batch_size=2, progress=False, known=known)
+    assert model.rows == 3 and set(known) == {(1, 2), (1, 3, 4), (5,)}
+    for group in (twice, other):
+        for ids, states in zip(group.ids, cache[id(group)], strict=True):
+            assert states.tolist() == [[float(t)] * 2 for t in ids]
+    again = build_cache(model, [other], pad_id=0, batch_size=2, progress=False, known=known)
+    assert model.rows == 3 and again[id(other)][1] is known[(1, 3, 4)]  # nothing computed again
 
 
 def test_members_share_the_held_out_prompts_and_differ_in_seed_and_depth(ensemble):
