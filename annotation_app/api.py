@@ -11,10 +11,11 @@ Malformed calls (:func:`guard_calls`, :data:`EXCEPTION_HANDLERS`): Gradio checks
 has *enough* inputs, drops extra ones silently, and answers a short call, an unknown endpoint or
 bad keyword arguments with ``{"error": null}`` or a bare 500 after printing a traceback. Here every
 call's inputs are counted and their JSON types checked against the endpoint's own description
-(what ``/gradio_api/info`` publishes) before Gradio reads them; optional trailing inputs a call
-leaves out take their defaults, as ``gradio_client`` fills them in: the named endpoints answer
+(what ``/gradio_api/info`` publishes) before Gradio reads them: the named endpoints answer
 ``{"ok": false, "code": "bad_request", "message"}``, the page's own events a plain error, and
-neither prints a traceback (a malformed call is the caller's mistake, not the server's).
+neither prints a traceback (a malformed call is the caller's mistake, not the server's). Optional
+trailing inputs (``/submit``'s ``edit``) may be left out: they take their defaults, as
+``gradio_client`` would fill them in.
 """
 
 from __future__ import annotations
@@ -182,13 +183,12 @@ def _described(block_fn) -> _Signature:
     name = f"/{block_fn.api_name}" if block_fn.api_visibility == "public" else block_fn.name
     schemas = [_nullable(block.api_info()) if hasattr(block, "api_info") else {} for block in block_fn.inputs]
     fn_params = get_function_params(block_fn.fn) if block_fn.fn else []
-    if len(fn_params) != len(block_fn.inputs):  # a page event: its inputs are all required
+    if len(fn_params) != len(block_fn.inputs):  # parameters that do not name the inputs: all required
         params = [f"input {i + 1}" for i in range(len(block_fn.inputs))]
         return _Signature(name, params, schemas, len(params), [None] * len(params))
-    params = [p[0] for p in fn_params]
-    has_default = [p[1] for p in fn_params]
-    required = len(params) - has_default[::-1].index(False) if False in has_default else 0
-    return _Signature(name, params, schemas, required, [p[2] for p in fn_params])
+    # (name, has_default, default, type hint) per input; required: up to the last without a default
+    required = max((i + 1 for i, param in enumerate(fn_params) if not param[1]), default=0)
+    return _Signature(name, [p[0] for p in fn_params], schemas, required, [p[2] for p in fn_params])
 
 
 def _nullable(schema: dict) -> dict:
