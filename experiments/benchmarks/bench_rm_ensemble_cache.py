@@ -28,7 +28,7 @@ from rlhf.rewards import load_reward_fn
 PRESET = Path(__file__).resolve().parents[1] / "configs" / "rm_smollm2.yaml"
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rankings", required=True, help="rankings JSONL, e.g. the quickstart's simulate output")
     ap.add_argument("--config", default=str(PRESET), help="reward-model config (default: the SmolLM2 preset)")
@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"ratio {own_s / shared_s:.2f}x; every member's weights identical both ways: {'yes' if same else 'NO'}"
     )
+    return 0 if same else 1
 
 
 def _member_dirs(ensemble_dir: str, members: int) -> list[str]:
@@ -77,4 +78,4 @@ def _same_weights(dir_a: str, dir_b: str) -> bool:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from experiments.benchmarks import bench_rm_learning, bench_rm_vs_trl
+from experiments.benchmarks import bench_rm_ensemble_cache, bench_rm_learning, bench_rm_vs_trl
+from tests.reward_models.rm_data import make_records, write_records
 
 TINY_RM = Path(bench_rm_learning.__file__).resolve().parents[1] / "configs" / "rm_tiny.yaml"
 DATA = ["--model", "tiny", "--prompts", "10", "--max_new_tokens", "10", "--scorer", "length:target=4"]
@@ -42,6 +43,15 @@ def test_learning_check_compares_choices_against_gold_with_intervals(in_tmp, cap
         )
     out = capsys.readouterr().out
     assert "| choice (gold `length:target=4`)" in out and "[95 % CI]" in out
+
+
+def test_ensemble_cache_benchmark_trains_both_ways_to_the_same_members(in_tmp, capsys):
+    rankings = write_records(in_tmp / "rankings.jsonl", make_records(24, seed=1))
+    argv = ["--rankings", str(rankings), "--config", str(TINY_RM), "--members", "2"]
+    assert bench_rm_ensemble_cache.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "reused" in out and "every member's weights identical both ways: yes" in out
+    assert "members share the frozen states" in out and "each computing its own" in out
 
 
 def test_rm_vs_trl_table_has_every_trainer(in_tmp, capsys):
