@@ -5,6 +5,8 @@ normalisation reads. :mod:`reward_models.train` runs them; the optimisation loop
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from reward_models import losses as L
@@ -13,7 +15,7 @@ from reward_models.train_config import RMTrainConfig
 from rlhf.cli import progress_bar
 from rlhf.generation import generate_candidates
 from rlhf.models import load_policy
-from rlhf.reward_model import pad_right, score_texts
+from rlhf.reward_model import pad_hidden, pad_right, score_texts
 
 
 def batch_rewards(model, batch: Batch) -> torch.Tensor:
@@ -53,28 +55,56 @@ def pair_stats(rewards: torch.Tensor, tiers: torch.Tensor) -> tuple[float, int]:
     return float(correct), int(beats.sum())
 
 
+@dataclass
+class FrozenStates:
+    """Hidden states after a backbone's first ``layers`` frozen layers, by sequence (its token ids
+    as a tuple). ``layers`` is None until :func:`build_cache` first fills it."""
+
+    layers: int | None = None
+    by_ids: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
+
+
 @torch.no_grad()
 def build_cache(
-    model, groups: list[Group], pad_id: int, batch_size: int, progress: bool, known: dict | None = None
+    model,
+    groups: list[Group],
+    pad_id: int,
+    batch_size: int,
+    progress: bool,
+    store: FrozenStates | None = None,
+    below: FrozenStates | None = None,
 ) -> dict:
     """Lower-layer hidden states ``[T_i, H]`` of every sequence, keyed by group (computed once).
 
-    ``known`` maps a sequence's token ids (a tuple) to its states: sequences found there are not
+    ``store`` holds states of ``model``'s frozen layers computed before: those sequences are not
     computed again, and the ones computed are added to it. An answer sampled twice for a prompt is
-    computed once, and an ensemble's members of one depth share their states through it."""
-    known = {} if known is None else known
-    todo = list(dict.fromkeys(tuple(ids) for g in groups for ids in g.ids if tuple(ids) not in known))
+    computed once, and an ensemble's members of one depth share their states through it.
+    ``below``: states of fewer frozen layers of the same backbone (a shallower ensemble member);
+    the sequences found there only run the layers above them."""
+    store = FrozenStates() if store is None else store
+    if store.layers not in (None, model.frozen_layers):
+        raise ValueError(
+            f"states of {store.layers} frozen layers given to a model with {model.frozen_layers}"
+        )
+    store.layers = model.frozen_layers
+    start = (
+        below.by_ids if below is not None and below.layers is not None and below.layers < store.layers else {}
+    )
+    todo = list(dict.fromkeys(tuple(ids) for g in groups for ids in g.ids if tuple(ids) not in store.by_ids))
     todo.sort(key=len)  # stable: without repeats, the same batches as one sequence per slot
     bar = progress_bar(len(todo), "rm: caching frozen layers", "seq", enabled=progress)
     for s in range(0, len(todo), batch_size):
         chunk = todo[s : s + batch_size]
         ids, mask = pad_right([list(seq) for seq in chunk], pad_id)
-        h = model.lower_hidden(ids, mask)
+        if start and all(seq in start for seq in chunk):
+            h = model.lower_hidden(ids, mask, pad_hidden([start[seq] for seq in chunk])[0], below.layers)
+        else:
+            h = model.lower_hidden(ids, mask)
         for j, seq in enumerate(chunk):
-            known[seq] = h[j, : len(seq)].clone()
+            store.by_ids[seq] = h[j, : len(seq)].clone()
         bar.update(len(chunk))
     bar.close()
-    return {id(g): [known[tuple(ids)] for ids in g.ids] for g in groups}
+    return {id(g): [store.by_ids[tuple(ids)] for ids in g.ids] for g in groups}
 
 
 def evaluate_groups(

@@ -43,6 +43,7 @@ the settings from :mod:`reward_models.train_config`; this module runs them in or
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -77,6 +78,7 @@ from reward_models.losses import (  # noqa: F401  (re-exports)
     tie_values,
 )
 from reward_models.scoring import (  # noqa: F401  (re-exports)
+    FrozenStates,
     batch_loss,
     batch_rewards,
     evaluate_groups,
@@ -116,19 +118,28 @@ def _train_ensemble(cfg: RMTrainConfig) -> dict:
         cfg.ensemble_layers[i % len(cfg.ensemble_layers)] if cfg.ensemble_layers else cfg.layers
         for i in range(cfg.ensemble)
     ]
-    # Members differ only in seed and depth: those of one depth have the same frozen layers, so
-    # they share the states the first of them computed, kept until the last of them has trained.
-    frozen_states_by_depth: dict[int, dict] = {}
+    # Members differ only in seed and depth, and a shallower member's frozen layers are the first
+    # ones of a deeper member's. Those of one depth share the states the first of them computed,
+    # kept until the last of them has trained; a deeper member starts from the deepest states
+    # computed so far, kept while a later member goes deeper still. At most two depths are held.
+    stores: dict[int, FrozenStates] = {}
+    below, below_depth = None, -1.0
     for i, layers in enumerate(depths):
         member = dataclasses.replace(cfg, ensemble=1, seed=cfg.seed + i, layers=layers, out="")
         print(
             f"rm train: ensemble member {i + 1}/{cfg.ensemble} (seed {member.seed}, layers {layers or 'all'})",
             flush=True,
         )
-        frozen_states = frozen_states_by_depth.setdefault(layers, {})
-        members.append(train_one(member, cfg.seed, f"rm_train/member-{i}", frozen_states))
-        if layers not in depths[i + 1 :]:
-            del frozen_states_by_depth[layers]
+        store = stores.setdefault(layers, FrozenStates())
+        members.append(train_one(member, cfg.seed, f"rm_train/member-{i}", store, below))
+        later = depths[i + 1 :]
+        deepest_later = max((_depth(d) for d in later), default=-1.0)
+        if below_depth < _depth(layers) < deepest_later:
+            below, below_depth = store, _depth(layers)
+        if below_depth >= deepest_later:
+            below, below_depth = None, -1.0
+        if layers not in later:
+            del stores[layers]
     model_dir = Path(cfg.out) if cfg.out else run_dir / "model"
     manifest = {
         "combine": cfg.ensemble_reward,
@@ -154,11 +165,22 @@ def _train_ensemble(cfg: RMTrainConfig) -> dict:
     }
 
 
-def train_one(cfg: RMTrainConfig, split_seed: int, stage: str, frozen_states: dict | None = None) -> dict:
+def _depth(layers: int) -> float:
+    """A member's depth for comparisons: ``layers``, 0 (all of them) the deepest."""
+    return math.inf if layers == 0 else float(layers)
+
+
+def train_one(
+    cfg: RMTrainConfig,
+    split_seed: int,
+    stage: str,
+    frozen_states: FrozenStates | None = None,
+    states_below: FrozenStates | None = None,
+) -> dict:
     """One reward model; ``split_seed`` picks the held-out and validation prompts, ``stage`` names
-    the run (and its dir under the experiment), ``frozen_states`` holds frozen-layer states another
-    model of the same frozen layers computed (:class:`Run`). Steps 1-8 of the module docstring, in
-    order."""
+    the run (and its dir under the experiment). ``frozen_states``: states of the same frozen layers
+    another model computed; ``states_below``: a shallower model's, to start from (:class:`Run`).
+    Steps 1-8 of the module docstring, in order."""
     t_start = time.time()
     data = read_data(cfg, split_seed)  # before any model loads, so bad input fails fast
 
@@ -172,9 +194,8 @@ def train_one(cfg: RMTrainConfig, split_seed: int, stage: str, frozen_states: di
     try:
         tracker.use_artifact(cfg.rankings, "rankings", "dataset")
         run_dir = Path(tracker.run_dir) if tracker.run_dir else stage_run_dir(cfg, stage)
-        run = Run(
-            cfg, accelerator, bf16, tracker, run_dir, t_start, {} if frozen_states is None else frozen_states
-        )
+        store = FrozenStates() if frozen_states is None else frozen_states
+        run = Run(cfg, accelerator, bf16, tracker, run_dir, t_start, store, states_below)
         if run.main:
             write_jsonl(run.eval_path, [r for g in data.held for r in g.records])
         trainee = set_up(run, data)

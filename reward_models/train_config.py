@@ -126,7 +126,8 @@ class RMTrainConfig(RunFields, LoraFields):
         1,
         help="train N reward models in this stage, on the same rankings and held-out prompts; they "
         "differ in seed (head and LoRA initialisation, data order) and, with ensemble_layers, in "
-        "backbone depth. Members of one depth compute the frozen layers' states once. The model "
+        "backbone depth. Members of one depth compute the frozen layers' states once, and a deeper "
+        "member starts from a shallower one's. The model "
         "dir then holds member-0..N-1 and rlhf_ensemble.json, and works as a reward anywhere "
         "(docs/reward-models.md, Ensembles)",
     )

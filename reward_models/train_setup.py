@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from reward_models.groups import DataReport, Group, build_groups, encode_groups, read_records, split_groups
 from reward_models.losses import initial_tie_raw, initial_tie_value, tie_rate
 from reward_models.model import LoraSettings, build_reward_model
-from reward_models.scoring import build_cache
+from reward_models.scoring import FrozenStates, build_cache
 from reward_models.train_config import RMTrainConfig
 from rlhf.checkpoint import Checkpoints
 from rlhf.config import ConfigError
@@ -192,9 +192,11 @@ class Run:
     tracker: Tracker
     run_dir: Path
     t_start: float
-    # frozen-layer states by token ids (scoring.build_cache), shared by an ensemble's members of
-    # one depth so that each sequence goes through the frozen layers once
-    frozen_states: dict = field(default_factory=dict)
+    # frozen-layer states by token ids (scoring.build_cache): shared by an ensemble's members of one
+    # depth, so each sequence goes through the frozen layers once; states_below, a shallower
+    # member's, are where this model's frozen layers start from
+    frozen_states: FrozenStates = field(default_factory=FrozenStates)
+    states_below: FrozenStates | None = None
 
     @property
     def main(self) -> bool:
@@ -302,16 +304,21 @@ def _cache_frozen_layers(run: Run, model, groups: list[Group], pad_id: int) -> t
     if not (model.caches_lower_layers and run.cfg.cache_hidden):
         return None, 0.0
     t0 = time.time()
-    reused = len(run.frozen_states)
+    store, below = run.frozen_states, run.states_below
+    reused = len(store.by_ids)
     with run.amp():
-        cache = build_cache(model, groups, pad_id, run.cfg.score_batch_size, run.main, run.frozen_states)
+        cache = build_cache(model, groups, pad_id, run.cfg.score_batch_size, run.main, store, below)
     cache_time = time.time() - t0
     if run.main:
-        computed = len(run.frozen_states) - reused
-        note = f"; reused {reused} sequences an earlier ensemble member cached" if reused else ""
+        computed = len(store.by_ids) - reused
+        notes = []
+        if computed and below is not None and below.layers is not None and below.layers < store.layers:
+            notes.append(f"layers 1-{below.layers} taken from an earlier ensemble member's states")
+        if reused:
+            notes.append(f"reused {reused} sequences an earlier ensemble member cached")
         print(
-            f"rm: cached the {model.n_layers - model.top_layers} frozen layers of {computed} sequences "
-            f"in {cache_time:.1f}s{note}",
+            f"rm: cached the {model.frozen_layers} frozen layers of {computed} sequences in {cache_time:.1f}s"
+            + "".join(f"; {n}" for n in notes),
             flush=True,
         )
     return cache, cache_time

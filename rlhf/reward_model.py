@@ -148,12 +148,29 @@ class RewardModel(nn.Module):
             self.backbone.layers = layers
             self.backbone.norm = final_norm
 
+    @property
+    def frozen_layers(self) -> int:
+        """How many lower layers are frozen (the ones :meth:`lower_hidden` runs)."""
+        return self.n_layers - self.top_layers
+
     @torch.no_grad()
-    def lower_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Output of the frozen lower layers ``[N, T, H]`` (input to the top ``top_layers``)."""
-        assert self.caches_lower_layers
-        with self._stack(0, self.n_layers - self.top_layers, norm=False):
-            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    def lower_hidden(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        hidden: torch.Tensor | None = None,
+        from_layer: int = 0,
+    ) -> torch.Tensor:
+        """Output of the frozen lower layers ``[N, T, H]`` (input to the top ``top_layers``).
+
+        ``hidden``: the same sequences' states after the first ``from_layer`` of those layers
+        (from a shallower model of the same backbone); only the layers above them run."""
+        assert self.caches_lower_layers and 0 <= from_layer <= self.frozen_layers
+        with self._stack(from_layer if hidden is not None else 0, self.frozen_layers, norm=False):
+            if hidden is None:
+                out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            else:
+                out = self.backbone(inputs_embeds=hidden, attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state
 
     def forward(
@@ -169,7 +186,7 @@ class RewardModel(nn.Module):
         last-token pooling ignores it.
         """
         if hidden is not None:
-            with self._stack(self.n_layers - self.top_layers, self.n_layers, norm=True):
+            with self._stack(self.frozen_layers, self.n_layers, norm=True):
                 h = self.backbone(inputs_embeds=hidden, attention_mask=attention_mask, use_cache=False)
         else:
             h = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)

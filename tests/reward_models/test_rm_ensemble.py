@@ -10,7 +10,7 @@ import torch
 
 from reward_models.groups import Group
 from reward_models.model import ENSEMBLE_FILE, read_meta
-from reward_models.scoring import build_cache
+from reward_models.scoring import FrozenStates, build_cache
 from reward_models.train import RMTrainConfig, train_one
 from rlhf.cli import main
 from rlhf.config import build_config
@@ -49,28 +49,65 @@ def test_a_member_that_reuses_frozen_states_trains_as_if_it_had_computed_them(en
         torch.testing.assert_close(shared[name], own[name], rtol=0, atol=0, msg=name)
 
 
+def test_a_deeper_member_that_starts_from_a_shallower_ones_states_trains_as_if_alone(tmp_path, capsys):
+    """Head-only members of depth 1 and 2 (all of tiny's layers): the second runs only layer 2 on
+    the first's cached states, and ends with the weights it gets computing both layers itself."""
+    data = write_records(tmp_path / "rankings.jsonl", make_records(24, seed=3))
+    argv = ["rm", "train", "--rankings", str(data), "--runs_dir", str(tmp_path / "runs"), *QUICK]
+    assert main([*argv, "--ensemble", "2", "--ensemble_layers", "[1, 0]", "--top_layers", "0"]) == 0
+    assert "layers 1-1 taken from an earlier ensemble member's states" in capsys.readouterr().out
+    ensemble = tmp_path / "runs" / "default" / "rm_train"
+    config = json.loads((ensemble / "model" / ENSEMBLE_FILE).read_text())["config"]
+    overrides = {"ensemble": 1, "seed": 1, "layers": 0, "out": "", "runs_dir": str(tmp_path / "alone")}
+    alone = train_one(build_config(RMTrainConfig, base={**config, **overrides}), 0, "rm_train/alone")
+    continued = load_reward_fn(str(ensemble / "model" / "member-1")).model.state_dict()
+    own = load_reward_fn(alone["model_dir"]).model.state_dict()
+    assert continued.keys() == own.keys()
+    for name in continued:
+        torch.testing.assert_close(continued[name], own[name], rtol=0, atol=0, msg=name)
+
+
 class CountingLowerLayers:
-    """Stands in for a reward model's frozen layers: a sequence's states are its token ids."""
+    """Stands in for a reward model's ``frozen_layers`` frozen layers: each layer adds 1 to every
+    state, and the states before the first are the token ids. Counts the rows each call runs."""
 
-    def __init__(self):
-        self.rows = 0
+    def __init__(self, frozen_layers: int):
+        self.frozen_layers = frozen_layers
+        self.rows: list[tuple[int, int]] = []  # (rows, the layer they started from) per call
 
-    def lower_hidden(self, ids, mask):
-        self.rows += ids.shape[0]
-        return ids.float()[..., None].repeat(1, 1, 2)
+    def lower_hidden(self, ids, mask, hidden=None, from_layer=0):
+        start = ids.float()[..., None].repeat(1, 1, 2) if hidden is None else hidden
+        self.rows.append((ids.shape[0], from_layer if hidden is not None else 0))
+        return start + (self.frozen_layers - (from_layer if hidden is not None else 0))
 
 
 def test_the_frozen_layers_see_each_sequence_once():
     twice = Group("p0", "hi", ["a", "b", "a"], ["A", "B", "C"], ids=[[1, 2], [1, 3, 4], [1, 2]])
     other = Group("p1", "yo", ["c", "d"], ["A", "B"], ids=[[5], [1, 3, 4]])
-    model, known = CountingLowerLayers(), {}
-    cache = build_cache(model, [twice, other], pad_id=0, batch_size=2, progress=False, known=known)
-    assert model.rows == 3 and set(known) == {(1, 2), (1, 3, 4), (5,)}
+    model, store = CountingLowerLayers(3), FrozenStates()
+    cache = build_cache(model, [twice, other], pad_id=0, batch_size=2, progress=False, store=store)
+    assert sum(n for n, _ in model.rows) == 3 and set(store.by_ids) == {(1, 2), (1, 3, 4), (5,)}
     for group in (twice, other):
         for ids, states in zip(group.ids, cache[id(group)], strict=True):
-            assert states.tolist() == [[float(t)] * 2 for t in ids]
-    again = build_cache(model, [other], pad_id=0, batch_size=2, progress=False, known=known)
-    assert model.rows == 3 and again[id(other)][1] is known[(1, 3, 4)]  # nothing computed again
+            assert states.tolist() == [[t + 3.0] * 2 for t in ids]  # three layers on the token ids
+    again = build_cache(model, [other], pad_id=0, batch_size=2, progress=False, store=store)
+    assert sum(n for n, _ in model.rows) == 3 and again[id(other)][1] is store.by_ids[(1, 3, 4)]
+
+
+def test_a_deeper_model_starts_from_a_shallower_ones_states():
+    group = Group("p0", "hi", ["a", "b"], ["A", "B"], ids=[[1, 2], [7]])
+    shallow, deep = CountingLowerLayers(2), CountingLowerLayers(5)
+    below = FrozenStates()
+    build_cache(shallow, [group], pad_id=0, batch_size=8, progress=False, store=below)
+    cache = build_cache(deep, [group], pad_id=0, batch_size=8, progress=False, below=below)
+    assert deep.rows == [(2, 2)]  # one call, from layer 2: only layers 3-5 ran
+    assert [s.tolist() for s in cache[id(group)]] == [[[6.0, 6.0], [7.0, 7.0]], [[12.0, 12.0]]]
+    # states of as many layers or more are not a start: computed from the token ids
+    same = CountingLowerLayers(2)
+    build_cache(same, [group], pad_id=0, batch_size=8, progress=False, below=below)
+    assert same.rows == [(2, 0)]
+    with pytest.raises(ValueError, match="states of 2 frozen layers given to a model with 5"):
+        build_cache(deep, [group], pad_id=0, batch_size=8, progress=False, store=below)
 
 
 def test_members_share_the_held_out_prompts_and_differ_in_seed_and_depth(ensemble):
