@@ -63,6 +63,11 @@ class FrozenStates:
     layers: int | None = None
     by_ids: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
 
+    def starts(self, layers: int) -> bool:
+        """Whether a model of ``layers`` frozen layers can start from these states: they passed
+        fewer of the same layers."""
+        return self.layers is not None and self.layers < layers
+
 
 @torch.no_grad()
 def build_cache(
@@ -87,9 +92,7 @@ def build_cache(
             f"states of {store.layers} frozen layers given to a model with {model.frozen_layers}"
         )
     store.layers = model.frozen_layers
-    start = (
-        below.by_ids if below is not None and below.layers is not None and below.layers < store.layers else {}
-    )
+    start = below.by_ids if below is not None and below.starts(store.layers) else {}
     todo = list(dict.fromkeys(tuple(ids) for g in groups for ids in g.ids if tuple(ids) not in store.by_ids))
     todo.sort(key=len)  # stable: without repeats, the same batches as one sequence per slot
     bar = progress_bar(len(todo), "rm: caching frozen layers", "seq", enabled=progress)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -195,8 +195,8 @@ class Run:
     # frozen-layer states by token ids (scoring.build_cache): shared by an ensemble's members of one
     # depth, so each sequence goes through the frozen layers once; states_below, a shallower
     # member's, are where this model's frozen layers start from
-    frozen_states: FrozenStates = field(default_factory=FrozenStates)
-    states_below: FrozenStates | None = None
+    frozen_states: FrozenStates
+    states_below: FrozenStates | None
 
     @property
     def main(self) -> bool:
@@ -312,7 +312,7 @@ def _cache_frozen_layers(run: Run, model, groups: list[Group], pad_id: int) -> t
     if run.main:
         computed = len(store.by_ids) - reused
         notes = []
-        if computed and below is not None and below.layers is not None and below.layers < store.layers:
+        if computed and below is not None and below.starts(store.layers):
             notes.append(f"layers 1-{below.layers} taken from an earlier ensemble member's states")
         if reused:
             notes.append(f"reused {reused} sequences an earlier ensemble member cached")

@@ -166,11 +166,11 @@ class RewardModel(nn.Module):
         ``hidden``: the same sequences' states after the first ``from_layer`` of those layers
         (from a shallower model of the same backbone); only the layers above them run."""
         assert self.caches_lower_layers and 0 <= from_layer <= self.frozen_layers
-        with self._stack(from_layer if hidden is not None else 0, self.frozen_layers, norm=False):
-            if hidden is None:
-                out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            else:
-                out = self.backbone(inputs_embeds=hidden, attention_mask=attention_mask, use_cache=False)
+        start, inputs = (
+            (0, {"input_ids": input_ids}) if hidden is None else (from_layer, {"inputs_embeds": hidden})
+        )
+        with self._stack(start, self.frozen_layers, norm=False):
+            out = self.backbone(**inputs, attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state
 
     def forward(

@@ -34,19 +34,24 @@ def ensemble(tmp_path_factory):
     return root / "runs" / "default" / "rm_train"
 
 
+def assert_member_trains_the_same_alone(ensemble, member: int, runs_dir) -> None:
+    """Train ensemble member ``member`` (all layers) on its own, on the ensemble's split, computing
+    its frozen-layer states itself, and check that its weights equal the ensemble member's."""
+    config = json.loads((ensemble / "model" / ENSEMBLE_FILE).read_text())["config"]
+    overrides = {"ensemble": 1, "seed": member, "layers": 0, "out": "", "runs_dir": str(runs_dir)}
+    alone = train_one(build_config(RMTrainConfig, base={**config, **overrides}), 0, "rm_train/alone")
+    in_ensemble = load_reward_fn(str(ensemble / "model" / f"member-{member}")).model.state_dict()
+    own = load_reward_fn(alone["model_dir"]).model.state_dict()
+    assert in_ensemble.keys() == own.keys()
+    for name in in_ensemble:
+        torch.testing.assert_close(in_ensemble[name], own[name], rtol=0, atol=0, msg=name)
+
+
 def test_a_member_that_reuses_frozen_states_trains_as_if_it_had_computed_them(ensemble, tmp_path):
     """Member 2 (all layers, seed 2) read the frozen-layer states member 0 computed. The same
     member trained on its own, on the same split, computes them itself: its weights come out the
     same."""
-    config = json.loads((ensemble / "model" / ENSEMBLE_FILE).read_text())["config"]
-    overrides = {"ensemble": 1, "seed": 2, "layers": 0, "out": "", "runs_dir": str(tmp_path)}
-    alone = build_config(RMTrainConfig, base={**config, **overrides})
-    summary = train_one(alone, split_seed=0, stage="rm_train/alone")
-    shared = load_reward_fn(str(ensemble / "model" / "member-2")).model.state_dict()
-    own = load_reward_fn(summary["model_dir"]).model.state_dict()
-    assert shared.keys() == own.keys()
-    for name in shared:
-        torch.testing.assert_close(shared[name], own[name], rtol=0, atol=0, msg=name)
+    assert_member_trains_the_same_alone(ensemble, 2, tmp_path)
 
 
 def test_a_deeper_member_that_starts_from_a_shallower_ones_states_trains_as_if_alone(tmp_path, capsys):
@@ -56,15 +61,7 @@ def test_a_deeper_member_that_starts_from_a_shallower_ones_states_trains_as_if_a
     argv = ["rm", "train", "--rankings", str(data), "--runs_dir", str(tmp_path / "runs"), *QUICK]
     assert main([*argv, "--ensemble", "2", "--ensemble_layers", "[1, 0]", "--top_layers", "0"]) == 0
     assert "layers 1-1 taken from an earlier ensemble member's states" in capsys.readouterr().out
-    ensemble = tmp_path / "runs" / "default" / "rm_train"
-    config = json.loads((ensemble / "model" / ENSEMBLE_FILE).read_text())["config"]
-    overrides = {"ensemble": 1, "seed": 1, "layers": 0, "out": "", "runs_dir": str(tmp_path / "alone")}
-    alone = train_one(build_config(RMTrainConfig, base={**config, **overrides}), 0, "rm_train/alone")
-    continued = load_reward_fn(str(ensemble / "model" / "member-1")).model.state_dict()
-    own = load_reward_fn(alone["model_dir"]).model.state_dict()
-    assert continued.keys() == own.keys()
-    for name in continued:
-        torch.testing.assert_close(continued[name], own[name], rtol=0, atol=0, msg=name)
+    assert_member_trains_the_same_alone(tmp_path / "runs" / "default" / "rm_train", 1, tmp_path / "alone")
 
 
 class CountingLowerLayers:
