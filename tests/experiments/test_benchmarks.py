@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from experiments.benchmarks import bench_rm_ensemble_cache, bench_rm_learning, bench_rm_vs_trl
 from tests.reward_models.rm_data import make_records, write_records
@@ -97,3 +98,56 @@ def test_active_selection_compares_both_orders_over_seeds(in_tmp, capsys):
     out = capsys.readouterr().out
     assert "| 8 | 2 |" in out and "active − random" in out
     assert (in_tmp / "active" / "active_selection.png").stat().st_size > 1000
+
+
+def test_heads_benchmark_pairs_by_hand():
+    from experiments.benchmarks import bench_rm_heads as bh
+
+    cands = [{"prompt_id": "p", "candidates": [{"label": c} for c in "ABCD"]}]
+    rows = bh.pair_index(cands)
+    assert rows == {("p", "A"): 0, ("p", "B"): 1, ("p", "C"): 2, ("p", "D"): 3}
+    ranking = {"prompt_id": "p", "tiers": [["A"], ["B", "C"], ["D"]]}
+    # the tied B = C gives no pair; every pair across tiers does
+    assert sorted(bh.strict_pairs([ranking], rows)) == [(0, 1), (0, 2), (0, 3), (1, 3), (2, 3)]
+    gold = {"prompt_id": "p", "gold": {"A": 0.9, "B": 0.5, "C": 0.52, "D": 0.1}}
+    # B and C are within the tie threshold: not a gold pair; a second ranking of p adds nothing
+    assert sorted(bh.gold_pairs([gold, gold], rows, 0.05)) == [(0, 1), (0, 2), (0, 3), (1, 3), (2, 3)]
+    assert bh.accuracy(torch.tensor([3.0, 1.0, 1.0, 0.0]), [(0, 1), (1, 2), (2, 3)]) == pytest.approx(2 / 3)
+    x = torch.tensor([[1.0, 10.0], [3.0, 10.0], [5.0, 40.0]])
+    # column means (3, 20), deviations (2, √300) over the three training rows
+    z = bh.standardise(x, [0, 1, 2])
+    assert z[:, 0].tolist() == pytest.approx([-1.0, 0.0, 1.0])
+    assert z[:, 1].tolist() == pytest.approx(
+        [-10 / math.sqrt(300), -10 / math.sqrt(300), 20 / math.sqrt(300)]
+    )
+
+
+def test_heads_benchmark_ridge_fit_finds_the_preference_and_shrinks_with_l2():
+    from experiments.benchmarks import bench_rm_heads as bh
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 5, generator=g)
+    true = x[:, 2] - 0.5 * x[:, 4]  # the preference reads two of the five features
+    pairs = [(i, j) if true[i] > true[j] else (j, i) for i in range(0, 40, 2) for j in range(1, 40, 2)]
+    held = [(i, j) if true[i] > true[j] else (j, i) for i in range(40, 60) for j in range(i + 1, 60)]
+    train_rows = list(range(40))
+    w = bh.fit_ridge_bt(x, train_rows, pairs, l2=1e-3)
+    assert bh.accuracy(bh.standardise(x, train_rows) @ w, held) > 0.9
+    assert w[2] > 0 > w[4] and abs(w[2]) > max(abs(w[0]), abs(w[1]), abs(w[3]))
+    strong = bh.fit_ridge_bt(x, train_rows, pairs, l2=100.0)
+    assert strong.norm() < 0.1 * w.norm()  # the penalty shrinks the weights towards 0
+
+
+def test_heads_benchmark_runs_variants_and_the_preset_over_splits(in_tmp, capsys):
+    from experiments.benchmarks import bench_rm_heads
+
+    rc = bench_rm_heads.main(
+        [*DATA, "--per_prompt", "3", "--variants", "2;0,1,2", "--l2", "1", "--splits", "2"]
+        + ["--preset", str(TINY_RM), "--out", "heads"]
+    )
+    assert rc == 0
+    acc = json.loads((in_tmp / "heads" / "results.json").read_text())["accuracy"]
+    assert list(acc) == ["preset", "layers 2, λ 1", "layers 0,1,2, λ 1"]
+    assert all(len(v) == 2 and all(0.0 <= a <= 1.0 for a in v) for v in acc.values())
+    out = capsys.readouterr().out
+    assert "| head (gold `length:target=4`, 2 splits) | vs gold [95 % t] | − preset [95 % t] |" in out
