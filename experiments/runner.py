@@ -61,7 +61,6 @@ import yaml
 from experiments.pipeline.cache import (  # noqa: F401
     OUTPUT_KEYS,
     cached_result,
-    keep_earlier_result,
     stage_key,
     store_result,
 )
@@ -113,6 +112,7 @@ from experiments.pipeline.validation import (  # noqa: F401
 )
 from rlhf.config import ConfigProblems, parse_overrides
 from rlhf.errors import ConfigError
+from rlhf.stage_results import keep_earlier_result  # noqa: F401
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

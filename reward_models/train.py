@@ -95,7 +95,7 @@ from rlhf.distributed import require_data_parallel
 from rlhf.models import use_bf16
 from rlhf.nonfinite import gradient_norm, stop_if_non_finite
 from rlhf.reward_model import save_ensemble, save_reward_model
-from rlhf.tracking import Tracker, stage_run_dir, start_stage
+from rlhf.tracking import Tracker, claim_run_dir, stage_run_dir, start_stage
 
 
 def run_rm_train(cfg: RMTrainConfig) -> dict:
@@ -112,7 +112,7 @@ def _train_ensemble(cfg: RMTrainConfig) -> dict:
     (``<run_dir>/member-<i>/``), then gathered into one ensemble dir. Every member holds out the
     same prompts (the split follows the stage's seed, not the member's), so their held-out figures
     compare, and none of them trained on another's held-out prompts."""
-    run_dir = stage_run_dir(cfg, "rm_train")
+    run_dir = claim_run_dir(cfg, "rm_train", resuming=cfg.resume)
     members = []
     depths = [
         cfg.ensemble_layers[i % len(cfg.ensemble_layers)] if cfg.ensemble_layers else cfg.layers

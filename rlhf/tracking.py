@@ -45,6 +45,7 @@ from typing import Any
 
 from rlhf.config import option, save_config, to_dict
 from rlhf.fsio import atomic_file
+from rlhf.stage_results import keep_earlier_result
 
 METRICS_FILE = "metrics.jsonl"  # one JSON line per `log` call, in every tracking mode
 
@@ -478,15 +479,34 @@ def _keep_steps_until(path: Path, step: int) -> None:
         tmp.write_text("".join(kept), encoding="utf-8")
 
 
+def claim_run_dir(cfg: Any, stage: str, resuming: bool = False) -> Path:
+    """The stage's run dir, emptied of a finished experiment result first (unless ``resuming`` it).
+
+    A stage command run into an experiment's stage dir (``rlhf ppo --config
+    runs/quickstart/ppo/config.yaml kl_coef=0.1``) must not overwrite the experiment's result: it
+    moves aside (:func:`rlhf.stage_results.keep_earlier_result`), where ``rlhf experiment run``
+    still finds and reuses it. The experiment runner has already moved or cleared it."""
+    run_dir = stage_run_dir(cfg, stage)
+    if not resuming:
+        kept = keep_earlier_result(run_dir, None, Path(cfg.runs_dir) / cfg.experiment / ".cache")
+        if kept is not None:
+            print(f"{stage}: the finished result of experiment {cfg.experiment!r} here is kept in {kept}")
+    return run_dir
+
+
 def start_stage(cfg: Any, stage: str, job_type: str | None = None, resumed_at: int | None = None) -> Tracker:
     """Create the stage's run dir, save its resolved ``config.yaml``, start its tracked run and record
     the inputs its config names (:data:`INPUT_FIELDS`).
 
     ``cfg`` must have ``experiment`` (the W&B group), ``runs_dir`` and ``tracking`` fields. A run
     resumed from a checkpoint made after step ``resumed_at`` keeps the metrics and table rows of
-    the steps up to it, so its files end as an uninterrupted run's would.
+    the steps up to it, so its files end as an uninterrupted run's would. Any other run first moves a
+    finished experiment result out of the run dir (:func:`claim_run_dir`).
     """
-    run_dir = stage_run_dir(cfg, stage)
+    # a stage asked to resume (`resume` in its config) works on what its run dir holds
+    run_dir = claim_run_dir(
+        cfg, stage, resuming=resumed_at is not None or bool(getattr(cfg, "resume", False))
+    )
     run_dir.mkdir(parents=True, exist_ok=True)
     # A rerun of the same stage starts fresh files (earlier runs stay in W&B).
     logged = [run_dir / METRICS_FILE, *run_dir.glob("table_*.jsonl")]

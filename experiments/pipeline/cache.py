@@ -1,12 +1,11 @@
 """The stage cache: a stage's key (a hash of what its result is made of) and its stored result, in
 ``stage.json`` in its run dir and in ``runs/<name>/.cache/``; an earlier result of another config is
-moved aside rather than overwritten."""
+moved aside rather than overwritten (:func:`rlhf.stage_results.keep_earlier_result`)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -107,45 +106,3 @@ def store_result(key: str, node: Node, result: dict, seconds: float, cache_dir: 
     (run_dir / "stage.json").write_text(text)
     cache_dir.mkdir(parents=True, exist_ok=True)
     (cache_dir / f"{key}.json").write_text(text)
-
-
-def keep_earlier_result(run_dir: Path, key: str, cache_dir: Path) -> Path | None:
-    """Move the finished result of another config out of ``run_dir`` before the stage reruns there with
-    config ``key``: to ``<run_dir>@<its key[:8]>/`` beside it, its ``stage.json`` and cache entry
-    rewritten to point there. Going back to that config reuses it, and both runs stay on disk to
-    compare. Returns where it went, or None when ``run_dir`` holds no finished result of another config
-    (an interrupted run stays, so that the rerun may resume it)."""
-    try:
-        info = json.loads((run_dir / "stage.json").read_text())
-    except (OSError, ValueError):
-        return None
-    earlier_key = info.get("key")
-    if not earlier_key or earlier_key == key:
-        return None
-    target = run_dir.with_name(f"{run_dir.name}@{earlier_key[:8]}")
-    suffix = 2
-    while target.exists():  # the same config ran here twice (a --from rerun): keep both
-        target = run_dir.with_name(f"{run_dir.name}@{earlier_key[:8]}-{suffix}")
-        suffix += 1
-    moves = {str(run_dir): str(target), str(run_dir.resolve()): str(target.resolve())}
-    run_dir.rename(target)
-    info["result"] = _moved_paths(info.get("result") or {}, moves)
-    text = json.dumps(info, indent=2)
-    (target / "stage.json").write_text(text)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    (cache_dir / f"{earlier_key}.json").write_text(text)
-    return target
-
-
-def _moved_paths(value: Any, moves: dict[str, str]) -> Any:
-    """``value`` with every path under a moved folder (``moves``: old → new) pointing at the new place."""
-    if isinstance(value, str):
-        for old, new in moves.items():
-            if value == old or value.startswith(old + os.sep):
-                return new + value[len(old) :]
-        return value
-    if isinstance(value, list):
-        return [_moved_paths(v, moves) for v in value]
-    if isinstance(value, dict):
-        return {k: _moved_paths(v, moves) for k, v in value.items()}
-    return value

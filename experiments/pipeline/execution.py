@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.evidence import learning_evidence
-from experiments.pipeline.cache import cached_result, keep_earlier_result, stage_key, store_result, tokenise
+from experiments.pipeline.cache import cached_result, stage_key, store_result, tokenise
 from experiments.pipeline.experiment_file import (
     LIBRARY_STAGES,
     Experiment,
@@ -36,6 +36,7 @@ from experiments.pipeline.run_context import (
 from experiments.pipeline.validation import check_plan, check_sweep
 from rlhf.config import ConfigProblems, did_you_mean, parse_overrides, to_dict
 from rlhf.errors import ConfigError, UserError
+from rlhf.stage_results import keep_earlier_result
 
 
 def run_plan(ctx: RunContext, plan: list[Node]) -> dict[str, dict]:

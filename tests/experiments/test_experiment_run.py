@@ -573,3 +573,19 @@ def test_shipped_quickstart_tiny_offline_lineage_and_reruns_that_keep_earlier_re
     assert stages["ppo"]["run_dir"] == str(earlier_ppo) and stages["eval"]["run_dir"].startswith(
         str(root / "eval@")
     )
+
+    # A stage command run into the experiment's stage dir (here the evaluation, with its saved config)
+    # moves the experiment's finished result aside instead of overwriting it, and the experiment
+    # still reuses that result afterwards.
+    assert main(["experiment", "run", qs, *common, "ppo.kl_coef=0.1"]) == 0
+    assert ran(summary) == set()
+    finished = json.loads((root / "eval" / "stage.json").read_text())
+    assert main(["eval", "--config", str(root / "eval" / "config.yaml"), "num_prompts=2"]) == 0
+    (kept,) = (
+        d for d in root.glob("eval@*") if json.loads((d / "stage.json").read_text())["key"] == finished["key"]
+    )
+    assert (kept / "metrics.jsonl").read_text() and not (root / "eval" / "stage.json").exists()
+    assert yaml.safe_load((root / "eval" / "config.yaml").read_text())["num_prompts"] == 2
+    assert main(["experiment", "run", qs, *common, "ppo.kl_coef=0.1"]) == 0
+    assert ran(summary) == set()
+    assert json.loads(summary.read_text())["stages"]["eval"]["run_dir"] == str(kept)
