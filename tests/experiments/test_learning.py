@@ -21,16 +21,24 @@ QUICKSTART = Path(runner.__file__).resolve().parent / "quickstart.yaml"
 
 
 def test_tiny_loop_learns_a_learnable_gold(tmp_path):
+    # Sized so that the verdicts do not hang on which candidates a machine's float rounding samples:
+    # with 64 prompts (11 held out) and the preset's head-only reward model the same test gave gold
+    # accuracy 0.52-0.75 across seeds and failed on an AMD host that passed on an Intel one. With 160
+    # prompts, both tiny layers trained, every step kept (a validation slice of a dozen prompts picks
+    # noise) and 64 evaluation prompts, seeds 0-5 all gave gold accuracy ≥ 0.62 with the interval's
+    # low end ≥ 0.54, and a gold win rate whose low end was ≥ 0.58.
     overrides = [
         f"gold=python:{HELPERS}:ascii_fraction",
-        "generate.limit=64",
-        "ppo.total_episodes=192",
+        "generate.limit=160",
+        "rm_train.top_layers=2",
+        "rm_train.val_fraction=0",
+        "ppo.total_episodes=256",
         "ppo.batch_size=32",
         "ppo.minibatch_size=16",
         "ppo.ppo_epochs=4",
         "ppo.learning_rate=0.003",
         "ppo.kl_coef=0.01",
-        "eval.num_prompts=32",
+        "eval.num_prompts=64",
         f"runs_dir={tmp_path / 'runs'}",
         "tracking.mode=disabled",
     ]
@@ -38,8 +46,9 @@ def test_tiny_loop_learns_a_learnable_gold(tmp_path):
     saved = json.loads((Path(summary["dir"]) / "experiment_summary.json").read_text())
     claims = {c["key"]: c for c in saved["evidence"]}
     rm, ev = saved["stages"]["rm_eval"], saved["stages"]["eval"]
-    # the reward model recovered the preference the simulated annotators followed
-    assert rm["eval/gold_pair_accuracy"] >= 0.6, rm
+    # the reward model recovered the preference the simulated annotators followed, above chance by
+    # more than its interval (a reward model that learns nothing scores 0.5 with a low end near 0.42)
+    assert rm["eval/gold_pair_accuracy_ci_low"] > 0.5, rm
     assert (
         rm["eval/gold_pair_accuracy_ci_low"]
         <= rm["eval/gold_pair_accuracy"]
