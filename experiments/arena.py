@@ -320,8 +320,10 @@ def run_arena(cfg: ArenaConfig) -> dict[str, Any]:
             else:
                 votes += judge_votes(pairs, voter, cfg.tie_threshold)
         write_jsonl(out / "votes.jsonl", votes)
-        boards = leaderboards_by_voter(votes, baseline, n_boot=cfg.n_boot, seed=cfg.seed)
-        report = publish_leaderboards(boards, out, tracker)
+        boards, unrated = leaderboards_by_voter(votes, baseline, n_boot=cfg.n_boot, seed=cfg.seed)
+        # Policies that answer alike (a PPO run that did not move its policy) get only ties: the
+        # stage still ends, with the votes written and the reason, rather than failing the experiment.
+        report = publish_leaderboards(boards, out, tracker) if boards else {}
         tracker.log_artifact(out / "votes.jsonl", name=f"{cfg.experiment}-arena-votes", type="dataset")
         sizes = {"arena/prompts": len(records), "arena/pairs": len(pairs), "arena/votes": len(votes)}
         sizes |= {
@@ -329,12 +331,17 @@ def run_arena(cfg: ArenaConfig) -> dict[str, Any]:
             for name, _ in policies
         }
         tracker.log(sizes)
-        tracker.summary(sizes)
+        tracker.summary(sizes | {f"arena/unrated/{voter}": reason for voter, reason in unrated.items()})
         print(
             f"arena: {len(records)} prompts × {len(policies)} policies → {len(pairs)} pairs, {len(votes)} votes"
         )
-        print(format_leaderboards(boards))
-        print(f"arena: leaderboard {report['png']}; votes (preference data) {out / 'votes.jsonl'}")
+        if boards:
+            print(format_leaderboards(boards))
+        for reason in unrated.values():
+            print(f"arena: set aside: {reason}")
+        print(
+            f"arena: leaderboard {report.get('png', 'none')}; votes (preference data) {out / 'votes.jsonl'}"
+        )
         return {
             "run_dir": str(out),
             "pairs": str(out / "pairs.jsonl"),
@@ -342,6 +349,7 @@ def run_arena(cfg: ArenaConfig) -> dict[str, Any]:
             **report,
             **sizes,
             "arena/baseline": baseline,
+            "arena/unrated": unrated,
         }
     finally:
         tracker.finish()
@@ -404,13 +412,17 @@ def run_arena_fit(cfg: ArenaFitConfig) -> dict[str, Any]:
         if not is_url(cfg.db) and not Path(cfg.db).is_file():
             raise UserError(f"no annotation database at {cfg.db}", code="not_found")
         records += app_votes(cfg.db, cfg.project)
-    boards = leaderboards_by_voter(records, cfg.baseline or None, n_boot=cfg.n_boot, seed=cfg.seed)
+    boards, unrated = leaderboards_by_voter(records, cfg.baseline or None, n_boot=cfg.n_boot, seed=cfg.seed)
+    if not boards:  # nothing to publish: the first voter's reason, as one line
+        raise UserError(next(iter(unrated.values())), code="no_rating")
     tracker = start_stage(cfg, "arena_fit")
     try:
         out = Path(tracker.run_dir)
         write_jsonl(out / "votes.jsonl", records)
         report = publish_leaderboards(boards, out, tracker)
         print(format_leaderboards(boards))
+        for reason in unrated.values():
+            print(f"arena fit: set aside: {reason}")
         print(f"arena fit: leaderboard {report['png']}; votes (preference data) {out / 'votes.jsonl'}")
         return {
             "run_dir": str(out),

@@ -114,6 +114,8 @@ def print_summary(summary: dict) -> None:
                 key,
                 "length-controlled win rate vs SFT; chance 0.5",
             )
+    for reason in (arena.get("arena/unrated") or {}).values():
+        print(f"\n  blind arena: {reason}")
     claims = summary.get("evidence") or []
     if claims:
         print("\n  verdicts (yes: the whole 95 % interval is on the better side of the reference):")

@@ -5,7 +5,8 @@
   responses that name their ``model`` (what voters write, what the app stores);
 - :func:`fit_leaderboard`, :func:`leaderboards_by_voter`: one :class:`Leaderboard` per voter,
   Bradley–Terry–Davidson ratings with intervals over prompts and length-controlled win rates
-  against a baseline (:mod:`rlhf.arena_fit`);
+  against a baseline (:mod:`rlhf.arena_fit`); a voter whose votes cannot rate the models is set
+  aside with the reason;
 - :func:`leaderboard_table`, :func:`format_leaderboards`, :func:`leaderboard_figure`,
   :func:`leaderboard_metrics`: the same for W&B, the terminal, a PNG and a run summary.
 
@@ -172,16 +173,25 @@ def people_votes(records: Iterable[Mapping]) -> list[dict]:
 
 def leaderboards_by_voter(
     records: Sequence[Mapping], baseline: str | None, *, n_boot: int = 1000, seed: int = 0
-) -> list[Leaderboard]:
+) -> tuple[list[Leaderboard], dict[str, str]]:
     """One leaderboard per ``voter`` of the vote records (``human`` where a record names none), in
-    the order voters first appear."""
+    the order voters first appear, and ``{voter: reason}`` for each voter whose votes cannot rate
+    the models (only ties, as when two policies answer every prompt alike; a disconnected arena):
+    set aside with the fit's one-line reason, so that one such voter does not stop the others."""
     groups: dict[str, list[Mapping]] = {}
     for rec in records:
         groups.setdefault(str(rec.get("voter") or HUMAN), []).append(rec)
-    return [
-        fit_leaderboard(votes_from_rankings(recs), voter, baseline, n_boot=n_boot, seed=seed)
-        for voter, recs in groups.items()
-    ]
+    boards, unrated = [], {}
+    for voter, recs in groups.items():
+        try:
+            boards.append(
+                fit_leaderboard(votes_from_rankings(recs), voter, baseline, n_boot=n_boot, seed=seed)
+            )
+        except UserError as err:
+            if err.code != "no_rating":
+                raise
+            unrated[voter] = str(err)
+    return boards, unrated
 
 
 def leaderboard_table(boards: Sequence[Leaderboard]) -> tuple[list[str], list[list]]:

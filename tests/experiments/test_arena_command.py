@@ -151,6 +151,36 @@ def test_arena_run_import_vote_in_the_store_and_fit(in_tmp, monkeypatch):
     assert fitted[2]["n_votes"] == 12
 
 
+def test_policies_that_answer_alike_end_the_stage_with_the_reason(in_tmp, monkeypatch, capsys):
+    # A PPO run that did not move its policy: every vote is a tie and no rating exists. The stage
+    # still ends, its votes written and the reason said, instead of failing the whole experiment.
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    prompts = in_tmp / "prompts.jsonl"
+    prompts.write_text(
+        "".join(
+            json.dumps({"prompt_id": f"q{i}", "prompt": f"Tell me about {w}."}) + "\n"
+            for i, w in enumerate("abcdef")
+        ),
+        encoding="utf-8",
+    )
+    run = ["arena", "run", "--policies", "[sft=tiny, ppo=tiny]", "--prompts", str(prompts), "--split", "null",
+           "--gold", "length:target=3", "--max_new_tokens", "8", "--n_boot", "20", "--experiment", "alike"]  # fmt: skip
+    assert main(run) == 0
+    out = in_tmp / "runs" / "alike" / "arena"
+    votes = load_rankings(str(out / "votes.jsonl"))
+    assert len(votes) == 12 and {v["ranking"] for v in votes} == {"A = B"}
+    summary = json.loads((out / "summary.json").read_text())
+    reasons = {k: v for k, v in summary.items() if k.startswith("arena/unrated/")}
+    assert set(reasons) == {"arena/unrated/simulated:length:target=3", "arena/unrated/length:target=3"}
+    assert all("every vote is a tie" in r for r in reasons.values())
+    assert "arena: set aside: length:target=3: the votes cannot rate the models" in capsys.readouterr().out
+    assert not (out / "leaderboard.png").exists()
+    # Fitting those votes alone has nothing to publish: one line, exit 2, no run dir.
+    assert main(["arena", "fit", "--votes", f"[{out / 'votes.jsonl'}]", "--experiment", "alike_fit"]) == 2
+    assert "the votes cannot rate the models: every vote is a tie" in capsys.readouterr().err
+    assert not (in_tmp / "runs" / "alike_fit").exists()
+
+
 def test_bad_arena_input_gets_one_line_before_any_work(in_tmp, capsys):
     assert main(["arena", "run", "--policies", "[tiny]"]) == 2
     assert "two or more policies" in capsys.readouterr().err

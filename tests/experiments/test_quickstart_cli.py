@@ -75,3 +75,12 @@ def test_quickstart_tiny_runs_the_whole_loop_then_reuses_it(tmp_path):
     stdout = _quickstart(tmp_path)
     assert _statuses(tmp_path) == {s: "cached" for s in STAGES}
     assert "reused 9 from cache" in stdout
+
+
+def test_the_summary_says_why_an_arena_has_no_win_rates(capsys):
+    from experiments.quickstart import print_summary
+
+    reason = "vader: the votes cannot rate the models: every vote is a tie: nothing tells the models apart"
+    arena = {"status": "ran", "seconds": 3.0, "arena/unrated": {"vader": reason}}
+    print_summary({"dir": "runs/quickstart", "stages": {"arena": arena}})
+    assert f"blind arena: {reason}" in capsys.readouterr().out

@@ -121,8 +121,11 @@ def test_leaderboards_by_voter_keeps_voters_apart():
 
     pairs = arena_pairs(_responses(30), seed=0)
     records = [by_length(p, True, "longer") for p in pairs] + [by_length(p, False, None) for p in pairs]
-    boards = leaderboards_by_voter(records, None, n_boot=0)
+    indifferent = [{**p, "ranking": "A = B", "voter": "indifferent"} for p in pairs]
+    boards, unrated = leaderboards_by_voter(records + indifferent, None, n_boot=0)
     assert [b.voter for b in boards] == ["longer", "human"]  # a vote naming no voter is a person's
+    # a voter whose votes cannot rate the models is set aside with its reason, the others kept
+    assert list(unrated) == ["indifferent"] and "every vote is a tie" in unrated["indifferent"]
     assert [b.ratings.n_votes for b in boards] == [90, 90]
     longer, shorter = (b.rows()[0]["model"] for b in boards)
     assert longer != shorter  # opposite judges, opposite winners
