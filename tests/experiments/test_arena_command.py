@@ -79,19 +79,22 @@ def _other_tiny_policy(run_dir: Path) -> None:
     write_policy_dir(model, tok, run_dir / "policy", {"base": "tiny", "stage": "test"})
 
 
+def _prompts_file(path: Path, n: int) -> Path:
+    """``n`` one-line prompts ``q0``, ``q1``, ... as a prompts JSONL file."""
+    lines = (
+        json.dumps({"prompt_id": f"q{i}", "prompt": f"Say something about {w}."})
+        for i, w in enumerate("abcdefghijkl"[:n])
+    )
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
 def test_arena_run_import_vote_in_the_store_and_fit(in_tmp, monkeypatch):
     from annotation_app.store import Store
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     _other_tiny_policy(in_tmp / "runs" / "other")
-    prompts = in_tmp / "prompts.jsonl"
-    prompts.write_text(
-        "".join(
-            json.dumps({"prompt_id": f"q{i}", "prompt": f"Say something about {w}."}) + "\n"
-            for i, w in enumerate("abcdefghijkl")
-        ),
-        encoding="utf-8",
-    )
+    prompts = _prompts_file(in_tmp / "prompts.jsonl", 12)
     rc = main(
         [
             "arena",
@@ -155,14 +158,7 @@ def test_policies_that_answer_alike_end_the_stage_with_the_reason(in_tmp, monkey
     # A PPO run that did not move its policy: every vote is a tie and no rating exists. The stage
     # still ends, its votes written and the reason said, instead of failing the whole experiment.
     monkeypatch.setenv("WANDB_MODE", "offline")
-    prompts = in_tmp / "prompts.jsonl"
-    prompts.write_text(
-        "".join(
-            json.dumps({"prompt_id": f"q{i}", "prompt": f"Tell me about {w}."}) + "\n"
-            for i, w in enumerate("abcdef")
-        ),
-        encoding="utf-8",
-    )
+    prompts = _prompts_file(in_tmp / "prompts.jsonl", 6)
     run = ["arena", "run", "--policies", "[sft=tiny, ppo=tiny]", "--prompts", str(prompts), "--split", "null",
            "--gold", "length:target=3", "--max_new_tokens", "8", "--n_boot", "20", "--experiment", "alike"]  # fmt: skip
     assert main(run) == 0
