@@ -23,6 +23,10 @@ scores it on the same pairs: the first row, the one every variant is paired with
 
     .venv/bin/python -m experiments.benchmarks.bench_rm_heads --candidates runs/quickstart/generate/candidates.jsonl --scorer vader --preset experiments/configs/rm_smollm2.yaml
     .venv/bin/python -m experiments.benchmarks.bench_rm_heads --candidates FILE --variants "8;0,2,4,6,8" --l2 1,10
+    .venv/bin/python -m experiments.benchmarks.bench_rm_heads --candidates FILE --variants "8;0,2,4,6,8" --l2 10 --train_fractions 0.25,0.5,0.75,1
+
+``--train_fractions`` fits every head on nested shares of each split's training prompts against the
+same held-out pairs: how accuracy grows with the number of prompts ranked.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -75,6 +80,12 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--splits", type=int, default=5, help="annotator draws × held-out splits (seed, seed+1, ...)"
     )
+    ap.add_argument(
+        "--train_fractions",
+        default="1",
+        help="comma-separated shares of each split's training prompts to fit on (nested, the same "
+        "held-out pairs): a learning curve over the amount of data, e.g. 0.25,0.5,0.75,1",
+    )
     ap.add_argument("--max_length", type=int, default=192, help="tokens per conversation, as the preset")
     ap.add_argument(
         "--preset",
@@ -86,10 +97,16 @@ def main(argv=None) -> int:
     try:
         variants = [[int(x) for x in v.split(",")] for v in args.variants.split(";") if v.strip()]
         strengths = [float(x) for x in args.l2.split(",")]
+        fractions = [float(x) for x in args.train_fractions.split(",")]
     except ValueError:
-        ap.error(f"--variants {args.variants!r} / --l2 {args.l2!r}: expected lists of numbers")
+        ap.error(
+            f"--variants {args.variants!r} / --l2 {args.l2!r} / --train_fractions {args.train_fractions!r}: "
+            "expected lists of numbers"
+        )
     if not variants or any(layer < 0 for v in variants for layer in v) or any(s < 0 for s in strengths):
         ap.error("--variants needs at least one list of layers ≥ 0 and --l2 strengths ≥ 0")
+    if not all(0 < f <= 1 for f in fractions):
+        ap.error(f"--train_fractions {args.train_fractions!r}: each share must be in (0, 1]")
     out = Path(args.out)
     cands = make_candidates(args)
     write_jsonl(out / "candidates.jsonl", cands)
@@ -101,22 +118,28 @@ def main(argv=None) -> int:
     results: dict[str, list[float]] = {}
     for s in range(args.splits):
         seed = args.seed + s
-        train_recs, held_recs = split(simulate_pool(args, cands, scorer, seed), HELD_FRACTION, seed)
-        train_pairs = strict_pairs(train_recs, rows)
+        all_train, held_recs = split(simulate_pool(args, cands, scorer, seed), HELD_FRACTION, seed)
         held_pairs = gold_pairs(held_recs, rows, args.tie_threshold)
-        train_rows = sorted({i for pair in train_pairs for i in pair})
-        if args.preset:
-            scores = preset_scores(args, cands, train_recs, held_recs, out / f"split{s}", seed)
-            results.setdefault("preset", []).append(accuracy(scores, held_pairs))
-        for v in variants:
-            x = torch.cat([feats[layer] for layer in v], dim=1)
-            for lam in strengths:
-                w = fit_ridge_bt(x, train_rows, train_pairs, lam / len(v))
-                results.setdefault(_name(v, lam), []).append(
-                    accuracy(standardise(x, train_rows) @ w, held_pairs)
+        for fraction in fractions:
+            train_recs = first_prompts(all_train, fraction, seed)
+            tag = "" if fractions == [1.0] else f", {fraction:g} of the training prompts"
+            train_pairs = strict_pairs(train_recs, rows)
+            train_rows = sorted({i for pair in train_pairs for i in pair})
+            if args.preset:
+                scores = preset_scores(
+                    args, cands, train_recs, held_recs, out / f"split{s}_{fraction:g}", seed
                 )
+                results.setdefault("preset" + tag, []).append(accuracy(scores, held_pairs))
+            for v in variants:
+                x = torch.cat([feats[layer] for layer in v], dim=1)
+                for lam in strengths:
+                    w = fit_ridge_bt(x, train_rows, train_pairs, lam / len(v))
+                    results.setdefault(_name(v, lam) + tag, []).append(
+                        accuracy(standardise(x, train_rows) @ w, held_pairs)
+                    )
         print(
-            f"split {s}: {len(train_pairs)} training pairs, {len(held_pairs)} held-out gold pairs; "
+            f"split {s}: {len({r['prompt_id'] for r in all_train})} training prompts, "
+            f"{len(held_pairs)} held-out gold pairs; "
             + ", ".join(f"{k} {acc[-1]:.3f}" for k, acc in results.items()),
             flush=True,
         )
@@ -171,6 +194,15 @@ def layer_means(
                 out[layer].append((hidden[layer].float() * w).sum(1) / w.sum(1).clamp(min=1.0))
             bar.update(len(ids))
     return {layer: torch.cat(parts) for layer, parts in out.items()}
+
+
+def first_prompts(records: list[dict], fraction: float, seed: int) -> list[dict]:
+    """The records of the first ``fraction`` of the prompts in an order drawn from ``seed``: nested,
+    so a smaller share's prompts are all in a larger one's and a learning curve adds data only."""
+    ids = sorted({r["prompt_id"] for r in records})
+    random.Random(seed).shuffle(ids)
+    keep = set(ids[: max(1, round(len(ids) * fraction))])
+    return [r for r in records if r["prompt_id"] in keep]
 
 
 def pair_index(cands: list[dict]) -> dict[tuple[str, str], int]:

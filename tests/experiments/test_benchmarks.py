@@ -122,6 +122,17 @@ def test_heads_benchmark_pairs_by_hand():
     )
 
 
+def test_heads_benchmark_learning_curve_shares_are_nested():
+    from experiments.benchmarks import bench_rm_heads as bh
+
+    records = [{"prompt_id": f"p{i}", "n": n} for i in range(8) for n in range(2)]  # two rankings each
+    prompts = {f: {r["prompt_id"] for r in bh.first_prompts(records, f, seed=3)} for f in (0.25, 0.5, 1.0)}
+    assert [len(prompts[f]) for f in (0.25, 0.5, 1.0)] == [2, 4, 8]
+    assert prompts[0.25] < prompts[0.5] < prompts[1.0]  # a larger share only adds prompts
+    assert len(bh.first_prompts(records, 0.5, seed=3)) == 8  # with every ranking of its prompts
+    assert bh.first_prompts(records, 0.01, seed=3)  # never empty
+
+
 def test_heads_benchmark_ridge_fit_finds_the_preference_and_shrinks_with_l2():
     from experiments.benchmarks import bench_rm_heads as bh
 
@@ -148,6 +159,15 @@ def test_heads_benchmark_runs_variants_and_the_preset_over_splits(in_tmp, capsys
     assert rc == 0
     acc = json.loads((in_tmp / "heads" / "results.json").read_text())["accuracy"]
     assert list(acc) == ["preset", "layers 2, λ 1", "layers 0,1,2, λ 1"]
+    rc = bench_rm_heads.main(
+        [*DATA, "--variants", "2", "--l2", "1", "--splits", "2", "--train_fractions", "0.5,1"]
+    )
+    assert rc == 0
+    curve = json.loads((Path("runs/bench_rm_heads") / "results.json").read_text())["accuracy"]
+    assert list(curve) == [
+        "layers 2, λ 1, 0.5 of the training prompts",
+        "layers 2, λ 1, 1 of the training prompts",
+    ]
     assert all(len(v) == 2 and all(0.0 <= a <= 1.0 for a in v) for v in acc.values())
     out = capsys.readouterr().out
     assert "| head (gold `length:target=4`, 2 splits) | vs gold [95 % t] | − preset [95 % t] |" in out
