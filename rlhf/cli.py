@@ -31,6 +31,7 @@ import warnings
 import huggingface_hub.utils
 
 from rlhf.distributed import is_main_launch_process, launch_rank_and_size, leave_launch, report_to_launcher
+from rlhf.offline import set_offline_defaults
 
 # name -> (module, one-line help). Order is the order of the loop.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -202,15 +203,6 @@ def progress_bar(
     )
 
 
-def _set_offline_defaults() -> None:
-    # No model hub is reachable by default; TRL and transformers otherwise start telemetry
-    # threads and hub look-ups that hang until they time out (docs/environment.md).
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
 def _hide_library_progress_bars() -> None:
     """transformers draws a bar for every model it loads or saves and TRL one per data-preparation
     pass through datasets ("Tokenizing train dataset", "Truncating ...": 13 bars in a tiny
@@ -236,7 +228,7 @@ def _hide_library_progress_bars() -> None:
 def main(argv: list[str] | None = None) -> int:
     from rlhf.errors import UserError
 
-    _set_offline_defaults()
+    set_offline_defaults()
     _hide_library_progress_bars()
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 import time
 
+from rlhf.offline import set_offline_defaults  # imports nothing heavy
+
 # Set before the imports below: the Hugging Face libraries read them when first imported.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+set_offline_defaults()
 
 import torch  # noqa: E402
 

@@ -42,9 +42,10 @@ import sys
 import time
 from pathlib import Path
 
+from rlhf.offline import set_offline_defaults  # imports nothing heavy
+
 # Set before the imports below: the Hugging Face libraries read them when first imported.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+set_offline_defaults()
 
 # (none of these imports TRL: the TRL worker runs this file in .venv-trl112, under TRL 1.12)
 from reward_models.model import build_reward_model  # noqa: E402

@@ -42,11 +42,11 @@ import sys
 import time
 from pathlib import Path
 
+from rlhf.offline import set_offline_defaults  # imports nothing heavy
+
 # Set before the imports below: the Hugging Face libraries read them when first imported.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+set_offline_defaults()
 os.environ.setdefault("WANDB_MODE", "disabled")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
