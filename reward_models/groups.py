@@ -241,6 +241,7 @@ class Batch:
     row_of_ranking: torch.Tensor  # [R] which group each ranking belongs to
     tiers: torch.Tensor  # [R, Kmax], -1 padding
     weights: torch.Tensor | None = None  # [R] each ranking's weight in the loss (None: unweighted)
+    features: torch.Tensor | None = None  # [N, F] cached input of a head over several layers' means
 
 
 def make_batch(groups: list[Group], pad_id: int, cache: dict | None) -> Batch:
@@ -259,12 +260,17 @@ def make_batch(groups: list[Group], pad_id: int, cache: dict | None) -> Batch:
             tiers.append(tr + [-1] * (kmax - g.k))
         weights += g.weights if g.weights is not None else [1.0] * len(g.rankings)
     weighted = any(g.weights is not None for g in groups)
-    if cache is not None:
+    # the cache holds per-token states [T_i, H] of the frozen layers, or each sequence's whole
+    # input to the head [F] (RewardModel.caches_features): then the tokens are not needed
+    features = torch.stack(hid) if cache is not None and hid[0].dim() == 1 else None
+    if cache is not None and features is None:
         hidden, mask = pad_hidden(hid)
         input_ids = None
     else:
         input_ids, mask = pad_right(seqs, pad_id)
         hidden = None
+    if features is not None:
+        input_ids = None
     return Batch(
         input_ids,
         hidden,
@@ -275,6 +281,7 @@ def make_batch(groups: list[Group], pad_id: int, cache: dict | None) -> Batch:
         torch.tensor(rows),
         torch.tensor(tiers, dtype=torch.long),
         torch.tensor(weights) if weighted else None,
+        features,
     )
 
 

@@ -60,6 +60,7 @@ def build_reward_model(
     seed: int = 0,
     pooling: str = "last",
     layers: int = 0,
+    read_layers: tuple[int, ...] | list[int] = (),
 ):
     """``(RewardModel, tokenizer)`` on the causal LM ``base`` (alias, dir or Hub id) with a new head.
 
@@ -68,6 +69,8 @@ def build_reward_model(
     ``layers > 0`` keeps only the backbone's first ``layers`` decoder layers (the rest are
     dropped, also from the saved model): middle layers carry more of a response's content than the
     last ones, which specialise in predicting the next token, and a shallower model scores faster.
+    ``read_layers``: the head reads these layers' response means (:class:`RewardModel`); with
+    ``layers`` 0 the backbone keeps just the layers up to the deepest one read.
     """
 
     if trainable not in TRAINABLE:
@@ -75,6 +78,8 @@ def build_reward_model(
     path = resolve_model_path(base)
     tokenizer = load_tokenizer(path, padding_side="right")
     seq_model = _load_seq_model(path, tokenizer)
+    if read_layers and not layers:
+        layers = max(1, *read_layers)  # nothing above the deepest layer read is ever run
     if layers:
         truncate_layers(seq_model, layers)
     with torch.random.fork_rng(devices=[]):
@@ -95,7 +100,8 @@ def build_reward_model(
             seq_model,
             LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets),
         )
-    return RewardModel(seq_model, trainable, top_layers, tie_param, learn_tie_param, pooling), tokenizer
+    model = RewardModel(seq_model, trainable, top_layers, tie_param, learn_tie_param, pooling, read_layers)
+    return model, tokenizer
 
 
 def truncate_layers(seq_model: nn.Module, n: int) -> None:

@@ -15,18 +15,24 @@ from reward_models.train_config import RMTrainConfig
 from rlhf.cli import progress_bar
 from rlhf.generation import generate_candidates
 from rlhf.models import load_policy
-from rlhf.reward_model import pad_hidden, pad_right, score_texts
+from rlhf.reward_model import pad_hidden, pad_right, response_mask, score_texts
 
 
-def batch_rewards(model, batch: Batch) -> torch.Tensor:
-    """Rewards of every ranking's candidates ``[R, Kmax]`` (padding slots hold 0)."""
-    flat = model(
+def flat_rewards(model, batch: Batch) -> torch.Tensor:
+    """Rewards ``[N]`` of the batch's sequences, from whichever input it carries (token ids, cached
+    frozen-layer states or cached head features)."""
+    return model(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
         hidden=batch.hidden,
         pool_mask=batch.pool_mask,
+        features=batch.features,
     )
-    return ranking_grid(flat, batch)
+
+
+def batch_rewards(model, batch: Batch) -> torch.Tensor:
+    """Rewards of every ranking's candidates ``[R, Kmax]`` (padding slots hold 0)."""
+    return ranking_grid(flat_rewards(model, batch), batch)
 
 
 def batch_loss(cfg: RMTrainConfig, model, raw_tie, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -85,7 +91,10 @@ def build_cache(
     computed again, and the ones computed are added to it. An answer sampled twice for a prompt is
     computed once, and an ensemble's members of one depth share their states through it.
     ``below``: states of fewer frozen layers of the same backbone (a shallower ensemble member);
-    the sequences found there only run the layers above them."""
+    the sequences found there only run the layers above them.
+
+    A model whose head reads several layers' means with nothing below it training
+    (``model.caches_features``) caches each sequence's whole input to the head ``[F]`` instead."""
     store = FrozenStates() if store is None else store
     if store.layers not in (None, model.frozen_layers):
         raise ValueError(
@@ -95,16 +104,21 @@ def build_cache(
     start = below.by_ids if below is not None and below.starts(store.layers) else {}
     todo = list(dict.fromkeys(tuple(ids) for g in groups for ids in g.ids if tuple(ids) not in store.by_ids))
     todo.sort(key=len)  # stable: without repeats, the same batches as one sequence per slot
+    response_start = {tuple(ids): first for g in groups for ids, first in zip(g.ids, g.starts)}
     bar = progress_bar(len(todo), "rm: caching frozen layers", "seq", enabled=progress)
     for s in range(0, len(todo), batch_size):
         chunk = todo[s : s + batch_size]
         ids, mask = pad_right([list(seq) for seq in chunk], pad_id)
-        if start and all(seq in start for seq in chunk):
-            h = model.lower_hidden(ids, mask, pad_hidden([start[seq] for seq in chunk])[0], below.layers)
+        if model.caches_features:
+            pool = response_mask([response_start[seq] for seq in chunk], mask)
+            features = model.layer_features(ids, mask, pool)
+            store.by_ids.update((seq, features[j].clone()) for j, seq in enumerate(chunk))
         else:
-            h = model.lower_hidden(ids, mask)
-        for j, seq in enumerate(chunk):
-            store.by_ids[seq] = h[j, : len(seq)].clone()
+            if start and all(seq in start for seq in chunk):
+                h = model.lower_hidden(ids, mask, pad_hidden([start[seq] for seq in chunk])[0], below.layers)
+            else:
+                h = model.lower_hidden(ids, mask)
+            store.by_ids.update((seq, h[j, : len(seq)].clone()) for j, seq in enumerate(chunk))
         bar.update(len(chunk))
     bar.close()
     return {id(g): [store.by_ids[tuple(ids)] for ids in g.ids] for g in groups}
@@ -177,13 +191,5 @@ def reference_scores(
     with torch.no_grad():
         for s in range(0, len(groups), cfg.batch_size):
             chunk = groups[s : s + cfg.batch_size]
-            b = make_batch(chunk, tokenizer.pad_token_id, cache)
-            out.append(
-                model(
-                    input_ids=b.input_ids,
-                    attention_mask=b.attention_mask,
-                    hidden=b.hidden,
-                    pool_mask=b.pool_mask,
-                )
-            )
+            out.append(flat_rewards(model, make_batch(chunk, tokenizer.pad_token_id, cache)))
     return torch.cat(out).float(), f"the {sum(g.k for g in groups)} training candidates"

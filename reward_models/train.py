@@ -17,7 +17,8 @@ The loop, top to bottom (:func:`run_rm_train`):
 3. format every (prompt, response) with the policy's chat template, tokenize, truncate from the
    prompt side;
 4. with frozen lower layers, compute their hidden states once (the cache);
-5. epochs of length-bucketed batches, gradient accumulation, AdamW with warm-up, under
+5. (``solver: lbfgs``: the head solved exactly instead, :mod:`reward_models.exact_head`, and steps
+   5-6 are one solve) epochs of length-bucketed batches, gradient accumulation, AdamW with warm-up, under
    ``accelerate`` (``accelerate launch --config_file experiments/accelerate/cpu_2proc.yaml`` on
    CPU: each process owns a fixed shard of prompts, gradients are all-reduced);
 6. evaluate on the validation prompts every ``eval_every`` steps; keep the best validation loss;
@@ -56,6 +57,7 @@ from accelerate.utils import gather_object
 
 # The data, loss and scoring names below moved out of this module; they stay importable from here for
 # user code (reward_models.dpo and reward_models.evaluate import them from here too).
+from reward_models.exact_head import MAX_ITERATIONS, solve_head
 from reward_models.groups import (  # noqa: F401  (re-exports)
     Batch,
     DataReport,
@@ -199,7 +201,9 @@ def train_one(
         if run.main:
             write_jsonl(run.eval_path, [r for g in data.held for r in g.records])
         trainee = set_up(run, data)
-        progress = training_loop(run, trainee, data)
+        progress = (
+            exact_solve(run, trainee, data) if cfg.solver == "lbfgs" else training_loop(run, trainee, data)
+        )
         final, norm = finish(run, trainee, progress, data)
         summary = write_outputs(run, trainee, progress, data, final, norm)
         accelerator.wait_for_everyone()
@@ -301,6 +305,33 @@ def training_loop(run: Run, trainee: Trainee, data: RMData) -> Progress:
     progress.train_time = time.time() - t_train
     if progress.best_params is not None and counters["best_step"] != counters["step"]:
         load_trainable(trainee.inner, progress.best_params)  # keep the best validation checkpoint
+    return progress
+
+
+def exact_solve(run: Run, trainee: Trainee, data: RMData) -> Progress:
+    """``solver: lbfgs``: the head solved exactly on every training ranking at once
+    (:mod:`reward_models.exact_head`); validation prompts, if any, are scored once after."""
+    progress = Progress()
+    solution = solve_head(
+        run.cfg, trainee.inner, trainee.my_train, trainee.pad_id, trainee.cache, run.accelerator
+    )
+    rankings = sum(len(g.rankings) for g in trainee.my_train) * run.world
+    progress.counters.update(step=solution.iterations, best_step=solution.iterations, rankings_seen=rankings)
+    progress.train_time = solution.seconds
+    chosen = ""
+    if solution.cv_loss:
+        tried = ", ".join(f"{lam:g}: {loss:.4f}" for lam, loss in solution.cv_loss.items())
+        chosen = f", l2 {solution.l2:g} by {run.cfg.cv_folds}-fold cross-validation ({tried})"
+    progress.stop_reason = f"solved exactly by L-BFGS in {solution.iterations} iterations{chosen}" + (
+        "" if solution.converged else f" (the limit of {MAX_ITERATIONS}: not converged)"
+    )
+    if data.val:
+        _validate(run, trainee, progress)
+    if run.main:
+        logs = {"train/objective": solution.objective, "train/l2": solution.l2, **progress.last_eval}
+        logs.update({f"train/cv_loss_l2_{lam:g}": loss for lam, loss in solution.cv_loss.items()})
+        logs.update({f"train/tie_{k}": v for k, v in tie_values(run.cfg.loss, trainee.raw_tie).items()})
+        run.tracker.log(logs, step=progress.step)
     return progress
 
 

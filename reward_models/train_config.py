@@ -14,6 +14,7 @@ from rlhf.rewards import parse_ensemble_rule
 from rlhf.tracking import RunFields
 
 ANNOTATOR_WEIGHTS = ("none", "reliability")
+SOLVERS = ("adam", "lbfgs")
 
 
 @dataclass
@@ -82,6 +83,39 @@ class RMTrainConfig(RunFields, LoraFields):
         "reward, averaged); last = the last token (InstructGPT)",
         choices=("mean", "last"),
     )
+    read_layers: list[int] = option(
+        default_factory=list,
+        help="the head reads the concatenated response means of the raw states after these layers "
+        "(e.g. [0, 2, 4, 6, 8]; 0 = the token embeddings) instead of the final states' mean: early "
+        "layers carry the words, later ones more of their meaning. With trainable=top it needs "
+        "top_layers 0 (everything below the head frozen, its input computed once); layers 0 then "
+        "keeps just the layers up to the deepest one read (docs/reward-models.md)",
+    )
+    solver: str = option(
+        "adam",
+        help="adam: the training loop (AdamW, epochs, validation); lbfgs: the head solved exactly, "
+        "the loss plus l2 over features standardised on the training candidates, minimised by "
+        "L-BFGS in one full batch (needs read_layers and nothing else training: it is convex, so no "
+        "initialisation, data order or validation slice is there to be lucky with)",
+        choices=SOLVERS,
+    )
+    l2: float = option(
+        10.0,
+        help="solver lbfgs: the L2 penalty λ/k·‖w‖² on the head over the standardised features, k the "
+        "number of layers read (so λ means the same per layer)",
+    )
+    l2_search: list[float] = option(
+        default_factory=list,
+        help="solver lbfgs: candidate values of l2, the one with the least loss in a cv_folds-fold "
+        "cross-validation over the training prompts is used (e.g. [1, 3, 10, 30, 100]; empty = l2)",
+    )
+    length_control: bool = option(
+        False,
+        help="solver lbfgs: fit the response's token count as one more (unpenalised) column beside the "
+        "head and drop it after, so the length preference the rankings show is not learned by the "
+        "features that track length (reward_models/exact_head.py)",
+    )
+    cv_folds: int = option(5, help="solver lbfgs with l2_search: folds of training prompts (≥ 2)")
     cache_hidden: bool = option(
         True, help="trainable=top: compute the frozen layers once and reuse them every epoch"
     )
@@ -191,8 +225,46 @@ class RMTrainConfig(RunFields, LoraFields):
                 f"ensemble_layers: a member of {too_shallow[0]} layers cannot train its top_layers={self.top_layers}"
             )
         parse_ensemble_rule(self.ensemble_reward, "ensemble_reward")
+        self._validate_head()
         if not 0 <= self.min_reliability < 1:
             raise ConfigError(
                 f"min_reliability must be in [0, 1) (an expected accuracy; 0 = keep every annotator), "
                 f"got {self.min_reliability}"
+            )
+
+    def _validate_head(self) -> None:
+        """``read_layers``, ``solver`` and ``l2`` against each other and the rest of the model."""
+        read = self.read_layers
+        if any(n < 0 for n in read) or len(set(read)) != len(read):
+            raise ConfigError(f"read_layers: {read} must be different layers ≥ 0 (0 = the embeddings)")
+        if read and self.pooling != "mean":
+            raise ConfigError(f"read_layers: {read} reads response means; it needs pooling: mean")
+        if read and self.layers and max(read) > self.layers:
+            raise ConfigError(
+                f"read_layers: {read} reads layer {max(read)} but layers: {self.layers} keeps fewer"
+            )
+        if read and self.trainable == "top" and self.top_layers:
+            raise ConfigError(
+                f"read_layers: {read} with trainable: top reads frozen layers; set top_layers: 0 "
+                "(or train with trainable: lora / full)"
+            )
+        if read and self.ensemble_layers:
+            raise ConfigError(
+                "ensemble_layers: members read read_layers whatever their depth; set one of the two"
+            )
+        if self.l2 < 0 or any(lam < 0 for lam in self.l2_search):
+            raise ConfigError(f"l2 and l2_search must be ≥ 0, got {self.l2} and {self.l2_search}")
+        if self.cv_folds < 2:
+            raise ConfigError(f"cv_folds must be ≥ 2, got {self.cv_folds}")
+        if self.solver != "lbfgs":
+            return
+        if not read or self.trainable != "top" or self.top_layers or not self.cache_hidden:
+            raise ConfigError(
+                "solver: lbfgs solves the head alone over fixed features: it needs read_layers, "
+                "trainable: top, top_layers: 0 and cache_hidden: true"
+            )
+        if self.ensemble > 1:
+            raise ConfigError(
+                f"ensemble: {self.ensemble} with solver: lbfgs would train {self.ensemble} identical models "
+                "(the exact solution does not depend on the seed); use solver: adam for an ensemble"
             )

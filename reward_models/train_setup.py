@@ -261,6 +261,7 @@ def set_up(run: Run, data: RMData) -> Trainee:
         seed=cfg.seed,
         pooling=cfg.pooling,
         layers=cfg.layers,
+        read_layers=cfg.read_layers,
     )
     for groups in (data.train, data.held, data.val):
         encode_groups(groups, tokenizer, cfg.max_length, data.report)
@@ -316,8 +317,13 @@ def _cache_frozen_layers(run: Run, model, groups: list[Group], pad_id: int) -> t
             notes.append(f"layers 1-{below.layers} taken from an earlier ensemble member's states")
         if reused:
             notes.append(f"reused {reused} sequences an earlier ensemble member cached")
+        what = (
+            f"the means of layers {', '.join(map(str, model.read_layers))}"
+            if model.caches_features
+            else f"the {model.frozen_layers} frozen layers"
+        )
         print(
-            f"rm: cached the {model.frozen_layers} frozen layers of {computed} sequences in {cache_time:.1f}s"
+            f"rm: cached {what} of {computed} sequences in {cache_time:.1f}s"
             + "".join(f"; {n}" for n in notes),
             flush=True,
         )

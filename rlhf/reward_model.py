@@ -20,6 +20,13 @@ says how to read it (``pooling``, ``layers``, ``normalization``). The forward pa
    keeps only the backbone's first decoder layers (they carry more of a response's content than
    the last ones, and a shallower model scores faster in PPO).
 
+4. **Several layers' means.** With ``read_layers`` (e.g. ``[0, 2, 4, 6, 8]``; 0 = the token
+   embeddings) the head reads the concatenated means over the response tokens of the raw states
+   after each of those layers (no final norm), through a linear head of its own (with a bias,
+   saved in :data:`HEAD_FILE`). Lexical signal sits in the early layers and meaning in the later
+   ones; with everything frozen the features are fixed, so ``rlhf rm train`` can solve the head
+   exactly (``solver: lbfgs``; docs/reward-models.md has the measurements).
+
 Splitting the layer stack relies on the decoder layout shared by Llama, Mistral, Qwen2 and SmolLM
 (``backbone.layers``, ``backbone.norm``, ``inputs_embeds`` accepted); the stack is swapped for a
 slice of itself for the duration of a call, so transformers' own mask and rotary code still run.
@@ -50,6 +57,7 @@ from rlhf.models import disable_dropout, format_conversation, format_prompt, loa
 from rlhf.sampling import MIN_SHARED_PREFIX, common_prefix_length, shared_prefix_cache
 
 META_FILE = "rlhf_reward.json"
+HEAD_FILE = "rlhf_head.safetensors"  # the head over several layers' means (``read_layers``)
 ENSEMBLE_FILE = "rlhf_ensemble.json"  # an ensemble dir's manifest (:func:`save_ensemble`)
 TRAINABLE = ("top", "full", "lora")
 POOLING = ("mean", "last")
@@ -63,7 +71,10 @@ class RewardModel(nn.Module):
 
     ``seq_model`` is an ``AutoModelForSequenceClassification`` with one label (possibly with LoRA
     adapters injected). ``tie_param`` is the learned log θ (Rao–Kupper) or log ν (Davidson), kept
-    here so it trains and syncs across processes with the rest.
+    here so it trains and syncs across processes with the rest. ``read_layers``: the head reads the
+    concatenated response means of the raw states after these layers (module docstring, point 4)
+    through a new linear head with a bias; empty: the pooled final states through the backbone's
+    own ``score`` head.
     """
 
     def __init__(
@@ -74,6 +85,7 @@ class RewardModel(nn.Module):
         tie_param: float | None = None,
         learn_tie_param: bool = True,
         pooling: str = "last",
+        read_layers: Sequence[int] = (),
     ):
         super().__init__()
         if pooling not in POOLING:
@@ -82,9 +94,16 @@ class RewardModel(nn.Module):
         self.seq_model = seq_model
         base = _unwrap_peft(seq_model)
         self.backbone = getattr(base, base.base_model_prefix)
-        self.head = base.score
         self.trainable = trainable
         n_layers = len(self.backbone.layers) if hasattr(self.backbone, "layers") else None
+        self.read_layers = _check_read_layers(read_layers, pooling, n_layers)
+        if self.read_layers:
+            width = len(self.read_layers) * base.score.weight.shape[1]
+            self.head = nn.Linear(width, 1, bias=True, dtype=base.score.weight.dtype)
+            nn.init.zeros_(self.head.weight)  # a new head; the exact solver (or training) sets it
+            nn.init.zeros_(self.head.bias)
+        else:
+            self.head = base.score
         if trainable == "top":
             if n_layers is None or not hasattr(self.backbone, "norm"):
                 raise UserError(
@@ -122,13 +141,21 @@ class RewardModel(nn.Module):
         for layer in self.backbone.layers[start:]:
             for p in layer.parameters():
                 p.requires_grad_(True)
-        for p in [*self.backbone.norm.parameters(), *self.head.parameters()]:
+        # the final norm is part of what the head reads, except for raw states of several layers
+        norm = [] if self.read_layers else list(self.backbone.norm.parameters())
+        for p in [*norm, *self.head.parameters()]:
             p.requires_grad_(True)
 
     @property
     def caches_lower_layers(self) -> bool:
         """True when the lower layers are frozen, so their outputs can be computed once."""
         return self.trainable == "top"
+
+    @property
+    def caches_features(self) -> bool:
+        """True when everything below the head is frozen and the head reads several layers' means:
+        then each sequence's whole input to the head (:meth:`layer_features`) is computed once."""
+        return bool(self.read_layers) and self.trainable == "top" and self.top_layers == 0
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Only the parameters that train (small checkpoints for top/LoRA)."""
@@ -173,18 +200,68 @@ class RewardModel(nn.Module):
             out = self.backbone(**inputs, attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state
 
+    def layer_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pool_mask: torch.Tensor,
+        past_key_values=None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``[N, len(read_layers) · H]``: the means over ``pool_mask``'s tokens of the raw states after
+        each layer of ``read_layers`` (0: the embeddings), concatenated in that order. Only the
+        layers up to the deepest one read run. ``past_key_values``: a shared prefix's cache
+        (``attention_mask`` then covers the prefix too; ``pool_mask`` the rows' own tokens).
+
+        The states are taken by forward hooks of our own, not transformers' ``output_hidden_states``:
+        transformers 5 installs its capturing hooks once, on the layers present at the first such
+        call, so a stack swapped for a slice of itself (:meth:`_stack`) would be recorded wrongly."""
+        states: dict[int, torch.Tensor] = {}
+
+        def keep(layer: int):
+            def hook(module, args, output):
+                states[layer] = output[0] if isinstance(output, tuple) else output
+
+            return hook
+
+        modules = {layer: self.backbone.layers[layer - 1] for layer in self.read_layers if layer > 0}
+        if 0 in self.read_layers:
+            modules[0] = self.backbone.get_input_embeddings()
+        handles = [module.register_forward_hook(keep(layer)) for layer, module in modules.items()]
+        try:
+            with self._stack(0, max(self.read_layers), norm=False):
+                self.backbone(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    past_key_values=past_key_values,
+                    position_ids=position_ids,
+                    use_cache=past_key_values is not None,
+                )
+        finally:
+            for handle in handles:
+                handle.remove()
+        w = pool_mask.to(states[self.read_layers[0]].dtype)[..., None]
+        count = w.sum(1).clamp(min=1.0)
+        return torch.cat([(states[layer] * w).sum(1) / count for layer in self.read_layers], dim=-1)
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         hidden: torch.Tensor | None = None,
         pool_mask: torch.Tensor | None = None,
+        features: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Rewards ``[N]`` (float32) from token ids ``[N, T]`` or cached lower hidden states ``[N, T, H]``.
+        """Rewards ``[N]`` (float32) from token ids ``[N, T]``, cached lower hidden states
+        ``[N, T, H]``, or (with ``read_layers``) cached :meth:`layer_features` ``[N, F]``.
 
         ``pool_mask [N, T]`` marks the response tokens (EOS included) that mean pooling averages;
         last-token pooling ignores it.
         """
+        if features is not None:
+            return self.head(features).squeeze(-1).float()
+        if self.read_layers:
+            return self.forward(features=self.layer_features(input_ids, attention_mask, pool_mask))
         if hidden is not None:
             with self._stack(self.frozen_layers, self.n_layers, norm=True):
                 h = self.backbone(inputs_embeds=hidden, attention_mask=attention_mask, use_cache=False)
@@ -229,13 +306,38 @@ class RewardModel(nn.Module):
         """
 
         n_pre, (n, width) = prefix.shape[1], input_ids.shape
-        cache = shared_prefix_cache(self.backbone, prefix, n, lm=False)
+        if self.read_layers:  # the prefix's cache must come from the same layers, without the norm
+            with self._stack(0, max(self.read_layers), norm=False):
+                cache = shared_prefix_cache(self.backbone, prefix, n, lm=False)
+        else:
+            cache = shared_prefix_cache(self.backbone, prefix, n, lm=False)
         attn = torch.cat([attention_mask.new_ones(n, n_pre), attention_mask], dim=1)
         pos = (n_pre + torch.arange(width, device=input_ids.device))[None].expand(n, -1)
+        if self.read_layers:
+            return self.forward(features=self.layer_features(input_ids, attn, pool_mask, cache, pos))
         h = self.backbone(
             input_ids=input_ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True
         ).last_hidden_state
         return self.pool_and_score(h, attention_mask, pool_mask)
+
+
+def _check_read_layers(read_layers: Sequence[int], pooling: str, n_layers: int | None) -> list[int]:
+    """``read_layers`` as a list, after checking it against the pooling and the backbone's depth."""
+    layers = [int(x) for x in read_layers]
+    if not layers:
+        return []
+    if pooling != "mean":
+        raise UserError(f"read_layers={layers} reads response means; it needs pooling=mean", code="config")
+    if n_layers is None:
+        raise UserError(
+            "read_layers needs a decoder backbone with .layers (Llama, Qwen2, SmolLM)", code="bad_model"
+        )
+    if len(set(layers)) != len(layers) or not all(0 <= x <= n_layers for x in layers):
+        raise UserError(
+            f"read_layers={layers}: each a different layer in 0..{n_layers} (0 = the embeddings)",
+            code="config",
+        )
+    return layers
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -324,8 +426,31 @@ def load_reward_model(path: str | os.PathLike, device: str = "cpu"):
         tie_param=meta.get("tie_param"),
         learn_tie_param=False,
         pooling=meta.get("pooling", "last"),
+        read_layers=meta.get("read_layers") or (),
     )
+    if model.read_layers:
+        _load_head(model, Path(path))
     return model.to(device).eval().requires_grad_(False), tokenizer, meta
+
+
+def _load_head(model: RewardModel, path: Path) -> None:
+    """The head over several layers' means from :data:`HEAD_FILE` (its shape checked)."""
+    from safetensors.torch import load_file
+
+    file = path / HEAD_FILE
+    if not file.is_file():
+        raise UserError(
+            f"{path}: rlhf_reward.json names read_layers but {HEAD_FILE} is missing", code="bad_reward_model"
+        )
+    state = load_file(str(file))
+    expected = {k: tuple(v.shape) for k, v in model.head.state_dict().items()}
+    if {k: tuple(v.shape) for k, v in state.items()} != expected:
+        raise UserError(
+            f"{file}: a head of shapes { ({k: tuple(v.shape) for k, v in state.items()}) } where "
+            f"read_layers={model.read_layers} needs {expected}",
+            code="bad_reward_model",
+        )
+    model.head.load_state_dict(state)
 
 
 def is_ensemble_dir(path: str | os.PathLike) -> bool:
@@ -376,10 +501,18 @@ def save_reward_model(
     meta = dict(meta)
     if model.tie_param is not None:
         meta["tie_param"] = float(model.tie_param.detach())
+    if model.read_layers:
+        meta["read_layers"] = list(model.read_layers)
     with atomic_dir(out_dir) as tmp:
         with _quiet_transformers():
             seq_model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if model.read_layers:
+            from safetensors.torch import save_file
+
+            save_file(
+                {k: v.detach().contiguous() for k, v in model.head.state_dict().items()}, str(tmp / HEAD_FILE)
+            )
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
     return Path(out_dir)
 
@@ -569,7 +702,10 @@ def score_like_the_lab(
     3. Pooling (``pooling`` in ``rlhf_reward.json``): ``mean`` averages the final hidden states
        over the response's tokens, then applies the head; ``last`` reads the last token (what
        ``model(input_ids).logits`` is). The dir holds only the decoder layers the lab kept
-       (``layers``), so the backbone needs no cutting.
+       (``layers``), so the backbone needs no cutting. With ``read_layers`` the head is not
+       ``model.score`` but the weight and bias in ``rlhf_head.safetensors``, reading the
+       concatenated response means of the raw states after each listed layer (0: the
+       embeddings; the final norm is not applied).
     4. Normalisation: ``(reward - offset) / scale`` with ``normalization`` from ``rlhf_reward.json``.
 
     ``prompts`` are text (one user turn) or chat messages. One sequence at a time, no padding.
@@ -583,6 +719,12 @@ def score_like_the_lab(
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
     backbone = getattr(model, model.base_model_prefix)  # the decoder without its head (`model.score`)
+    read_layers = meta.get("read_layers") or []
+    if read_layers:
+        from safetensors.torch import load_file
+
+        head = load_file(str(Path(model_dir) / "rlhf_head.safetensors"))
+        backbone.norm = torch.nn.Identity()  # the raw states of every layer, the last one too
     rewards = []
     for i, (prompt, response) in enumerate(zip(prompts, responses)):
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
@@ -600,8 +742,13 @@ def score_like_the_lab(
         cut = max(len(ids) - max_length, 0)
         ids, start = ids[cut:], max(start - cut, 0)
         with torch.no_grad():
-            hidden = backbone(input_ids=torch.tensor([ids])).last_hidden_state[0]
-            pooled = hidden[start:].mean(0) if meta.get("pooling", "last") == "mean" else hidden[-1]
-            reward = float(model.score(pooled))
+            out = backbone(input_ids=torch.tensor([ids]), output_hidden_states=bool(read_layers))
+            if read_layers:
+                pooled = torch.cat([out.hidden_states[layer][0, start:].mean(0) for layer in read_layers])
+                reward = float(pooled @ head["weight"][0] + head["bias"][0])
+            else:
+                hidden = out.last_hidden_state[0]
+                pooled = hidden[start:].mean(0) if meta.get("pooling", "last") == "mean" else hidden[-1]
+                reward = float(model.score(pooled))
         rewards.append((reward - offset) / scale)
     return rewards

@@ -68,6 +68,8 @@ class CountingLowerLayers:
     """Stands in for a reward model's ``frozen_layers`` frozen layers: each layer adds 1 to every
     state, and the states before the first are the token ids. Counts the rows each call runs."""
 
+    caches_features = False  # per-token states, not a head over several layers' means
+
     def __init__(self, frozen_layers: int):
         self.frozen_layers = frozen_layers
         self.rows: list[tuple[int, int]] = []  # (rows, the layer they started from) per call

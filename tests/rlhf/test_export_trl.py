@@ -273,10 +273,16 @@ RESPONSES = ["What a great day!", "It is a day.", "Because of Rayleigh scatterin
 FINISHED = [True, False, True]
 
 
-@pytest.mark.parametrize("pooling", ["mean", "last"])
-def test_plain_transformers_scores_like_the_lab(tmp_path, pooling):
-    """score_like_the_lab (no lab imports inside) gives load_reward_fn's normalised rewards."""
-    model, tok = build_reward_model("tiny", "top", top_layers=1, seed=3, pooling=pooling, layers=1)
+@pytest.mark.parametrize("pooling, read_layers", [("mean", []), ("last", []), ("mean", [1, 0])])
+def test_plain_transformers_scores_like_the_lab(tmp_path, pooling, read_layers):
+    """score_like_the_lab (no lab imports inside) gives load_reward_fn's normalised rewards, also
+    for a head over several layers' means (its weights drawn here: a new head starts at zero)."""
+    top = 0 if read_layers else 1
+    model, tok = build_reward_model(
+        "tiny", "top", top_layers=top, seed=3, pooling=pooling, layers=1, read_layers=read_layers
+    )
+    if read_layers:
+        torch.nn.init.normal_(model.head.weight, generator=torch.Generator().manual_seed(3))
     max_length = 72  # cuts the longest conversation's prompt side
     raw, enc = score_texts(model, tok, PROMPTS, RESPONSES, max_length, finished=FINISHED)
     assert enc.truncated >= 1

@@ -16,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from rlhf.cli import main
 from rlhf.data import read_jsonl
@@ -166,3 +167,37 @@ def test_custom_loops_refuse_sharded_launches_before_loading(kind):
         require_data_parallel(SimpleNamespace(distributed_type=DistributedType[kind]), "ppo")
     for data_parallel in ("NO", "MULTI_CPU", "MULTI_GPU"):
         require_data_parallel(SimpleNamespace(distributed_type=DistributedType[data_parallel]), "ppo")
+
+
+def test_the_exact_head_is_the_same_in_two_processes(tmp_path):
+    """solver lbfgs: each process holds half the prompts, the sums are reduced at every step, so the
+    head (λ chosen by cross-validation too) is the one a single process solves."""
+    from safetensors.torch import load_file
+
+    from tests.reward_models.rm_data import make_records, write_records
+
+    data = write_records(tmp_path / "r.jsonl", make_records(40, seed=1, flip=0.2))
+    args = [
+        "rm",
+        "train",
+        "--rankings",
+        str(data),
+        "--model",
+        "tiny",
+        "--top_layers",
+        "0",
+        "--solver",
+        "lbfgs",
+    ]
+    args += ["--read_layers", "[0,2]", "--l2_search", "[0.3,3]", "--cv_folds", "3", "--mixed_precision", "no"]
+    args += ["--tracking.mode", "disabled"]
+    out = launch([*args, "--runs_dir", str(tmp_path / "two")], tmp_path, 29549)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert ", 2 processes]" in out.stdout
+    assert main([*args, "--runs_dir", str(tmp_path / "one")]) == 0
+    heads = [
+        load_file(str(tmp_path / n / "default" / "rm_train" / "model" / "rlhf_head.safetensors"))
+        for n in ("two", "one")
+    ]
+    assert torch.allclose(heads[0]["weight"], heads[1]["weight"], atol=1e-4)
+    assert torch.allclose(heads[0]["bias"], heads[1]["bias"], atol=1e-4)
