@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rlhf.contracts import prompt_text
@@ -435,19 +436,17 @@ def load_reward_model(path: str | os.PathLike, device: str = "cpu"):
 
 def _load_head(model: RewardModel, path: Path) -> None:
     """The head over several layers' means from :data:`HEAD_FILE` (its shape checked)."""
-    from safetensors.torch import load_file
-
     file = path / HEAD_FILE
     if not file.is_file():
         raise UserError(
             f"{path}: rlhf_reward.json names read_layers but {HEAD_FILE} is missing", code="bad_reward_model"
         )
     state = load_file(str(file))
+    found = {k: tuple(v.shape) for k, v in state.items()}
     expected = {k: tuple(v.shape) for k, v in model.head.state_dict().items()}
-    if {k: tuple(v.shape) for k, v in state.items()} != expected:
+    if found != expected:
         raise UserError(
-            f"{file}: a head of shapes { ({k: tuple(v.shape) for k, v in state.items()}) } where "
-            f"read_layers={model.read_layers} needs {expected}",
+            f"{file}: a head of shapes {found} where read_layers={model.read_layers} needs {expected}",
             code="bad_reward_model",
         )
     model.head.load_state_dict(state)
@@ -508,8 +507,6 @@ def save_reward_model(
             seq_model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if model.read_layers:
-            from safetensors.torch import save_file
-
             save_file(
                 {k: v.detach().contiguous() for k, v in model.head.state_dict().items()}, str(tmp / HEAD_FILE)
             )

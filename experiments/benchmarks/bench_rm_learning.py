@@ -61,7 +61,26 @@ CHOICES: dict[str, tuple[str, dict]] = {
         {"layers": 0, "top_layers": 2, "lr": 1e-4, "epochs": 6.0},
     ),
     "mean-16-head": ("mean, first 16 layers, head only", {"layers": 16}),
-    "default": ("mean, first 8 layers, head only (the shipped preset)", {}),
+    "default": ("mean, first 8 layers, head only (rm_smollm2.yaml)", {}),
+    "layers-exact": (
+        "means of layers 0, 2, 4, 6, 8, head solved exactly, λ by cross-validation (rm_smollm2_layers.yaml)",
+        {
+            "read_layers": [0, 2, 4, 6, 8],
+            "solver": "lbfgs",
+            "l2_search": [1, 3, 10, 30, 100],
+            "val_fraction": 0.0,
+        },
+    ),
+    "layers-exact-length": (
+        "the same with length_control (the token count fitted beside the head, then dropped)",
+        {
+            "read_layers": [0, 2, 4, 6, 8],
+            "solver": "lbfgs",
+            "l2_search": [1, 3, 10, 30, 100],
+            "val_fraction": 0.0,
+            "length_control": True,
+        },
+    ),
     "mean-8-top1": ("mean, first 8 layers, the 8th trains too", {"top_layers": 1, "lr": 1e-4, "epochs": 6.0}),
     "mean-3-head": ("mean, first 3 layers, head only", {"layers": 3}),
     "lora-30": (
