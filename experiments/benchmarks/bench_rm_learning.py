@@ -50,6 +50,14 @@ from rlhf.reward_model import encode_conversations, pad_right  # noqa: E402
 from rlhf.scorers import get_scorer  # noqa: E402
 from rlhf.tracking import TrackingConfig  # noqa: E402
 
+# the quickstart's preset (configs/rm_smollm2_layers.yaml) as changes to rm_smollm2.yaml
+LAYERS_EXACT = {
+    "read_layers": [0, 2, 4, 6, 8],
+    "solver": "lbfgs",
+    "l2_search": [1, 3, 10, 30, 100],
+    "val_fraction": 0.0,
+}
+
 # name → (what it is, the fields changed from the shipped preset)
 CHOICES: dict[str, tuple[str, dict]] = {
     "last-top2": (
@@ -64,22 +72,11 @@ CHOICES: dict[str, tuple[str, dict]] = {
     "default": ("mean, first 8 layers, head only (rm_smollm2.yaml)", {}),
     "layers-exact": (
         "means of layers 0, 2, 4, 6, 8, head solved exactly, λ by cross-validation (rm_smollm2_layers.yaml)",
-        {
-            "read_layers": [0, 2, 4, 6, 8],
-            "solver": "lbfgs",
-            "l2_search": [1, 3, 10, 30, 100],
-            "val_fraction": 0.0,
-        },
+        LAYERS_EXACT,
     ),
     "layers-exact-length": (
         "the same with length_control (the token count fitted beside the head, then dropped)",
-        {
-            "read_layers": [0, 2, 4, 6, 8],
-            "solver": "lbfgs",
-            "l2_search": [1, 3, 10, 30, 100],
-            "val_fraction": 0.0,
-            "length_control": True,
-        },
+        {**LAYERS_EXACT, "length_control": True},
     ),
     "mean-8-top1": ("mean, first 8 layers, the 8th trains too", {"top_layers": 1, "lr": 1e-4, "epochs": 6.0}),
     "mean-3-head": ("mean, first 3 layers, head only", {"layers": 3}),
