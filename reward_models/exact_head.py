@@ -109,10 +109,7 @@ def solve_head(
     t0 = time.time()
     cv_loss = {}
     if cfg.l2_search:
-        cv_loss = {
-            lam: _cross_validated_loss(cfg, model, groups, pad_id, cache, accelerator, lam)
-            for lam in cfg.l2_search
-        }
+        cv_loss = _cross_validated_losses(cfg, model, groups, pad_id, cache, accelerator)
         l2 = min(cv_loss, key=cv_loss.get)
     else:
         l2 = cfg.l2
@@ -130,21 +127,30 @@ def solve_head(
     )
 
 
-def _cross_validated_loss(cfg, model, groups, pad_id, cache, accelerator, l2: float) -> float:
-    """The mean loss, over every training ranking, of the model solved without its fold."""
+def _cross_validated_losses(cfg, model, groups, pad_id, cache, accelerator) -> dict[float, float]:
+    """For each λ of ``cfg.l2_search``, the mean loss over every training ranking of the model solved
+    without its fold (each fold's shards built once, for every λ)."""
     fold = {g.prompt_id: _fold(cfg.seed, g.prompt_id, cfg.cv_folds) for g in groups}
-    total, used = torch.zeros((), dtype=torch.float64), 0.0
-    for f in range(cfg.cv_folds):
-        train = _Shard([g for g in groups if fold[g.prompt_id] != f], pad_id, cache, cfg.length_control)
-        held = _Shard([g for g in groups if fold[g.prompt_id] == f], pad_id, cache, cfg.length_control)
-        fit = _fit(cfg, model, train, accelerator, l2)
-        with torch.no_grad():  # held out as the model will score: without the length column
-            w = fit.w.clone()
-            w[model.head.weight.shape[1] :] = 0
-            loss, n = held.loss_sum(cfg, w, fit.tie, fit.mean, fit.std)
-        total, used = total + loss, used + n
-    total = _sum(torch.stack([total, torch.tensor(used, dtype=torch.float64)]), accelerator)
-    return float(total[0] / total[1].clamp(min=1.0))
+    splits = [
+        (
+            _Shard([g for g in groups if fold[g.prompt_id] != f], pad_id, cache, cfg.length_control),
+            _Shard([g for g in groups if fold[g.prompt_id] == f], pad_id, cache, cfg.length_control),
+        )
+        for f in range(cfg.cv_folds)
+    ]
+    losses = {}
+    for l2 in cfg.l2_search:
+        total, used = torch.zeros((), dtype=torch.float64), 0.0
+        for train, held in splits:
+            fit = _fit(cfg, model, train, accelerator, l2)
+            with torch.no_grad():  # held out as the model will score: without the length column
+                w = fit.w.clone()
+                w[model.head.weight.shape[1] :] = 0
+                loss, n = held.loss_sum(cfg, w, fit.tie, fit.mean, fit.std)
+            total, used = total + loss, used + n
+        total = _sum(torch.stack([total, torch.tensor(used, dtype=torch.float64)]), accelerator)
+        losses[l2] = float(total[0] / total[1].clamp(min=1.0))
+    return losses
 
 
 def _fold(seed: int, prompt_id: str, folds: int) -> int:

@@ -263,14 +263,12 @@ def make_batch(groups: list[Group], pad_id: int, cache: dict | None) -> Batch:
     # the cache holds per-token states [T_i, H] of the frozen layers, or each sequence's whole
     # input to the head [F] (RewardModel.caches_features): then the tokens are not needed
     features = torch.stack(hid) if cache is not None and hid[0].dim() == 1 else None
+    input_ids = hidden = None
     if cache is not None and features is None:
         hidden, mask = pad_hidden(hid)
-        input_ids = None
-    else:
-        input_ids, mask = pad_right(seqs, pad_id)
-        hidden = None
-    if features is not None:
-        input_ids = None
+    else:  # the mask (and pool mask) from the token ids; the ids themselves only when read
+        ids, mask = pad_right(seqs, pad_id)
+        input_ids = ids if features is None else None
     return Batch(
         input_ids,
         hidden,

@@ -307,10 +307,11 @@ class RewardModel(nn.Module):
         """
 
         n_pre, (n, width) = prefix.shape[1], input_ids.shape
-        if self.read_layers:  # the prefix's cache must come from the same layers, without the norm
-            with self._stack(0, max(self.read_layers), norm=False):
-                cache = shared_prefix_cache(self.backbone, prefix, n, lm=False)
-        else:
+        # several layers' means: the prefix's cache must come from the same slice of the stack
+        stack = contextlib.nullcontext()
+        if self.read_layers:
+            stack = self._stack(0, max(self.read_layers), norm=False)
+        with stack:
             cache = shared_prefix_cache(self.backbone, prefix, n, lm=False)
         attn = torch.cat([attention_mask.new_ones(n, n_pre), attention_mask], dim=1)
         pos = (n_pre + torch.arange(width, device=input_ids.device))[None].expand(n, -1)
