@@ -46,6 +46,7 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -237,6 +238,40 @@ def use_bf16(mixed_precision: str, device: torch.device | str = "cpu") -> bool:
 def autocast_bf16(device: torch.device | str, enabled: bool):
     """bf16 autocast on ``device`` when ``enabled``; a no-op context otherwise."""
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=enabled)
+
+
+# A measured choice of autocast (:func:`autocast_if_faster`): bf16 only when clearly faster, so that
+# timing noise does not flip the choice from one run to the next; a step shorter than this in fp32 is
+# too short to time and too short for precision to matter.
+AUTOCAST_MIN_SPEEDUP = 1.1
+AUTOCAST_MIN_STEP_S = 0.05
+
+
+def autocast_if_faster(
+    mixed_precision: str, device: torch.device | str, step: Callable[[], None]
+) -> tuple[bool, dict[str, float]]:
+    """Whether to train under bf16 autocast, and the timings that decided it.
+
+    ``no`` and ``bf16`` are taken as said, and so is ``auto`` on a GPU with bf16 (autocast is what
+    its tensor cores are for) or on hardware without bf16 (:func:`use_bf16`). On a CPU that has it,
+    ``auto`` times ``step`` (one training micro-step) once in fp32 and once under autocast, each
+    after a warm-up, and takes bf16 only when it is at least :data:`AUTOCAST_MIN_SPEEDUP` times
+    faster. Measured, not assumed: a SmolLM2 LoRA training step ran 1.27× faster under autocast on
+    a 2-core AVX512-BF16 EPYC, while a whole PPO update ran slower on a 2-core AMX Xeon
+    (docs/environment.md). Returns ``(bf16, {"fp32_s": ..., "bf16_s": ...})``, the dict empty when
+    nothing was timed."""
+    bf16 = use_bf16(mixed_precision, device)
+    if mixed_precision != "auto" or not bf16 or torch.device(device).type != "cpu":
+        return bf16, {}
+    seconds = {}
+    for name, enabled in (("fp32_s", False), ("bf16_s", True)):
+        with autocast_bf16(device, enabled):
+            step()  # warm-up: the first call builds the kernels for these shapes
+            t0 = time.perf_counter()
+            step()
+            seconds[name] = time.perf_counter() - t0
+    faster = seconds["fp32_s"] >= AUTOCAST_MIN_SPEEDUP * seconds["bf16_s"]
+    return faster and seconds["fp32_s"] >= AUTOCAST_MIN_STEP_S, seconds
 
 
 def _config_without_dropout(path: str):

@@ -22,13 +22,22 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from transformers import AutoModel, AutoTokenizer
 
 from rlhf.config import ConfigError, config_hash
 from rlhf.distributed import require_data_parallel
 from rlhf.errors import UserError
 from rlhf.evaluate import evaluate_policy, resolve_stop_token
-from rlhf.models import adam_kwargs, autocast_bf16, disable_dropout, load_policy, policy_to_train, use_bf16
+from rlhf.models import (
+    adam_kwargs,
+    autocast_bf16,
+    autocast_if_faster,
+    disable_dropout,
+    load_policy,
+    policy_to_train,
+    use_bf16,
+)
 from rlhf.ppo import math as pm
 from rlhf.ppo.checkpoint import load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
 from rlhf.ppo.config import RANK_SEED_STRIDE, PPOConfig, num_updates
@@ -196,7 +205,7 @@ def set_up(cfg: PPOConfig) -> PPORun:
     require_data_parallel(accelerator, "ppo")
     world, rank = accelerator.num_processes, accelerator.process_index
     cfg.validate(world)  # before any model loads
-    bf16 = use_bf16(cfg.mixed_precision, accelerator.device)
+    use_bf16(cfg.mixed_precision, accelerator.device)  # bf16 without the hardware: refused here
     n_updates = num_updates(cfg)
     local_minibatch = cfg.minibatch_size // world
 
@@ -223,6 +232,7 @@ def set_up(cfg: PPOConfig) -> PPORun:
     pv.to(accelerator.device)
     if reference is not None:
         reference.to(accelerator.device)
+    bf16, timings = _choose_precision(cfg, pv, tokenizer, train_prompts, accelerator)
     stop_id = resolve_stop_token(tokenizer, cfg.stop_token)
     params = [p for p in pv.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, eps=cfg.adam_eps, **adam_kwargs(params))
@@ -275,11 +285,46 @@ def set_up(cfg: PPOConfig) -> PPORun:
         f"ppo: {n_updates} updates × {cfg.batch_size} episodes ({world} process{'es' if world > 1 else ''}), "
         f"{cfg.ppo_epochs} epochs, minibatch {cfg.minibatch_size}, micro-batch {cfg.micro_batch_size} × "
         f"{run.accumulation} accumulation; value model: {cfg.value_model}; "
-        f"{'LoRA' if cfg.lora else 'full fine-tuning'}; {'bf16 autocast' if bf16 else 'fp32'}",
+        f"{'LoRA' if cfg.lora else 'full fine-tuning'}; {'bf16 autocast' if bf16 else 'fp32'}"
+        + (
+            f" (auto: a training micro-step took {timings['bf16_s']:.2f} s under autocast, "
+            f"{timings['fp32_s']:.2f} s in fp32)"
+            if timings
+            else ""
+        ),
         flush=True,
     )
-    tracker.summary({"perf/bf16_autocast": int(bf16)})  # what mixed_precision resolved to
+    # what mixed_precision resolved to, and the timings that decided it
+    tracker.summary(
+        {"perf/bf16_autocast": int(bf16), **{f"perf/autocast_probe_{k}": v for k, v in timings.items()}}
+    )
     return run
+
+
+def _choose_precision(
+    cfg: PPOConfig, pv: PolicyAndValue, tokenizer, train_prompts: list[dict], accelerator: Accelerator
+) -> tuple[bool, dict[str, float]]:
+    """``mixed_precision`` resolved on this machine (:func:`rlhf.models.autocast_if_faster`) by
+    timing one training micro-step of these very models: a forward and backward over the first
+    training prompts with responses of full length. Every process takes the main process's choice.
+    The models are in eval mode with dropout off, so the step draws no random numbers."""
+    queries = [p["prompt"] for p in train_prompts[: cfg.micro_batch_size]]
+    query, query_mask = left_pad(
+        encode_queries(tokenizer, queries, cfg.max_prompt_tokens), tokenizer.pad_token_id
+    )
+    query, query_mask = query.to(accelerator.device), query_mask.to(accelerator.device)
+    response = query[:, -1:].expand(-1, cfg.response_length)  # any tokens: only the shapes are timed
+    response_mask = torch.ones_like(response)
+
+    def micro_step() -> None:
+        logits, values = pv(query, query_mask, response, response_mask)
+        (logits.float().logsumexp(-1).mean() + values.mean()).backward()
+        pv.zero_grad(set_to_none=True)
+
+    choice = list(autocast_if_faster(cfg.mixed_precision, accelerator.device, micro_step))
+    if accelerator.num_processes > 1:
+        broadcast_object_list(choice)
+    return choice[0], choice[1]
 
 
 def _metrics_up_to(run_dir: Path, update: int | None) -> list[dict]:

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from rlhf import model_cache
-from rlhf.errors import UserError
+from rlhf import model_cache, models
+from rlhf.errors import ConfigError, UserError
 from rlhf.models import (
+    autocast_if_faster,
     build_tiny_model,
     build_tiny_tokenizer,
     format_conversation,
@@ -317,3 +319,47 @@ def test_smollm2_download_load_and_generate_offline(monkeypatch):
     assert tok.decode(s.tokens[0, : int(s.lengths[0])], skip_special_tokens=True).strip() or bool(
         s.finished[0]
     )
+
+
+def _step_taking(fp32_s: float, bf16_s: float, calls: list):
+    """A stand-in training step that takes ``fp32_s`` seconds, or ``bf16_s`` under CPU autocast."""
+
+    def step() -> None:
+        autocast = torch.is_autocast_enabled("cpu")
+        calls.append(autocast)
+        time.sleep(bf16_s if autocast else fp32_s)
+
+    return step
+
+
+@pytest.mark.parametrize(
+    ("fp32_s", "bf16_s", "chosen"),
+    [
+        (0.12, 0.06, True),  # 2× faster under autocast
+        (0.06, 0.12, False),  # slower under autocast (as on the AMX Xeon)
+        (0.10, 0.095, False),  # within the margin: not worth a choice that timing noise could flip
+        (0.02, 0.005, False),  # too short to time: fp32
+    ],
+)
+def test_auto_takes_autocast_only_where_a_timed_step_is_clearly_faster(monkeypatch, fp32_s, bf16_s, chosen):
+    monkeypatch.setattr(models, "bf16_hardware", lambda device: True)
+    calls: list[bool] = []
+    bf16, seconds = autocast_if_faster("auto", "cpu", _step_taking(fp32_s, bf16_s, calls))
+    assert bf16 is chosen
+    assert calls == [False, False, True, True]  # a warm-up and a timed step in each precision
+    assert seconds["fp32_s"] >= fp32_s and seconds["bf16_s"] >= bf16_s
+    assert seconds["fp32_s"] < fp32_s + 0.05 and seconds["bf16_s"] < bf16_s + 0.05
+
+
+def test_settings_other_than_auto_on_a_cpu_are_not_timed(monkeypatch):
+    calls: list[bool] = []
+    step = _step_taking(0.0, 0.0, calls)
+    monkeypatch.setattr(models, "bf16_hardware", lambda device: True)
+    assert autocast_if_faster("no", "cpu", step) == (False, {})
+    assert autocast_if_faster("bf16", "cpu", step) == (True, {})
+    assert autocast_if_faster("auto", "cuda", step) == (True, {})  # a bf16 GPU: autocast is its use
+    monkeypatch.setattr(models, "bf16_hardware", lambda device: False)
+    assert autocast_if_faster("auto", "cpu", step) == (False, {})  # emulated bf16: never
+    with pytest.raises(ConfigError, match="bf16 needs bf16 hardware"):
+        autocast_if_faster("bf16", "cpu", step)
+    assert calls == []

@@ -404,3 +404,22 @@ def test_bf16_autocast_updates_with_first_ratio_one(tmp_path, lora):
     if not lora:
         init = _weights_of_tiny()
         assert max(float((w[k] - init[k]).abs().max()) for k in w) > 1e-4
+
+
+def test_auto_precision_times_a_step_and_leaves_the_run_as_it_was(tmp_path):
+    """mixed_precision auto times one training micro-step before the first update (on a CPU with
+    bf16). The tiny model's step is too short for precision to matter, so the run is fp32, and it
+    equals a run with mixed_precision no to the last digit: the timing drew no random numbers and
+    left no gradients behind."""
+    from rlhf.models import bf16_hardware
+
+    auto = run_ppo(_cfg(tmp_path, mixed_precision="auto", experiment="auto"))
+    fp32 = run_ppo(_cfg(tmp_path, mixed_precision="no", experiment="fp32"))
+    for a, b in zip(_weights(auto["policy_dir"]).items(), _weights(fp32["policy_dir"]).items()):
+        assert a[0] == b[0] and torch.equal(a[1], b[1])
+    assert [m.get("objective/scores") for m in _metrics(auto["run_dir"])] == [
+        m.get("objective/scores") for m in _metrics(fp32["run_dir"])
+    ]
+    summary = json.loads(Path(auto["run_dir"], "summary.json").read_text())
+    assert summary["perf/bf16_autocast"] == 0
+    assert ("perf/autocast_probe_fp32_s" in summary) == bf16_hardware("cpu")
