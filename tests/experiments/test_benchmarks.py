@@ -171,3 +171,14 @@ def test_heads_benchmark_runs_variants_and_the_preset_over_splits(in_tmp, capsys
     assert all(len(v) == 2 and all(0.0 <= a <= 1.0 for a in v) for v in acc.values())
     out = capsys.readouterr().out
     assert "| head (gold `length:target=4`, 2 splits) | vs gold [95 % t] | − preset [95 % t] |" in out
+
+
+def test_lora_autocast_bench_prints_a_row_per_scale(capsys):
+    from experiments.benchmarks import bench_lora_autocast
+
+    assert bench_lora_autocast.main(["--model", "tiny", "--scales", "1e-3,1e-1"]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [float(r[0]) for r in rows] == [1e-3, 1e-1]
+    fp32_change = [float(r[1]) for r in rows]
+    assert 0 < fp32_change[0] < fp32_change[1]  # a larger adapter changes the log-probs more
+    assert all(-1 <= float(r[3]) <= 1 for r in rows)
