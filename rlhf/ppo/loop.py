@@ -22,7 +22,7 @@ Deviations from the N+ reference code (all on purpose):
   ``batch_size / N``), so a run's algorithm does not change with the number of processes;
 - the rollout's log-probs are the old log-probs (no extra forward) unless
   ``recompute_old_logprobs``; ``val/ratio_first_minibatch`` shows the check of docs/ppo.md item 5;
-- ``mixed_precision: bf16`` (or ``auto`` where the hardware has bf16) runs every forward under
+- ``mixed_precision: bf16`` (or ``auto`` where a timed training step was faster) runs every forward under
   bf16 autocast — sampling, reward model, reference, training — with fp32 weights, gradients and
   Adam; the old log-probs (and values) then come from a forward identical to training's, since
   bf16 sampling through a KV cache rounds differently (the first ratio stays exactly 1);

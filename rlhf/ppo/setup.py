@@ -321,10 +321,12 @@ def _choose_precision(
         (logits.float().logsumexp(-1).mean() + values.mean()).backward()
         pv.zero_grad(set_to_none=True)
 
-    choice = list(autocast_if_faster(cfg.mixed_precision, accelerator.device, micro_step))
-    if accelerator.num_processes > 1:
+    bf16, timings = autocast_if_faster(cfg.mixed_precision, accelerator.device, micro_step)
+    if timings and accelerator.num_processes > 1:  # only a timed choice can differ between processes
+        choice = [bf16, timings]
         broadcast_object_list(choice)
-    return choice[0], choice[1]
+        bf16, timings = choice
+    return bf16, timings
 
 
 def _metrics_up_to(run_dir: Path, update: int | None) -> list[dict]:
