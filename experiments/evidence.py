@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from rlhf.rewards import names_a_path
+
 
 def _verdict(low: float | None, high: float | None, reference: float) -> str:
     if low is None or high is None or math.isnan(low) or math.isnan(high):
@@ -107,12 +109,14 @@ def arena_win_rates(arena: dict) -> list[tuple[str, str, str]]:
 
 def voter_words(voter: str, short: bool = False) -> str:
     """An arena voter as people say it: ``simulated:vader`` → simulated annotators following vader;
-    a reward-model dir → the reward model (its path). ``short``: for a table column (simulated
-    people, reward model)."""
+    a reward-model dir → the reward model (its path); a scorer → its spec. ``short``: for a table
+    column (simulated people, reward model, a Python scorer's function name)."""
     if voter.startswith("simulated:"):
         return "simulated people" if short else f"simulated annotators following {voter.split(':', 1)[1]}"
-    if "/" in voter:
+    if names_a_path(voter):
         return "reward model" if short else f"the reward model ({voter})"
+    if short and voter.startswith("python:"):
+        return voter.rsplit(":", 1)[-1]
     return voter
 
 

@@ -78,10 +78,13 @@ def print_summary(summary: dict) -> None:
         _row("annotators vs gold", rm, "eval/annotator_gold_accuracy", "the ceiling")
         _row("accuracy vs annotators", rm, "eval/pair_accuracy", "chance 0.5")
         _row("Kendall τ vs annotators", rm, "eval/kendall_tau", "chance 0")
-        if rm.get("eval/length_corr") is not None:
-            own = rm.get("eval/gold_length_corr")
-            ref = f"the gold's own {own:.3f}" if own is not None else ""
-            print(f"    {'reward-length corr.':<26}{rm['eval/length_corr']:>7.3f}{'':<18}  {ref}")
+        _row("reward-length corr.", rm, "eval/length_corr", _gold_own(rm, "eval/gold_length_corr"))
+        _row(
+            "longer answer preferred",
+            rm,
+            "eval/longer_preferred",
+            _gold_own(rm, "eval/gold_longer_preferred"),
+        )
     if ppo.get("ppo/score_gain") is not None:
         print(f"\n  PPO, {_int(ppo.get('updates'))} updates")
         _row("training score gain", ppo, "ppo/score_gain", "last quarter − first quarter; 0 = no learning")
@@ -140,9 +143,18 @@ def _row(label: str, stage: dict, key: str, reference: str) -> None:
     value = stage.get(key)
     if value is None:
         return
+    print(f"    {label:<26}{value:>7.3f} {_interval(stage, key):<17}  {reference}")
+
+
+def _interval(stage: dict, key: str) -> str:
     low, high = stage.get(key + "_ci_low"), stage.get(key + "_ci_high")
-    ci = f"[{low:.3f}, {high:.3f}]" if low is not None and high is not None else ""
-    print(f"    {label:<26}{value:>7.3f} {ci:<17}  {reference}")
+    return f"[{low:.3f}, {high:.3f}]" if low is not None and high is not None else ""
+
+
+def _gold_own(rm: dict, key: str) -> str:
+    """The gold's own figure for a length row's reference (a reward should not lean more)."""
+    own = rm.get(key)
+    return f"the gold's own {own:.3f} {_interval(rm, key)}" if own is not None else ""
 
 
 def _annotate(file: str, preset: str | None, overrides: dict, args: argparse.Namespace) -> dict:

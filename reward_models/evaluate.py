@@ -19,7 +19,10 @@ file) it reports, in ``metrics.json``, ``metrics.jsonl`` and the W&B run:
 - ``eval/ece``: expected calibration error of ``σ(r_a - r_b)`` as the probability that a beats b
   on strict pairs, with a reliability plot (``reliability.png``, logged as an image);
 - ``eval/length_corr`` (Pearson) and ``eval/length_spearman``: reward vs response length in words,
-  over unique responses — a warning sign of length hacking when high;
+  over unique responses — a warning sign of length hacking when high; ``eval/longer_preferred``: of
+  the pairs of one prompt's answers that differ in length, the share whose longer answer the reward
+  puts higher (0.5: length plays no part); with a gold, the gold's own (``eval/gold_...``) and the
+  reward's excess over it (``..._excess``), all with intervals (:mod:`reward_models.length_lean`);
 - with simulated annotators (records carrying ``gold`` scores, or ``gold=SPEC`` to score now):
   ``eval/gold_pair_accuracy`` (the model against the gold scorer on pairs the gold scorer
   separates), ``eval/gold_spearman`` and ``eval/annotator_gold_accuracy`` (the annotators' own
@@ -41,9 +44,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from scipy.stats import kendalltau, pearsonr, spearmanr
+from scipy.stats import kendalltau, spearmanr
 
 from reward_models import losses as L
+from reward_models.length_lean import length_lean_metrics
 from reward_models.train import DataReport, build_groups, read_records
 from rlhf.cli import progress_bar
 from rlhf.config import ConfigError, add_config_arguments, config_from_args, option
@@ -442,11 +446,11 @@ def run_rm_eval(cfg: RMEvalConfig) -> dict:
         per_prompt = units_by_prompt(tau.nan_to_num(0.0), tau_defined, row_group, len(groups))
         metrics.update(bootstrap_ci(per_prompt, ratio_of_sums, seed=cfg.seed).as_dict("eval/kendall_tau"))
 
-        # reward vs length over unique responses
+        # reward vs length over unique responses (with the gold's own, below)
         lengths = [len(t.split()) for t in flat_texts]
         norm_scores = ((raw.double() - offset) / scale).tolist()
-        if len(set(lengths)) > 1 and len(set(norm_scores)) > 1:
-            metrics["eval/length_corr"] = float(pearsonr(norm_scores, lengths).statistic)
+        length_varies = len(set(lengths)) > 1 and len(set(norm_scores)) > 1
+        if length_varies:
             metrics["eval/length_spearman"] = float(spearmanr(norm_scores, lengths).statistic)
         metrics["eval/reward_mean"] = float(sum(norm_scores) / len(norm_scores))
         metrics["eval/truncated"] = truncated
@@ -464,10 +468,14 @@ def run_rm_eval(cfg: RMEvalConfig) -> dict:
             for gi, g in enumerate(groups):
                 for ci, lab in enumerate(g.labels):
                     gold[gi, ci] = float(g.records[0]["gold"].get(lab, float("nan")))
+        valid = torch.zeros(len(groups), kmax, dtype=torch.bool)
+        length_grid = torch.zeros(len(groups), kmax, dtype=torch.long)
+        for gi, g in enumerate(groups):
+            valid[gi, : g.k] = True
+        for (gi, ci), n_words in zip(where, lengths):
+            length_grid[gi, ci] = n_words
+        gold_varies = False
         if gold is not None:
-            valid = torch.zeros(len(groups), kmax, dtype=torch.bool)
-            for gi, g in enumerate(groups):
-                valid[gi, : g.k] = True
             gd = gold[:, :, None] - gold[:, None, :]
             gbeats = (gd > cfg.gold_tie_threshold) & valid[:, :, None] & valid[:, None, :]
             md = grid[:, :, None] - grid[:, None, :]
@@ -501,12 +509,16 @@ def run_rm_eval(cfg: RMEvalConfig) -> dict:
                 rewardbench2_metrics(grid, gold_tiers, every_prompt, len(groups), cfg.seed, "gold_")
             )
             flat_gold = gold[valid].tolist()
-            if len(set(flat_gold)) > 1:
+            gold_varies = len(set(flat_gold)) > 1
+            if gold_varies:
                 metrics["eval/gold_spearman"] = float(spearmanr(grid[valid].tolist(), flat_gold).statistic)
-                gold_by_text = [float(gold[gi, ci]) for gi, ci in where]
-                if len(set(lengths)) > 1:
-                    # the gold's own length correlation: a reward should not lean on length more
-                    metrics["eval/gold_length_corr"] = float(pearsonr(gold_by_text, lengths).statistic)
+        if length_varies:
+            # how much the reward leans on length, and the gold's own: a reward should not lean more
+            metrics.update(
+                length_lean_metrics(
+                    grid, gold if gold_varies else None, length_grid, valid, cfg.gold_tie_threshold, cfg.seed
+                )
+            )
 
         worst = sorted([row for row in table if row[4] is not None], key=lambda row: row[4])[: cfg.worst_n]
         tracker.log_table(
@@ -556,6 +568,7 @@ def _print(metrics: dict, run_dir: Path) -> None:
         "eval/kendall_tau",
         "eval/ece",
         "eval/length_corr",
+        "eval/longer_preferred",
         "eval/gold_pair_accuracy",
         "eval/annotator_gold_accuracy",
         "eval/best_of_k_accuracy",

@@ -219,7 +219,7 @@ def parse_ensemble_rule(rule: str, where: str) -> tuple[str, float]:
 
 def ensemble_manifest(path: str) -> dict | None:
     """The manifest of an ensemble dir (``rlhf rm train --ensemble N``), members as paths; else None."""
-    if not _looks_like_path(path) or not is_ensemble_dir(Path(path).expanduser()):
+    if not names_a_path(path) or not is_ensemble_dir(Path(path).expanduser()):
         return None
     return read_ensemble(Path(path).expanduser())
 
@@ -265,7 +265,10 @@ def spec_parts(reward: str | list[dict]) -> list[str]:
     return out
 
 
-def _looks_like_path(spec: str) -> bool:
+def names_a_path(spec: str) -> bool:
+    """``spec`` names a directory (a reward model or an ensemble of them), not a scorer: vader,
+    ``length:...``, ``keywords:...``, ``python:file.py:fn`` (whose file may hold a ``/``),
+    ``module:function`` or a weighted sum of those."""
     if spec.startswith(("python:", "module:")) or spec == "vader":
         return False
     if ":" in spec and not spec.startswith((".", "/", "~")):
@@ -291,7 +294,7 @@ def reward_model_dir_problem(spec: str) -> str | None:
 
 def reward_model_dirs(reward: str | list[dict]) -> list[str]:
     """The reward-model dirs a reward spec names (an ensemble's members included)."""
-    return [s for s in spec_parts(reward) if _looks_like_path(s) and reward_model_dir_problem(s) is None]
+    return [s for s in spec_parts(reward) if names_a_path(s) and reward_model_dir_problem(s) is None]
 
 
 def check_reward_spec(reward: str | list[dict]) -> None:
@@ -300,10 +303,10 @@ def check_reward_spec(reward: str | list[dict]) -> None:
     for spec in [reward] if isinstance(reward, str) else []:
         ensemble = parse_ensemble(spec)
         for member in ensemble[2] if ensemble else []:
-            if not _looks_like_path(member):
+            if not names_a_path(member):
                 raise ConfigError(f"reward: ensemble member {member!r} is not a reward-model dir")
     for spec in spec_parts(reward):
-        problem = reward_model_dir_problem(spec) if _looks_like_path(spec) else None
+        problem = reward_model_dir_problem(spec) if names_a_path(spec) else None
         if problem:
             raise ConfigError(f"reward: {problem}")
 
@@ -354,7 +357,7 @@ def load_reward_fn(spec: Any, device: str = "cpu", batch_size: int = 16) -> Rewa
         combine, k, dirs = ensemble
         check_reward_spec(str(spec))
         return EnsembleRewardFunction([load_reward_fn(d, device, batch_size) for d in dirs], combine, k)
-    if not _looks_like_path(str(spec)):
+    if not names_a_path(str(spec)):
         return ScorerFunction(str(spec))
     problem = reward_model_dir_problem(str(spec))
     if problem:

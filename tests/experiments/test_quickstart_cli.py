@@ -84,3 +84,34 @@ def test_the_summary_says_why_an_arena_has_no_win_rates(capsys):
     arena = {"status": "ran", "seconds": 3.0, "arena/unrated": {"vader": reason}}
     print_summary({"dir": "runs/quickstart", "stages": {"arena": arena}})
     assert f"blind arena: {reason}" in capsys.readouterr().out
+
+
+def test_an_arena_judge_is_named_for_what_it_is(tmp_path):
+    """A Python gold's file path holds a '/': it is still a scorer, not a reward-model dir."""
+    from experiments.evidence import voter_words
+
+    gold = "python:/tmp/golds/plain.py:reading_ease"
+    assert voter_words(gold) == gold
+    assert voter_words(gold, short=True) == "reading_ease"
+    assert voter_words("keywords:good=you|your") == "keywords:good=you|your"
+    assert voter_words("simulated:" + gold, short=True) == "simulated people"
+    rm_dir = str(tmp_path / "rm_train" / "model")
+    assert voter_words(rm_dir) == f"the reward model ({rm_dir})"
+    assert voter_words("runs/quickstart/rm_train/model", short=True) == "reward model"
+
+
+def test_the_summary_prints_the_reward_models_length_lean_beside_the_golds(capsys):
+    from experiments.quickstart import print_summary
+
+    rm = {"status": "ran", "seconds": 1.0, "eval/prompts": 10, "eval/gold_pairs": 40}
+    for key, value in (
+        ("eval/length_corr", 0.266),
+        ("eval/gold_length_corr", 0.093),
+        ("eval/longer_preferred", 0.606),
+        ("eval/gold_longer_preferred", 0.544),
+    ):
+        rm.update({key: value, key + "_ci_low": value - 0.05, key + "_ci_high": value + 0.05})
+    print_summary({"dir": "runs/quickstart", "stages": {"rm_eval": rm}})
+    out = capsys.readouterr().out
+    assert "reward-length corr.         0.266 [0.216, 0.316]     the gold's own 0.093 [0.043, 0.143]" in out
+    assert "longer answer preferred     0.606 [0.556, 0.656]     the gold's own 0.544 [0.494, 0.594]" in out

@@ -160,6 +160,11 @@ def test_eval_writes_metrics_plot_and_table(trained):
         "eval/length_corr",
         "eval/gold_pair_accuracy",
         "eval/annotator_gold_accuracy",
+        "eval/longer_preferred",
+        "eval/gold_length_corr",
+        "eval/gold_longer_preferred",
+        "eval/longer_preferred_excess",
+        "eval/longer_preferred_excess_ci_high",
     ):
         assert key in metrics and math.isfinite(metrics[key]), key
     assert metrics["eval/pair_accuracy"] > 0.65
