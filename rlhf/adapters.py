@@ -69,14 +69,27 @@ class AdapterFields(LoraFields):
     num_virtual_tokens: int = option(
         8, help="learned positions in front of every sequence (adapter: prompt_tuning or prefix_tuning)"
     )
+    lora_layers: int = option(
+        0,
+        help="LoRA in the last N transformer layers only (0: every layer; adapter: lora). The "
+        "backward pass then stops at the lowest adapted layer: the last 15 of SmolLM2-135M's 30 made "
+        "a PPO training step 1.34x faster on a CPU (docs/adapters.md)",
+    )
 
     def validate_adapter(self) -> None:
         if self.num_virtual_tokens < 1:
             raise ConfigError(f"num_virtual_tokens: {self.num_virtual_tokens} must be >= 1")
+        if self.lora_layers < 0:
+            raise ConfigError(f"lora_layers: {self.lora_layers} must be >= 0 (0: every layer)")
+        if self.lora_layers and self.adapter != "lora":
+            raise ConfigError(
+                f"lora_layers: {self.lora_layers} applies to adapter: lora, not {self.adapter}; "
+                "set lora_layers: 0 or adapter: lora"
+            )
 
 
-def adapter_config(fields: AdapterFields):
-    """The peft config of ``fields.adapter`` for a causal-LM policy.
+def adapter_config(fields: AdapterFields, n_layers: int):
+    """The peft config of ``fields.adapter`` for a causal-LM policy of ``n_layers`` transformer layers.
 
     Prefix tuning starts from zero keys and values (peft's ``init_weights="zero"``): the prefix
     then only adds P zero-valued slots to each softmax, a small perturbation of the start policy,
@@ -99,12 +112,38 @@ def adapter_config(fields: AdapterFields):
         )
     if kind != "lora":
         raise ConfigError(f"adapter: {kind!r} is not valid; choose one of {', '.join(ADAPTERS)}")
-    return lora_config(fields.lora_r, fields.lora_alpha, fields.lora_target_modules)
+    return lora_config(
+        fields.lora_r,
+        fields.lora_alpha,
+        fields.lora_target_modules,
+        last_layers(fields.lora_layers, n_layers),
+    )
 
 
-def lora_config(r: int, alpha: int, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")):
+def last_layers(n: int, n_layers: int) -> list[int] | None:
+    """The indices of the last ``n`` of ``n_layers`` layers (None: every layer, for ``n`` 0)."""
+    if not n:
+        return None
+    if n > n_layers:
+        raise ConfigError(f"lora_layers: {n} is more than the model's {n_layers} layers")
+    return list(range(n_layers - n, n_layers))
+
+
+def num_layers(model) -> int:
+    """How many transformer layers a causal LM has."""
+    config = model.config
+    return int(getattr(config, "num_hidden_layers", None) or config.get_text_config().num_hidden_layers)
+
+
+def lora_config(
+    r: int,
+    alpha: int,
+    target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
+    layers: list[int] | None = None,
+):
     """The lab's LoRA adapter for a causal-LM policy (no dropout, no bias), shared by SFT, PPO and
-    the TRL baselines so the three train the same kind of adapter."""
+    the TRL baselines so the three train the same kind of adapter; ``layers``: the indices of the
+    layers that get it (None: every layer)."""
     from peft import LoraConfig
 
     return LoraConfig(
@@ -113,6 +152,7 @@ def lora_config(r: int, alpha: int, target_modules=("q_proj", "k_proj", "v_proj"
         lora_dropout=0.0,
         bias="none",
         target_modules=list(target_modules),
+        layers_to_transform=layers,
         task_type="CAUSAL_LM",
     )
 
@@ -251,7 +291,7 @@ def with_adapter(model, fields: AdapterFields):
     adapters come wrapped in :class:`VirtualTokenPolicy`."""
     from peft import get_peft_model
 
-    peft_model = get_peft_model(model, adapter_config(fields))
+    peft_model = get_peft_model(model, adapter_config(fields, num_layers(model)))
     return VirtualTokenPolicy(peft_model) if fields.adapter in VIRTUAL_TOKEN_ADAPTERS else peft_model
 
 

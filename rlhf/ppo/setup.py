@@ -285,7 +285,7 @@ def set_up(cfg: PPOConfig) -> PPORun:
         f"ppo: {n_updates} updates × {cfg.batch_size} episodes ({world} process{'es' if world > 1 else ''}), "
         f"{cfg.ppo_epochs} epochs, minibatch {cfg.minibatch_size}, micro-batch {cfg.micro_batch_size} × "
         f"{run.accumulation} accumulation; value model: {cfg.value_model}; "
-        f"{'LoRA' if cfg.lora else 'full fine-tuning'}; {'bf16 autocast' if bf16 else 'fp32'}"
+        f"{_adapter_words(cfg)}; {'bf16 autocast' if bf16 else 'fp32'}"
         + (
             f" (auto: a training micro-step took {timings['bf16_s']:.2f} s under autocast, "
             f"{timings['fp32_s']:.2f} s in fp32)"
@@ -427,3 +427,11 @@ def _build_critic(cfg: PPOConfig, tokenizer):
 def trainable_state(pv) -> dict[str, torch.Tensor]:
     """Copies of the trainable parameters: what a checkpoint saves of the models."""
     return {k: v.detach().clone() for k, v in pv.named_parameters() if v.requires_grad}
+
+
+def _adapter_words(cfg: PPOConfig) -> str:
+    """What trains, for the set-up line: LoRA (in which layers) or the whole model."""
+    if not cfg.lora:
+        return "full fine-tuning"
+    where = f" in the last {cfg.lora_layers} layers" if cfg.lora_layers and cfg.adapter == "lora" else ""
+    return f"{cfg.adapter if cfg.adapter != 'lora' else 'LoRA'}{where}"

@@ -13,6 +13,7 @@ import torch
 from rlhf.adapters import AdapterFields, VirtualTokenPolicy, with_adapter
 from rlhf.cli import main
 from rlhf.data import read_jsonl
+from rlhf.errors import ConfigError
 from rlhf.models import load_policy
 from rlhf.ppo.value import forward_query_response
 from rlhf.sampling import sample_responses
@@ -91,6 +92,27 @@ def _stage_args(stage: str, tmp_path) -> list[str]:
         ]
     rankings = write_records(tmp_path / "rankings.jsonl", make_records(8, seed=1))
     return [stage, "--policy", "tiny", "--rankings", str(rankings), "--max_steps", "2"]
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo", "kto", "ppo"])
+def test_lora_in_the_last_layers_changes_only_those_layers(stage, tmp_path):
+    runs, policy = _run(stage, "lora", tmp_path, "--lora_layers", "1")
+    changed = _changed(policy)  # the tiny model has 2 layers: only the second one's projections
+    assert changed and all(".layers.1.self_attn." in n for n in changed), changed
+    _samples(runs, policy, tmp_path)
+
+
+def test_lora_layers_are_checked_before_any_training():
+    with pytest.raises(ConfigError, match="applies to adapter: lora"):
+        AdapterFields(adapter="ia3", lora_layers=1).validate_adapter()
+    with pytest.raises(ConfigError, match="must be >= 0"):
+        AdapterFields(lora_layers=-1).validate_adapter()
+    policy, _ = load_policy("tiny")
+    with pytest.raises(ConfigError, match="lora_layers: 3 is more than the model's 2 layers"):
+        with_adapter(policy, AdapterFields(lora_layers=3))
+    adapted = with_adapter(policy, AdapterFields(lora_layers=1))
+    trainable = [n for n, p in adapted.named_parameters() if p.requires_grad]
+    assert trainable and all(".layers.1." in n for n in trainable)
 
 
 @pytest.mark.parametrize("stage", ["sft", "dpo", "kto", "ppo"])
