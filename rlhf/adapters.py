@@ -73,7 +73,7 @@ class AdapterFields(LoraFields):
         0,
         help="LoRA in the last N transformer layers only (0: every layer; adapter: lora). The "
         "backward pass then stops at the lowest adapted layer: the last 15 of SmolLM2-135M's 30 made "
-        "a PPO training step 1.34x faster on a CPU (docs/adapters.md)",
+        "a PPO training step 1.34x faster on a CPU, but the quickstart's policy learned less (docs/adapters.md)",
     )
 
     def validate_adapter(self) -> None:
