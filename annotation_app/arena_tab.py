@@ -34,6 +34,7 @@ from rlhf.arena import (
     LABELS,
     Leaderboard,
     fit_leaderboard,
+    lc_text,
     leaderboard_figure,
     people_votes,
     votes_from_rankings,
@@ -259,9 +260,7 @@ def leaderboard_rows(board: Leaderboard, votes: list[Vote]) -> list[list]:
             r["model"],
             f"{r['rating']:.0f} [{r['ci_low']:.0f}, {r['ci_high']:.0f}]",
             "—" if r["win_rate"] is None else f"{r['win_rate']:.3f}",
-            "—"
-            if r["lc_win_rate"] is None
-            else f"{r['lc_win_rate']:.3f} [{r['lc_low']:.3f}, {r['lc_high']:.3f}]",
+            lc_text(r),
             per_model[r["model"]],
         ]
         for r in board.rows()

@@ -22,7 +22,7 @@ import argparse
 from importlib import resources
 from pathlib import Path
 
-from experiments.evidence import arena_win_rates, evidence_lines, voter_words
+from experiments.evidence import arena_win_rates, evidence_lines, lc_extrapolated, voter_words
 from experiments.pipeline.execution import run_experiment, run_plan
 from experiments.pipeline.experiment_file import load_raw, parse_experiment
 from experiments.pipeline.plan import build_plan, upstream_of
@@ -115,7 +115,8 @@ def print_summary(summary: dict) -> None:
                 f"{model}, by {voter_words(voter, short=True)}"[:26],
                 arena,
                 key,
-                "length-controlled win rate vs SFT; chance 0.5",
+                "length-controlled win rate vs SFT; chance 0.5"
+                + ("; extrapolated: lengths barely overlap" if lc_extrapolated(arena, key) else ""),
             )
     for reason in (arena.get("arena/unrated") or {}).values():
         print(f"\n  blind arena: {reason}")

@@ -111,8 +111,8 @@ class Leaderboard:
     tie_rate: float = 0.0
 
     def rows(self) -> list[dict]:
-        """Best first: ``model, rating, ci_low, ci_high, win_rate, lc_win_rate, lc_low, lc_high``
-        (the win rates against the baseline; None for the baseline itself)."""
+        """Best first: ``model, rating, ci_low, ci_high, win_rate, lc_win_rate, lc_low, lc_high,
+        lc_extrapolated`` (the win rates against the baseline; None for the baseline itself)."""
         out = []
         for row in self.ratings.table():
             lc = self.win_rates.get(row["model"])
@@ -123,6 +123,7 @@ class Leaderboard:
                     "lc_win_rate": None if lc is None else lc.lc_win_rate.value,
                     "lc_low": None if lc is None else lc.lc_win_rate.low,
                     "lc_high": None if lc is None else lc.lc_win_rate.high,
+                    "lc_extrapolated": None if lc is None else lc.extrapolated,
                 }
             )
         return out
@@ -206,6 +207,7 @@ def leaderboard_table(boards: Sequence[Leaderboard]) -> tuple[list[str], list[li
         "lc_win_rate",
         "lc_low",
         "lc_high",
+        "lc_extrapolated",
         "baseline",
         "votes",
     ]
@@ -220,6 +222,7 @@ def leaderboard_table(boards: Sequence[Leaderboard]) -> tuple[list[str], list[li
             r["lc_win_rate"],
             r["lc_low"],
             r["lc_high"],
+            r["lc_extrapolated"],
             b.baseline,
             b.ratings.n_votes,
         ]
@@ -244,13 +247,17 @@ def format_leaderboards(boards: Sequence[Leaderboard]) -> str:
         lines.append(f"  {'model':<24} {'rating [95%]':>22} {'win rate':>9} {'LC win rate [95%]':>24}")
         for r in b.rows():
             rating = f"{r['rating']:.0f} [{r['ci_low']:.0f}, {r['ci_high']:.0f}]"
-            lc = (
-                "—"
-                if r["lc_win_rate"] is None
-                else f"{r['lc_win_rate']:.3f} [{r['lc_low']:.3f}, {r['lc_high']:.3f}]"
-            )
-            lines.append(f"  {r['model']:<24} {rating:>22} {num(r['win_rate'], '.3f'):>9} {lc:>24}")
+            lines.append(f"  {r['model']:<24} {rating:>22} {num(r['win_rate'], '.3f'):>9} {lc_text(r):>24}")
     return "\n".join(lines)
+
+
+def lc_text(row: dict) -> str:
+    """A leaderboard row's length-controlled win rate with its interval, as people read it: "—" for
+    the baseline, marked where the lengths barely overlapped and the rate is an extrapolation."""
+    if row["lc_win_rate"] is None:
+        return "—"
+    text = f"{row['lc_win_rate']:.3f} [{row['lc_low']:.3f}, {row['lc_high']:.3f}]"
+    return text + " (extrapolated)" if row["lc_extrapolated"] else text
 
 
 def leaderboard_figure(boards: Sequence[Leaderboard]):
@@ -297,7 +304,9 @@ def leaderboard_figure(boards: Sequence[Leaderboard]):
         )
         bottom.axvline(0.5, color="grey", lw=0.8, ls="--")
         bottom.set_xlim(0, 1)
-        bottom.set_yticks(list(range(len(others))), others)
+        # a rate beyond the votes (lengths barely overlapped) is labelled so, not read as a result
+        labels = [f"{m} (extrapolated)" if rows[m]["lc_extrapolated"] else m for m in others]
+        bottom.set_yticks(list(range(len(others))), labels)
         bottom.set_xlabel(f"length-controlled win rate vs {board.baseline}", fontsize=8)
     fig.tight_layout()
     return fig
@@ -311,7 +320,8 @@ def write_leaderboard_png(boards: Sequence[Leaderboard], path) -> None:
 def leaderboard_metrics(boards: Sequence[Leaderboard]) -> dict[str, float]:
     """Flat figures with their intervals, as the other stages report theirs (``KEY``, ``KEY_ci_low``,
     ``KEY_ci_high``): ``arena/<voter>/<model>/rating`` and, against the baseline,
-    ``.../win_rate`` and ``.../lc_win_rate``."""
+    ``.../win_rate``, ``.../lc_win_rate`` and ``.../lc_extrapolated`` (1 where that rate lies
+    beyond the votes)."""
     out: dict[str, float] = {}
     for b in boards:
         for r in b.rows():
@@ -327,5 +337,6 @@ def leaderboard_metrics(boards: Sequence[Leaderboard]) -> dict[str, float]:
                     f"{key}/lc_win_rate": r["lc_win_rate"],
                     f"{key}/lc_win_rate_ci_low": r["lc_low"],
                     f"{key}/lc_win_rate_ci_high": r["lc_high"],
+                    f"{key}/lc_extrapolated": float(r["lc_extrapolated"]),
                 }
     return out

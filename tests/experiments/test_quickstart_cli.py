@@ -115,3 +115,29 @@ def test_the_summary_prints_the_reward_models_length_lean_beside_the_golds(capsy
     out = capsys.readouterr().out
     assert "reward-length corr.         0.266 [0.216, 0.316]     the gold's own 0.093 [0.043, 0.143]" in out
     assert "longer answer preferred     0.606 [0.556, 0.656]     the gold's own 0.544 [0.494, 0.594]" in out
+
+
+def test_an_extrapolated_length_controlled_rate_is_no_verdict(capsys):
+    """A policy that answered shorter in nearly every pair: length control cannot hold length equal,
+    so its rate (here far below the raw one) decides nothing, and the summary says why."""
+    from experiments.evidence import arena_claims
+    from experiments.quickstart import print_summary
+
+    key = "arena/length:target=10/ppo"
+    arena = {
+        "arena/baseline": "sft",
+        f"{key}/win_rate": 0.865,
+        f"{key}/lc_win_rate": 0.006,
+        f"{key}/lc_win_rate_ci_low": 0.000,
+        f"{key}/lc_win_rate_ci_high": 0.096,
+        f"{key}/lc_extrapolated": 1.0,
+        "png": "runs/quickstart/arena/leaderboard.png",
+    }
+    (claim,) = arena_claims(arena)
+    assert claim["verdict"] == "unclear"
+    assert "extrapolated" in claim["note"] and "raw win rate 0.865" in claim["note"]
+    arena[f"{key}/lc_extrapolated"] = 0.0
+    assert arena_claims(arena)[0]["verdict"] == "no"  # the same figures within the votes: a real no
+    arena[f"{key}/lc_extrapolated"] = 1.0
+    print_summary({"dir": "runs/quickstart", "stages": {"arena": arena}})
+    assert "chance 0.5; extrapolated: lengths barely overlap" in capsys.readouterr().out

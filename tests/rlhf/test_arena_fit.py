@@ -15,8 +15,10 @@ from scipy.special import expit, log_expit
 from rlhf.arena_fit import (
     ELO_OFFSET,
     ELO_SCALE,
+    MIN_LENGTH_OVERLAP,
     fit_bradley_terry_davidson,
     length_controlled_win_rates,
+    length_overlap,
 )
 
 MODELS = ("m0", "m1", "m2", "m3", "m4")
@@ -342,3 +344,19 @@ def test_length_control_intervals_and_errors():
         length_controlled_win_rates([("m", "base", "a", "q")], "base", n_boot=0)
     with pytest.raises(ValueError, match="no votes against the baseline"):
         length_controlled_win_rates(lc_votes(spec), "nobody", n_boot=0)
+
+
+def test_length_overlap_by_hand_and_where_the_rate_is_an_extrapolation():
+    """Overlap: the share of votes on the rarer side of zero length difference, a zero on both."""
+    assert length_overlap(np.array([5.0, 3.0, -2.0, 0.0])) == pytest.approx(0.25 + 0.25)
+    assert length_overlap(np.array([-9.0] * 99 + [4.0])) == pytest.approx(0.01)
+    # a model that answered shorter in 99 of 100 pairs and won most of them for being short: the
+    # rate at equal length lies beyond every vote, and the result says so
+    shorter = lc_votes([("a", -30)] * 85 + [("b", -25)] * 14 + [("b", 5)])
+    result = length_controlled_win_rates(shorter, "base", n_boot=0)["m"]
+    assert result.length_overlap == pytest.approx(0.01) and result.extrapolated
+    assert result.win_rate == pytest.approx(0.85)
+    balanced = lc_votes([("a", 20), ("b", -20), ("a", -10), ("a", 15)] * 5)
+    assert not length_controlled_win_rates(balanced, "base", n_boot=0)["m"].extrapolated
+    edge = [-1.0] * 9 + [1.0]  # exactly MIN_LENGTH_OVERLAP on the rarer side is enough
+    assert length_overlap(np.array(edge)) == pytest.approx(MIN_LENGTH_OVERLAP)
