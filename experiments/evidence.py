@@ -81,27 +81,25 @@ def arena_claims(arena: dict) -> list[dict[str, Any] | None]:
     """One claim per arena voter and policy measured against the baseline: its length-controlled
     win rate (``arena/<voter>/<model>/lc_win_rate``, :mod:`experiments.arena`). Where that rate
     is an extrapolation (the two sides' lengths barely overlap: ``.../lc_extrapolated``) the votes
-    cannot say what they would have been at equal length, so the verdict is unclear and the note
-    gives the raw win rate."""
+    cannot say what they would have been at equal length, and the claim is the raw win rate's,
+    saying so."""
     baseline = arena.get("arena/baseline", "the baseline")
     claims = []
     for key, voter, model in arena_win_rates(arena):
-        claim = _claim(
-            arena,
-            key,
-            f"{model} beat {baseline} in the blind arena, judged by {voter_words(voter)} "
-            "(length-controlled win rate)",
-            0.5,
-            "chance 0.5",
-        )
-        if claim is not None and lc_extrapolated(arena, key):
-            raw = arena.get(key.removesuffix("lc_win_rate") + "win_rate")
-            claim["verdict"] = "unclear"
-            claim["note"] += (
-                "; extrapolated: the answers' lengths barely overlap, so length cannot be held equal"
-                + (f" (raw win rate {raw:.3f})" if raw is not None else "")
+        judged = f"{model} beat {baseline} in the blind arena, judged by {voter_words(voter)}"
+        if lc_extrapolated(arena, key):
+            claims.append(
+                _claim(
+                    arena,
+                    key.removesuffix("lc_win_rate") + "win_rate",
+                    f"{judged} (raw win rate)",
+                    0.5,
+                    "chance 0.5; not length-controlled: the answers' lengths barely overlap, so "
+                    "length cannot be held equal",
+                )
             )
-        claims.append(claim)
+            continue
+        claims.append(_claim(arena, key, f"{judged} (length-controlled win rate)", 0.5, "chance 0.5"))
     return claims
 
 

@@ -111,13 +111,12 @@ def print_summary(summary: dict) -> None:
     if arena.get("png"):
         print(f"\n  blind arena, {arena.get('arena/prompts', '?')} held-out prompts: {arena['png']}")
         for key, voter, model in sorted(arena_win_rates(arena)):
-            _row(
-                f"{model}, by {voter_words(voter, short=True)}"[:26],
-                arena,
-                key,
-                "length-controlled win rate vs SFT; chance 0.5"
-                + ("; extrapolated: lengths barely overlap" if lc_extrapolated(arena, key) else ""),
-            )
+            label = f"{model}, by {voter_words(voter, short=True)}"[:26]
+            if lc_extrapolated(arena, key):  # length control cannot hold length equal: the raw rate
+                raw = key.removesuffix("lc_win_rate") + "win_rate"
+                _row(label, arena, raw, "raw win rate vs SFT (lengths barely overlap); chance 0.5")
+            else:
+                _row(label, arena, key, "length-controlled win rate vs SFT; chance 0.5")
     for reason in (arena.get("arena/unrated") or {}).values():
         print(f"\n  blind arena: {reason}")
     claims = summary.get("evidence") or []

@@ -111,8 +111,9 @@ class Leaderboard:
     tie_rate: float = 0.0
 
     def rows(self) -> list[dict]:
-        """Best first: ``model, rating, ci_low, ci_high, win_rate, lc_win_rate, lc_low, lc_high,
-        lc_extrapolated`` (the win rates against the baseline; None for the baseline itself)."""
+        """Best first: ``model, rating, ci_low, ci_high, win_rate, win_rate_low, win_rate_high,
+        lc_win_rate, lc_low, lc_high, lc_extrapolated`` (the win rates against the baseline; None for
+        the baseline itself)."""
         out = []
         for row in self.ratings.table():
             lc = self.win_rates.get(row["model"])
@@ -120,6 +121,8 @@ class Leaderboard:
                 {
                     **row,
                     "win_rate": None if lc is None else lc.win_rate,
+                    "win_rate_low": None if lc is None else lc.win_rate_interval[0],
+                    "win_rate_high": None if lc is None else lc.win_rate_interval[1],
                     "lc_win_rate": None if lc is None else lc.lc_win_rate.value,
                     "lc_low": None if lc is None else lc.lc_win_rate.low,
                     "lc_high": None if lc is None else lc.lc_win_rate.high,
@@ -320,8 +323,8 @@ def write_leaderboard_png(boards: Sequence[Leaderboard], path) -> None:
 def leaderboard_metrics(boards: Sequence[Leaderboard]) -> dict[str, float]:
     """Flat figures with their intervals, as the other stages report theirs (``KEY``, ``KEY_ci_low``,
     ``KEY_ci_high``): ``arena/<voter>/<model>/rating`` and, against the baseline,
-    ``.../win_rate``, ``.../lc_win_rate`` and ``.../lc_extrapolated`` (1 where that rate lies
-    beyond the votes)."""
+    ``.../win_rate`` (raw), ``.../lc_win_rate`` and ``.../lc_extrapolated`` (1 where the
+    length-controlled rate lies beyond the votes)."""
     out: dict[str, float] = {}
     for b in boards:
         for r in b.rows():
@@ -334,6 +337,8 @@ def leaderboard_metrics(boards: Sequence[Leaderboard]) -> dict[str, float]:
             if r["lc_win_rate"] is not None:
                 out |= {
                     f"{key}/win_rate": r["win_rate"],
+                    f"{key}/win_rate_ci_low": r["win_rate_low"],
+                    f"{key}/win_rate_ci_high": r["win_rate_high"],
                     f"{key}/lc_win_rate": r["lc_win_rate"],
                     f"{key}/lc_win_rate_ci_low": r["lc_low"],
                     f"{key}/lc_win_rate_ci_high": r["lc_high"],

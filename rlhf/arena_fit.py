@@ -106,12 +106,13 @@ class LengthControlledWinRate:
     """One model against the baseline: the raw win rate (ties ½), the length-controlled one with
     its bootstrap interval, the fitted length coefficient φ, and how much the two sides' lengths
     overlap (the share of votes on the rarer side of zero length difference; equal lengths count
-    for both sides)."""
+    for both sides). ``win_rate_interval``: the raw rate's interval over the same resamples."""
 
     model: str
     baseline: str
     n_votes: int
     win_rate: float
+    win_rate_interval: tuple[float, float]
     lc_win_rate: Estimate
     length_coef: float
     length_overlap: float
@@ -456,17 +457,19 @@ def length_controlled_win_rates(
         beta, ok = _fit_length_glm(np.ones((1, len(mine))), y, delta, prior)
         if not ok[0]:
             raise ValueError(f"the length-controlled fit of {model} did not converge; try a larger `prior`")
-        low = high = math.nan
+        low = high = raw_low = raw_high = math.nan
         if n_boot > 0:
             weights = _bootstrap_weights(_cluster_ids(mine), n_boot, seed)
             boot, boot_ok = _fit_length_glm(weights, y, delta, prior)
             rates = np.where(boot_ok, expit(boot[:, 0]), np.nan)
             low, high = _interval(rates, level)
+            raw_low, raw_high = _interval(weights @ y / weights.sum(-1), level)  # the same resamples
         out[model] = LengthControlledWinRate(
             model=model,
             baseline=baseline,
             n_votes=len(mine),
             win_rate=float(y.mean()),
+            win_rate_interval=(raw_low, raw_high),
             lc_win_rate=Estimate(float(expit(beta[0, 0])), low, high, int(_cluster_ids(mine).max()) + 1),
             length_coef=float(beta[0, 1]),
             length_overlap=length_overlap(delta),

@@ -119,7 +119,7 @@ def test_the_summary_prints_the_reward_models_length_lean_beside_the_golds(capsy
 
 def test_an_extrapolated_length_controlled_rate_is_no_verdict(capsys):
     """A policy that answered shorter in nearly every pair: length control cannot hold length equal,
-    so its rate (here far below the raw one) decides nothing, and the summary says why."""
+    so its rate (here far below the raw one) decides nothing; the raw win rate's does, saying so."""
     from experiments.evidence import arena_claims
     from experiments.quickstart import print_summary
 
@@ -127,6 +127,8 @@ def test_an_extrapolated_length_controlled_rate_is_no_verdict(capsys):
     arena = {
         "arena/baseline": "sft",
         f"{key}/win_rate": 0.865,
+        f"{key}/win_rate_ci_low": 0.790,
+        f"{key}/win_rate_ci_high": 0.930,
         f"{key}/lc_win_rate": 0.006,
         f"{key}/lc_win_rate_ci_low": 0.000,
         f"{key}/lc_win_rate_ci_high": 0.096,
@@ -134,10 +136,13 @@ def test_an_extrapolated_length_controlled_rate_is_no_verdict(capsys):
         "png": "runs/quickstart/arena/leaderboard.png",
     }
     (claim,) = arena_claims(arena)
-    assert claim["verdict"] == "unclear"
-    assert "extrapolated" in claim["note"] and "raw win rate 0.865" in claim["note"]
+    assert claim["claim"].endswith("(raw win rate)") and claim["verdict"] == "yes"
+    assert claim["value"] == 0.865 and claim["ci"] == [0.790, 0.930]
+    assert "lengths barely overlap" in claim["note"]
     arena[f"{key}/lc_extrapolated"] = 0.0
-    assert arena_claims(arena)[0]["verdict"] == "no"  # the same figures within the votes: a real no
+    (claim,) = arena_claims(arena)  # the same figures within the votes: the length-controlled "no"
+    assert claim["claim"].endswith("(length-controlled win rate)") and claim["verdict"] == "no"
     arena[f"{key}/lc_extrapolated"] = 1.0
     print_summary({"dir": "runs/quickstart", "stages": {"arena": arena}})
-    assert "chance 0.5; extrapolated: lengths barely overlap" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "0.865 [0.790, 0.930]     raw win rate vs SFT (lengths barely overlap); chance 0.5" in out

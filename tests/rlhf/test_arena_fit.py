@@ -333,6 +333,7 @@ def test_length_control_intervals_and_errors():
     one = length_controlled_win_rates(lc_votes(spec), "base", n_boot=300, seed=2)["m"]
     again = length_controlled_win_rates(lc_votes(spec), "base", n_boot=300, seed=2)["m"]
     assert one == again and one.lc_win_rate.low < one.lc_win_rate.value < one.lc_win_rate.high
+    assert one.win_rate_interval[0] < one.win_rate < one.win_rate_interval[1]
     assert one.lc_win_rate.n == 60 and one.n_votes == 60
     with pytest.raises(ValueError, match="won every vote"):
         length_controlled_win_rates(lc_votes([("a", 10), ("a", -5)]), "base", prior=0, n_boot=0)
