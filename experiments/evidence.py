@@ -77,6 +77,12 @@ def learning_evidence(stages: dict[str, dict]) -> list[dict[str, Any]]:
     return [c for c in claims if c is not None]
 
 
+# the note of an arena claim that stands on the raw win rate (arena_rate)
+RAW_NOTE = (
+    "chance 0.5; not length-controlled: the answers' lengths barely overlap, so length cannot be held equal"
+)
+
+
 def arena_claims(arena: dict) -> list[dict[str, Any] | None]:
     """One claim per arena voter and policy measured against the baseline: its length-controlled
     win rate (``arena/<voter>/<model>/lc_win_rate``, :mod:`experiments.arena`). Where that rate
@@ -86,26 +92,20 @@ def arena_claims(arena: dict) -> list[dict[str, Any] | None]:
     baseline = arena.get("arena/baseline", "the baseline")
     claims = []
     for key, voter, model in arena_win_rates(arena):
+        rate_key, raw = arena_rate(arena, key)
         judged = f"{model} beat {baseline} in the blind arena, judged by {voter_words(voter)}"
-        if lc_extrapolated(arena, key):
-            claims.append(
-                _claim(
-                    arena,
-                    key.removesuffix("lc_win_rate") + "win_rate",
-                    f"{judged} (raw win rate)",
-                    0.5,
-                    "chance 0.5; not length-controlled: the answers' lengths barely overlap, so "
-                    "length cannot be held equal",
-                )
-            )
-            continue
-        claims.append(_claim(arena, key, f"{judged} (length-controlled win rate)", 0.5, "chance 0.5"))
+        kind, note = ("raw win rate", RAW_NOTE) if raw else ("length-controlled win rate", "chance 0.5")
+        claims.append(_claim(arena, rate_key, f"{judged} ({kind})", 0.5, note))
     return claims
 
 
-def lc_extrapolated(arena: dict, key: str) -> bool:
-    """Whether the length-controlled win rate under ``key`` lies beyond the votes."""
-    return bool(arena.get(key.removesuffix("lc_win_rate") + "lc_extrapolated"))
+def arena_rate(arena: dict, lc_key: str) -> tuple[str, bool]:
+    """The win rate a voter's arena claim stands on: ``(key, raw)``. The length-controlled rate
+    under ``lc_key``, unless it lies beyond the votes (``.../lc_extrapolated``); then the raw one."""
+    stem = lc_key.removesuffix("lc_win_rate")
+    if arena.get(stem + "lc_extrapolated"):
+        return stem + "win_rate", True
+    return lc_key, False
 
 
 def arena_win_rates(arena: dict) -> list[tuple[str, str, str]]:

@@ -22,7 +22,7 @@ import argparse
 from importlib import resources
 from pathlib import Path
 
-from experiments.evidence import arena_win_rates, evidence_lines, lc_extrapolated, voter_words
+from experiments.evidence import arena_rate, arena_win_rates, evidence_lines, voter_words
 from experiments.pipeline.execution import run_experiment, run_plan
 from experiments.pipeline.experiment_file import load_raw, parse_experiment
 from experiments.pipeline.plan import build_plan, upstream_of
@@ -111,12 +111,11 @@ def print_summary(summary: dict) -> None:
     if arena.get("png"):
         print(f"\n  blind arena, {arena.get('arena/prompts', '?')} held-out prompts: {arena['png']}")
         for key, voter, model in sorted(arena_win_rates(arena)):
-            label = f"{model}, by {voter_words(voter, short=True)}"[:26]
-            if lc_extrapolated(arena, key):  # length control cannot hold length equal: the raw rate
-                raw = key.removesuffix("lc_win_rate") + "win_rate"
-                _row(label, arena, raw, "raw win rate vs SFT (lengths barely overlap); chance 0.5")
-            else:
-                _row(label, arena, key, "length-controlled win rate vs SFT; chance 0.5")
+            rate_key, raw = arena_rate(arena, key)
+            kind = (
+                "raw win rate vs SFT (lengths barely overlap)" if raw else "length-controlled win rate vs SFT"
+            )
+            _row(f"{model}, by {voter_words(voter, short=True)}"[:26], arena, rate_key, f"{kind}; chance 0.5")
     for reason in (arena.get("arena/unrated") or {}).values():
         print(f"\n  blind arena: {reason}")
     claims = summary.get("evidence") or []

@@ -88,8 +88,8 @@ class AdapterFields(LoraFields):
             )
 
 
-def adapter_config(fields: AdapterFields, n_layers: int):
-    """The peft config of ``fields.adapter`` for a causal-LM policy of ``n_layers`` transformer layers.
+def adapter_config(fields: AdapterFields, model):
+    """The peft config of ``fields.adapter`` for the causal-LM policy ``model``.
 
     Prefix tuning starts from zero keys and values (peft's ``init_weights="zero"``): the prefix
     then only adds P zero-valued slots to each softmax, a small perturbation of the start policy,
@@ -116,7 +116,7 @@ def adapter_config(fields: AdapterFields, n_layers: int):
         fields.lora_r,
         fields.lora_alpha,
         fields.lora_target_modules,
-        last_layers(fields.lora_layers, n_layers),
+        last_layers(fields.lora_layers, num_layers(model)),
     )
 
 
@@ -291,7 +291,7 @@ def with_adapter(model, fields: AdapterFields):
     adapters come wrapped in :class:`VirtualTokenPolicy`."""
     from peft import get_peft_model
 
-    peft_model = get_peft_model(model, adapter_config(fields, num_layers(model)))
+    peft_model = get_peft_model(model, adapter_config(fields, model))
     return VirtualTokenPolicy(peft_model) if fields.adapter in VIRTUAL_TOKEN_ADAPTERS else peft_model
 
 

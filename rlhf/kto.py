@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf.adapters import AdapterFields, adapter_config, num_layers
+from rlhf.adapters import AdapterFields, adapter_config
 from rlhf.config import ConfigError, add_config_arguments, config_from_args, config_hash, option, to_dict
 from rlhf.contracts import load_rankings
 from rlhf.errors import UserError
@@ -141,7 +141,7 @@ def run_kto(cfg: KTOStageConfig) -> dict[str, Any]:
             args=args,
             train_dataset=train,
             processing_class=tokenizer,
-            peft_config=adapter_config(cfg, num_layers(policy)) if cfg.lora else None,
+            peft_config=adapter_config(cfg, policy) if cfg.lora else None,
             callbacks=[TrackerCallback(tracker), ProgressCallback("kto"), budget],
         )
         trainer.remove_callback(PrinterCallback)

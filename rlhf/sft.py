@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf.adapters import AdapterFields, adapter_config, num_layers
+from rlhf.adapters import AdapterFields, adapter_config
 from rlhf.config import ConfigError, add_config_arguments, config_from_args, config_hash, option, to_dict
 from rlhf.contracts import load_demonstrations
 from rlhf.models import bf16_hardware, load_policy, resolve_model_path, write_policy_dir
@@ -170,7 +170,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     model, tokenizer = load_policy(cfg.model)
     peft_config = None
     if cfg.lora:
-        peft_config = adapter_config(cfg, num_layers(model))
+        peft_config = adapter_config(cfg, model)
 
     train_ds = Dataset.from_list([to_trl_record(r) for r in train_records])
     eval_ds = Dataset.from_list([to_trl_record(r) for r in eval_records]) if eval_records else None

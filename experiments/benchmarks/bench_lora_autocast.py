@@ -3,8 +3,8 @@
 A LoRA policy starts as its base: ``B = 0``, and PPO's first updates move it by a little. Under
 bf16 autocast the base layers' outputs are bf16 (8 bits of mantissa), and the adapter's
 contribution is added to them there, so a change much smaller than their rounding is lost. This
-script gives SmolLM2-135M-Instruct a LoRA adapter (r 16, α 32, every linear layer, as PPO's) with
-``B`` drawn at a given scale, and compares the change it makes to the next-token log-probs (adapter
+script gives SmolLM2-135M-Instruct a LoRA adapter (r 16 and α 32 as PPO's, on every linear layer
+where PPO's default adapts q/k/v/o) with ``B`` drawn at a given scale, and compares the change it makes to the next-token log-probs (adapter
 on minus adapter off, on random token sequences) in fp32 and under autocast:
 
     .venv/bin/python -m experiments.benchmarks.bench_lora_autocast --scales 1e-4,1e-3,1e-2

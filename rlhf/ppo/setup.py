@@ -433,5 +433,6 @@ def _adapter_words(cfg: PPOConfig) -> str:
     """What trains, for the set-up line: LoRA (in which layers) or the whole model."""
     if not cfg.lora:
         return "full fine-tuning"
-    where = f" in the last {cfg.lora_layers} layers" if cfg.lora_layers and cfg.adapter == "lora" else ""
-    return f"{cfg.adapter if cfg.adapter != 'lora' else 'LoRA'}{where}"
+    if cfg.adapter != "lora":
+        return cfg.adapter
+    return f"LoRA in the last {cfg.lora_layers} layers" if cfg.lora_layers else "LoRA"
