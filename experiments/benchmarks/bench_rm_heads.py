@@ -26,7 +26,12 @@ scores it on the same pairs: the first row, the one every variant is paired with
     .venv/bin/python -m experiments.benchmarks.bench_rm_heads --candidates FILE --variants "8;0,2,4,6,8" --l2 10 --train_fractions 0.25,0.5,0.75,1
 
 ``--train_fractions`` fits every head on nested shares of each split's training prompts against the
-same held-out pairs: how accuracy grows with the number of prompts ranked.
+same held-out pairs: how accuracy grows with the number of prompts ranked. ``--more_answers FILE``
+(more answers to the same prompts, e.g. ``rlhf generate --seed 1``) also fits every head with both
+files' answers ranked together, on the same held-out pairs of the first file's answers: whether K
+answers a prompt buy what as many more prompts buy.
+
+    .venv/bin/python -m experiments.benchmarks.bench_rm_heads --candidates FILE --more_answers FILE_SEED1 --variants "0,2,4,6,8" --l2 10 --train_fractions 0.5,1
 """
 
 from __future__ import annotations
@@ -59,7 +64,9 @@ from experiments.benchmarks.bench_rm_vs_trl import (  # noqa: E402
 from reward_models.train import RMTrainConfig, run_rm_train  # noqa: E402
 from rlhf.cli import progress_bar  # noqa: E402
 from rlhf.config import build_config  # noqa: E402
+from rlhf.datafiles import read_jsonl  # noqa: E402
 from rlhf.models import load_policy  # noqa: E402
+from rlhf.rankings import ALL_LABELS  # noqa: E402
 from rlhf.reward_model import encode_conversations, pad_right  # noqa: E402
 from rlhf.rewards import load_reward_fn  # noqa: E402
 from rlhf.scorers import get_scorer  # noqa: E402
@@ -92,6 +99,12 @@ def main(argv=None) -> int:
         default="",
         help="also train the lab's reward model from this preset YAML on every split (the baseline row)",
     )
+    ap.add_argument(
+        "--more_answers",
+        default="",
+        help="a second candidates JSONL of the same prompts: every head is also fitted with both files' "
+        "answers ranked together, judged on the same held-out pairs of the first file's answers",
+    )
     ap.add_argument("--out", default="runs/bench_rm_heads")
     args = ap.parse_args(argv)
     try:
@@ -109,10 +122,19 @@ def main(argv=None) -> int:
         ap.error(f"--train_fractions {args.train_fractions!r}: each share must be in (0, 1]")
     out = Path(args.out)
     cands = make_candidates(args)
-    write_jsonl(out / "candidates.jsonl", cands)
+    # With --more_answers the features cover both files' answers; the first file's keep their rows'
+    # labels, so its pairs index the same features either way.
+    both = (
+        with_more_answers(cands, read_jsonl(args.more_answers), args.more_answers)
+        if args.more_answers
+        else None
+    )
+    all_cands = both or cands
+    write_jsonl(out / "candidates.jsonl", all_cands)
     layers = sorted({layer for v in variants for layer in v})
-    feats = layer_means(args.model, cands, layers, args.max_length)
-    rows = pair_index(cands)
+    feats = layer_means(args.model, all_cands, layers, args.max_length)
+    all_rows = pair_index(all_cands)
+    rows = {key: all_rows[key] for key in pair_index(cands)}
     scorer = get_scorer(args.scorer)
 
     results: dict[str, list[float]] = {}
@@ -120,23 +142,35 @@ def main(argv=None) -> int:
         seed = args.seed + s
         all_train, held_recs = split(simulate_pool(args, cands, scorer, seed), HELD_FRACTION, seed)
         held_pairs = gold_pairs(held_recs, rows, args.tie_threshold)
-        for fraction in fractions:
-            train_recs = first_prompts(all_train, fraction, seed)
-            tag = "" if fractions == [1.0] else f", {fraction:g} of the training prompts"
-            train_pairs = strict_pairs(train_recs, rows)
-            train_rows = sorted({i for pair in train_pairs for i in pair})
-            if args.preset:
-                scores = preset_scores(
-                    args, cands, train_recs, held_recs, out / f"split{s}_{fraction:g}", seed
-                )
-                results.setdefault("preset" + tag, []).append(accuracy(scores, held_pairs))
-            for v in variants:
-                x = torch.cat([feats[layer] for layer in v], dim=1)
-                for lam in strengths:
-                    w = fit_ridge_bt(x, train_rows, train_pairs, lam / len(v))
-                    results.setdefault(_name(v, lam) + tag, []).append(
-                        accuracy(standardise(x, train_rows) @ w, held_pairs)
+        sources = [("", all_train, rows)]
+        if both:
+            # split() draws the held-out prompts from the sorted prompt ids and the seed alone, so
+            # both files hold out the same prompts.
+            both_train, _ = split(simulate_pool(args, both, scorer, seed), HELD_FRACTION, seed)
+            sources.append((f", {len(both[0]['candidates'])} answers a prompt", both_train, all_rows))
+        for source, pool, pool_rows in sources:
+            for fraction in fractions:
+                train_recs = first_prompts(pool, fraction, seed)
+                tag = source + ("" if fractions == [1.0] else f", {fraction:g} of the training prompts")
+                train_pairs = strict_pairs(train_recs, pool_rows)
+                train_rows = sorted({i for pair in train_pairs for i in pair})
+                if args.preset:
+                    scores = preset_scores(
+                        args,
+                        all_cands,
+                        train_recs,
+                        held_recs,
+                        out / (f"split{s}_{fraction:g}" + ("_more" if source else "")),
+                        seed,
                     )
+                    results.setdefault("preset" + tag, []).append(accuracy(scores, held_pairs))
+                for v in variants:
+                    x = torch.cat([feats[layer] for layer in v], dim=1)
+                    for lam in strengths:
+                        w = fit_ridge_bt(x, train_rows, train_pairs, lam / len(v))
+                        results.setdefault(_name(v, lam) + tag, []).append(
+                            accuracy(standardise(x, train_rows) @ w, held_pairs)
+                        )
         print(
             f"split {s}: {len({r['prompt_id'] for r in all_train})} training prompts, "
             f"{len(held_pairs)} held-out gold pairs; "
@@ -194,6 +228,24 @@ def layer_means(
                 out[layer].append((hidden[layer].float() * w).sum(1) / w.sum(1).clamp(min=1.0))
             bar.update(len(ids))
     return {layer: torch.cat(parts) for layer, parts in out.items()}
+
+
+def with_more_answers(cands: list[dict], more: list[dict], source: str) -> list[dict]:
+    """Each prompt's candidates followed by ``more``'s answers to it, labelled on from the first
+    file's last label (A–D then E–H); the two files must hold the same prompts."""
+    extra = {r["prompt_id"]: r["candidates"] for r in more}
+    if set(extra) != {r["prompt_id"] for r in cands}:
+        raise SystemExit(f"--more_answers {source}: its prompts are not the same as --candidates'")
+    merged = []
+    for r in cands:
+        answers = list(r["candidates"]) + extra[r["prompt_id"]]
+        if len(answers) > len(ALL_LABELS):
+            raise SystemExit(
+                f"--more_answers {source}: {len(answers)} answers a prompt, at most {len(ALL_LABELS)}"
+            )
+        labelled = [{**c, "label": label} for c, label in zip(answers, ALL_LABELS)]
+        merged.append({**r, "candidates": labelled})
+    return merged
 
 
 def first_prompts(records: list[dict], fraction: float, seed: int) -> list[dict]:

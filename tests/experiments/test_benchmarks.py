@@ -173,6 +173,39 @@ def test_heads_benchmark_runs_variants_and_the_preset_over_splits(in_tmp, capsys
     assert "| head (gold `length:target=4`, 2 splits) | vs gold [95 % t] | − preset [95 % t] |" in out
 
 
+def test_heads_benchmark_more_answers_label_on_and_refuse_other_prompts():
+    from experiments.benchmarks import bench_rm_heads as bh
+
+    cands = [{"prompt_id": "p", "prompt": "q", "candidates": [{"label": c, "text": c} for c in "AB"]}]
+    more = [{"prompt_id": "p", "prompt": "q", "candidates": [{"label": c, "text": c + "2"} for c in "AB"]}]
+    both = bh.with_more_answers(cands, more, "more.jsonl")
+    assert [(c["label"], c["text"]) for c in both[0]["candidates"]] == [
+        ("A", "A"),
+        ("B", "B"),
+        ("C", "A2"),
+        ("D", "B2"),
+    ]
+    assert cands[0]["candidates"][1]["label"] == "B"  # the inputs are not relabelled in place
+    with pytest.raises(SystemExit, match="more.jsonl: its prompts are not the same"):
+        bh.with_more_answers(cands, [{**more[0], "prompt_id": "other"}], "more.jsonl")
+
+
+def test_heads_benchmark_more_answers_fits_each_head_twice(in_tmp):
+    from experiments.benchmarks import bench_rm_heads
+
+    args = [*DATA, "--variants", "0,2", "--l2", "1", "--splits", "2"]
+    assert bench_rm_heads.main([*args, "--seed", "1", "--out", "second"]) == 0
+    first = ["--candidates", str(in_tmp / "second" / "candidates.jsonl")]  # any two files of the same prompts
+    assert bench_rm_heads.main([*args, "--seed", "2", "--out", "third"]) == 0
+    rc = bench_rm_heads.main(
+        [*args, *first, "--more_answers", str(in_tmp / "third" / "candidates.jsonl"), "--out", "both"]
+    )
+    assert rc == 0
+    acc = json.loads((in_tmp / "both" / "results.json").read_text())["accuracy"]
+    assert list(acc) == ["layers 0,2, λ 1", "layers 0,2, λ 1, 8 answers a prompt"]
+    assert all(len(v) == 2 and all(0.0 <= a <= 1.0 for a in v) for v in acc.values())
+
+
 def test_lora_autocast_bench_prints_a_row_per_scale(capsys):
     from experiments.benchmarks import bench_lora_autocast
 
