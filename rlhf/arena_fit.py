@@ -457,9 +457,10 @@ def length_controlled_win_rates(
         beta, ok = _fit_length_glm(np.ones((1, len(mine))), y, delta, prior)
         if not ok[0]:
             raise ValueError(f"the length-controlled fit of {model} did not converge; try a larger `prior`")
+        clusters = _cluster_ids(mine)
         low = high = raw_low = raw_high = math.nan
         if n_boot > 0:
-            weights = _bootstrap_weights(_cluster_ids(mine), n_boot, seed)
+            weights = _bootstrap_weights(clusters, n_boot, seed)
             boot, boot_ok = _fit_length_glm(weights, y, delta, prior)
             rates = np.where(boot_ok, expit(boot[:, 0]), np.nan)
             low, high = _interval(rates, level)
@@ -470,7 +471,7 @@ def length_controlled_win_rates(
             n_votes=len(mine),
             win_rate=float(y.mean()),
             win_rate_interval=(raw_low, raw_high),
-            lc_win_rate=Estimate(float(expit(beta[0, 0])), low, high, int(_cluster_ids(mine).max()) + 1),
+            lc_win_rate=Estimate(float(expit(beta[0, 0])), low, high, int(clusters.max()) + 1),
             length_coef=float(beta[0, 1]),
             length_overlap=length_overlap(delta),
         )
