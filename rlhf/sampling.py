@@ -10,7 +10,8 @@ third of the forward-pass rate. The loop:
    and only the last position's logits computed;
 2. per step, one forward of the last sampled token per row against the KV cache;
 3. **batch shrinking**: rows that sampled EOS leave the batch (their KV cache rows are dropped),
-   so the cost of a step falls as responses finish, and the loop stops when all are done;
+   so the cost of a step falls as responses finish, and the loop stops when all are done; the
+   one-token steps run the lab's own attention over the key/value heads (:func:`_decode_attention`);
 4. sampling is inverse-CDF sampling from ``softmax(logits / temperature)`` (optionally top-k /
    top-p filtered); the returned log-prob of each sampled token is ``log_softmax(logits /
    temperature)`` of the *unfiltered* distribution, i.e. exactly what a training forward
@@ -23,10 +24,14 @@ random stream differs, so the same seed gives different (equally distributed) sa
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
 import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from rlhf.adapters import num_virtual_tokens
 
@@ -125,6 +130,59 @@ def _preallocated_layer_class():
     return PreallocatedLayer
 
 
+def _decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Attention of one new token per row against the KV cache; anything else is transformers' SDPA.
+
+    A decoding step of a grouped-query model (SmolLM2: 9 query heads share 3 key/value heads) has
+    one query per head. When the batch has no padding, transformers passes no mask and asks
+    PyTorch's SDPA for ``enable_gqa``; on a CPU that kernel took 5.7 ms a layer in bf16 (batch 128,
+    90 cached tokens; its packed path with a mask 1.8 ms) against 1.0 ms for the two matmuls here,
+    which group each key/value head's queries together and never copy the cache. Scores and
+    softmax are in fp32; the output is the same function as SDPA's, rounded differently.
+    """
+    if query.shape[2] != 1 or dropout or kwargs.get("s_aux") is not None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    batch, heads, _, dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    grouped = query.reshape(
+        batch, kv_heads, heads // kv_heads, dim
+    )  # head h reads key/value head h // groups
+    scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * (
+        dim**-0.5 if scaling is None else scaling
+    )
+    if attention_mask is not None:
+        mask = attention_mask[..., -1:, :kv_len]  # [B, 1, 1, S]: the new token's row
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    out = torch.matmul(torch.softmax(scores, dim=-1).to(value.dtype), value)
+    return out.reshape(batch, 1, heads, dim), None
+
+
+_DECODE_ATTENTION = "rlhf_decode"
+
+
+@functools.cache
+def _register_decode_attention() -> str:
+    AttentionInterface.register(_DECODE_ATTENTION, _decode_attention)
+    AttentionMaskInterface.register(_DECODE_ATTENTION, sdpa_mask)  # the masks SDPA gets
+    return _DECODE_ATTENTION
+
+
+@contextlib.contextmanager
+def _decode_attention_for(model):
+    """Within the block, a model that runs transformers' SDPA runs :func:`_decode_attention`."""
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        yield
+        return
+    config._attn_implementation = _register_decode_attention()
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
+
+
 def response_text(tokenizer, token_ids: list[int], finished: bool) -> str:
     """The text of a sampled response, as reward models train on it and score it.
 
@@ -194,7 +252,9 @@ def sample_from_logits(
     on CPU ``multinomial`` draws an exponential variate for every vocabulary entry, which made it
     cost as much as the model's whole decoding step at batch 64 (94 ms vs 9 ms here, V = 49152).
     """
-    scaled = logits.float() / temperature
+    scaled = logits.float()
+    if temperature != 1.0:  # x / 1 is x: skip a pass over [B, V] (about a tenth of the sampling's time)
+        scaled = scaled / temperature
     vmax = scaled.max(dim=-1, keepdim=True).values
     unnorm = (scaled - vmax).exp_()  # [B, V], in (0, 1]
     log_z = unnorm.sum(dim=-1, keepdim=True).log_()  # log-partition relative to vmax
@@ -328,7 +388,7 @@ def sample_responses(
         if len(row_seeds) != query_ids.shape[0] * num_samples:
             raise ValueError(f"row_seeds: {len(row_seeds)} seeds for {query_ids.shape[0] * num_samples} rows")
         uniforms = row_uniforms(row_seeds, max(max_new_tokens, 0)).to(query_ids.device)
-    with torch.inference_mode():
+    with torch.inference_mode(), _decode_attention_for(model):
         s = _sample_loop(
             model,
             query_ids,

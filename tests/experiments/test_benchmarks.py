@@ -215,3 +215,22 @@ def test_lora_autocast_bench_prints_a_row_per_scale(capsys):
     fp32_change = [float(r[1]) for r in rows]
     assert 0 < fp32_change[0] < fp32_change[1]  # a larger adapter changes the log-probs more
     assert all(-1 <= float(r[3]) <= 1 for r in rows)
+
+
+def test_decode_attention_bench_times_both_attentions_on_the_same_answers(capsys):
+    from experiments.benchmarks import bench_decode_attention
+    from rlhf import sampling
+
+    own = sampling._decode_attention_for
+
+    args = ["--model", "tiny", "--prompts", "4", "--k", "2", "--max_new_tokens", "6", "--batch_size", "4"]
+    assert bench_decode_attention.main([*args, "--repeats", "1", "--precision", "no"]) == 0
+    out = capsys.readouterr().out
+    rows = [
+        line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and "seconds" not in line
+    ]
+    assert [r[0].strip() for r in rows] == ["transformers' SDPA", "the sampler's own"]
+    assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
+    # fp32: the two attentions agree to rounding, so the same random numbers write the same answers
+    assert "same answers 8 of 8" in out
+    assert sampling._decode_attention_for is own  # the baseline's swap is undone

@@ -437,3 +437,81 @@ def test_rollouts_and_candidates_decode_to_the_same_bytes(tiny):
     assert texts[0] == tok.decode(finished[:-1], skip_special_tokens=False)  # EOS dropped, special kept
     assert tok.decode([special], skip_special_tokens=False) in texts[0]
     assert texts[1] == tok.decode(cut, skip_special_tokens=False)
+
+
+# ----------------------------------------------------------------------------- decoding attention
+
+
+class _GroupedAttention(torch.nn.Module):
+    """What transformers' attention functions read off a Llama attention module."""
+
+    num_key_value_groups = 3
+    is_causal = True
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
+def test_decode_attention_equals_sdpa(mask_kind):
+    """One query per head against a cache: the lab's grouped matmuls give SDPA's output (fp32), with
+    no mask (a batch without padding), a boolean mask and an additive one; several queries go to SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from rlhf.sampling import _decode_attention
+
+    g = torch.Generator().manual_seed(0)
+    batch, heads, kv_heads, kv_len, dim = 5, 6, 2, 11, 8
+    query = torch.randn(batch, heads, 1, dim, generator=g)
+    key = torch.randn(batch, kv_heads, kv_len, dim, generator=g)
+    value = torch.randn(batch, kv_heads, kv_len, dim, generator=g)
+    keep = torch.ones(batch, 1, 1, kv_len, dtype=torch.bool)
+    keep[1, ..., :4] = False  # a left-padded row
+    keep[3, ..., :7] = False
+    mask = {"none": None, "bool": keep, "additive": torch.zeros(keep.shape).masked_fill(~keep, -1e9)}[
+        mask_kind
+    ]
+    module = _GroupedAttention()
+    ours, _ = _decode_attention(module, query, key, value, mask, scaling=dim**-0.5)
+    ref, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=dim**-0.5)
+    assert ours.shape == ref.shape == (batch, 1, heads, dim)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    if mask_kind != "none":  # the padded positions really are left out
+        moved = value.clone()
+        moved[1, :, :4] += 100.0
+        assert torch.allclose(_decode_attention(module, query, key, moved, mask, scaling=dim**-0.5)[0], ours)
+    prefill = torch.randn(batch, heads, 4, dim, generator=g)
+    assert torch.equal(
+        _decode_attention(module, prefill, key, value, None, scaling=dim**-0.5)[0],
+        sdpa_attention_forward(module, prefill, key, value, None, scaling=dim**-0.5)[0],
+    )
+
+
+def test_sampler_uses_the_decode_attention_and_gives_sdpa_back(tiny, monkeypatch):
+    """Prompts of one length (no padding: the path transformers sends to SDPA's grouped kernel):
+    the sampler's log-probs equal a full forward's, its draws equal plain SDPA decoding's, and the
+    model runs SDPA again afterwards, also after an error inside the loop."""
+    import contextlib
+
+    from rlhf import sampling
+
+    model, tok = tiny
+    query, qmask = _batch(tok, ["same", "size", "text"])
+    assert bool(qmask.all()) and model.config._attn_implementation == "sdpa"
+    kw = dict(
+        max_new_tokens=16, temperature=0.9, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
+    calls = []
+    real = sampling._decode_attention
+    monkeypatch.setattr(sampling, "_decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    sampling._register_decode_attention.cache_clear()
+    ours = sample_responses(model, query, qmask, generator=torch.Generator().manual_seed(2), **kw)
+    assert calls and model.config._attn_implementation == "sdpa"
+    assert torch.allclose(ours.logprobs, _forward_logprobs(model, query, qmask, ours, 0.9), atol=1e-4)
+    monkeypatch.setattr(sampling, "_decode_attention_for", lambda model: contextlib.nullcontext())
+    plain = sample_responses(model, query, qmask, generator=torch.Generator().manual_seed(2), **kw)
+    assert torch.equal(ours.tokens, plain.tokens)
+    assert torch.allclose(ours.logprobs, plain.logprobs, atol=1e-5)
+    monkeypatch.undo()
+    sampling._register_decode_attention.cache_clear()
+    with pytest.raises(ValueError), sampling._decode_attention_for(model):
+        assert model.config._attn_implementation == "rlhf_decode"
+        raise ValueError("inside the loop")
+    assert model.config._attn_implementation == "sdpa"
