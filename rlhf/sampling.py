@@ -233,6 +233,35 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+class SamplingWorkspace:
+    """Float buffers for :func:`sample_from_logits`, reused across the steps of one sampling loop.
+
+    Each step's float copy of the logits and its exponentials are ``[B, V]`` (25 MB at batch 128 and
+    SmolLM2's 49,152 tokens). Allocated anew every step, such tensors come fresh from the operating
+    system and every page faults on first touch: with bf16 weights that made the sampling 12 % of a
+    decoding step, against 7 % with these buffers (the same numbers, bit for bit). The batch only
+    shrinks during a loop, so a step uses the first rows of the buffers. Without a workspace each
+    call allocates its own, as before.
+    """
+
+    def __init__(self):
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """A float32 tensor of ``like``'s shape: the first rows of the named buffer."""
+        rows, cols = like.shape
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != cols or buf.device != like.device:
+            buf = self._buffers[name] = torch.empty(rows, cols, dtype=torch.float32, device=like.device)
+        return buf[:rows]
+
+    def as_float(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` as float32: itself when it already is (never written to), else a buffer copy."""
+        if logits.dtype == torch.float32:
+            return logits
+        return self.buffer("scaled", logits).copy_(logits)
+
+
 def sample_from_logits(
     logits: torch.Tensor,
     temperature: float = 1.0,
@@ -240,11 +269,13 @@ def sample_from_logits(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     uniform: torch.Tensor | None = None,
+    workspace: SamplingWorkspace | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row of ``logits`` [B, V]; return (tokens [B], logprobs [B]).
 
     ``uniform [B]`` in [0, 1): the random number of each row, given by the caller (per-row
-    streams, see :func:`row_uniforms`); otherwise drawn from ``generator``.
+    streams, see :func:`row_uniforms`); otherwise drawn from ``generator``. ``workspace``: buffers
+    the float copies of the logits are written into instead of new tensors (the same numbers).
 
     The log-prob is ``log_softmax(logits / temperature)`` of the sampled token under the
     *unfiltered* distribution (what a training forward computes). Sampling is by inverse CDF
@@ -252,11 +283,12 @@ def sample_from_logits(
     on CPU ``multinomial`` draws an exponential variate for every vocabulary entry, which made it
     cost as much as the model's whole decoding step at batch 64 (94 ms vs 9 ms here, V = 49152).
     """
-    scaled = logits.float()
+    ws = workspace or SamplingWorkspace()
+    scaled = ws.as_float(logits)
     if temperature != 1.0:  # x / 1 is x: skip a pass over [B, V] (about a tenth of the sampling's time)
         scaled = scaled / temperature
     vmax = scaled.max(dim=-1, keepdim=True).values
-    unnorm = (scaled - vmax).exp_()  # [B, V], in (0, 1]
+    unnorm = torch.sub(scaled, vmax, out=ws.buffer("unnorm", scaled)).exp_()  # [B, V], in (0, 1]
     log_z = unnorm.sum(dim=-1, keepdim=True).log_()  # log-partition relative to vmax
     if top_k or top_p < 1.0:
         weights = torch.softmax(filter_logits(scaled, top_k, top_p), dim=-1)
@@ -490,10 +522,13 @@ def _sample_loop(
         next_pos = next_pos.repeat_interleave(num_samples, dim=0)
         cache.batch_repeat_interleave(num_samples)
     rows = torch.arange(bsz, device=device)  # original row index of each row still sampling
+    workspace = SamplingWorkspace()
     steps = max_new_tokens
     for t in range(max_new_tokens):
         u = uniforms[rows, t] if uniforms is not None else None
-        tok, lp = sample_from_logits(logits, temperature, top_k, top_p, generator, uniform=u)
+        tok, lp = sample_from_logits(
+            logits, temperature, top_k, top_p, generator, uniform=u, workspace=workspace
+        )
         tokens[rows, t] = tok
         logprobs[rows, t] = lp
         if values is not None:

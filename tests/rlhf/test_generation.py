@@ -77,6 +77,28 @@ def test_sample_from_logits_matches_the_softmax_distribution():
     assert torch.allclose(lp2, torch.log_softmax(logits[0], -1)[tok2], atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature, top_k", [(1.0, 0), (0.7, 0), (1.0, 3)])
+def test_a_sampling_workspace_changes_no_draw(dtype, temperature, top_k):
+    """A loop's shrinking batches through one workspace draw exactly what fresh tensors draw, bit for
+    bit, while the buffers are allocated once; fp32 logits are read in place and never written."""
+    from rlhf.sampling import SamplingWorkspace
+
+    logits = (torch.randn(6, 50, generator=torch.Generator().manual_seed(3)) * 3).to(dtype)
+    workspace = SamplingWorkspace()
+    storage = set()
+    for rows in (6, 6, 4, 1):  # rows leave the batch as they finish
+        step = logits[:rows].clone()
+        kept = step.clone()
+        u = torch.rand(rows, generator=torch.Generator().manual_seed(rows))
+        fresh = sample_from_logits(step, temperature, top_k, uniform=u)
+        reused = sample_from_logits(step, temperature, top_k, uniform=u, workspace=workspace)
+        assert torch.equal(fresh[0], reused[0]) and torch.equal(fresh[1], reused[1])
+        assert torch.equal(step, kept)
+        storage.add(workspace.buffer("unnorm", step).data_ptr())
+    assert len(storage) == 1
+
+
 # ----------------------------------------------------------------------------- the sampler
 
 
