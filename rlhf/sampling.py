@@ -25,6 +25,7 @@ random stream differs, so the same seed gives different (equally distributed) sa
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 from dataclasses import dataclass
 
@@ -146,12 +147,10 @@ def _decode_attention(module, query, key, value, attention_mask, dropout=0.0, sc
         )
     batch, heads, _, dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
-    grouped = query.reshape(
-        batch, kv_heads, heads // kv_heads, dim
-    )  # head h reads key/value head h // groups
-    scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * (
-        dim**-0.5 if scaling is None else scaling
-    )
+    # Head h reads key/value head h // groups: each key/value head's queries as one [groups, dim] matrix.
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)
+    scale = dim**-0.5 if scaling is None else scaling
+    scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * scale
     if attention_mask is not None:
         mask = attention_mask[..., -1:, :kv_len]  # [B, 1, 1, S]: the new token's row
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
@@ -169,11 +168,26 @@ def _register_decode_attention() -> str:
     return _DECODE_ATTENTION
 
 
+# False inside transformers_decoding(): the sampler then leaves the model's attention as it is.
+_OWN_DECODING = contextvars.ContextVar("rlhf_own_decoding", default=True)
+
+
+@contextlib.contextmanager
+def transformers_decoding():
+    """Within the block the sampler decodes with transformers' own SDPA, as it did before it had
+    :func:`_decode_attention`: the baseline of ``experiments/benchmarks/bench_decode_attention.py``."""
+    token = _OWN_DECODING.set(False)
+    try:
+        yield
+    finally:
+        _OWN_DECODING.reset(token)
+
+
 @contextlib.contextmanager
 def _decode_attention_for(model):
     """Within the block, a model that runs transformers' SDPA runs :func:`_decode_attention`."""
     config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", None) != "sdpa":
+    if not _OWN_DECODING.get() or getattr(config, "_attn_implementation", None) != "sdpa":
         yield
         return
     config._attn_implementation = _register_decode_attention()
@@ -239,7 +253,7 @@ class SamplingWorkspace:
     Each step's float copy of the logits and its exponentials are ``[B, V]`` (25 MB at batch 128 and
     SmolLM2's 49,152 tokens). Allocated anew every step, such tensors come fresh from the operating
     system and every page faults on first touch: with bf16 weights that made the sampling 12 % of a
-    decoding step, against 7 % with these buffers (the same numbers, bit for bit). The batch only
+    decoding step, against 5–6 % with these buffers (the same numbers, bit for bit). The batch only
     shrinks during a loop, so a step uses the first rows of the buffers. Without a workspace each
     call allocates its own, as before.
     """

@@ -41,10 +41,7 @@ from rlhf.models import load_policy, use_bf16  # noqa: E402
 
 def run_once(model, tok, prompts, args, lab_attention: bool) -> tuple[float, list[str]]:
     """Seconds to generate the candidates, and their texts in order."""
-    own = sampling._decode_attention_for
-    if not lab_attention:  # the decoding steps stay on transformers' SDPA
-        sampling._decode_attention_for = lambda model: contextlib.nullcontext()
-    try:
+    with contextlib.nullcontext() if lab_attention else sampling.transformers_decoding():
         t0 = time.perf_counter()
         records = generate_candidates(
             model,
@@ -57,8 +54,6 @@ def run_once(model, tok, prompts, args, lab_attention: bool) -> tuple[float, lis
             progress=False,
         )
         seconds = time.perf_counter() - t0
-    finally:
-        sampling._decode_attention_for = own
     return seconds, [c["text"] for r in records for c in r["candidates"]]
 
 

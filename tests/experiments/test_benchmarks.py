@@ -221,8 +221,6 @@ def test_decode_attention_bench_times_both_attentions_on_the_same_answers(capsys
     from experiments.benchmarks import bench_decode_attention
     from rlhf import sampling
 
-    own = sampling._decode_attention_for
-
     args = ["--model", "tiny", "--prompts", "4", "--k", "2", "--max_new_tokens", "6", "--batch_size", "4"]
     assert bench_decode_attention.main([*args, "--repeats", "1", "--precision", "no"]) == 0
     out = capsys.readouterr().out
@@ -233,4 +231,4 @@ def test_decode_attention_bench_times_both_attentions_on_the_same_answers(capsys
     assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
     # fp32: the two attentions agree to rounding, so the same random numbers write the same answers
     assert "same answers 8 of 8" in out
-    assert sampling._decode_attention_for is own  # the baseline's swap is undone
+    assert sampling._OWN_DECODING.get()  # the baseline's switch is undone

@@ -510,8 +510,6 @@ def test_sampler_uses_the_decode_attention_and_gives_sdpa_back(tiny, monkeypatch
     """Prompts of one length (no padding: the path transformers sends to SDPA's grouped kernel):
     the sampler's log-probs equal a full forward's, its draws equal plain SDPA decoding's, and the
     model runs SDPA again afterwards, also after an error inside the loop."""
-    import contextlib
-
     from rlhf import sampling
 
     model, tok = tiny
@@ -527,8 +525,10 @@ def test_sampler_uses_the_decode_attention_and_gives_sdpa_back(tiny, monkeypatch
     ours = sample_responses(model, query, qmask, generator=torch.Generator().manual_seed(2), **kw)
     assert calls and model.config._attn_implementation == "sdpa"
     assert torch.allclose(ours.logprobs, _forward_logprobs(model, query, qmask, ours, 0.9), atol=1e-4)
-    monkeypatch.setattr(sampling, "_decode_attention_for", lambda model: contextlib.nullcontext())
-    plain = sample_responses(model, query, qmask, generator=torch.Generator().manual_seed(2), **kw)
+    used = len(calls)
+    with sampling.transformers_decoding():
+        plain = sample_responses(model, query, qmask, generator=torch.Generator().manual_seed(2), **kw)
+    assert len(calls) == used  # the baseline really decoded with transformers' SDPA
     assert torch.equal(ours.tokens, plain.tokens)
     assert torch.allclose(ours.logprobs, plain.logprobs, atol=1e-5)
     monkeypatch.undo()
