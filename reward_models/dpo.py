@@ -33,7 +33,6 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -66,6 +65,7 @@ from rlhf.models import (
     MIXED_PRECISION_HELP,
     adam_kwargs,
     autocast_bf16,
+    policy_out_dir,
     policy_to_train,
     policy_to_write,
     resolve_model_path,
@@ -74,7 +74,7 @@ from rlhf.models import (
 )
 from rlhf.nonfinite import gradient_norm, stop_if_non_finite
 from rlhf.stats import bootstrap_ci
-from rlhf.tracking import RunFields, start_stage
+from rlhf.tracking import RunFields, stage_run_dir, start_stage
 
 
 @dataclass
@@ -276,6 +276,7 @@ def run_dpo(cfg: DPOStageConfig) -> dict[str, Any]:
     if not train:
         raise UserError(f"{cfg.rankings}: no usable rankings ({report.records} records)", code="no_data")
     resolve_model_path(cfg.policy)  # an unknown policy stops here, before the run dir exists
+    out_dir = policy_out_dir(cfg.output_dir, stage_run_dir(cfg, "dpo"))
     tracker = start_stage(cfg, "dpo", job_type="dpo")
     try:
         torch.manual_seed(cfg.seed)
@@ -354,7 +355,6 @@ def run_dpo(cfg: DPOStageConfig) -> dict[str, Any]:
         tracker.log(final, step=step)
         _log_held_out_table(tracker, held[:8], held_rewards[:8])
 
-        out_dir = Path(cfg.output_dir) if cfg.output_dir else Path(tracker.run_dir) / "policy"
         model, base = policy_to_write(policy, cfg.policy)
         meta = {
             "base": base,

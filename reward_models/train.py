@@ -96,7 +96,7 @@ from rlhf.datafiles import write_jsonl
 from rlhf.distributed import require_data_parallel
 from rlhf.models import use_bf16
 from rlhf.nonfinite import gradient_norm, stop_if_non_finite
-from rlhf.reward_model import save_ensemble, save_reward_model
+from rlhf.reward_model import reward_out_dir, save_ensemble, save_reward_model
 from rlhf.tracking import Tracker, claim_run_dir, stage_run_dir, start_stage
 
 
@@ -104,6 +104,7 @@ def run_rm_train(cfg: RMTrainConfig) -> dict:
     """Train a reward model on rankings, or ``cfg.ensemble`` of them (see the module docstring);
     returns a summary dict."""
     cfg.validate()
+    reward_out_dir(cfg.out, stage_run_dir(cfg, "rm_train"))  # a bad `out` stops here, before any work
     if cfg.ensemble > 1:
         return _train_ensemble(cfg)
     return train_one(cfg, split_seed=cfg.seed, stage="rm_train")
@@ -142,7 +143,7 @@ def _train_ensemble(cfg: RMTrainConfig) -> dict:
             below, below_depth = None, -1.0
         if layers not in later:
             del stores[layers]
-    model_dir = Path(cfg.out) if cfg.out else run_dir / "model"
+    model_dir = reward_out_dir(cfg.out, run_dir)
     manifest = {
         "combine": cfg.ensemble_reward,
         "seeds": [cfg.seed + i for i in range(cfg.ensemble)],
@@ -468,7 +469,7 @@ def write_outputs(
     """The reward-model dir, logged as the run's output artifact, and the run's summary (returned;
     the main process also logs it and prints the closing line)."""
     cfg, counters = run.cfg, progress.counters
-    model_dir = Path(cfg.out) if cfg.out else run.run_dir / "model"
+    model_dir = reward_out_dir(cfg.out, run.run_dir)
     summary = {
         "run_dir": str(run.run_dir),
         "model_dir": str(model_dir),

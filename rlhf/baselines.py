@@ -33,7 +33,13 @@ from rlhf.config import (
 )
 from rlhf.contracts import prompt_text
 from rlhf.evaluate import evaluate_policy, resolve_stop_token
-from rlhf.models import load_policy, require_mergeable_start, resolve_model_path, write_policy_dir
+from rlhf.models import (
+    load_policy,
+    policy_out_dir,
+    require_mergeable_start,
+    resolve_model_path,
+    write_policy_dir,
+)
 from rlhf.ppo.config import PPOConfig
 from rlhf.ppo.prompts import load_prompt_sets
 from rlhf.ppo.rollout import encode_queries, left_pad
@@ -41,7 +47,7 @@ from rlhf.ppo.value import response_logprobs
 from rlhf.rewards import check_reward_spec, load_reward_fn
 from rlhf.scorers import get_scorer
 from rlhf.sft import bf16_supported
-from rlhf.tracking import RunFields, start_stage
+from rlhf.tracking import RunFields, stage_run_dir, start_stage
 from rlhf.trainer_callbacks import TrackerCallback
 
 
@@ -140,9 +146,9 @@ def run_baseline(cfg: BaselineConfig) -> dict[str, Any]:
     gold_fn = get_scorer(cfg.gold) if cfg.gold else None
     stage = f"baseline_{cfg.algorithm}"
     require_mergeable_start(cfg.policy, stage)
+    out_dir = policy_out_dir(cfg.output_dir, stage_run_dir(cfg, stage))
     tracker = start_stage(cfg, stage, job_type="baseline")
     run_dir = tracker.run_dir
-    out_dir = Path(cfg.output_dir) if cfg.output_dir else run_dir / "policy"
 
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_policy(cfg.policy, merged=True)

@@ -35,6 +35,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from rlhf.errors import ConfigError
+
 BACKUP_SUFFIX = ".old"
 
 
@@ -123,12 +125,53 @@ def replace_dir_atomically(tmp: str | os.PathLike, final: str | os.PathLike) -> 
     return final
 
 
+def check_replaceable(final: str | os.PathLike, markers: tuple[str, ...], option: str) -> None:
+    """Refuse to let a save replace ``final`` unless it is missing, an empty directory, or a
+    directory holding one of ``markers`` (a file its kind of save writes, so the lab wrote it).
+
+    A save swaps the whole directory, so without this an output option pointed at an existing
+    folder (``--output_dir .``) would delete that folder and everything in it. ``option`` names
+    the setting in the one-line error (code ``config``)."""
+    final = Path(final)
+    if not final.exists():  # nothing to replace (an interrupted save's backup is the lab's own)
+        return
+    if final.is_dir() and (not any(final.iterdir()) or any((final / m).exists() for m in markers)):
+        return
+    kind = (
+        "a file" if not final.is_dir() else f"a directory the lab did not write (no {' or '.join(markers)})"
+    )
+    raise ConfigError(
+        f"{option} {str(final)!r} is {kind}; saving there would replace it and everything in it: "
+        "give a new or empty directory, or one this kind of save wrote before"
+    )
+
+
+def check_output_dir(
+    out: str | os.PathLike, run_dir: str | os.PathLike, markers: tuple[str, ...], option: str
+):
+    """Where a stage will save (``out``), checked before any work starts: not this run's own
+    directory ``run_dir`` or a folder holding it (the save would replace the run's logs and
+    checkpoints), and replaceable (:func:`check_replaceable`). Returns ``out`` as a path."""
+    out, run_dir = Path(out), Path(run_dir)
+    target = out.resolve()
+    if target == run_dir.resolve() or target in run_dir.resolve().parents:
+        raise ConfigError(
+            f"{option} {str(out)!r} holds this run's own directory {str(run_dir)!r}; saving there would "
+            f"replace the run's logs and checkpoints: give another directory (the default is inside it)"
+        )
+    check_replaceable(out, markers, option)
+    return out
+
+
 @contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(final: str | os.PathLike, replaces: tuple[str, ...] = ()) -> Iterator[Path]:
     """``with atomic_dir(out) as tmp:`` fill ``tmp``; when the block ends without an error, ``tmp``
     replaces ``out`` (:func:`replace_dir_atomically`). On an error ``tmp`` is deleted and ``out``
-    is left as it was."""
+    is left as it was. ``replaces``: the marker files of the saves that may be replaced; an
+    existing ``out`` without one is refused before anything is written (:func:`check_replaceable`)."""
     final = Path(final)
+    if replaces:
+        check_replaceable(final, replaces, "the output directory")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(final)
     tmp.mkdir()

@@ -30,12 +30,13 @@ from rlhf.export import rankings_to_kto
 from rlhf.models import (
     frozen_copy,
     load_policy,
+    policy_out_dir,
     policy_to_write,
     require_mergeable_start,
     resolve_model_path,
     write_policy_dir,
 )
-from rlhf.tracking import RunFields, start_stage
+from rlhf.tracking import RunFields, stage_run_dir, start_stage
 from rlhf.trainer_callbacks import ProgressCallback, TimeBudgetCallback, TrackerCallback
 
 
@@ -107,6 +108,7 @@ def run_kto(cfg: KTOStageConfig) -> dict[str, Any]:
 
     resolve_model_path(cfg.policy)  # an unknown policy stops here, before the run dir exists
     require_mergeable_start(cfg.policy, "kto")
+    out_dir = policy_out_dir(cfg.output_dir, stage_run_dir(cfg, "kto"))
     tracker = start_stage(cfg, "kto", job_type="kto")
     try:
         run_dir = Path(tracker.run_dir)
@@ -150,7 +152,6 @@ def run_kto(cfg: KTOStageConfig) -> dict[str, Any]:
         train_s = time.time() - t0
 
         final, base = policy_to_write(trainer.accelerator.unwrap_model(trainer.model), cfg.policy)
-        out_dir = Path(cfg.output_dir) if cfg.output_dir else run_dir / "policy"
         shutil.rmtree(run_dir / "trainer", ignore_errors=True)  # save_strategy="no": an empty dir
         meta = {
             "base": base,

@@ -61,7 +61,7 @@ from rlhf.adapters import (
 )
 from rlhf.config import did_you_mean
 from rlhf.errors import ConfigError, UserError
-from rlhf.fsio import atomic_dir, recover_dir
+from rlhf.fsio import atomic_dir, check_output_dir, recover_dir
 from rlhf.model_cache import ALIASES, SMOLLM2, alias_path, download, print_stderr, relax_permissions
 
 # Their home before the model cache had its own module; kept importable from here for user code.
@@ -365,6 +365,13 @@ def load_policy(
     return model, load_tokenizer(name)
 
 
+def policy_out_dir(output_dir: str, run_dir: str | os.PathLike) -> Path:
+    """Where a stage writes its policy: ``output_dir``, else ``<run_dir>/policy``. Checked before
+    any work starts (:func:`rlhf.fsio.check_output_dir`): never the run's own directory or a folder
+    holding it, never an existing directory other than a policy dir."""
+    return check_output_dir(output_dir or Path(run_dir) / "policy", run_dir, (POLICY_META,), "output_dir")
+
+
 def write_policy_dir(
     model, tokenizer, out_dir: str | os.PathLike, meta: dict[str, Any], state_dict: dict | None = None
 ) -> Path:
@@ -383,7 +390,7 @@ def write_policy_dir(
     if is_peft and not meta.get("base"):
         raise UserError("write_policy_dir: an adapter policy needs meta['base']", code="bad_policy_dir")
     meta.setdefault("format", "peft_adapter" if is_peft else "full")
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, replaces=(POLICY_META,)) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         (tmp / POLICY_META).write_text(json.dumps(meta, indent=2, default=str))

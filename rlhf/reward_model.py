@@ -53,13 +53,15 @@ from torch import nn
 
 from rlhf.contracts import prompt_text
 from rlhf.errors import UserError
-from rlhf.fsio import atomic_dir, recover_dir
+from rlhf.fsio import atomic_dir, check_output_dir, recover_dir
 from rlhf.models import disable_dropout, format_conversation, format_prompt, load_tokenizer
 from rlhf.sampling import MIN_SHARED_PREFIX, common_prefix_length, shared_prefix_cache
 
 META_FILE = "rlhf_reward.json"
 HEAD_FILE = "rlhf_head.safetensors"  # the head over several layers' means (``read_layers``)
 ENSEMBLE_FILE = "rlhf_ensemble.json"  # an ensemble dir's manifest (:func:`save_ensemble`)
+# a reward-model save may replace a directory holding one of these: a reward model or an ensemble
+REWARD_DIR_MARKERS = (META_FILE, ENSEMBLE_FILE)
 TRAINABLE = ("top", "full", "lora")
 POOLING = ("mean", "last")
 
@@ -480,11 +482,18 @@ def save_ensemble(
             shutil.copy2(src, dst)
 
     names = [f"member-{i}" for i in range(len(member_dirs))]
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, replaces=REWARD_DIR_MARKERS) as tmp:
         for name, member in zip(names, member_dirs):
             shutil.copytree(member, tmp / name, copy_function=link_or_copy)
         (tmp / ENSEMBLE_FILE).write_text(json.dumps({**manifest, "members": names}, indent=2, default=str))
     return Path(out_dir)
+
+
+def reward_out_dir(out: str, run_dir: str | os.PathLike) -> Path:
+    """Where ``rm train`` writes its reward model: ``out``, else ``<run_dir>/model``. Checked before
+    any work starts (:func:`rlhf.fsio.check_output_dir`): never the run's own directory or a folder
+    holding it, never an existing directory other than a reward-model or ensemble dir."""
+    return check_output_dir(out or Path(run_dir) / "model", run_dir, REWARD_DIR_MARKERS, "out")
 
 
 def save_reward_model(
@@ -503,7 +512,7 @@ def save_reward_model(
         meta["tie_param"] = float(model.tie_param.detach())
     if model.read_layers:
         meta["read_layers"] = list(model.read_layers)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, replaces=REWARD_DIR_MARKERS) as tmp:
         with _quiet_transformers():
             seq_model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

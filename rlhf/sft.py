@@ -26,7 +26,7 @@ from typing import Any
 from rlhf.adapters import AdapterFields, adapter_config
 from rlhf.config import ConfigError, add_config_arguments, config_from_args, config_hash, option, to_dict
 from rlhf.contracts import load_demonstrations
-from rlhf.models import bf16_hardware, load_policy, resolve_model_path, write_policy_dir
+from rlhf.models import bf16_hardware, load_policy, policy_out_dir, resolve_model_path, write_policy_dir
 from rlhf.tracking import RunFields, Tracker, stage_run_dir, start_stage
 from rlhf.trainer_callbacks import ProgressCallback, TrackerCallback
 
@@ -146,6 +146,8 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
         raise ConfigError(
             f"demonstrations {cfg.demonstrations!r} (split {cfg.split!r}) has no records to train on"
         )
+    run_dir = stage_run_dir(cfg, "sft")
+    out_dir = policy_out_dir(cfg.output_dir, run_dir)
 
     import torch
     from accelerate import PartialState
@@ -160,8 +162,6 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     is_main = PartialState(cpu=not torch.cuda.is_available()).is_main_process
     # start_stage records the demonstrations (lab:demonstrations included) as the run's input dataset
     tracker = start_stage(cfg, "sft", job_type="sft") if is_main else Tracker.noop()
-    run_dir = stage_run_dir(cfg, "sft")
-    out_dir = Path(cfg.output_dir) if cfg.output_dir else run_dir / "policy"
 
     torch.manual_seed(cfg.seed)
     base_path = resolve_model_path(cfg.model)

@@ -267,7 +267,7 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
 
     if not interrupted and run.held_out is not None and run.start_update < run.n_updates:
         last_eval = run.evaluate(run.n_updates)
-    out_dir = Path(cfg.output_dir) if cfg.output_dir else run.run_dir / "policy"
+    out_dir = run.out_dir
     summary = run_summary(run, last_eval, last_metrics, interrupted, last_good)
     if accelerator.is_main_process:
         title = f"PPO on {cfg.experiment}: {run.reward_fn.name}"

@@ -35,6 +35,7 @@ from rlhf.models import (
     autocast_if_faster,
     disable_dropout,
     load_policy,
+    policy_out_dir,
     policy_to_train,
     use_bf16,
 )
@@ -86,6 +87,7 @@ class PPORun:
     reward_fn: Callable
     gold_fn: Callable | None
     run_dir: Path
+    out_dir: Path  # where the trained policy goes
     tracker: Tracker
     tokenizer: Any
     pv: PolicyAndValue
@@ -213,6 +215,7 @@ def set_up(cfg: PPOConfig) -> PPORun:
     reward_fn = load_reward_fn(cfg.reward, device=str(accelerator.device))
     gold_fn = get_scorer(cfg.gold) if cfg.gold else None
     run_dir = stage_run_dir(cfg, "ppo")
+    out_dir = policy_out_dir(cfg.output_dir, run_dir)
     resume_from = resolve_resume(cfg.resume, run_dir / "checkpoints")
     done = int(resume_from.name.rsplit("_", 1)[-1]) if resume_from is not None else None
     earlier = _metrics_up_to(run_dir, done)
@@ -258,6 +261,7 @@ def set_up(cfg: PPOConfig) -> PPORun:
         reward_fn=reward_fn,
         gold_fn=gold_fn,
         run_dir=run_dir,
+        out_dir=out_dir,
         tracker=tracker,
         tokenizer=tokenizer,
         pv=pv,

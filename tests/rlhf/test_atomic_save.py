@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rlhf.errors import ConfigError
 from rlhf.fsio import atomic_dir, backup_path, recover_dir, recover_dirs_in, replace_dir_atomically
 
 REPO = Path(__file__).resolve().parents[2]
@@ -89,6 +90,32 @@ def test_atomic_dir_swaps_in_on_success_and_leaves_the_old_on_error(tmp_path):
     with atomic_dir(final) as tmp:
         (tmp / "version").write_text("v2")
     assert _version(final) == "v2" and _siblings(final) == ["out"]
+
+
+def test_a_save_replaces_only_what_its_kind_of_save_wrote(tmp_path):
+    """``replaces``: a missing or empty directory, or one holding the marker, is replaced; anything
+    else is refused before a byte is written, and left as it was."""
+    for name, make in [
+        ("missing", None),
+        ("empty", lambda p: p.mkdir()),
+        ("ours", lambda p: _make_dir(p, "MARK")),
+    ]:
+        final = tmp_path / name
+        if make:
+            make(final)
+        with atomic_dir(final, replaces=("version",)) as tmp:
+            (tmp / "version").write_text("new")
+        assert _version(final) == "new"
+    theirs, a_file = tmp_path / "theirs", tmp_path / "a_file"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("v1")
+    a_file.write_text("mine")
+    for final in (theirs, a_file):
+        with pytest.raises(ConfigError, match="replace it and everything in it"):
+            with atomic_dir(final, replaces=("version",)):
+                raise AssertionError("the block must not run")
+    assert (theirs / "notes.txt").read_text() == "v1" and a_file.read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "empty", "missing", "ours", "theirs"]
 
 
 def test_recover_dirs_in_recovers_every_interrupted_swap(tmp_path):
