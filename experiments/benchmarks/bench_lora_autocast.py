@@ -1,4 +1,4 @@
-"""How much of a small LoRA change survives bf16 autocast? The reason PPO trains in fp32 by default.
+"""How much of a small LoRA change survives bf16 autocast? Why PPO's precision was put to a test of learning.
 
 A LoRA policy starts as its base: ``B = 0``, and PPO's first updates move it by a little. Under
 bf16 autocast the base layers' outputs are bf16 (8 bits of mantissa), and the adapter's
