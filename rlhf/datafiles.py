@@ -25,11 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.errors import UserError
-from rlhf.fsio import atomic_dir, atomic_file
+from rlhf.fsio import atomic_dir, atomic_file, replace_refusal
 
 MAX_LINE_BYTES = 1 << 20  # a JSONL line over 1 MB is almost surely not one record (a lost newline)
 MAX_LISTED = 50  # rows listed in one DataError message; the rest are counted
 LAB_SOURCES = ("prompts", "demonstrations")
+# what `datasets.save_to_disk` writes into a dataset folder (a Dataset; a DatasetDict)
+DATASET_MARKERS = ("state.json", "dataset_dict.json")
 
 
 # ----------------------------------------------------------------------------- errors
@@ -473,6 +475,9 @@ def output_kind(out: str | os.PathLike) -> str:
         raise DataError(f"output {p} is an existing folder; give a file name", code="output")
     if kind == "dataset" and p.is_file():
         raise DataError(f"output {p} is an existing file; give a folder name for the dataset", code="output")
+    refusal = replace_refusal(p, DATASET_MARKERS, "output") if kind == "dataset" else None
+    if refusal:  # a dataset is saved by swapping the whole folder: never over a folder of other things
+        raise DataError(refusal, code="output")
     return kind
 
 
@@ -552,7 +557,7 @@ def _save_dataset(records: list[dict], out: Path, column_types: Mapping[str, Any
         datasets.disable_progress_bars()
     try:
         ds = _typed_dataset(records, column_types)
-        with atomic_dir(out) as tmp:  # a crash leaves the old folder or the new one
+        with atomic_dir(out, replaces=DATASET_MARKERS) as tmp:  # a crash leaves the old folder or the new one
             ds.save_to_disk(str(tmp))
     finally:
         if quiet:

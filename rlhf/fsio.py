@@ -125,22 +125,21 @@ def replace_dir_atomically(tmp: str | os.PathLike, final: str | os.PathLike) -> 
     return final
 
 
-def check_replaceable(final: str | os.PathLike, markers: tuple[str, ...], option: str) -> None:
-    """Refuse to let a save replace ``final`` unless it is missing, an empty directory, or a
-    directory holding one of ``markers`` (a file its kind of save writes, so the lab wrote it).
+def replace_refusal(final: str | os.PathLike, markers: tuple[str, ...], option: str) -> str | None:
+    """Why a save must not replace ``final`` (one line naming ``option``, the setting), or None when
+    it may: ``final`` is missing, an empty directory, or a directory holding one of ``markers`` (a
+    file its kind of save writes).
 
     A save swaps the whole directory, so without this an output option pointed at an existing
-    folder (``--output_dir .``) would delete that folder and everything in it. ``option`` names
-    the setting in the one-line error (code ``config``)."""
+    folder (``--output_dir .``) would delete that folder and everything in it."""
     final = Path(final)
     if not final.exists():  # nothing to replace (an interrupted save's backup is the lab's own)
-        return
+        return None
     if final.is_dir() and (not any(final.iterdir()) or any((final / m).exists() for m in markers)):
-        return
-    kind = (
-        "a file" if not final.is_dir() else f"a directory the lab did not write (no {' or '.join(markers)})"
-    )
-    raise ConfigError(
+        return None
+    written_by = f"a directory that no save of its kind wrote (no {' or '.join(markers)})"
+    kind = written_by if final.is_dir() else "a file"
+    return (
         f"{option} {str(final)!r} is {kind}; saving there would replace it and everything in it: "
         "give a new or empty directory, or one this kind of save wrote before"
     )
@@ -148,18 +147,21 @@ def check_replaceable(final: str | os.PathLike, markers: tuple[str, ...], option
 
 def check_output_dir(
     out: str | os.PathLike, run_dir: str | os.PathLike, markers: tuple[str, ...], option: str
-):
+) -> Path:
     """Where a stage will save (``out``), checked before any work starts: not this run's own
     directory ``run_dir`` or a folder holding it (the save would replace the run's logs and
-    checkpoints), and replaceable (:func:`check_replaceable`). Returns ``out`` as a path."""
+    checkpoints), and replaceable (:func:`replace_refusal`); else error code ``config``. Returns
+    ``out`` as a path."""
     out, run_dir = Path(out), Path(run_dir)
     target = out.resolve()
     if target == run_dir.resolve() or target in run_dir.resolve().parents:
         raise ConfigError(
             f"{option} {str(out)!r} holds this run's own directory {str(run_dir)!r}; saving there would "
-            f"replace the run's logs and checkpoints: give another directory (the default is inside it)"
+            "replace the run's logs and checkpoints: give another directory (the default is inside it)"
         )
-    check_replaceable(out, markers, option)
+    refusal = replace_refusal(out, markers, option)
+    if refusal:
+        raise ConfigError(refusal)
     return out
 
 
@@ -168,10 +170,11 @@ def atomic_dir(final: str | os.PathLike, replaces: tuple[str, ...] = ()) -> Iter
     """``with atomic_dir(out) as tmp:`` fill ``tmp``; when the block ends without an error, ``tmp``
     replaces ``out`` (:func:`replace_dir_atomically`). On an error ``tmp`` is deleted and ``out``
     is left as it was. ``replaces``: the marker files of the saves that may be replaced; an
-    existing ``out`` without one is refused before anything is written (:func:`check_replaceable`)."""
+    existing ``out`` without one is refused before anything is written (:func:`replace_refusal`)."""
     final = Path(final)
-    if replaces:
-        check_replaceable(final, replaces, "the output directory")
+    refusal = replace_refusal(final, replaces, "the output directory") if replaces else None
+    if refusal:
+        raise ConfigError(refusal)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(final)
     tmp.mkdir()

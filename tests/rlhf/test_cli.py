@@ -59,7 +59,7 @@ def test_an_output_dir_the_lab_did_not_write_is_refused_before_any_work(stage, i
     assert main([*_stage_argv(stage, folder), "--runs_dir", "runs"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("rlhf: error[config]")
-    assert "my_project" in err and "a directory the lab did not write" in err
+    assert "my_project" in err and "a directory that no save of its kind wrote" in err
     assert (folder / "notes.txt").read_text() == "keep me" and not (in_tmp / "runs").exists()
 
 

@@ -576,6 +576,21 @@ def test_unwritable_output_is_a_data_error(tmp_path, name):
     assert err.value.code == "output" and "cannot write" in str(err.value)
 
 
+def test_a_dataset_folder_is_saved_over_a_dataset_never_over_other_files(tmp_path):
+    """A dataset folder is saved by swapping the whole folder in: over an earlier dataset, yes;
+    over a folder of the user's, one clear line before anything is written, the folder untouched."""
+    recs = load_rankings([ranking_rec("p1")])
+    out = save_records(recs, tmp_path / "ds")
+    assert load_rankings(save_records(recs * 2, out)) == recs * 2  # a dataset replaced by a dataset
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(DataError) as err:
+        save_records(recs, mine)
+    assert err.value.code == "output" and "no state.json or dataset_dict.json" in str(err.value)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
 @pytest.mark.parametrize("name", ["out.jsonl", "out.parquet", "out_dataset"])
 def test_save_records_round_trip(tmp_path, name):
     recs = load_rankings([ranking_rec("p1"), ranking_rec("p2", "A > B > C > D")])
