@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from rlhf.cli import main
-from rlhf.sft import SFTConfig, split_heldout, to_trl_record
+from rlhf.sft import SFTConfig, sft_trainer_class, split_heldout, to_trl_record
 from tests.rlhf import ppo_helpers
 
 
@@ -84,6 +84,56 @@ def test_sft_cli_lora_tiny(tmp_path):
 
     model, tok = load_policy(str(policy))  # the adapter dir loads on its base
     assert hasattr(model, "peft_config")
+
+
+def test_the_cpu_bf16_trainer_computes_its_loss_under_autocast(monkeypatch):
+    """TRL's bf16 flag does nothing on a CPU, so the lab's trainer autocasts the loss (the forward
+    inside it) itself, and only when asked."""
+    import torch
+    import trl
+
+    seen = []
+    monkeypatch.setattr(
+        trl.SFTTrainer, "compute_loss", lambda self, *a, **k: seen.append(torch.is_autocast_enabled("cpu"))
+    )
+    for cpu_bf16 in (False, True):
+        cls = sft_trainer_class(cpu_bf16)
+        cls.compute_loss(object.__new__(cls), None, {})
+    assert seen == [False, True]
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_sft_mixed_precision_through_the_cli(tmp_path, capsys, monkeypatch, precision):
+    """``mixed_precision`` is resolved on the machine: bf16 trains (and says so in its summary) where
+    the CPU has it; where it does not, bf16 is one line and no run. ``no`` is fp32 everywhere."""
+    import rlhf.models
+
+    demos = ppo_helpers.write_demonstrations(tmp_path / "demos.jsonl", n=8)
+    argv = ["sft", "--model", "tiny", "--demonstrations", str(demos), "--batch_size", "4"]
+    argv += [
+        "--mixed_precision",
+        precision,
+        "--runs_dir",
+        str(tmp_path / "runs"),
+        "--tracking.mode",
+        "disabled",
+    ]
+    if precision == "bf16" and rlhf.models.bf16_hardware("cpu"):
+        assert main(argv) == 0
+        summary = json.loads((tmp_path / "runs" / "default" / "sft" / "summary.json").read_text())
+        assert summary["sft/bf16"] == 1 and summary["train/loss_final"] == summary["train/loss_final"]
+    capsys.readouterr()  # the first run's progress bar
+    monkeypatch.setattr(rlhf.models, "bf16_hardware", lambda device: False)
+    rc = main([*argv, "--experiment", "nobf16"])
+    if precision == "bf16":
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and len(err.splitlines()) == 1 and "bf16 needs bf16 hardware" in err
+        assert not (tmp_path / "runs" / "nobf16").exists()
+    else:
+        assert rc == 0
+        assert (
+            json.loads((tmp_path / "runs" / "nobf16" / "sft" / "summary.json").read_text())["sft/bf16"] == 0
+        )
 
 
 def test_sft_missing_data_is_a_clear_error(tmp_path, capsys):
