@@ -153,8 +153,8 @@ def check_output_dir(
     checkpoints), and replaceable (:func:`replace_refusal`); else error code ``config``. Returns
     ``out`` as a path."""
     out, run_dir = Path(out), Path(run_dir)
-    target = out.resolve()
-    if target == run_dir.resolve() or target in run_dir.resolve().parents:
+    run_path = run_dir.resolve()
+    if out.resolve() in (run_path, *run_path.parents):
         raise ConfigError(
             f"{option} {str(out)!r} holds this run's own directory {str(run_dir)!r}; saving there would "
             "replace the run's logs and checkpoints: give another directory (the default is inside it)"

@@ -196,7 +196,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     bf16 = use_bf16(cfg.mixed_precision, "cuda" if use_cuda else "cpu")
     # Under `accelerate launch` every process trains (TRL's Trainer runs data-parallel), but only the
     # main one tracks, writes the policy and prints: one W&B run, one writer.
-    is_main = PartialState(cpu=not torch.cuda.is_available()).is_main_process
+    is_main = PartialState(cpu=not use_cuda).is_main_process
     # start_stage records the demonstrations (lab:demonstrations included) as the run's input dataset
     tracker = start_stage(cfg, "sft", job_type="sft") if is_main else Tracker.noop()
 

@@ -267,7 +267,6 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
 
     if not interrupted and run.held_out is not None and run.start_update < run.n_updates:
         last_eval = run.evaluate(run.n_updates)
-    out_dir = run.out_dir
     summary = run_summary(run, last_eval, last_metrics, interrupted, last_good)
     if accelerator.is_main_process:
         title = f"PPO on {cfg.experiment}: {run.reward_fn.name}"
@@ -276,8 +275,8 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
             tracker.log_image("learning_curves", png)
             summary["learning_curves"] = str(png)
         if not interrupted:
-            _write_policy(run, out_dir)
-            summary["policy_dir"] = str(out_dir)
+            _write_policy(run)
+            summary["policy_dir"] = str(run.out_dir)
         tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
     accelerator.wait_for_everyone()
     tracker.finish()
@@ -285,7 +284,7 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
         print(
             f"ppo: score {summary['objective/scores_first']:.4f} → {summary['objective/scores_last']:.4f}, "
             f"KL {summary['objective/kl_last']:.3f}, {summary['perf/episodes_per_s_mean']:.3f} episodes/s"
-            + (f"; policy: {out_dir}" if not interrupted else ""),
+            + (f"; policy: {run.out_dir}" if not interrupted else ""),
             flush=True,
         )
     return summary
@@ -349,8 +348,9 @@ def _where_stopped(update: int, epoch: int, last_good: Path | None) -> dict[str,
     }
 
 
-def _write_policy(run: PPORun, out_dir: Path) -> None:
-    """The trained policy as a policy dir (LoRA merged), logged as the run's model artifact."""
+def _write_policy(run: PPORun) -> None:
+    """The trained policy as a policy dir (LoRA merged) in ``run.out_dir``, logged as the run's model
+    artifact."""
     cfg = run.cfg
     final, base = policy_to_write(run.policy(), cfg.policy)
     meta = {
@@ -360,9 +360,9 @@ def _write_policy(run: PPORun, out_dir: Path) -> None:
         "lora_merged": cfg.lora,
         "config": to_dict(cfg),
     }
-    write_policy_dir(final, run.tokenizer, out_dir, meta)
+    write_policy_dir(final, run.tokenizer, run.out_dir, meta)
     run.tracker.log_artifact(
-        out_dir,
+        run.out_dir,
         name=f"{cfg.experiment}-ppo-policy",
         type="model",
         metadata={"config_hash": meta["config_hash"]},
