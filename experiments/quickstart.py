@@ -19,6 +19,7 @@ for a lab that wants humans in the loop from the first round.
 from __future__ import annotations
 
 import argparse
+import math
 from importlib import resources
 from pathlib import Path
 
@@ -79,6 +80,14 @@ def print_summary(summary: dict) -> None:
         _row("accuracy vs annotators", rm, "eval/pair_accuracy", "chance 0.5")
         _row("Kendall τ vs annotators", rm, "eval/kendall_tau", "chance 0")
         _row("reward-length corr.", rm, "eval/length_corr", _gold_own(rm, "eval/gold_length_corr"))
+        explained = rm.get("eval/length_corr_explained")
+        if explained is not None and not math.isnan(explained):
+            _row(
+                "  beyond its accuracy",
+                rm,
+                "eval/length_corr_beyond",
+                f"0 = the {explained:.3f} its agreement with the gold explains (docs/reward-models.md)",
+            )
         _row(
             "longer answer preferred",
             rm,

@@ -21,8 +21,11 @@ file) it reports, in ``metrics.json``, ``metrics.jsonl`` and the W&B run:
 - ``eval/length_corr`` (Pearson) and ``eval/length_spearman``: reward vs response length in words,
   over unique responses — a warning sign of length hacking when high; ``eval/longer_preferred``: of
   the pairs of one prompt's answers that differ in length, the share whose longer answer the reward
-  puts higher (0.5: length plays no part); with a gold, the gold's own (``eval/gold_...``) and the
-  reward's excess over it (``..._excess``), all with intervals (:mod:`reward_models.length_lean`);
+  puts higher (0.5: length plays no part); with a gold, the gold's own (``eval/gold_...``), the
+  reward's excess over it (``..._excess``), and its length correlation beyond what its agreement
+  with the gold explains (``eval/length_corr_beyond``: an imperfect reward that is the best
+  prediction of the gold correlates with length more than the gold by ``1 / corr(reward, gold)``),
+  all with intervals (:mod:`reward_models.length_lean`);
 - with simulated annotators (records carrying ``gold`` scores, or ``gold=SPEC`` to score now):
   ``eval/gold_pair_accuracy`` (the model against the gold scorer on pairs the gold scorer
   separates), ``eval/gold_spearman`` and ``eval/annotator_gold_accuracy`` (the annotators' own
@@ -568,6 +571,7 @@ def _print(metrics: dict, run_dir: Path) -> None:
         "eval/kendall_tau",
         "eval/ece",
         "eval/length_corr",
+        "eval/length_corr_beyond",
         "eval/longer_preferred",
         "eval/gold_pair_accuracy",
         "eval/annotator_gold_accuracy",

@@ -12,6 +12,14 @@ the model's excess over the gold (model − gold, resampling the same prompts fo
 - ``longer_preferred``: of the pairs of answers *to one prompt* that differ in length and that the
   scores order, the share in which the longer answer scores higher (0.5: length plays no part).
   This is the lean a ranking loss learns and PPO's comparisons reward.
+- ``length_corr_beyond``: the reward's length correlation minus the one its agreement with the gold
+  explains, ``corr(g, L) / corr(r, g)``. Why that is the fair reference: the best prediction of
+  the gold from features that carry the length, ``r = E[g | x]``, has ``cov(r, L) = cov(g, L)``
+  and ``var(r) = cov(r, g)``, so ``corr(r, L) = corr(g, L) / corr(r, g)``: *every* reward that
+  captures less of the gold than the gold itself, but its length part fully, correlates with length
+  more than the gold does, by the factor ``1 / corr(r, g)``. Only a lean beyond that is the
+  reward's own (``eval/length_corr_explained`` is the reference, ``eval/gold_corr`` the
+  agreement; NaN where the reward does not agree with the gold at all).
 
 The per-prompt units are sums (moments for the correlation, counts for the share), so a resample of
 prompts is a sum of rows: the pooled statistic, not an average of per-prompt ones.
@@ -45,6 +53,51 @@ def pearson_from_moments(m: np.ndarray) -> float:
     return float(cov / np.sqrt(var_x * var_y))
 
 
+def joint_moments_by_prompt(
+    scores: torch.Tensor, gold: torch.Tensor, lengths: torch.Tensor, valid: torch.Tensor
+) -> np.ndarray:
+    """``[G, 10]``: each prompt's n, then the sums of r, g, L, r², g², L², rL, gL, rg over its valid
+    responses (r the scores, g the gold, L the lengths; all ``[G, K]``)."""
+    r, g, n = (torch.where(valid, t.double(), 0.0) for t in (scores, gold, lengths))
+    cols = (valid.double(), r, g, n, r * r, g * g, n * n, r * n, g * n, r * g)
+    return torch.stack([c.sum(1) for c in cols], dim=1).numpy()
+
+
+def _pair_moments(m: np.ndarray, a: int, b: int, ab: int) -> np.ndarray:
+    """The 6-column moments of variables ``a`` and ``b`` (1-based columns of the joint moments
+    after n) for :func:`pearson_from_moments`."""
+    return m[:, [0, a, b, a + 3, b + 3, ab]]
+
+
+def gold_corr(m: np.ndarray) -> float:
+    """Pearson correlation of the reward with the gold, from joint moments."""
+    return pearson_from_moments(_pair_moments(m, 1, 2, 9))
+
+
+def reward_length_corr(m: np.ndarray) -> float:
+    """Pearson correlation of the reward with the length, from joint moments."""
+    return pearson_from_moments(_pair_moments(m, 1, 3, 7))
+
+
+def gold_length_corr(m: np.ndarray) -> float:
+    """Pearson correlation of the gold with the length, from joint moments."""
+    return pearson_from_moments(_pair_moments(m, 2, 3, 8))
+
+
+def length_corr_explained(m: np.ndarray) -> float:
+    """``corr(g, L) / corr(r, g)``: the length correlation of the best predictor of the gold that
+    agrees with it as much as the reward does (NaN when the reward does not agree with it)."""
+    agreement = gold_corr(m)
+    if not agreement > 0:
+        return float("nan")
+    return gold_length_corr(m) / agreement
+
+
+def length_corr_beyond(m: np.ndarray) -> float:
+    """The reward's length correlation minus :func:`length_corr_explained`."""
+    return reward_length_corr(m) - length_corr_explained(m)
+
+
 def longer_preferred_by_prompt(
     scores: torch.Tensor, lengths: torch.Tensor, valid: torch.Tensor, threshold: float = 0.0
 ) -> np.ndarray:
@@ -72,8 +125,10 @@ def length_lean_metrics(
     seed: int = 0,
 ) -> dict[str, float]:
     """``eval/length_corr`` and ``eval/longer_preferred`` of the model (with intervals), and with a
-    gold ``[G, K]`` the gold's own (``eval/gold_...``) and the model's excess over it
-    (``eval/..._excess``). Pairs the gold separates by no more than ``gold_threshold`` are ties to it."""
+    gold ``[G, K]`` the gold's own (``eval/gold_...``), the model's excess over it
+    (``eval/..._excess``) and the correlation beyond what the model's agreement with the gold
+    explains (``eval/length_corr_beyond``, module docstring). Pairs the gold separates by no more
+    than ``gold_threshold`` are ties to it."""
     out: dict[str, float] = {}
     for name, units_of, statistic, gold_kwargs in (
         ("length_corr", moments_by_prompt, pearson_from_moments, {}),
@@ -88,6 +143,14 @@ def length_lean_metrics(
         both = np.concatenate([model_units, gold_units], axis=1)
         excess = _difference(statistic, model_units.shape[1])
         out.update(_estimate(both, excess, seed).as_dict(f"eval/{name}_excess"))
+    if gold is not None:
+        joint = joint_moments_by_prompt(scores, gold, lengths, valid)
+        for name, statistic in (
+            ("gold_corr", gold_corr),
+            ("length_corr_explained", length_corr_explained),
+            ("length_corr_beyond", length_corr_beyond),
+        ):
+            out.update(_estimate(joint, statistic, seed).as_dict(f"eval/{name}"))
     return out
 
 

@@ -109,12 +109,21 @@ def test_the_summary_prints_the_reward_models_length_lean_beside_the_golds(capsy
         ("eval/gold_length_corr", 0.093),
         ("eval/longer_preferred", 0.606),
         ("eval/gold_longer_preferred", 0.544),
+        ("eval/length_corr_beyond", 0.111),
     ):
         rm.update({key: value, key + "_ci_low": value - 0.05, key + "_ci_high": value + 0.05})
     print_summary({"dir": "runs/quickstart", "stages": {"rm_eval": rm}})
     out = capsys.readouterr().out
     assert "reward-length corr.         0.266 [0.216, 0.316]     the gold's own 0.093 [0.043, 0.143]" in out
     assert "longer answer preferred     0.606 [0.556, 0.656]     the gold's own 0.544 [0.494, 0.594]" in out
+    assert "beyond its accuracy" not in out  # no agreement with the gold: nothing to say it against
+    rm["eval/length_corr_explained"] = 0.155
+    print_summary({"dir": "runs/quickstart", "stages": {"rm_eval": rm}})
+    out = capsys.readouterr().out
+    assert (
+        "  beyond its accuracy       0.111 [0.061, 0.161]     0 = the 0.155 its agreement with the gold explains"
+        in out
+    )
 
 
 def test_an_extrapolated_length_controlled_rate_is_no_verdict(capsys):

@@ -8,6 +8,10 @@ import torch
 from scipy.stats import pearsonr
 
 from reward_models.length_lean import (
+    gold_corr,
+    joint_moments_by_prompt,
+    length_corr_beyond,
+    length_corr_explained,
     length_lean_metrics,
     longer_preferred_by_prompt,
     moments_by_prompt,
@@ -89,3 +93,44 @@ def test_the_excess_over_the_gold_is_model_minus_gold_with_an_interval_around_it
     assert out["eval/longer_preferred_excess_ci_low"] > 0  # a lean this strong is seen through the noise
     same = length_lean_metrics(gold, gold, lengths, valid)
     assert same["eval/length_corr_excess"] == 0.0 and same["eval/longer_preferred_excess"] == 0.0
+
+
+GOLD = torch.tensor([[0.1, 0.8, 0.3, 0.0], [0.9, -0.2, 2.0, -5.0]], dtype=torch.float64)
+
+
+def test_the_explained_length_correlation_by_hand():
+    m = joint_moments_by_prompt(SCORES, GOLD, LENGTHS, VALID)
+    assert m[1, 0] == 3  # the padded answer is not counted
+    r = [0.2, 0.9, 0.1, 0.5, 1.0, 0.0, 3.0]
+    g = [0.1, 0.8, 0.3, 0.0, 0.9, -0.2, 2.0]
+    n = [3, 5, 5, 1, 10, 2, 7]
+    agreement = pearsonr(r, g).statistic
+    assert gold_corr(m) == pytest.approx(agreement, abs=1e-12)
+    assert length_corr_explained(m) == pytest.approx(pearsonr(g, n).statistic / agreement, abs=1e-12)
+    assert length_corr_beyond(m) == pytest.approx(
+        pearsonr(r, n).statistic - pearsonr(g, n).statistic / agreement, abs=1e-12
+    )
+    # a reward against the gold explains nothing
+    assert math.isnan(length_corr_explained(joint_moments_by_prompt(-GOLD, GOLD, LENGTHS, VALID)))
+    # the gold itself: nothing beyond its own lean
+    assert length_corr_beyond(joint_moments_by_prompt(GOLD, GOLD, LENGTHS, VALID)) == pytest.approx(0.0)
+
+
+def test_the_best_predictor_of_the_gold_leans_beyond_it_only_by_what_its_accuracy_explains():
+    # gold = length part + content; the reward knows the length and half the content's variance:
+    # it is E[gold | what it reads], which leans on length more than the gold does, and no more
+    # than its agreement with the gold explains; the same reward plus a lean of its own leans beyond
+    rng = np.random.default_rng(0)
+    lengths = torch.as_tensor(rng.integers(1, 60, (3000, 4))).double()
+    valid = torch.ones(3000, 4, dtype=torch.bool)
+    known, unknown = (torch.as_tensor(rng.normal(size=(3000, 4))) for _ in range(2))
+    gold = 0.03 * lengths + known + unknown
+    best = 0.03 * lengths + known
+    out = length_lean_metrics(best, gold, lengths, valid)
+    assert out["eval/length_corr_excess_ci_low"] > 0.1  # above the gold's own, by far
+    assert out["eval/length_corr_beyond_ci_low"] < 0 < out["eval/length_corr_beyond_ci_high"]
+    assert abs(out["eval/length_corr_beyond"]) < 0.03
+    leaning = length_lean_metrics(best + 0.02 * lengths, gold, lengths, valid)
+    assert leaning["eval/length_corr_beyond_ci_low"] > 0
+    for key in ("eval/gold_corr", "eval/length_corr_explained", "eval/length_corr_beyond"):
+        assert out[f"{key}_ci_low"] <= out[key] <= out[f"{key}_ci_high"]
