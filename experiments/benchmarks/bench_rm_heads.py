@@ -8,15 +8,21 @@ commands are changed to offer it:
 
 - features: the mean over the response tokens (EOS included when the response ended, formatted
   exactly as the reward model formats it) of the states after a layer (0 = the token embeddings),
-  raw (no final norm); a *variant* (``--variants``) concatenates those of some layers;
+  raw (no final norm); a *variant* (``--variants``) concatenates blocks of features, joined by
+  ``+``: ``0,2,4`` (those layers' means), ``max:8`` / ``std:8`` / ``last:8`` (the response's
+  per-feature maximum, standard deviation, or the last token's state after layer 8), ``words``
+  (a bag of words: each vocabulary token's share of the response, over the tokens in at least
+  three answers) and ``length`` (the response's token count, unpenalised and kept in the reward);
 - head: Bradley–Terry on every strict pair of the simulated annotators' rankings, features
-  standardised on the training candidates, an L2 penalty ``λ/k · ‖w‖²`` (``k`` layers concatenated,
-  so λ means the same per layer), solved by L-BFGS: no initialisation, data order or validation
-  slice to be lucky with;
+  standardised on the training candidates, an L2 penalty ``λ/k · ‖w‖²`` (``k`` penalised blocks
+  concatenated, a layer or the bag of words each, so λ means the same per block), solved by L-BFGS:
+  no initialisation, data order or validation slice to be lucky with;
 - splits: ``--splits`` draws of the simulated annotators and of the held-out quarter of the prompts
   (the seed moves both); accuracy against the gold on every held-out pair it separates by more
   than the tie threshold (the annotators' own ties), then the
-  mean over splits with a 95 % Student-t interval, and each row paired with the first.
+  mean over splits with a 95 % Student-t interval, and each row paired with the first;
+- length: how much more the reward correlates with the response's token count than the gold does,
+  over the held-out answers (Pearson; the ``rlhf rm eval`` measure, in tokens).
 
 ``--preset CONFIG`` also trains the lab's own reward model (``rlhf rm train``) on every split and
 scores it on the same pairs: the first row, the one every variant is paired with.
@@ -24,6 +30,7 @@ scores it on the same pairs: the first row, the one every variant is paired with
     .venv/bin/python -m experiments.benchmarks.bench_rm_heads --candidates runs/quickstart/generate/candidates.jsonl --scorer vader --preset experiments/configs/rm_smollm2.yaml
     .venv/bin/python -m experiments.benchmarks.bench_rm_heads --candidates FILE --variants "8;0,2,4,6,8" --l2 1,10
     .venv/bin/python -m experiments.benchmarks.bench_rm_heads --candidates FILE --variants "8;0,2,4,6,8" --l2 10 --train_fractions 0.25,0.5,0.75,1
+    .venv/bin/python -m experiments.benchmarks.bench_rm_heads --candidates FILE --variants "0,2,4,6,8;0,2,4,6,8+max:0,2,4,6,8;0,2,4,6,8+words;0,2,4,6,8+length" --l2 10
 
 ``--train_fractions`` fits every head on nested shares of each split's training prompts against the
 same held-out pairs: how accuracy grows with the number of prompts ranked. ``--more_answers FILE``
@@ -42,6 +49,7 @@ import json
 import os
 import random
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf.offline import set_offline_defaults  # imports nothing heavy
@@ -61,6 +69,12 @@ from experiments.benchmarks.bench_rm_vs_trl import (  # noqa: E402
     split,
     write_jsonl,
 )
+from reward_models.length_lean import (  # noqa: E402
+    gold_length_corr,
+    joint_moments_by_prompt,
+    length_corr_beyond,
+    reward_length_corr,
+)
 from reward_models.train import RMTrainConfig, run_rm_train  # noqa: E402
 from rlhf.cli import progress_bar  # noqa: E402
 from rlhf.config import build_config  # noqa: E402
@@ -72,6 +86,20 @@ from rlhf.rewards import load_reward_fn  # noqa: E402
 from rlhf.scorers import get_scorer  # noqa: E402
 
 HELD_FRACTION = 0.25  # as bench_rm_learning.py
+POOLS = ("mean", "max", "std", "last")  # what a layer's block reads of the response's states
+WORDS_MIN_ANSWERS = 3  # the bag of words counts the vocabulary tokens used in at least this many answers
+
+
+@dataclass(frozen=True)
+class Block:
+    """One block of a variant's features: a pool of a layer's states, ``words`` or ``length``."""
+
+    kind: str
+    layer: int = -1
+
+    @property
+    def penalised(self) -> bool:
+        return self.kind != "length"
 
 
 def main(argv=None) -> int:
@@ -80,8 +108,10 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--variants",
         default="8;0,2,4,6,8;0,4,8,12,16;0,2,4,6,8,10,12,14,16,20",
-        help="semicolon-separated feature sets, each a comma-separated list of layers whose response "
-        "means are concatenated (0: the embeddings); the first is the one the others are paired with",
+        help="semicolon-separated feature sets, each blocks joined by +: a comma-separated list of layers "
+        "whose response means are concatenated (0: the embeddings), max:/std:/last: and layers for "
+        "another pool, words (bag of words) or length (token count, unpenalised); the first set is "
+        "the one the others are paired with",
     )
     ap.add_argument("--l2", default="1,10", help="comma-separated L2 strengths λ (penalty λ/k·‖w‖²)")
     ap.add_argument(
@@ -108,16 +138,20 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/bench_rm_heads")
     args = ap.parse_args(argv)
     try:
-        variants = [[int(x) for x in v.split(",")] for v in args.variants.split(";") if v.strip()]
+        variants = [parse_variant(v) for v in args.variants.split(";") if v.strip()]
         strengths = [float(x) for x in args.l2.split(",")]
         fractions = [float(x) for x in args.train_fractions.split(",")]
-    except ValueError:
+    except ValueError as e:
         ap.error(
             f"--variants {args.variants!r} / --l2 {args.l2!r} / --train_fractions {args.train_fractions!r}: "
-            "expected lists of numbers"
+            f"{e}"
         )
-    if not variants or any(layer < 0 for v in variants for layer in v) or any(s < 0 for s in strengths):
-        ap.error("--variants needs at least one list of layers ≥ 0 and --l2 strengths ≥ 0")
+    if (
+        not variants
+        or any(b.kind in POOLS and b.layer < 0 for v in variants for b in v)
+        or any(s < 0 for s in strengths)
+    ):
+        ap.error("--variants needs at least one feature set, its layers ≥ 0, and --l2 strengths ≥ 0")
     if not all(0 < f <= 1 for f in fractions):
         ap.error(f"--train_fractions {args.train_fractions!r}: each share must be in (0, 1]")
     out = Path(args.out)
@@ -131,17 +165,19 @@ def main(argv=None) -> int:
     )
     all_cands = both or cands
     write_jsonl(out / "candidates.jsonl", all_cands)
-    layers = sorted({layer for v in variants for layer in v})
-    feats = layer_means(args.model, all_cands, layers, args.max_length)
+    feats = block_features(args.model, all_cands, {b for v in variants for b in v}, args.max_length)
     all_rows = pair_index(all_cands)
     rows = {key: all_rows[key] for key in pair_index(cands)}
     scorer = get_scorer(args.scorer)
 
     results: dict[str, list[float]] = {}
+    leans: dict[str, list[tuple[float, float]]] = {}  # (length corr − gold's, beyond the accuracy)
     for s in range(args.splits):
         seed = args.seed + s
         all_train, held_recs = split(simulate_pool(args, cands, scorer, seed), HELD_FRACTION, seed)
         held_pairs = gold_pairs(held_recs, rows, args.tie_threshold)
+        held_rows, held_gold = held_answers(held_recs, rows)
+        held_lengths = feats[Block("length")][held_rows, 0]
         sources = [("", all_train, rows)]
         if both:
             # split() draws the held-out prompts from the sorted prompt ids and the seed alone, so
@@ -164,12 +200,18 @@ def main(argv=None) -> int:
                         seed,
                     )
                     results.setdefault("preset" + tag, []).append(accuracy(scores, held_pairs))
+                    leans.setdefault("preset" + tag, []).append(
+                        length_leans(scores[held_rows], held_gold, held_lengths)
+                    )
                 for v in variants:
-                    x = torch.cat([feats[layer] for layer in v], dim=1)
+                    x, free = variant_matrix(feats, v)
+                    penalised = sum(b.penalised for b in v)
                     for lam in strengths:
-                        w = fit_ridge_bt(x, train_rows, train_pairs, lam / len(v))
-                        results.setdefault(_name(v, lam) + tag, []).append(
-                            accuracy(standardise(x, train_rows) @ w, held_pairs)
+                        w = fit_ridge_bt(x, train_rows, train_pairs, lam / max(penalised, 1), free)
+                        scores = standardise(x, train_rows) @ w
+                        results.setdefault(_name(v, lam) + tag, []).append(accuracy(scores, held_pairs))
+                        leans.setdefault(_name(v, lam) + tag, []).append(
+                            length_leans(scores[held_rows], held_gold, held_lengths)
                         )
         print(
             f"split {s}: {len({r['prompt_id'] for r in all_train})} training prompts, "
@@ -178,13 +220,57 @@ def main(argv=None) -> int:
             flush=True,
         )
     print()
-    print(table(results, args))
-    (out / "results.json").write_text(json.dumps({"scorer": args.scorer, "accuracy": results}, indent=2))
+    print(table(results, leans, args))
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "scorer": args.scorer,
+                "accuracy": results,
+                "length_corr_excess": {k: [e for e, _ in v] for k, v in leans.items()},
+                "length_corr_beyond": {k: [b for _, b in v] for k, v in leans.items()},
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
-def _name(layers: list[int], lam: float) -> str:
-    return f"layers {','.join(map(str, layers))}, λ {lam:g}"
+def parse_variant(text: str) -> list[Block]:
+    """``"0,2,4+max:8+length"`` → its blocks (module docstring); ValueError names what is wrong."""
+    blocks = []
+    for part in text.strip().split("+"):
+        part = part.strip()
+        if part in ("words", "length"):
+            blocks.append(Block(part))
+            continue
+        pool, _, layers = part.rpartition(":")
+        pool = pool or "mean"
+        if pool not in POOLS:
+            raise ValueError(f"{part!r}: a block is layers, {'/'.join(POOLS[1:])}:layers, words or length")
+        blocks += [Block(pool, int(x)) for x in layers.split(",")]
+    if len(set(blocks)) != len(blocks) or sum(b.kind == "length" for b in blocks) > 1:
+        raise ValueError(f"{text!r} names a block twice")
+    return blocks
+
+
+def _name(blocks: list[Block], lam: float) -> str:
+    """``layers 0,2 + max 0,2 + words, λ 10``: each kind once, its layers together, in order."""
+    layers: dict[str, list[str]] = {}
+    for b in blocks:
+        layers.setdefault(b.kind, []).extend([] if b.layer < 0 else [str(b.layer)])
+    parts = [
+        ("layers" if kind == "mean" else kind) + (" " + ",".join(ls) if ls else "")
+        for kind, ls in layers.items()
+    ]
+    return f"{' + '.join(parts)}, λ {lam:g}"
+
+
+def variant_matrix(feats: dict[Block, torch.Tensor], blocks: list[Block]) -> tuple[torch.Tensor, int]:
+    """The variant's features side by side, the unpenalised length column last, and how many
+    columns the penalty covers (those before it)."""
+    ordered = [b for b in blocks if b.penalised] + [b for b in blocks if not b.penalised]
+    x = torch.cat([feats[b] for b in ordered], dim=1)
+    return x, sum(feats[b].shape[1] for b in ordered if b.penalised)
 
 
 @contextlib.contextmanager
@@ -199,13 +285,15 @@ def _first_layers(decoder: nn.Module, n: int):
 
 
 @torch.no_grad()
-def layer_means(
-    model_name: str, cands: list[dict], layers: list[int], max_length: int
-) -> dict[int, torch.Tensor]:
-    """``{layer: [N, H]}``: each candidate's mean state over its response tokens after ``layer``."""
+def block_features(
+    model_name: str, cands: list[dict], blocks: set[Block], max_length: int
+) -> dict[Block, torch.Tensor]:
+    """``{block: [N, width]}`` for every candidate (module docstring), and always ``Block("length")``
+    (the response's token count, EOS included), which the length figure reads."""
     model, tok = load_policy(model_name)
     decoder = model.get_decoder().eval()
-    if max(layers) > len(decoder.layers):
+    layers = sorted({b.layer for b in blocks if b.kind in POOLS})
+    if layers and max(layers) > len(decoder.layers):
         raise SystemExit(f"--variants: layer {max(layers)} but the model has {len(decoder.layers)} layers")
     flat = [(r["prompt"], c) for r in cands for c in r["candidates"]]
     enc = encode_conversations(
@@ -215,7 +303,14 @@ def layer_means(
         max_length,
         finished=[c.get("gen", {}).get("finished", True) for _, c in flat],
     )
-    out: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    responses = [ids[start:] for ids, start in zip(enc.ids, enc.starts)]
+    out = {Block("length"): torch.tensor([[float(len(r))] for r in responses])}
+    if Block("words") in blocks:
+        out[Block("words")] = bag_of_words(responses, WORDS_MIN_ANSWERS)
+    pooled = sorted((b for b in blocks if b.kind in POOLS), key=lambda b: (b.kind, b.layer))
+    if not pooled:
+        return out
+    parts: dict[Block, list[torch.Tensor]] = {b: [] for b in pooled}
     step = 16
     with _first_layers(decoder, max(layers)), progress_bar(len(flat), "features", "answer") as bar:
         for s in range(0, len(flat), step):
@@ -223,11 +318,41 @@ def layer_means(
             starts = torch.tensor(enc.starts[s : s + step])
             response = mask.bool() & (torch.arange(ids.shape[1])[None] >= starts[:, None])
             hidden = decoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
-            w = response.to(torch.float32)[..., None]
-            for layer in layers:
-                out[layer].append((hidden[layer].float() * w).sum(1) / w.sum(1).clamp(min=1.0))
+            for b in pooled:
+                parts[b].append(pool_states(hidden[b.layer].float(), response, b.kind))
             bar.update(len(ids))
-    return {layer: torch.cat(parts) for layer, parts in out.items()}
+    return out | {b: torch.cat(p) for b, p in parts.items()}
+
+
+def pool_states(states: torch.Tensor, response: torch.Tensor, kind: str) -> torch.Tensor:
+    """``[B, T, H]`` states read over each row's response tokens (``response [B, T]`` bool) → ``[B, H]``."""
+    w = response.to(states.dtype)[..., None]
+    n = w.sum(1).clamp(min=1.0)
+    mean = (states * w).sum(1) / n
+    if kind == "mean":
+        return mean
+    if kind == "max":
+        return states.masked_fill(~response[..., None], float("-inf")).amax(1)
+    if kind == "std":
+        return (((states - mean[:, None]) ** 2 * w).sum(1) / n).sqrt()
+    last = response.shape[1] - 1 - response.flip(1).long().argmax(1)  # each row's last response token
+    return states[torch.arange(states.shape[0]), last]
+
+
+def bag_of_words(responses: list[list[int]], min_answers: int) -> torch.Tensor:
+    """``[N, V']``: each token's share of each response, over the V' tokens used in ≥ ``min_answers``
+    answers (rarer ones could only be memorised)."""
+    used: dict[int, int] = {}
+    for ids in responses:
+        for t in set(ids):
+            used[t] = used.get(t, 0) + 1
+    column = {t: i for i, t in enumerate(sorted(t for t, n in used.items() if n >= min_answers))}
+    x = torch.zeros(len(responses), len(column))
+    for row, ids in enumerate(responses):
+        for t in ids:
+            if t in column:
+                x[row, column[t]] += 1.0 / len(ids)
+    return x
 
 
 def with_more_answers(cands: list[dict], more: list[dict], source: str) -> list[dict]:
@@ -302,24 +427,48 @@ def standardise(x: torch.Tensor, train_rows: list[int]) -> torch.Tensor:
 
 
 def fit_ridge_bt(
-    x: torch.Tensor, train_rows: list[int], pairs: list[tuple[int, int]], l2: float
+    x: torch.Tensor,
+    train_rows: list[int],
+    pairs: list[tuple[int, int]],
+    l2: float,
+    free_from: int | None = None,
 ) -> torch.Tensor:
     """The weights ``w`` minimising mean softplus(−(z_better − z_worse)·w) + l2·‖w‖² over ``pairs``,
-    ``z`` the standardised features (convex: L-BFGS finds the one minimum from zero)."""
+    ``z`` the standardised features (convex: L-BFGS finds the one minimum from zero). Columns from
+    ``free_from`` on are not penalised."""
     z = standardise(x.double(), train_rows)
     idx = torch.tensor(pairs)
     diff = z[idx[:, 0]] - z[idx[:, 1]]
+    penalised = torch.ones(z.shape[1], dtype=torch.float64)
+    penalised[z.shape[1] if free_from is None else free_from :] = 0
     w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([w], max_iter=500, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
 
     def objective():
         opt.zero_grad()
-        loss = nn.functional.softplus(-(diff @ w)).mean() + l2 * w.pow(2).sum()
+        loss = nn.functional.softplus(-(diff @ w)).mean() + l2 * (w.pow(2) * penalised).sum()
         loss.backward()
         return loss
 
     opt.step(objective)
     return w.detach().to(x.dtype)
+
+
+def held_answers(records: list[dict], rows: dict) -> tuple[list[int], torch.Tensor]:
+    """The rows of every held-out prompt's answers (each prompt once) and their gold scores."""
+    by_prompt = {r["prompt_id"]: r for r in records}
+    keys = [(pid, label) for pid, r in by_prompt.items() for label in sorted(r["gold"])]
+    gold = torch.tensor([by_prompt[pid]["gold"][label] for pid, label in keys], dtype=torch.float64)
+    return [rows[key] for key in keys], gold
+
+
+def length_leans(scores: torch.Tensor, gold: torch.Tensor, lengths: torch.Tensor) -> tuple[float, float]:
+    """Over the held-out answers pooled: the reward's length correlation minus the gold's, and
+    minus the one its agreement with the gold explains (``reward_models.length_lean``)."""
+    m = joint_moments_by_prompt(
+        scores[None], gold[None], lengths[None], torch.ones(1, len(scores), dtype=torch.bool)
+    )
+    return reward_length_corr(m) - gold_length_corr(m), length_corr_beyond(m)
 
 
 def accuracy(scores: torch.Tensor, pairs: list[tuple[int, int]]) -> float:
@@ -352,17 +501,23 @@ def preset_scores(
     return torch.tensor(scores, dtype=torch.float32)
 
 
-def table(results: dict[str, list[float]], args) -> str:
-    """Mean accuracy over splits with its t interval, and the paired difference with the first row."""
+def table(results: dict[str, list[float]], leans: dict[str, list[tuple[float, float]]], args) -> str:
+    """Mean accuracy over splits with its t interval, the paired difference with the first row, and
+    the reward's length correlation above the gold's and above what its accuracy explains."""
     first = next(iter(results))
     lines = [
-        f"| head (gold `{args.scorer}`, {args.splits} splits) | vs gold [95 % t] | − {first} [95 % t] |",
-        "|---|---|---|",
+        f"| head (gold `{args.scorer}`, {args.splits} splits) | vs gold [95 % t] | − {first} [95 % t] "
+        "| length corr − gold's [95 % t] | − explained by accuracy [95 % t] |",
+        "|---|---|---|---|---|",
     ]
     for name, acc in results.items():
         diff = [a - b for a, b in zip(acc, results[first])]
         paired = _fmt(t_interval(diff), signed=True) if name != first else "–"
-        lines.append(f"| {name} | {_fmt(t_interval(acc))} | {paired} |")
+        excess, beyond = ([lean[i] for lean in leans[name]] for i in (0, 1))
+        lines.append(
+            f"| {name} | {_fmt(t_interval(acc))} | {paired} | {_fmt(t_interval(excess), signed=True)} "
+            f"| {_fmt(t_interval(beyond), signed=True)} |"
+        )
     return "\n".join(lines)
 
 

@@ -149,6 +149,56 @@ def test_heads_benchmark_ridge_fit_finds_the_preference_and_shrinks_with_l2():
     assert strong.norm() < 0.1 * w.norm()  # the penalty shrinks the weights towards 0
 
 
+def test_heads_benchmark_parses_blocks_and_pools_by_hand():
+    from experiments.benchmarks import bench_rm_heads as bh
+
+    B = bh.Block
+    assert bh.parse_variant("0,2") == [B("mean", 0), B("mean", 2)]
+    assert bh.parse_variant("2+max:1,2+words+length") == [
+        B("mean", 2),
+        B("max", 1),
+        B("max", 2),
+        B("words"),
+        B("length"),
+    ]
+    for bad in ("median:2", "2+2", "length+length"):
+        with pytest.raises(ValueError):
+            bh.parse_variant(bad)
+    assert bh._name(bh.parse_variant("0,2"), 10) == "layers 0,2, λ 10"  # the plain lists keep their names
+    assert bh._name(bh.parse_variant("0,2+max:8,4+length"), 1) == "layers 0,2 + max 8,4 + length, λ 1"
+    # two rows, three positions, one feature; row 0's response is positions 1-2, row 1's position 0
+    states = torch.tensor([[[9.0], [1.0], [3.0]], [[4.0], [7.0], [8.0]]])
+    response = torch.tensor([[False, True, True], [True, False, False]])
+    assert bh.pool_states(states, response, "mean").flatten().tolist() == [2.0, 4.0]
+    assert bh.pool_states(states, response, "max").flatten().tolist() == [3.0, 4.0]
+    assert bh.pool_states(states, response, "std").flatten().tolist() == [1.0, 0.0]
+    assert bh.pool_states(states, response, "last").flatten().tolist() == [3.0, 4.0]
+    # tokens 5 and 6 are in at least two answers, 7 in one: columns 5, 6
+    words = bh.bag_of_words([[5, 5, 6, 7], [6], [5]], min_answers=2)
+    assert words.tolist() == [[0.5, 0.25], [0.0, 1.0], [1.0, 0.0]]
+    # reward 1, 2, 3; gold 1, 3, 2; length 2, 4, 7: corr(r, L) 0.99340, corr(g, L) 0.39736, corr(r, g) 0.5
+    excess, beyond = bh.length_leans(
+        torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 3.0, 2.0]), torch.tensor([2.0, 4.0, 7.0])
+    )
+    assert excess == pytest.approx(0.9933992677987828 - 0.3973597071195132)
+    assert beyond == pytest.approx(0.9933992677987828 - 0.3973597071195132 / 0.5)
+    feats = {B("mean", 0): torch.ones(4, 2), B("length"): torch.arange(4.0)[:, None]}
+    x, free_from = bh.variant_matrix(feats, [B("length"), B("mean", 0)])
+    assert x.shape == (4, 3) and free_from == 2 and x[:, 2].tolist() == [0.0, 1.0, 2.0, 3.0]  # length last
+
+
+def test_heads_benchmark_leaves_the_free_column_unpenalised():
+    from experiments.benchmarks import bench_rm_heads as bh
+
+    x = torch.arange(8.0)[:, None].repeat(1, 2)  # two copies of one feature, the second left free
+    pairs = [(i, j) for i in range(8) for j in range(8) if i > j and i % 2 == 0]  # larger wins, noisily
+    pairs += [(1, 6)]
+    shrunk = bh.fit_ridge_bt(x[:, :1], list(range(8)), pairs, l2=10.0)
+    free = bh.fit_ridge_bt(x, list(range(8)), pairs, l2=10.0, free_from=1)
+    # the penalty holds the penalised copy near 0 while the free one takes the whole slope
+    assert abs(float(free[0])) < 0.1 * float(free[1]) and float(free[1]) > 5 * float(shrunk[0])
+
+
 def test_heads_benchmark_runs_variants_and_the_preset_over_splits(in_tmp, capsys):
     from experiments.benchmarks import bench_rm_heads
 
@@ -170,7 +220,16 @@ def test_heads_benchmark_runs_variants_and_the_preset_over_splits(in_tmp, capsys
     ]
     assert all(len(v) == 2 and all(0.0 <= a <= 1.0 for a in v) for v in acc.values())
     out = capsys.readouterr().out
-    assert "| head (gold `length:target=4`, 2 splits) | vs gold [95 % t] | − preset [95 % t] |" in out
+    assert (
+        "| head (gold `length:target=4`, 2 splits) | vs gold [95 % t] | − preset [95 % t] "
+        "| length corr − gold's [95 % t] | − explained by accuracy [95 % t] |" in out
+    )
+    rc = bench_rm_heads.main([*DATA, "--variants", "2;2+max:1+words+length", "--l2", "1", "--splits", "2"])
+    assert rc == 0
+    res = json.loads((Path("runs/bench_rm_heads") / "results.json").read_text())
+    assert list(res["accuracy"]) == list(res["length_corr_excess"]) == list(res["length_corr_beyond"])
+    assert list(res["accuracy"]) == ["layers 2, λ 1", "layers 2 + max 1 + words + length, λ 1"]
+    assert all(-2.0 <= e <= 2.0 for v in res["length_corr_excess"].values() for e in v)
 
 
 def test_heads_benchmark_more_answers_label_on_and_refuse_other_prompts():
