@@ -19,7 +19,8 @@ the model's excess over the gold (model − gold, resampling the same prompts fo
   captures less of the gold than the gold itself, but its length part fully, correlates with length
   more than the gold does, by the factor ``1 / corr(r, g)``. Only a lean beyond that is the
   reward's own (``eval/length_corr_explained`` is the reference, ``eval/gold_corr`` the
-  agreement; NaN where the reward does not agree with the gold at all).
+  agreement). NaN where the premise cannot hold: the reward does not agree with the gold, or agrees
+  with it less than the length alone does (a gold that is mostly length, learned partly).
 
 The per-prompt units are sums (moments for the correlation, counts for the share), so a resample of
 prompts is a sum of rows: the pooled statistic, not an average of per-prompt ones.
@@ -86,11 +87,13 @@ def gold_length_corr(m: np.ndarray) -> float:
 
 def length_corr_explained(m: np.ndarray) -> float:
     """``corr(g, L) / corr(r, g)``: the length correlation of the best predictor of the gold that
-    agrees with it as much as the reward does (NaN when the reward does not agree with it)."""
-    agreement = gold_corr(m)
-    if not agreement > 0:
+    agrees with it as much as the reward does. NaN where no such predictor exists: when the reward
+    does not agree with the gold, or agrees with it less than the length alone does (|corr(g, L)| >
+    corr(r, g): a reward that carried the length whole would agree at least that much)."""
+    agreement, own = gold_corr(m), gold_length_corr(m)
+    if not agreement > 0 or abs(own) > agreement:
         return float("nan")
-    return gold_length_corr(m) / agreement
+    return own / agreement
 
 
 def length_corr_beyond(m: np.ndarray) -> float:

@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import random
 import sys
@@ -514,9 +515,11 @@ def table(results: dict[str, list[float]], leans: dict[str, list[tuple[float, fl
         diff = [a - b for a, b in zip(acc, results[first])]
         paired = _fmt(t_interval(diff), signed=True) if name != first else "–"
         excess, beyond = ([lean[i] for lean in leans[name]] for i in (0, 1))
+        # no reference where the reward agrees with the gold less than length alone (length_lean)
+        explained = _fmt(t_interval(beyond), signed=True) if not any(map(math.isnan, beyond)) else "–"
         lines.append(
             f"| {name} | {_fmt(t_interval(acc))} | {paired} | {_fmt(t_interval(excess), signed=True)} "
-            f"| {_fmt(t_interval(beyond), signed=True)} |"
+            f"| {explained} |"
         )
     return "\n".join(lines)
 

@@ -112,6 +112,14 @@ def test_the_explained_length_correlation_by_hand():
     )
     # a reward against the gold explains nothing
     assert math.isnan(length_corr_explained(joint_moments_by_prompt(-GOLD, GOLD, LENGTHS, VALID)))
+    # a gold that is its length, and a reward that agrees with it less than the length does:
+    # no reward carrying the length could, so there is no reference (0.76 agreement, 1.0 length)
+    as_length = LENGTHS.double()
+    partly = as_length + torch.tensor([[3.0, -3.0, 0.0, 0.0], [0.0, 2.0, -2.0, 0.0]], dtype=torch.float64)
+    m = joint_moments_by_prompt(partly, as_length, LENGTHS, VALID)
+    assert (
+        0 < gold_corr(m) < 1.0 and math.isnan(length_corr_explained(m)) and math.isnan(length_corr_beyond(m))
+    )
     # the gold itself: nothing beyond its own lean
     assert length_corr_beyond(joint_moments_by_prompt(GOLD, GOLD, LENGTHS, VALID)) == pytest.approx(0.0)
 
