@@ -129,16 +129,16 @@ def test_the_best_predictor_of_the_gold_leans_beyond_it_only_by_what_its_accurac
     # it is E[gold | what it reads], which leans on length more than the gold does, and no more
     # than its agreement with the gold explains; the same reward plus a lean of its own leans beyond
     rng = np.random.default_rng(0)
-    lengths = torch.as_tensor(rng.integers(1, 60, (3000, 4))).double()
-    valid = torch.ones(3000, 4, dtype=torch.bool)
-    known, unknown = (torch.as_tensor(rng.normal(size=(3000, 4))) for _ in range(2))
+    lengths = torch.as_tensor(rng.integers(1, 60, (600, 4))).double()
+    valid = torch.ones(600, 4, dtype=torch.bool)
+    known, unknown = (torch.as_tensor(rng.normal(size=(600, 4))) for _ in range(2))
     gold = 0.03 * lengths + known + unknown
     best = 0.03 * lengths + known
     out = length_lean_metrics(best, gold, lengths, valid)
-    assert out["eval/length_corr_excess_ci_low"] > 0.1  # above the gold's own, by far
+    assert out["eval/length_corr_excess_ci_low"] > 0.05  # above the gold's own, clearly
     assert out["eval/length_corr_beyond_ci_low"] < 0 < out["eval/length_corr_beyond_ci_high"]
-    assert abs(out["eval/length_corr_beyond"]) < 0.03
+    assert abs(out["eval/length_corr_beyond"]) < 0.05
     leaning = length_lean_metrics(best + 0.02 * lengths, gold, lengths, valid)
-    assert leaning["eval/length_corr_beyond_ci_low"] > 0
+    assert leaning["eval/length_corr_beyond_ci_low"] > 0.1
     for key in ("eval/gold_corr", "eval/length_corr_explained", "eval/length_corr_beyond"):
         assert out[f"{key}_ci_low"] <= out[key] <= out[f"{key}_ci_high"]
