@@ -34,13 +34,19 @@ import torch
 from rlhf.stats import bootstrap_ci
 
 
+def _sums_by_prompt(valid: torch.Tensor, *variables: torch.Tensor) -> np.ndarray:
+    """Each prompt's n, then the sums of every variable, of its square, and of every product of two
+    (in the order (0, 1), (0, 2), ..., (1, 2), ...), over its valid responses (all ``[G, K]``)."""
+    v = [torch.where(valid, t.double(), 0.0) for t in variables]
+    products = [v[i] * v[j] for i in range(len(v)) for j in range(i + 1, len(v))]
+    cols = (valid.double(), *v, *(x * x for x in v), *products)
+    return torch.stack([c.sum(1) for c in cols], dim=1).numpy()
+
+
 def moments_by_prompt(scores: torch.Tensor, lengths: torch.Tensor, valid: torch.Tensor) -> np.ndarray:
     """``[G, 6]``: each prompt's n, Σscore, Σlength, Σscore², Σlength², Σscore·length over its
     valid responses (``scores``, ``lengths``, ``valid``: ``[G, K]``)."""
-    x = torch.where(valid, scores.double(), 0.0)
-    y = torch.where(valid, lengths.double(), 0.0)
-    cols = (valid.double(), x, y, x * x, y * y, x * y)
-    return torch.stack([c.sum(1) for c in cols], dim=1).numpy()
+    return _sums_by_prompt(valid, scores, lengths)
 
 
 def pearson_from_moments(m: np.ndarray) -> float:
@@ -57,11 +63,9 @@ def pearson_from_moments(m: np.ndarray) -> float:
 def joint_moments_by_prompt(
     scores: torch.Tensor, gold: torch.Tensor, lengths: torch.Tensor, valid: torch.Tensor
 ) -> np.ndarray:
-    """``[G, 10]``: each prompt's n, then the sums of r, g, L, r², g², L², rL, gL, rg over its valid
+    """``[G, 10]``: each prompt's n, then the sums of r, g, L, r², g², L², rg, rL, gL over its valid
     responses (r the scores, g the gold, L the lengths; all ``[G, K]``)."""
-    r, g, n = (torch.where(valid, t.double(), 0.0) for t in (scores, gold, lengths))
-    cols = (valid.double(), r, g, n, r * r, g * g, n * n, r * n, g * n, r * g)
-    return torch.stack([c.sum(1) for c in cols], dim=1).numpy()
+    return _sums_by_prompt(valid, scores, gold, lengths)
 
 
 def _pair_moments(m: np.ndarray, a: int, b: int, ab: int) -> np.ndarray:
@@ -72,17 +76,17 @@ def _pair_moments(m: np.ndarray, a: int, b: int, ab: int) -> np.ndarray:
 
 def gold_corr(m: np.ndarray) -> float:
     """Pearson correlation of the reward with the gold, from joint moments."""
-    return pearson_from_moments(_pair_moments(m, 1, 2, 9))
+    return pearson_from_moments(_pair_moments(m, 1, 2, 7))
 
 
 def reward_length_corr(m: np.ndarray) -> float:
     """Pearson correlation of the reward with the length, from joint moments."""
-    return pearson_from_moments(_pair_moments(m, 1, 3, 7))
+    return pearson_from_moments(_pair_moments(m, 1, 3, 8))
 
 
 def gold_length_corr(m: np.ndarray) -> float:
     """Pearson correlation of the gold with the length, from joint moments."""
-    return pearson_from_moments(_pair_moments(m, 2, 3, 8))
+    return pearson_from_moments(_pair_moments(m, 2, 3, 9))
 
 
 def length_corr_explained(m: np.ndarray) -> float:

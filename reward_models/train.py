@@ -104,17 +104,18 @@ def run_rm_train(cfg: RMTrainConfig) -> dict:
     """Train a reward model on rankings, or ``cfg.ensemble`` of them (see the module docstring);
     returns a summary dict."""
     cfg.validate()
-    reward_out_dir(cfg.out, stage_run_dir(cfg, "rm_train"))  # a bad `out` stops here, before any work
+    model_dir = reward_out_dir(cfg.out, stage_run_dir(cfg, "rm_train"))  # a bad `out` stops here
     if cfg.ensemble > 1:
-        return _train_ensemble(cfg)
-    return train_one(cfg, split_seed=cfg.seed, stage="rm_train")
+        return _train_ensemble(cfg, model_dir)
+    return train_one(cfg, split_seed=cfg.seed, stage="rm_train", model_dir=model_dir)
 
 
-def _train_ensemble(cfg: RMTrainConfig) -> dict:
+def _train_ensemble(cfg: RMTrainConfig, model_dir: Path) -> dict:
     """``cfg.ensemble`` members trained one after another, each a run of its own
     (``<run_dir>/member-<i>/``), then gathered into one ensemble dir. Every member holds out the
     same prompts (the split follows the stage's seed, not the member's), so their held-out figures
-    compare, and none of them trained on another's held-out prompts."""
+    compare, and none of them trained on another's held-out prompts. The ensemble goes to
+    ``model_dir``, each member to its own run dir."""
     run_dir = claim_run_dir(cfg, "rm_train", resuming=cfg.resume)
     members = []
     depths = [
@@ -143,7 +144,6 @@ def _train_ensemble(cfg: RMTrainConfig) -> dict:
             below, below_depth = None, -1.0
         if layers not in later:
             del stores[layers]
-    model_dir = reward_out_dir(cfg.out, run_dir)
     manifest = {
         "combine": cfg.ensemble_reward,
         "seeds": [cfg.seed + i for i in range(cfg.ensemble)],
@@ -179,10 +179,13 @@ def train_one(
     stage: str,
     frozen_states: FrozenStates | None = None,
     states_below: FrozenStates | None = None,
+    model_dir: Path | None = None,
 ) -> dict:
     """One reward model; ``split_seed`` picks the held-out and validation prompts, ``stage`` names
     the run (and its dir under the experiment). ``frozen_states``: states of the same frozen layers
     another model computed; ``states_below``: a shallower model's, to start from (:class:`Run`).
+    ``model_dir``: where the model goes, already checked (:func:`reward_out_dir`); by default the
+    run dir's ``model/``.
     Steps 1-8 of the module docstring, in order."""
     t_start = time.time()
     data = read_data(cfg, split_seed)  # before any model loads, so bad input fails fast
@@ -206,7 +209,7 @@ def train_one(
             exact_solve(run, trainee, data) if cfg.solver == "lbfgs" else training_loop(run, trainee, data)
         )
         final, norm = finish(run, trainee, progress, data)
-        summary = write_outputs(run, trainee, progress, data, final, norm)
+        summary = write_outputs(run, trainee, progress, data, final, norm, model_dir or run_dir / "model")
         accelerator.wait_for_everyone()
     finally:
         tracker.finish()
@@ -464,12 +467,11 @@ def finish(run: Run, trainee: Trainee, progress: Progress, data: RMData) -> tupl
 
 
 def write_outputs(
-    run: Run, trainee: Trainee, progress: Progress, data: RMData, final: dict, norm: dict
+    run: Run, trainee: Trainee, progress: Progress, data: RMData, final: dict, norm: dict, model_dir: Path
 ) -> dict[str, Any]:
-    """The reward-model dir, logged as the run's output artifact, and the run's summary (returned;
-    the main process also logs it and prints the closing line)."""
+    """The reward-model dir ``model_dir``, logged as the run's output artifact, and the run's summary
+    (returned; the main process also logs it and prints the closing line)."""
     cfg, counters = run.cfg, progress.counters
-    model_dir = reward_out_dir(cfg.out, run.run_dir)
     summary = {
         "run_dir": str(run.run_dir),
         "model_dir": str(model_dir),
