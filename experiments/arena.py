@@ -38,8 +38,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from annotation_app.database import is_url
 from annotation_app.io import import_candidates
 from annotation_app.store import Store
@@ -60,7 +58,7 @@ from rlhf.contracts import load_rankings
 from rlhf.datafiles import write_jsonl
 from rlhf.errors import UserError
 from rlhf.evaluate import HeldOutSampling, load_eval_prompts, resolve_stop_token, sample_one_each
-from rlhf.models import MIXED_PRECISION, MIXED_PRECISION_HELP, check_model_name, load_policy, use_bf16
+from rlhf.models import check_model_name, load_sampling_policy
 from rlhf.ppo.rollout import encode_queries, left_pad
 from rlhf.rankings import parse_ranking
 from rlhf.rewards import check_reward_spec, load_reward_fn, reward_model_dirs, score_candidates
@@ -93,16 +91,14 @@ def policy_name_and_path(spec: str) -> tuple[str, str]:
 
 
 def sample_policy_responses(
-    path: str, prompts: Sequence[Any], sampling: HeldOutSampling, mixed_precision: str, label: str
+    path: str, prompts: Sequence[Any], sampling: HeldOutSampling, label: str
 ) -> list[dict]:
     """One response per prompt from the policy at ``path``: ``[{text, n_tokens, finished}]``.
 
     The eval sampler (:func:`rlhf.evaluate.sample_one_each`) with ``rlhf eval``'s settings: prompt
     ``i`` draws from the stream seeded ``seed, i`` whatever the policy, so two policies differ by
     what they are, not by luck."""
-    policy, tokenizer = load_policy(path, merged=True)
-    if use_bf16(mixed_precision, next(policy.parameters()).device):
-        policy = policy.to(torch.bfloat16)
+    policy, tokenizer, _ = load_sampling_policy(path, sampling.mixed_precision)
     query, query_mask = left_pad(
         encode_queries(tokenizer, list(prompts), sampling.max_prompt_tokens), tokenizer.pad_token_id
     )
@@ -235,7 +231,6 @@ class ArenaConfig(RunFields, HeldOutSampling):
     annotator_temperature: float = option(
         0.2, help="simulated voters: Bradley–Terry noise temperature on the scorer's scale (0 = noiseless)"
     )
-    mixed_precision: str = option("auto", help=MIXED_PRECISION_HELP, choices=MIXED_PRECISION)
     n_boot: int = option(1000, help="bootstrap replicates over prompts for every interval")
 
     def validate(self) -> None:
@@ -290,10 +285,7 @@ def run_arena(cfg: ArenaConfig) -> dict[str, Any]:
                 tracker.use_artifact(path, f"{name}-policy", "model")
         out = Path(tracker.run_dir)
         prompts = [r["prompt"] for r in records]
-        sampled = {
-            name: sample_policy_responses(path, prompts, cfg, cfg.mixed_precision, name)
-            for name, path in policies
-        }
+        sampled = {name: sample_policy_responses(path, prompts, cfg, name) for name, path in policies}
         responses = [
             {
                 "prompt_id": r["prompt_id"],

@@ -30,7 +30,7 @@ import torch
 from rlhf.cli import progress_bar
 from rlhf.config import ConfigError, add_config_arguments, config_from_args, option
 from rlhf.contracts import load_prompts, prompt_text
-from rlhf.models import load_policy
+from rlhf.models import MIXED_PRECISION, MIXED_PRECISION_HELP, load_sampling_policy, use_bf16
 from rlhf.ppo.rollout import decode_responses, encode_queries, left_pad, sample_rollout
 from rlhf.ppo.value import response_logprobs
 from rlhf.rewards import load_reward_fn
@@ -55,8 +55,16 @@ class HeldOutSampling:
     stop_token: str = option("eos", help="'eos' or a token string at which responses end")
     batch_size: int = option(16, help="prompts per generation batch")
     seed: int = option(0, help="sampling seed (the same seed gives every policy the same random stream)")
+    mixed_precision: str = option(
+        "auto",
+        help="sample and score with the policies' weights cast to bf16 (about 2× faster than fp32 on "
+        "2-core CPUs); eval then takes both sides of the KL from full forwards in bf16. "
+        + MIXED_PRECISION_HELP,
+        choices=MIXED_PRECISION,
+    )
 
     def validate_sampling(self) -> None:
+        use_bf16(self.mixed_precision)  # bf16 on hardware without it: refused before any model loads
         if self.temperature <= 0:
             raise ConfigError(f"temperature: {self.temperature} must be > 0")
         if self.num_prompts < 0:
@@ -256,7 +264,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     gold_fn = get_scorer(cfg.gold) if cfg.gold else None
     tracker = start_stage(cfg, "eval", job_type="eval")
     t0 = time.time()
-    policy, tokenizer = load_policy(cfg.policy, merged=True)
+    policy, tokenizer, bf16 = load_sampling_policy(cfg.policy, cfg.mixed_precision)
     stop_id = resolve_stop_token(tokenizer, cfg.stop_token)
     query, qmask = left_pad(
         encode_queries(tokenizer, [r["prompt"] for r in records], cfg.max_prompt_tokens),
@@ -270,10 +278,10 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         batch_size=cfg.batch_size,
         seed=cfg.seed,
     )
-    ref_fn, baseline = None, None
+    ref_fn, policy_fn, baseline = None, None, None
     ref_metrics: dict[str, float] = {}
     if cfg.reference:
-        reference, _ = load_policy(cfg.reference, merged=True)
+        reference, _, _ = load_sampling_policy(cfg.reference, cfg.mixed_precision)
         ref_metrics, ref_rows = evaluate_policy(
             reference,
             tokenizer,
@@ -290,6 +298,13 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         def ref_fn(q, qm, r, rm):
             return response_logprobs(reference, q, qm, r, rm, cfg.temperature, cfg.batch_size)
 
+        if bf16:
+            # The bf16 sampler's log-probs come from cached one-token steps, which round otherwise
+            # than the reference's full forward; the policy's own full forward rounds the same way,
+            # so a policy's KL to itself stays exactly 0.
+            def policy_fn(q, qm, r, rm):
+                return response_logprobs(policy, q, qm, r, rm, cfg.temperature, cfg.batch_size)
+
         tracker.use_artifact(cfg.reference, name="reference-policy", type="model")
     if Path(cfg.policy).exists():
         tracker.use_artifact(cfg.policy, name="policy", type="model")
@@ -301,6 +316,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         prompts,
         reward_fn,
         ref_logprobs_fn=ref_fn,
+        policy_logprobs_fn=policy_fn,
         gold_fn=gold_fn,
         baseline_scores=baseline,
         progress="eval: policy",
@@ -312,6 +328,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.reference:
         metrics.update(comparison_metrics(rows, ref_rows, seed=cfg.seed))
     metrics["time/eval_s"] = time.time() - t0
+    metrics["eval/bf16"] = int(bf16)
     tracker.log(metrics, step=0)
     tracker.log_table("eval/samples", ["prompt", "response", "score", "kl", "gold_score"], rows, step=0)
     tracker.summary(metrics)

@@ -20,9 +20,8 @@ from rlhf.models import (
     MIXED_PRECISION,
     MIXED_PRECISION_HELP,
     format_prompt,
-    load_policy,
+    load_sampling_policy,
     resolve_model_path,
-    use_bf16,
 )
 
 # The sampler's names, importable from here as before it had its own module (user code, benchmarks).
@@ -207,10 +206,7 @@ def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
     try:
         if Path(cfg.prompts).exists():
             tracker.use_artifact(cfg.prompts, name="prompts", type="dataset")
-        model, tokenizer = load_policy(cfg.model, merged=True)
-        bf16 = use_bf16(cfg.mixed_precision, next(model.parameters()).device)
-        if bf16:
-            model = model.to(torch.bfloat16)
+        model, tokenizer, bf16 = load_sampling_policy(cfg.model, cfg.mixed_precision)
         stats: dict[str, float] = {}
         records = generate_candidates(
             model,

@@ -334,6 +334,21 @@ def row_uniforms(row_seeds, steps: int) -> torch.Tensor:
 MIN_SHARED_PREFIX = 4  # shorter shared prefixes are not worth a second forward call
 
 
+def last_positions(n: int) -> torch.Tensor:
+    """``logits_to_keep`` for a model's last ``n`` positions: an index tensor rather than the int ``n``.
+
+    Given an int, transformers slices the hidden states (``h[:, -n:]``), a strided view. When the
+    output layer's weight does not require grad (a frozen or merged policy, as every policy the lab
+    samples from or scores with), PyTorch's matmul does not fold a strided 3-D input into one matrix
+    product: it broadcasts the output layer to every row, copying the whole vocabulary matrix once
+    per row. SmolLM2's last position for 32 prompts took 1.6 s instead of 9 ms with bf16 weights on 2
+    cores, 8 responses' 49 positions 421 ms instead of 68 ms (autocast hides it: its cast of the
+    input is a contiguous copy). Indexing makes the slice a contiguous copy and the projection one
+    matrix product. Negative indices count from the end, as the int does.
+    """
+    return torch.arange(-n, 0)
+
+
 def common_prefix_length(seqs) -> int:
     """Length of the token prefix all ``seqs`` (token lists) share, leaving each ≥ 1 token of its own."""
     if not seqs:
@@ -386,7 +401,7 @@ def shared_prefix_cache(model, prefix: torch.Tensor, n_rows: int, cache=None, lm
         position_ids=torch.arange(n_pre, device=prefix.device)[None],
         past_key_values=cache,
         use_cache=True,
-        **({"logits_to_keep": 1} if lm else {}),
+        **({"logits_to_keep": last_positions(1)} if lm else {}),
     )
     cache = out.past_key_values
     cache.batch_repeat_interleave(n_rows)
@@ -522,7 +537,7 @@ def _sample_loop(
         position_ids=position_ids,
         past_key_values=cache,
         use_cache=True,
-        logits_to_keep=1,
+        logits_to_keep=last_positions(1),
         **hidden_kw,
     )
     cache = out.past_key_values

@@ -14,7 +14,7 @@ set it to 0): with dropout, the first-minibatch ratio would not be 1 and the KL 
 
 Every forward here takes a left-padded query and a right-padded response and computes
 ``position_ids`` from the attention mask (docs/ppo.md item 2), and only the logits of the response
-positions (``logits_to_keep``), which skips the large vocabulary projection over the prompt.
+positions (``logits_to_keep``, as :func:`rlhf.sampling.last_positions`), which skips the large vocabulary projection over the prompt.
 The prompt prefix all queries share runs once per forward (:func:`forward_query_response`).
 """
 
@@ -27,7 +27,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from rlhf.ppo.math import logprobs_from_logits
-from rlhf.sampling import shared_prefix_cache, split_common_prefix
+from rlhf.sampling import last_positions, shared_prefix_cache, split_common_prefix
 
 
 def concat_query_response(
@@ -94,7 +94,7 @@ class PolicyAndValue(nn.Module):
         sampled it and the value of that state).
         """
         T = response.shape[1]
-        keep = T + 1 if need_logits else 1
+        keep = last_positions(T + 1 if need_logits else 1)
         qr = (query, query_mask, response, response_mask)
         if self.critic is None:
             out = forward_query_response(self.policy, *qr, output_hidden_states=True, logits_to_keep=keep)
@@ -136,7 +136,9 @@ def response_logprobs(
             response[i : i + step],
             response_mask[i : i + step],
         )
-        logits = forward_query_response(model, q, qm, r, rm, logits_to_keep=r.shape[1] + 1).logits[:, :-1]
+        logits = forward_query_response(
+            model, q, qm, r, rm, logits_to_keep=last_positions(r.shape[1] + 1)
+        ).logits[:, :-1]
         parts.append(logprobs_from_logits(logits, r, temperature) * rm.to(torch.float32))
     return torch.cat(parts, dim=0)
 

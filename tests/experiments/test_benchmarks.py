@@ -291,3 +291,14 @@ def test_decode_attention_bench_times_both_attentions_on_the_same_answers(capsys
     # fp32: the two attentions agree to rounding, so the same random numbers write the same answers
     assert "same answers 8 of 8" in out
     assert sampling._OWN_DECODING.get()  # the baseline's switch is undone
+
+
+def test_logits_to_keep_bench_times_both_calls_and_finds_the_same_logits(capsys):
+    from experiments.benchmarks import bench_logits_to_keep
+
+    assert bench_logits_to_keep.main(["--model", "tiny", "--prompts", "3", "--response_tokens", "4"]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    rows = [r for r in rows if r[0].strip() != "call"]
+    assert {r[0].strip() for r in rows} == {"prefill, last position", "log-probs, last 5"}
+    assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
+    assert all(float(r[5]) < 1e-3 for r in rows)  # the same logits either way

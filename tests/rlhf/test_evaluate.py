@@ -90,3 +90,58 @@ def test_evaluation_does_not_depend_on_the_batch_size():
     # and the first prompts' responses do not depend on how many prompts follow
     _, fewer = evaluate_policy(model, tok, q[:2], qm[:2], prompts[:2], reward, batch_size=2, **common)
     assert [row[1] for row in fewer] == responses[0][:2]
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_eval_of_a_policy_against_itself_has_zero_kl_in_either_precision(tmp_path, monkeypatch, precision):
+    """With bf16 weights the sampler's cached steps round otherwise than a full forward, so eval takes
+    both sides of the KL from full forwards: a policy against itself must still give exactly 0."""
+    import rlhf.models
+    from rlhf.evaluate import EvalConfig, run_eval
+    from rlhf.tracking import TrackingConfig
+
+    monkeypatch.setattr(rlhf.models, "bf16_hardware", lambda device: True)  # emulated where absent: tiny
+    cfg = EvalConfig(
+        policy="tiny",
+        reference="tiny",
+        reward="length:target=4",
+        num_prompts=4,
+        max_new_tokens=6,
+        batch_size=3,
+        mixed_precision=precision,
+        runs_dir=str(tmp_path),
+        tracking=TrackingConfig(mode="disabled"),
+    )
+    metrics = run_eval(cfg)
+    assert metrics["eval/bf16"] == (precision == "bf16")
+    # fp32 keeps the sampler's own log-probs: they agree with a full forward up to rounding
+    assert metrics["eval/kl"] == (0.0 if precision == "bf16" else pytest.approx(0.0, abs=1e-4))
+    assert metrics["eval/win_rate"] == 0.5 and metrics["eval/prompts"] == 4
+
+
+def test_the_output_layer_reads_a_contiguous_slice_wherever_the_lab_keeps_the_last_logits():
+    """transformers slices an int ``logits_to_keep`` into a strided view, which PyTorch's matmul
+    without autograd multiplies by copying the output matrix per row (rlhf.sampling.last_positions).
+    The sampler's prefill and the scoring forwards must hand the output layer a contiguous slice."""
+    from rlhf.models import load_policy
+    from rlhf.ppo.rollout import encode_queries, left_pad
+    from rlhf.ppo.value import response_logprobs
+    from rlhf.sampling import last_positions, sample_responses
+
+    model, tok = load_policy("tiny")
+    q, qm = left_pad(
+        encode_queries(tok, ["Say hi.", "Name a fruit.", "Describe rain, briefly."], 64), tok.pad_token_id
+    )
+    seen = []
+    model.lm_head.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+    s = sample_responses(
+        model, q, qm, max_new_tokens=4, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
+    response_logprobs(model, q, qm, s.tokens, s.mask.long(), temperature=1.0)
+    assert seen and all(seen)
+    # and the index tensor keeps the same positions as the int
+    full = torch.cat([q, s.tokens], dim=1)
+    with torch.no_grad():
+        by_int = model(input_ids=full, logits_to_keep=3).logits
+        by_index = model(input_ids=full, logits_to_keep=last_positions(3)).logits
+    torch.testing.assert_close(by_index, by_int)
