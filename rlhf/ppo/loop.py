@@ -308,7 +308,7 @@ def _accumulate_gradients(
                 logits, vpred = run.pv_train(
                     batch.query[mi], batch.query_mask[mi], batch.response[mi], batch.response_mask[mi]
                 )
-            new_logp = pm.logprobs_from_logits(logits, batch.response[mi], cfg.temperature)
+            new_logp, entropy = pm.logprobs_and_entropy(logits, batch.response[mi], cfg.temperature)
             pg_loss, st = pm.policy_loss(
                 new_logp,
                 batch.old_logprobs[mi],
@@ -323,8 +323,7 @@ def _accumulate_gradients(
             loss = pg_loss + cfg.vf_coef * vf_loss
             stop_if_non_finite(loss, "loss", **where)
             accelerator.backward(loss)
-        with torch.no_grad():
-            ent = pm.masked_mean(pm.entropy_from_logits(logits.detach(), cfg.temperature), mask[mi])
+        ent = pm.masked_mean(entropy, mask[mi])
         for key, val in (
             ("approxkl", st.approxkl * w),
             ("clipfrac", st.clipfrac * w),

