@@ -15,7 +15,7 @@ from reward_models.train_config import RMTrainConfig
 from rlhf.cli import progress_bar
 from rlhf.generation import generate_candidates
 from rlhf.models import load_policy
-from rlhf.reward_model import pad_hidden, pad_right, response_mask, score_texts
+from rlhf.reward_model import batch_with_prefix, pad_hidden, pad_right, score_texts
 
 
 def flat_rewards(model, batch: Batch) -> torch.Tensor:
@@ -108,20 +108,31 @@ def build_cache(
     bar = progress_bar(len(todo), "rm: caching frozen layers", "seq", enabled=progress)
     for s in range(0, len(todo), batch_size):
         chunk = todo[s : s + batch_size]
-        ids, mask = pad_right([list(seq) for seq in chunk], pad_id)
         if model.caches_features:
-            pool = response_mask([response_start[seq] for seq in chunk], mask)
-            features = model.layer_features(ids, mask, pool)
-            store.by_ids.update((seq, features[j].clone()) for j, seq in enumerate(chunk))
+            states = _head_features(model, chunk, response_start, pad_id)
         else:
+            ids, mask = pad_right([list(seq) for seq in chunk], pad_id)
             if start and all(seq in start for seq in chunk):
                 h = model.lower_hidden(ids, mask, pad_hidden([start[seq] for seq in chunk])[0], below.layers)
             else:
                 h = model.lower_hidden(ids, mask)
-            store.by_ids.update((seq, h[j, : len(seq)].clone()) for j, seq in enumerate(chunk))
+            states = [h[j, : len(seq)] for j, seq in enumerate(chunk)]
+        store.by_ids.update((seq, state.clone()) for seq, state in zip(chunk, states))
         bar.update(len(chunk))
     bar.close()
     return {id(g): [store.by_ids[tuple(ids)] for ids in g.ids] for g in groups}
+
+
+def _head_features(model, chunk: list[tuple[int, ...]], response_start: dict, pad_id: int) -> torch.Tensor:
+    """The head's input ``[N, F]`` (several layers' means) of a batch of sequences, laid out as the
+    scoring passes lay theirs (:func:`rlhf.reward_model.batch_with_prefix`: the shared system prompt
+    run once), so the features the head trains on are computed as the ones it will score."""
+    b = batch_with_prefix(
+        [list(seq) for seq in chunk], [response_start[seq] for seq in chunk], pad_id, "mean"
+    )
+    if b.prefix is None:
+        return model.layer_features(b.input_ids, b.attention_mask, b.pool_mask)
+    return model.prefix_layer_features(b.prefix, b.input_ids, b.attention_mask, b.pool_mask)
 
 
 def evaluate_groups(

@@ -308,6 +308,32 @@ class RewardModel(nn.Module):
         prefix must end before any response starts). Inference only.
         """
 
+        if self.read_layers:
+            return self.forward(
+                features=self.prefix_layer_features(prefix, input_ids, attention_mask, pool_mask)
+            )
+        cache, attn, pos = self._prefix_inputs(prefix, input_ids, attention_mask)
+        h = self.backbone(
+            input_ids=input_ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True
+        ).last_hidden_state
+        return self.pool_and_score(h, attention_mask, pool_mask)
+
+    @torch.no_grad()
+    def prefix_layer_features(
+        self,
+        prefix: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pool_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """:meth:`layer_features` of ``prefix [1, P]`` + each right-padded row of ``input_ids``, the
+        prefix run once (as :meth:`score_with_prefix`). Inference only."""
+        cache, attn, pos = self._prefix_inputs(prefix, input_ids, attention_mask)
+        return self.layer_features(input_ids, attn, pool_mask, cache, pos)
+
+    def _prefix_inputs(self, prefix: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """The prefix's KV cache repeated for every row, and the rows' attention mask and positions
+        after it: ``(cache, attention_mask [N, P + S], position_ids [N, S])``."""
         n_pre, (n, width) = prefix.shape[1], input_ids.shape
         # several layers' means: the prefix's cache must come from the same slice of the stack
         stack = contextlib.nullcontext()
@@ -317,12 +343,7 @@ class RewardModel(nn.Module):
             cache = shared_prefix_cache(self.backbone, prefix, n, lm=False)
         attn = torch.cat([attention_mask.new_ones(n, n_pre), attention_mask], dim=1)
         pos = (n_pre + torch.arange(width, device=input_ids.device))[None].expand(n, -1)
-        if self.read_layers:
-            return self.forward(features=self.layer_features(input_ids, attn, pool_mask, cache, pos))
-        h = self.backbone(
-            input_ids=input_ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True
-        ).last_hidden_state
-        return self.pool_and_score(h, attention_mask, pool_mask)
+        return cache, attn, pos
 
 
 def _check_read_layers(read_layers: Sequence[int], pooling: str, n_layers: int | None) -> list[int]:
@@ -614,6 +635,44 @@ def pad_hidden(states: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tens
     return out, mask
 
 
+@dataclass
+class PrefixedBatch:
+    """Sequences laid out for a reward-model forward: ``prefix [1, P]`` (the tokens every row shares,
+    run once; None when too few are shared) and the rows' own tokens right-padded after it, with the
+    mask of their response tokens."""
+
+    prefix: torch.Tensor | None
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    pool_mask: torch.Tensor
+
+
+def batch_with_prefix(
+    seqs: Sequence[Sequence[int]],
+    starts: Sequence[int],
+    pad_id: int,
+    pooling: str,
+    share_prefix: bool = True,
+    device: str | torch.device = "cpu",
+) -> PrefixedBatch:
+    """One batch of token sequences (``starts[i]``: where sequence ``i``'s response begins), split
+    after the prefix they all share (the chat template's system prompt) when ``share_prefix`` and
+    at least :data:`rlhf.sampling.MIN_SHARED_PREFIX` tokens are shared. Under mean pooling the
+    prefix ends before every response starts (each response token needs its own state). Training's
+    feature cache and every scoring pass lay their batches out here, so both compute the same way."""
+    n_pre = common_prefix_length(seqs) if share_prefix and len(seqs) > 1 else 0
+    if pooling == "mean":
+        n_pre = min(n_pre, *starts)
+    if n_pre < MIN_SHARED_PREFIX:
+        input_ids, mask = pad_right(seqs, pad_id)
+        pool = response_mask(starts, mask)
+        return PrefixedBatch(None, input_ids.to(device), mask.to(device), pool.to(device))
+    prefix = torch.tensor([seqs[0][:n_pre]], dtype=torch.long, device=device)
+    input_ids, mask = pad_right([s[n_pre:] for s in seqs], pad_id)
+    pool = response_mask([f - n_pre for f in starts], mask)
+    return PrefixedBatch(prefix, input_ids.to(device), mask.to(device), pool.to(device))
+
+
 @torch.no_grad()
 def score_ids(
     model: RewardModel,
@@ -639,22 +698,13 @@ def score_ids(
     out = torch.empty(len(ids), dtype=torch.float32)
     for begin in range(0, len(order), batch_size):
         chunk = order[begin : begin + batch_size]
-        seqs = [ids[i] for i in chunk]
-        first = [starts[i] for i in chunk]
-        n_pre = common_prefix_length(seqs) if share_prefix and len(seqs) > 1 else 0
-        if model.pooling == "mean":
-            n_pre = min(n_pre, *first)  # mean pooling needs every response token's own state
-        if n_pre >= MIN_SHARED_PREFIX:
-            prefix = torch.tensor([seqs[0][:n_pre]], dtype=torch.long, device=device)
-            input_ids, mask = pad_right([s[n_pre:] for s in seqs], pad_id)
-            pool = response_mask([f - n_pre for f in first], mask)
-            scores = model.score_with_prefix(prefix, input_ids.to(device), mask.to(device), pool.to(device))
+        b = batch_with_prefix(
+            [ids[i] for i in chunk], [starts[i] for i in chunk], pad_id, model.pooling, share_prefix, device
+        )
+        if b.prefix is not None:
+            scores = model.score_with_prefix(b.prefix, b.input_ids, b.attention_mask, b.pool_mask)
         else:
-            input_ids, mask = pad_right(seqs, pad_id)
-            pool = response_mask(first, mask)
-            scores = model(
-                input_ids=input_ids.to(device), attention_mask=mask.to(device), pool_mask=pool.to(device)
-            )
+            scores = model(input_ids=b.input_ids, attention_mask=b.attention_mask, pool_mask=b.pool_mask)
         out[chunk] = scores.float().cpu()
         if on_batch is not None:
             on_batch(len(chunk))

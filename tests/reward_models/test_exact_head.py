@@ -129,8 +129,11 @@ def test_layer_features_are_the_response_means_of_each_layer():
         whole = score_ids(model, seqs, tok.pad_token_id, batch_size=1, starts=starts, share_prefix=False)
         assert torch.allclose(shared, whole, atol=1e-4)
         assert torch.allclose(whole, model.head(features).squeeze(-1), atol=1e-4)
+    # training's cache runs the shared system prompt once too, and holds the same features
     cache = build_cache(model, groups, tok.pad_token_id, 4, progress=False)
-    assert all(f.shape == (128,) for g in groups for f in cache[id(g)])
+    cached = torch.stack([f for g in groups for f in cache[id(g)]])
+    assert cached.shape == (len(seqs), 128)
+    assert torch.allclose(cached, features, atol=1e-5)
 
 
 def test_the_deepest_layer_is_read_raw_and_nothing_above_it_is_kept():
