@@ -109,7 +109,12 @@ def build_cache(
     for s in range(0, len(todo), batch_size):
         chunk = todo[s : s + batch_size]
         if model.caches_features:
-            states = _head_features(model, chunk, response_start, pad_id)
+            # laid out as the scoring passes lay theirs (the shared system prompt run once), so the
+            # features the head trains on are computed as the ones it will score
+            starts = [response_start[seq] for seq in chunk]
+            states = model.batch_features(
+                batch_with_prefix([list(seq) for seq in chunk], starts, pad_id, "mean")
+            )
         else:
             ids, mask = pad_right([list(seq) for seq in chunk], pad_id)
             if start and all(seq in start for seq in chunk):
@@ -121,18 +126,6 @@ def build_cache(
         bar.update(len(chunk))
     bar.close()
     return {id(g): [store.by_ids[tuple(ids)] for ids in g.ids] for g in groups}
-
-
-def _head_features(model, chunk: list[tuple[int, ...]], response_start: dict, pad_id: int) -> torch.Tensor:
-    """The head's input ``[N, F]`` (several layers' means) of a batch of sequences, laid out as the
-    scoring passes lay theirs (:func:`rlhf.reward_model.batch_with_prefix`: the shared system prompt
-    run once), so the features the head trains on are computed as the ones it will score."""
-    b = batch_with_prefix(
-        [list(seq) for seq in chunk], [response_start[seq] for seq in chunk], pad_id, "mean"
-    )
-    if b.prefix is None:
-        return model.layer_features(b.input_ids, b.attention_mask, b.pool_mask)
-    return model.prefix_layer_features(b.prefix, b.input_ids, b.attention_mask, b.pool_mask)
 
 
 def evaluate_groups(

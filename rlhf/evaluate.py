@@ -295,15 +295,17 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         )
         baseline = torch.tensor([r[2] for r in ref_rows])
 
-        def ref_fn(q, qm, r, rm):
-            return response_logprobs(reference, q, qm, r, rm, cfg.temperature, cfg.batch_size)
+        def full_forward_logprobs(model):
+            return lambda q, qm, r, rm: response_logprobs(
+                model, q, qm, r, rm, cfg.temperature, cfg.batch_size
+            )
 
+        ref_fn = full_forward_logprobs(reference)
         if bf16:
             # The bf16 sampler's log-probs come from cached one-token steps, which round otherwise
             # than the reference's full forward; the policy's own full forward rounds the same way,
             # so a policy's KL to itself stays exactly 0.
-            def policy_fn(q, qm, r, rm):
-                return response_logprobs(policy, q, qm, r, rm, cfg.temperature, cfg.batch_size)
+            policy_fn = full_forward_logprobs(policy)
 
         tracker.use_artifact(cfg.reference, name="reference-policy", type="model")
     if Path(cfg.policy).exists():

@@ -293,43 +293,35 @@ class RewardModel(nn.Module):
         return self.head(pooled).squeeze(-1).float()
 
     @torch.no_grad()
-    def score_with_prefix(
-        self,
-        prefix: torch.Tensor,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        pool_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Rewards ``[N]`` of ``prefix [1, P]`` + each right-padded row of ``input_ids [N, S]``.
-
-        The shared prefix (the chat template's system prompt and turn header) runs once and its
-        KV cache is repeated for every row: the same rewards as :meth:`forward` on the full
-        sequences, with fewer token forwards. ``pool_mask`` covers the rows' own tokens only (the
-        prefix must end before any response starts). Inference only.
-        """
-
+    def score_batch(self, batch: PrefixedBatch) -> torch.Tensor:
+        """Rewards ``[N]`` of a batch laid out by :func:`batch_with_prefix`. A shared prefix (the chat
+        template's system prompt and turn header) runs once and its KV cache is repeated for every
+        row: the same rewards as :meth:`forward` on the full sequences, with fewer token forwards.
+        Inference only."""
         if self.read_layers:
-            return self.forward(
-                features=self.prefix_layer_features(prefix, input_ids, attention_mask, pool_mask)
+            return self.forward(features=self.batch_features(batch))
+        if batch.prefix is None:
+            return self(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, pool_mask=batch.pool_mask
             )
-        cache, attn, pos = self._prefix_inputs(prefix, input_ids, attention_mask)
+        cache, attn, pos = self._prefix_inputs(batch.prefix, batch.input_ids, batch.attention_mask)
         h = self.backbone(
-            input_ids=input_ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True
+            input_ids=batch.input_ids,
+            attention_mask=attn,
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=True,
         ).last_hidden_state
-        return self.pool_and_score(h, attention_mask, pool_mask)
+        return self.pool_and_score(h, batch.attention_mask, batch.pool_mask)
 
     @torch.no_grad()
-    def prefix_layer_features(
-        self,
-        prefix: torch.Tensor,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        pool_mask: torch.Tensor,
-    ) -> torch.Tensor:
-        """:meth:`layer_features` of ``prefix [1, P]`` + each right-padded row of ``input_ids``, the
-        prefix run once (as :meth:`score_with_prefix`). Inference only."""
-        cache, attn, pos = self._prefix_inputs(prefix, input_ids, attention_mask)
-        return self.layer_features(input_ids, attn, pool_mask, cache, pos)
+    def batch_features(self, batch: PrefixedBatch) -> torch.Tensor:
+        """:meth:`layer_features` of a batch laid out by :func:`batch_with_prefix`, its shared prefix
+        run once (as :meth:`score_batch`). Inference only."""
+        if batch.prefix is None:
+            return self.layer_features(batch.input_ids, batch.attention_mask, batch.pool_mask)
+        cache, attn, pos = self._prefix_inputs(batch.prefix, batch.input_ids, batch.attention_mask)
+        return self.layer_features(batch.input_ids, attn, batch.pool_mask, cache, pos)
 
     def _prefix_inputs(self, prefix: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         """The prefix's KV cache repeated for every row, and the rows' attention mask and positions
@@ -664,12 +656,10 @@ def batch_with_prefix(
     if pooling == "mean":
         n_pre = min(n_pre, *starts)
     if n_pre < MIN_SHARED_PREFIX:
-        input_ids, mask = pad_right(seqs, pad_id)
-        pool = response_mask(starts, mask)
-        return PrefixedBatch(None, input_ids.to(device), mask.to(device), pool.to(device))
-    prefix = torch.tensor([seqs[0][:n_pre]], dtype=torch.long, device=device)
+        n_pre = 0
     input_ids, mask = pad_right([s[n_pre:] for s in seqs], pad_id)
     pool = response_mask([f - n_pre for f in starts], mask)
+    prefix = torch.tensor([seqs[0][:n_pre]], dtype=torch.long, device=device) if n_pre else None
     return PrefixedBatch(prefix, input_ids.to(device), mask.to(device), pool.to(device))
 
 
@@ -688,7 +678,7 @@ def score_ids(
 
     ``starts[i]`` is where sequence ``i``'s response begins (mean pooling averages from there;
     default 0). Within a batch, the token prefix every sequence shares (the system prompt) runs
-    once (:meth:`RewardModel.score_with_prefix`) when it ends before every response starts;
+    once (:meth:`RewardModel.score_batch`) when it ends before every response starts;
     ``share_prefix=False`` runs every sequence whole. ``on_batch(n)`` is called after each batch
     of ``n`` sequences (a progress bar's ``update``).
     """
@@ -701,11 +691,7 @@ def score_ids(
         b = batch_with_prefix(
             [ids[i] for i in chunk], [starts[i] for i in chunk], pad_id, model.pooling, share_prefix, device
         )
-        if b.prefix is not None:
-            scores = model.score_with_prefix(b.prefix, b.input_ids, b.attention_mask, b.pool_mask)
-        else:
-            scores = model(input_ids=b.input_ids, attention_mask=b.attention_mask, pool_mask=b.pool_mask)
-        out[chunk] = scores.float().cpu()
+        out[chunk] = model.score_batch(b).float().cpu()
         if on_batch is not None:
             on_batch(len(chunk))
     return out

@@ -110,8 +110,7 @@ def logprobs_and_entropy(
     if not entropy:
         return logp, None
     with torch.no_grad():
-        detached = logp_all.detach()
-        ent = -(detached.exp() * detached).sum(-1)
+        ent = -(logp_all.exp() * logp_all).sum(-1)
     return logp, ent
 
 
