@@ -29,11 +29,23 @@ help:
 	@echo "make constraints  re-pin constraints.txt after changing a range in pyproject.toml"
 	@echo "make lint | format | clean"
 
+# pip install, tried up to four times: a download cut off mid-file (seen in CI: a 53 MB wheel stuck
+# at 27.5 MB through all of pip's own resume attempts) fails the whole install, and a fresh try a
+# little later usually gets through. Wheels already downloaded come from pip's cache on the retry.
+define pip_install
+for attempt in 1 2 3 4; do \
+  $(BIN)/python -m pip install -q $(1) && break; \
+  if [ $$attempt = 4 ]; then echo "pip install failed four times; giving up" >&2; exit 1; fi; \
+  echo "pip install failed (try $$attempt of 4; a download cut off?): trying again in $$((attempt * 20)) s" >&2; \
+  sleep $$((attempt * 20)); \
+done
+endef
+
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	@$(call pip_install,--upgrade pip)
+	@$(call pip_install,"$(TORCH)")
+	@$(call pip_install,-c constraints.txt -e ".[dev]")
 	@touch $@
 
 install: $(STAMP)
@@ -57,8 +69,8 @@ postgres:
 # Re-pin after changing a range in pyproject.toml: install without the lock, then freeze.
 constraints:
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q --upgrade -e ".[dev]"
+	@$(call pip_install,"$(TORCH)")
+	@$(call pip_install,--upgrade -e ".[dev]")
 	{ echo "# The exact versions make installs and CI tests (pip -c); pyproject.toml holds the ranges."; \
 	  echo "# Regenerate with make constraints. torch is pinned by the Makefile (TORCH)."; \
 	  $(BIN)/python -m pip freeze --exclude-editable | grep -v '^torch=='; } > constraints.txt
