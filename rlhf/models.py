@@ -43,6 +43,7 @@ Decisions every stage relies on (keep them in this one place):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -240,6 +241,64 @@ def autocast_bf16(device: torch.device | str, enabled: bool):
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=enabled)
 
 
+class FrozenLinearsInBF16:
+    """The weights of the frozen linear layers of ``modules`` kept in bf16 for a model that runs
+    only under bf16 autocast; :meth:`cast` stores them so, :meth:`restore` puts the fp32 tensors back.
+
+    Autocast casts an fp32 weight to bf16 at every linear op. It keeps the cast for the rest of the
+    autocast region only for a weight that requires grad, so a frozen base (a LoRA policy's, a
+    frozen reference's) is cast again at every forward: 106 M numbers read and written for SmolLM2,
+    at each of a rollout's decoding steps. The op computes with the bf16 weight either way, so the
+    outputs, and the gradients that flow through to an adapter, are bit for bit the same
+    (tests/rlhf/test_models.py). Layers that share their weight with an input embedding (a tied
+    output layer) stay fp32: the embedding lookup is not autocast, and a bf16 table would change
+    the dtype of every hidden state. Trainable layers (adapters, heads) stay fp32.
+    """
+
+    def __init__(self, *modules: torch.nn.Module | None):
+        embeddings = {
+            m.weight.data_ptr()
+            for module in modules
+            if module is not None
+            for m in module.modules()
+            if isinstance(m, torch.nn.Embedding)
+        }
+        self.layers = [
+            m
+            for module in modules
+            if module is not None
+            for m in module.modules()
+            if isinstance(m, torch.nn.Linear)
+            and not m.weight.requires_grad
+            and m.weight.dtype == torch.float32
+            and m.weight.data_ptr() not in embeddings
+        ]
+        self.fp32: dict[torch.nn.Module, torch.Tensor] = {}  # while cast: each layer's fp32 weight
+
+    def fp32_weight(self, layer: torch.nn.Module) -> torch.Tensor | None:
+        """The fp32 weight of ``layer`` while it is kept in bf16; None otherwise."""
+        return self.fp32.get(layer)
+
+    def cast(self) -> FrozenLinearsInBF16:
+        if not self.fp32:
+            self.fp32 = {m: m.weight.data for m in self.layers}
+            for m, w in self.fp32.items():
+                m.weight.data = w.to(torch.bfloat16)
+        return self
+
+    def restore(self) -> None:
+        for m, w in self.fp32.items():
+            m.weight.data = w
+        self.fp32 = {}
+
+    def __enter__(self) -> FrozenLinearsInBF16:
+        return self.cast()
+
+    def __exit__(self, *exc) -> bool:
+        self.restore()
+        return False
+
+
 # A measured choice of autocast (:func:`autocast_if_faster`): bf16 only when clearly faster, so that
 # timing noise does not flip the choice from one run to the next; a step shorter than this in fp32 is
 # too short to time and too short for precision to matter.
@@ -248,7 +307,10 @@ AUTOCAST_MIN_STEP_S = 0.05
 
 
 def autocast_if_faster(
-    mixed_precision: str, device: torch.device | str, step: Callable[[], None]
+    mixed_precision: str,
+    device: torch.device | str,
+    step: Callable[[], None],
+    bf16_weights: FrozenLinearsInBF16 | None = None,
 ) -> tuple[bool, dict[str, float]]:
     """Whether to train under bf16 autocast, and the timings that decided it.
 
@@ -259,13 +321,15 @@ def autocast_if_faster(
     faster. Measured, not assumed: a SmolLM2 LoRA training step ran 1.27× faster under autocast on
     a 2-core AVX512-BF16 EPYC, while a whole PPO update ran slower on a 2-core AMX Xeon
     (docs/environment.md). Returns ``(bf16, {"fp32_s": ..., "bf16_s": ...})``, the dict empty when
-    nothing was timed."""
+    nothing was timed. ``bf16_weights``: the frozen weights the run would keep in bf16 under
+    autocast, so kept for the autocast timing (and put back after it)."""
     bf16 = use_bf16(mixed_precision, device)
     if mixed_precision != "auto" or not bf16 or torch.device(device).type != "cpu":
         return bf16, {}
     seconds = {}
     for name, enabled in (("fp32_s", False), ("bf16_s", True)):
-        with autocast_bf16(device, enabled):
+        stored = bf16_weights if enabled and bf16_weights is not None else contextlib.nullcontext()
+        with autocast_bf16(device, enabled), stored:
             step()  # warm-up: the first call builds the kernels for these shapes
             t0 = time.perf_counter()
             step()

@@ -112,7 +112,8 @@ class PPOConfig(RunFields, AdapterFields):
     mixed_precision: str = option(
         "auto",
         help="every forward (sampling, reward model, reference, training) under bf16 autocast, with "
-        "fp32 weights, gradients and Adam; old log-probs are then recomputed in the training "
+        "fp32 trainable weights, gradients and Adam (the frozen base's weights kept in bf16, as "
+        "autocast computes with them: the same numbers); old log-probs are then recomputed in the training "
         "precision. auto measures: on a CPU with bf16 it times one training micro-step in fp32 and "
         "under autocast and takes autocast only when at least 1.1× faster (on a 2-core AVX512-BF16 "
         "EPYC, not on a 2-core AMX Xeon); on a bf16 GPU auto is bf16. Over three PPO seeds each on "

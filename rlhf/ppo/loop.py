@@ -23,9 +23,11 @@ Deviations from the N+ reference code (all on purpose):
 - the rollout's log-probs are the old log-probs (no extra forward) unless
   ``recompute_old_logprobs``; ``val/ratio_first_minibatch`` shows the check of docs/ppo.md item 5;
 - ``mixed_precision: bf16`` (or ``auto`` where a timed training step was faster) runs every forward under
-  bf16 autocast — sampling, reward model, reference, training — with fp32 weights, gradients and
-  Adam; the old log-probs (and values) then come from a forward identical to training's, since
-  bf16 sampling through a KV cache rounds differently (the first ratio stays exactly 1);
+  bf16 autocast — sampling, reward model, reference, training — with fp32 trainable weights,
+  gradients and Adam (the frozen base's linear weights kept in bf16, as autocast computes with
+  them: :class:`rlhf.models.FrozenLinearsInBF16`); the old log-probs (and values) then come from a
+  forward identical to training's, since bf16 sampling through a KV cache rounds differently (the
+  first ratio stays exactly 1);
 - with LoRA the adapter is merged into the weights while sampling (the base
   weights are restored bit-exactly afterwards, :class:`rlhf.ppo.value.merged_lora`): unmerged LoRA
   layers more than doubled rollout time on a CPU;
@@ -100,7 +102,7 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
             # second pass over query + response). A critic is another network: it needs its pass.
             values_from_sampler = cfg.value_model == "shared" and not run.recompute_old
             # LoRA folded in for sampling speed; base restored exactly
-            with merged_lora(run.policy()), amp():
+            with merged_lora(run.policy(), run.frozen_bf16), amp():
                 ro = sample_rollout(
                     run.policy(),
                     query,
@@ -351,6 +353,7 @@ def _write_policy(run: PPORun) -> None:
     """The trained policy as a policy dir (LoRA merged) in ``run.out_dir``, logged as the run's model
     artifact."""
     cfg = run.cfg
+    run.frozen_bf16.restore()  # the base in fp32 again: the adapter is merged into it
     final, base = policy_to_write(run.policy(), cfg.policy)
     meta = {
         "base": base,

@@ -30,6 +30,7 @@ from rlhf.distributed import require_data_parallel
 from rlhf.errors import UserError
 from rlhf.evaluate import evaluate_policy, resolve_stop_token
 from rlhf.models import (
+    FrozenLinearsInBF16,
     adam_kwargs,
     autocast_bf16,
     autocast_if_faster,
@@ -75,6 +76,9 @@ class PPORun:
     cfg: PPOConfig
     accelerator: Accelerator
     bf16: bool
+    # under bf16, the frozen base's (and a frozen reference's) linear weights are kept in bf16 for
+    # the run, as autocast would cast them at every op; fp32 again before the policy is written
+    frozen_bf16: FrozenLinearsInBF16
     # old log-probs from a forward like training's, not the sampler's: when asked, and under bf16,
     # where sampling (KV cache, merged LoRA) and a full forward round differently (the first ratio
     # is 1 only with the same forward)
@@ -121,7 +125,8 @@ class PPORun:
         return {"sample": self.sample_gen, "shuffle": self.shuffle_gen}
 
     def amp(self):
-        """Every forward under bf16 autocast when mixed_precision is bf16 (weights stay fp32)."""
+        """Every forward under bf16 autocast when mixed_precision is bf16 (trainable weights stay
+        fp32; the frozen linears are kept in bf16, ``frozen_bf16``)."""
         return autocast_bf16(self.accelerator.device, self.bf16)
 
     def policy(self):
@@ -168,7 +173,7 @@ class PPORun:
                 policy_logprobs_fn=self.policy_logprobs if self.bf16 else None,
                 gold_fn=self.gold_fn,
                 baseline_scores=self.held_out.reference_scores,
-                sampling_context=lambda: merged_lora(self.policy()),
+                sampling_context=lambda: merged_lora(self.policy(), self.frozen_bf16),
                 progress="ppo: eval",
                 **self.eval_sampling,
             )
@@ -235,7 +240,10 @@ def set_up(cfg: PPOConfig) -> PPORun:
     pv.to(accelerator.device)
     if reference is not None:
         reference.to(accelerator.device)
-    bf16, timings = _choose_precision(cfg, pv, tokenizer, train_prompts, accelerator)
+    frozen_bf16 = FrozenLinearsInBF16(pv, reference)
+    bf16, timings = _choose_precision(cfg, pv, tokenizer, train_prompts, accelerator, frozen_bf16)
+    if bf16:
+        frozen_bf16.cast()
     stop_id = resolve_stop_token(tokenizer, cfg.stop_token)
     params = [p for p in pv.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, eps=cfg.adam_eps, **adam_kwargs(params))
@@ -252,6 +260,7 @@ def set_up(cfg: PPOConfig) -> PPORun:
         cfg=cfg,
         accelerator=accelerator,
         bf16=bf16,
+        frozen_bf16=frozen_bf16,
         recompute_old=cfg.recompute_old_logprobs or bf16,
         n_updates=n_updates,
         local_batch=cfg.batch_size // world,
@@ -306,11 +315,17 @@ def set_up(cfg: PPOConfig) -> PPORun:
 
 
 def _choose_precision(
-    cfg: PPOConfig, pv: PolicyAndValue, tokenizer, train_prompts: list[dict], accelerator: Accelerator
+    cfg: PPOConfig,
+    pv: PolicyAndValue,
+    tokenizer,
+    train_prompts: list[dict],
+    accelerator: Accelerator,
+    frozen_bf16: FrozenLinearsInBF16,
 ) -> tuple[bool, dict[str, float]]:
     """``mixed_precision`` resolved on this machine (:func:`rlhf.models.autocast_if_faster`) by
     timing one training micro-step of these very models: a forward and backward over the first
-    training prompts with responses of full length. Every process takes the main process's choice.
+    training prompts with responses of full length, under autocast with the frozen weights in bf16
+    as the run would keep them. Every process takes the main process's choice.
     The models are in eval mode with dropout off, so the step draws no random numbers."""
     queries = [p["prompt"] for p in train_prompts[: cfg.micro_batch_size]]
     query, query_mask = left_pad(
@@ -325,7 +340,7 @@ def _choose_precision(
         (logits.float().logsumexp(-1).mean() + values.mean()).backward()
         pv.zero_grad(set_to_none=True)
 
-    bf16, timings = autocast_if_faster(cfg.mixed_precision, accelerator.device, micro_step)
+    bf16, timings = autocast_if_faster(cfg.mixed_precision, accelerator.device, micro_step, frozen_bf16)
     if timings and accelerator.num_processes > 1:  # only a timed choice can differ between processes
         choice = [bf16, timings]
         broadcast_object_list(choice)

@@ -26,6 +26,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from rlhf.models import FrozenLinearsInBF16
 from rlhf.ppo.math import logprobs_from_logits
 from rlhf.sampling import last_positions, shared_prefix_cache, split_common_prefix
 
@@ -184,33 +185,41 @@ class merged_lora:
     Sampling through unmerged LoRA layers costs an extra pair of small matmuls per layer and step,
     which on a CPU more than doubled rollout time; merged, generation runs at the plain model's
     speed. PEFT's ``unmerge_adapter`` subtracts the delta again, which leaves float rounding in the
-    base weights — and the base *is* the reference policy — so the touched base weights are saved
-    before merging and copied back afterwards (bit-identical reference for the whole run).
-    A model without LoRA layers passes through unchanged.
+    base weights — and the base *is* the reference policy — so each merge goes into a copy of the
+    base weight and the base's own tensor is put back afterwards (bit-identical reference for the
+    whole run). With ``frozen`` (the base kept in bf16 under autocast,
+    :class:`rlhf.models.FrozenLinearsInBF16`) the adapter is merged into the fp32 weight and the sum
+    rounded to bf16 once, as autocast would round the fp32 merged weight: the same samples as an
+    fp32 base under autocast, bit for bit. A model without LoRA layers passes through unchanged.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, frozen: FrozenLinearsInBF16 | None = None):
         self.model = model
+        self.frozen = frozen
         self.layers = []
         if hasattr(model, "peft_config"):
-            self.layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+            self.layers = [m.get_base_layer() for m in model.modules() if isinstance(m, BaseTunerLayer)]
         self.saved: list[torch.Tensor] = []
 
     def __enter__(self):
         if self.layers:
-            self.saved = [m.get_base_layer().weight.detach().clone() for m in self.layers]
+            self.saved = [layer.weight.data for layer in self.layers]
+            for layer, weight in zip(self.layers, self.saved):
+                fp32 = self.frozen.fp32_weight(layer) if self.frozen is not None else None
+                layer.weight.data = (fp32 if fp32 is not None else weight).clone()
             self.model.merge_adapter()
+            for layer, weight in zip(self.layers, self.saved):
+                layer.weight.data = layer.weight.data.to(weight.dtype)
         return self.model
 
     def __exit__(self, *exc):
         if self.layers:
             with (
                 warnings.catch_warnings()
-            ):  # IA3's "unmerge can be inaccurate": the copy below makes it exact
+            ):  # IA3's "unmerge can be inaccurate": putting the tensors back makes it exact
                 warnings.filterwarnings("ignore", message="Unmerge result can be inaccurate")
                 self.model.unmerge_adapter()  # bookkeeping (merged_adapters) ...
-            with torch.no_grad():  # ... and the exact weights
-                for m, w in zip(self.layers, self.saved):
-                    m.get_base_layer().weight.copy_(w)
+            for layer, weight in zip(self.layers, self.saved):  # ... and the base's own tensors
+                layer.weight.data = weight
             self.saved = []
         return False

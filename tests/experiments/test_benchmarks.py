@@ -302,3 +302,20 @@ def test_logits_to_keep_bench_times_both_calls_and_finds_the_same_logits(capsys)
     assert {r[0].strip() for r in rows} == {"prefill, last position", "log-probs, last 5"}
     assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
     assert all(float(r[5]) < 1e-3 for r in rows)  # the same logits either way
+
+
+def test_frozen_bf16_bench_times_three_sides_and_finds_the_same_numbers(capsys):
+    from experiments.benchmarks import bench_frozen_bf16
+    from rlhf.models import bf16_hardware
+
+    args = ["--policy", "tiny", "--prompts", "3", "--micro_batch", "2", "--tokens", "4", "--repeats", "1"]
+    assert bench_frozen_bf16.main(args) == 0
+    out = capsys.readouterr().out
+    if not bf16_hardware("cpu"):
+        assert "nothing to compare" in out
+        return
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ")]
+    rows = [r for r in rows if r[0].strip() != "call"]
+    assert [r[0].strip() for r in rows] == ["rollout, 3 × 4 tokens", "training micro-step, 2 rows"]
+    assert all(float(t) > 0 for r in rows for t in r[1:4])
+    assert all(r[5].strip() == "yes" for r in rows)  # the same tokens, logits and gradients

@@ -276,6 +276,73 @@ def test_merged_lora_sampling_restores_the_reference_exactly(tmp_path):
     assert not torch.allclose(response_logprobs(policy, q, qm, r, rm, 0.7), _disabled(policy, q, qm, r, rm))
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_frozen_weights_kept_in_bf16_change_nothing_under_autocast(tmp_path, lora):
+    """Under bf16 autocast PPO keeps the frozen linear weights (the LoRA base, a frozen reference)
+    in bf16 instead of letting autocast cast them at every op: the rollout (adapter merged), the
+    logits, values and gradients are the same bit for bit, the tied or trainable layers stay fp32,
+    and restore() hands back the very fp32 tensors."""
+    from rlhf.models import FrozenLinearsInBF16
+    from rlhf.ppo.rollout import sample_rollout
+    from rlhf.ppo.value import merged_lora
+
+    cfg = _cfg(tmp_path, lora=lora, value_model="shared")
+    torch.manual_seed(0)
+    policy, reference, pv, tok = build_models(cfg)
+    with torch.no_grad():  # a trained-looking adapter and head
+        pv.value_head.weight.normal_(0, 0.3)
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    q, qm = torch.tensor([[5, 6, 7, 8]]), torch.ones(1, 4, dtype=torch.long)
+    r, rm = torch.tensor([[10, 11, 12]]), torch.ones(1, 3, dtype=torch.long)
+
+    def forward_and_grads():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with merged_lora(policy, frozen):  # the rollout: adapter merged into the fp32 weight
+                ro = sample_rollout(
+                    policy,
+                    q,
+                    qm,
+                    max_new_tokens=5,
+                    temperature=0.7,
+                    stop_token_id=-1,
+                    pad_token_id=tok.pad_token_id,
+                    generator=torch.Generator().manual_seed(1),
+                )
+            logits, values = pv(q, qm, r, rm)
+            ref_logits = reference(q).logits if reference is not None else None
+        (logits.float().logsumexp(-1).mean() + values.float().mean()).backward()
+        grads = {n: p.grad.clone() for n, p in pv.named_parameters() if p.grad is not None}
+        pv.zero_grad(set_to_none=True)
+        return logits, values, ref_logits, ro.tokens, ro.logprobs, grads
+
+    def named():
+        ref = [(f"reference.{n}", p) for n, p in reference.named_parameters()] if reference else []
+        return [*pv.named_parameters(), *ref]
+
+    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in named()}
+    frozen = FrozenLinearsInBF16(pv, reference)
+    expected = forward_and_grads()
+    with frozen:
+        cast = {n for n, p in named() if p.dtype == torch.bfloat16}
+        got = forward_and_grads()
+    assert cast and all(".lora_" not in n and "value_head" not in n and "embed" not in n for n in cast)
+    if lora:  # the base layer under every adapter; the adapters and the head stay fp32
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        adapted = {id(m.get_base_layer()) for m in policy.modules() if isinstance(m, BaseTunerLayer)}
+        assert adapted and adapted <= {id(m) for m in frozen.layers}
+    else:  # the policy trains whole: only the frozen reference is cast
+        assert {id(m) for m in frozen.layers} <= {id(m) for m in reference.modules()}
+    for e, g in zip(expected[:5], got[:5]):
+        assert e is None or torch.equal(e, g)
+    assert expected[5].keys() == got[5].keys() and expected[5]
+    assert all(torch.equal(expected[5][n], got[5][n]) for n in expected[5])
+    # the very fp32 tensors back (same storage), unchanged
+    assert all(p.data_ptr() == before[n][0] and torch.equal(p, before[n][1]) for n, p in named())
+
+
 def _disabled(policy, q, qm, r, rm):
     from rlhf.ppo.value import response_logprobs
 
