@@ -9,8 +9,10 @@ third of the forward-pass rate. The loop:
 1. one prefill forward over the left-padded batch, with ``position_ids`` from the attention mask
    and only the last position's logits computed;
 2. per step, one forward of the last sampled token per row against the KV cache;
-3. **batch shrinking**: rows that sampled EOS leave the batch (their KV cache rows are dropped),
-   so the cost of a step falls as responses finish, and the loop stops when all are done; the
+3. **batch shrinking**: rows that sampled EOS stop sampling at once; they leave the batch (their
+   KV cache rows are dropped) once a share :data:`SHRINK_AT` of it has finished, since a shrink
+   copies the whole cache, so the cost of a step falls as responses finish, and the loop stops
+   when all are done; the
    one-token steps run the lab's own attention over the key/value heads (:func:`_decode_attention`);
 4. sampling is inverse-CDF sampling from ``softmax(logits / temperature)`` (optionally top-k /
    top-p filtered); the returned log-prob of each sampled token is ``log_softmax(logits /
@@ -331,6 +333,14 @@ def row_uniforms(row_seeds, steps: int) -> torch.Tensor:
     )
 
 
+# The share of the batch that must have finished before the finished rows leave it
+# (:func:`sample_responses`, step 3). A shrink copies every layer's whole KV cache: done at each
+# finish it was a fifth of a SmolLM2 generate batch's time (128 rows × 48 tokens, bf16 weights, AMX
+# Xeon), while a finished row left in the batch costs little (the weights are read for the batch
+# anyway). 128 prompts × 4 answers took 23.9–25.6 s at 0.1 against 27.2–29.0 s shrinking at every
+# finish (0.25: 25.1 s; never: 26.5 s), the same answers byte for byte (docs/environment.md).
+SHRINK_AT = 0.1
+
 MIN_SHARED_PREFIX = 4  # shorter shared prefixes are not worth a second forward call
 
 
@@ -550,31 +560,46 @@ def _sample_loop(
         mask = mask.repeat_interleave(num_samples, dim=0)
         next_pos = next_pos.repeat_interleave(num_samples, dim=0)
         cache.batch_repeat_interleave(num_samples)
-    rows = torch.arange(bsz, device=device)  # original row index of each row still sampling
+    rows = torch.arange(bsz, device=device)  # original row index of each row in the batch
+    live = None  # the batch positions of the rows still sampling, while finished ones stay in it
     workspace = SamplingWorkspace()
     steps = max_new_tokens
     for t in range(max_new_tokens):
-        u = uniforms[rows, t] if uniforms is not None else None
+        live_rows = rows if live is None else rows[live]
+        u = uniforms[live_rows, t] if uniforms is not None else None
         tok, lp = sample_from_logits(
-            logits, temperature, top_k, top_p, generator, uniform=u, workspace=workspace
+            logits if live is None else logits[live],
+            temperature,
+            top_k,
+            top_p,
+            generator,
+            uniform=u,
+            workspace=workspace,
         )
-        tokens[rows, t] = tok
-        logprobs[rows, t] = lp
+        tokens[live_rows, t] = tok
+        logprobs[live_rows, t] = lp
         if values is not None:
-            values[rows, t] = v
+            values[live_rows, t] = v if live is None else v[live]
         done = tok == eos_token_id
         if bool(done.any()):
-            finished[rows[done]] = True
-            lengths[rows[done]] = t + 1
-            keep = (~done).nonzero().squeeze(1)
-            if keep.numel() == 0:
+            finished[live_rows[done]] = True
+            lengths[live_rows[done]] = t + 1
+            still = (~done).nonzero().squeeze(1)
+            if still.numel() == 0:
                 steps = t + 1
                 break
-            # 3. batch shrinking: finished rows leave the batch and the KV cache.
-            rows, tok, mask, next_pos = rows[keep], tok[keep], mask[keep], next_pos[keep]
-            cache.batch_select_indices(keep)
+            live = still if live is None else live[still]
+            tok = tok[still]
+            # 3. batch shrinking: finished rows leave the batch and the KV cache, once enough of
+            # them have (each shrink copies the whole cache).
+            if rows.shape[0] - live.numel() >= max(1, int(rows.shape[0] * SHRINK_AT)):
+                rows, mask, next_pos = rows[live], mask[live], next_pos[live]
+                cache.batch_select_indices(live)
+                live = None
         if t == max_new_tokens - 1:
             break
+        if live is not None:  # finished rows still in the batch take a pad token, their outputs unread
+            tok = tok.new_full((rows.shape[0],), pad_token_id).index_copy_(0, live, tok)
         # 2. one decoding step for the rows still running.
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         out = model(

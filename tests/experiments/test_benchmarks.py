@@ -319,3 +319,16 @@ def test_frozen_bf16_bench_times_three_sides_and_finds_the_same_numbers(capsys):
     assert [r[0].strip() for r in rows] == ["rollout, 3 × 4 tokens", "training micro-step, 2 rows"]
     assert all(float(t) > 0 for r in rows for t in r[1:4])
     assert all(r[5].strip() == "yes" for r in rows)  # the same tokens, logits and gradients
+
+
+def test_batch_shrink_bench_times_both_shares_and_finds_the_same_answers(capsys):
+    from experiments.benchmarks import bench_batch_shrink
+    from rlhf import sampling
+
+    before = sampling.SHRINK_AT
+    args = ["--policy", "tiny", "--prompts", "4", "--k", "2", "--tokens", "6", "--repeats", "1"]
+    assert bench_batch_shrink.main(args) == 0
+    out = capsys.readouterr().out
+    assert "shrink at 0 (baseline)" in out and f"shrink at {before:g} (lab)" in out
+    assert "the same answers: yes" in out
+    assert sampling.SHRINK_AT == before  # the bench puts the lab's share back

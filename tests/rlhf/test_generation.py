@@ -167,6 +167,64 @@ def test_truncation_after_eos_and_batch_shrinking(tiny):
     assert torch.equal(s.mask, torch.arange(s.tokens.shape[1])[None] < s.lengths[:, None])
 
 
+@pytest.mark.parametrize("shrink_at", [0.5, 1.01])
+def test_finished_rows_left_in_the_batch_change_no_sample(tiny, monkeypatch, shrink_at):
+    """Finished rows leave the batch (and its KV cache, a copy of the whole cache) only once a
+    share SHRINK_AT of it has finished; until then they ride along with a pad token and their
+    outputs go unread. The samples, their log-probs and values are those of a batch that drops
+    every finished row at once (SHRINK_AT 0), and the random numbers are drawn for live rows only."""
+    import rlhf.sampling as sampling
+
+    model, tok = tiny
+    query, qmask = _batch(tok, ["x", "hello world, longer", "abc", "a b c d", "why?", "ok"])
+    head = torch.nn.Linear(model.config.hidden_size, 1)
+    free = sample_responses(
+        model,
+        query,
+        qmask,
+        max_new_tokens=30,
+        eos_token_id=-1,
+        pad_token_id=tok.pad_token_id,
+        generator=torch.Generator().manual_seed(0),
+        temperature=0.3,
+        num_samples=2,
+    )
+    stop = int(free.tokens.flatten().mode().values)  # the most frequent token: rows end at many steps
+    shrinks = []
+    layer = sampling._preallocated_layer_class()
+    select = layer.batch_select_indices
+    monkeypatch.setattr(
+        layer, "batch_select_indices", lambda self, i: (shrinks.append(len(i)), select(self, i))
+    )
+
+    def run(share: float):
+        monkeypatch.setattr(sampling, "SHRINK_AT", share)
+        shrinks.clear()
+        s = sample_responses(
+            model,
+            query,
+            qmask,
+            max_new_tokens=30,
+            eos_token_id=stop,
+            pad_token_id=tok.pad_token_id,
+            generator=torch.Generator().manual_seed(0),
+            temperature=0.3,
+            num_samples=2,
+            value_head=head,
+        )
+        return s, list(shrinks)
+
+    every, every_shrinks = run(0.0)
+    lazy, lazy_shrinks = run(shrink_at)
+    assert len(set(every.lengths.tolist())) > 2 and every.finished.sum() > 3  # rows end at several steps
+    assert len(lazy_shrinks) < len(every_shrinks) and (shrink_at < 1 or not lazy_shrinks)
+    for a, b in zip(
+        (every.tokens, every.lengths, every.finished, every.logprobs, every.values),
+        (lazy.tokens, lazy.lengths, lazy.finished, lazy.logprobs, lazy.values),
+    ):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
 def test_stops_when_every_row_has_ended(tiny):
     model, tok = tiny
     query, qmask = _batch(tok, ["x", "x"])
