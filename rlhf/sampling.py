@@ -140,8 +140,12 @@ def _decode_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     one query per head. When the batch has no padding, transformers passes no mask and asks
     PyTorch's SDPA for ``enable_gqa``; on a CPU that kernel took 5.7 ms a layer in bf16 (batch 128,
     90 cached tokens; its packed path with a mask 1.8 ms) against 1.0 ms for the two matmuls here,
-    which group each key/value head's queries together and never copy the cache. Scores and
-    softmax are in fp32; the output is the same function as SDPA's, rounded differently.
+    which group each key/value head's queries together. The scores are computed as keys ·
+    queriesᵀ, not queries · keysᵀ: bmm copies a cache view (the preallocated buffers leave a gap
+    after the filled part) into a contiguous batch either way, and a transposed view's copy cost
+    about twice a straight one (a generate batch of 128 rows × 48 tokens 1.11× faster, the same
+    answers). Scores and softmax are in fp32; the output is the same function as SDPA's, rounded
+    differently.
     """
     if query.shape[2] != 1 or dropout or kwargs.get("s_aux") is not None:
         return sdpa_attention_forward(
@@ -152,7 +156,7 @@ def _decode_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     # Head h reads key/value head h // groups: each key/value head's queries as one [groups, dim] matrix.
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)
     scale = dim**-0.5 if scaling is None else scaling
-    scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * scale
+    scores = torch.matmul(key, grouped.transpose(-1, -2)).transpose(-1, -2).float() * scale
     if attention_mask is not None:
         mask = attention_mask[..., -1:, :kv_len]  # [B, 1, 1, S]: the new token's row
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
