@@ -30,6 +30,7 @@ from rlhf.contracts import load_demonstrations
 from rlhf.models import (
     MIXED_PRECISION,
     MIXED_PRECISION_HELP,
+    FrozenLinearsInBF16,
     autocast_bf16,
     bf16_hardware,
     load_policy,
@@ -88,7 +89,8 @@ class SFTConfig(RunFields, AdapterFields):
     seed: int = option(0, help="random seed (data order, LoRA init)")
     mixed_precision: str = option(
         "auto",
-        help="forward and loss under bf16 autocast (weights, gradients and AdamW stay fp32); on a CPU "
+        help="forward and loss under bf16 autocast (trainable weights, gradients and AdamW stay fp32; "
+        "a LoRA's frozen base is kept in bf16, as autocast computes with it); on a CPU "
         "the lab's own autocast, since TRL's bf16 flag does nothing there. A LoRA SFT step on "
         "SmolLM2 ran 1.38x faster on a 2-core AVX512-BF16 EPYC, the quickstart's SFT stage 83 s "
         "against 102 s with the same held-out loss (docs/environment.md). " + MIXED_PRECISION_HELP,
@@ -257,9 +259,15 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     )
     trainer.remove_callback(PrinterCallback)  # what Trainer prints logs with when disable_tqdm is set
     n_trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    # Under the lab's CPU autocast a LoRA base is frozen: its linear weights are kept in bf16 for the
+    # training and the evaluation, as autocast computes with them (the same numbers, no cast at every
+    # op; docs/environment.md), and put back in fp32 before the policy is written.
+    frozen = FrozenLinearsInBF16(trainer.model if bf16 and not use_cuda else None)
     t0 = time.time()
-    train_out = trainer.train()
-    train_s = time.time() - t0
+    with frozen:
+        train_out = trainer.train()
+        train_s = time.time() - t0
+        metrics = trainer.evaluate() if eval_ds is not None else None
     summary: dict[str, Any] = {
         "train/loss_final": float(train_out.training_loss),
         "time/train_s": train_s,
@@ -267,8 +275,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
         "train/trainable_params": n_trainable,
         "sft/bf16": int(bf16),
     }
-    if eval_ds is not None:
-        metrics = trainer.evaluate()
+    if metrics is not None:
         summary["eval/loss"] = float(metrics["eval_loss"])  # the callback has logged it as eval/loss
 
     trainer.accelerator.wait_for_everyone()

@@ -9,7 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
+import rlhf.models
+import rlhf.sft
 from rlhf.cli import main
 from rlhf.sft import SFTConfig, sft_trainer_class, split_heldout, to_trl_record
 from tests.rlhf import ppo_helpers
@@ -106,7 +110,6 @@ def test_the_cpu_bf16_trainer_computes_its_loss_under_autocast(monkeypatch):
 def test_sft_mixed_precision_through_the_cli(tmp_path, capsys, monkeypatch, precision):
     """``mixed_precision`` is resolved on the machine: bf16 trains (and says so in its summary) where
     the CPU has it; where it does not, bf16 is one line and no run. ``no`` is fp32 everywhere."""
-    import rlhf.models
 
     demos = ppo_helpers.write_demonstrations(tmp_path / "demos.jsonl", n=8)
     argv = ["sft", "--model", "tiny", "--demonstrations", str(demos), "--batch_size", "4"]
@@ -134,6 +137,45 @@ def test_sft_mixed_precision_through_the_cli(tmp_path, capsys, monkeypatch, prec
         assert (
             json.loads((tmp_path / "runs" / "nobf16" / "sft" / "summary.json").read_text())["sft/bf16"] == 0
         )
+
+
+def test_lora_sft_under_cpu_autocast_keeps_its_frozen_base_in_bf16_and_learns_the_same(tmp_path, monkeypatch):
+    """Under the lab's CPU autocast a LoRA SFT keeps the frozen base's linear weights in bf16 while
+    it trains (autocast would cast them at every op): the adapter it writes is the one an fp32 base
+    under autocast gives, bit for bit, and the base is fp32 again afterwards."""
+    if not rlhf.models.bf16_hardware("cpu"):
+        pytest.skip("this CPU has no bf16 (AVX512-BF16/AMX)")
+    demos = ppo_helpers.write_demonstrations(tmp_path / "demos.jsonl", n=8)
+    argv = ["sft", "--model", "tiny", "--demonstrations", str(demos), "--batch_size", "4", "--lora", "true"]
+    argv += ["--mixed_precision", "bf16", "--runs_dir", str(tmp_path / "runs"), "--tracking.mode", "disabled"]
+    dtypes = []
+
+    class Recording(rlhf.models.FrozenLinearsInBF16):
+        def cast(self):
+            super().cast()
+            dtypes.append({m.weight.dtype for m in self.layers})
+            return self
+
+    monkeypatch.setattr(rlhf.sft, "FrozenLinearsInBF16", Recording)
+    assert main([*argv, "--experiment", "kept"]) == 0
+    assert dtypes == [{torch.bfloat16}]
+
+    class CastByAutocast(rlhf.models.FrozenLinearsInBF16):  # the weights left fp32, as before
+        def cast(self):
+            return self
+
+    monkeypatch.setattr(rlhf.sft, "FrozenLinearsInBF16", CastByAutocast)
+    assert main([*argv, "--experiment", "cast"]) == 0
+    kept, cast = (
+        load_file(tmp_path / "runs" / e / "sft" / "policy" / "adapter_model.safetensors")
+        for e in ("kept", "cast")
+    )
+    assert kept.keys() == cast.keys() and all(torch.equal(kept[k], cast[k]) for k in kept)
+    assert all(t.dtype == torch.float32 for t in kept.values())
+    summaries = [
+        json.loads((tmp_path / "runs" / e / "sft" / "summary.json").read_text()) for e in ("kept", "cast")
+    ]
+    assert summaries[0]["train/loss_final"] == summaries[1]["train/loss_final"]
 
 
 def test_sft_missing_data_is_a_clear_error(tmp_path, capsys):
