@@ -30,7 +30,7 @@ from reward_models.train_config import RMTrainConfig
 from rlhf.checkpoint import Checkpoints
 from rlhf.config import ConfigError
 from rlhf.errors import UserError
-from rlhf.models import adam_kwargs, autocast_bf16
+from rlhf.models import FrozenLinearsInBF16, adam_kwargs, autocast_bf16
 from rlhf.reliability import ReliabilityFit, annotator_of, fit_reliability
 from rlhf.tracking import Tracker
 
@@ -307,7 +307,9 @@ def _cache_frozen_layers(run: Run, model, groups: list[Group], pad_id: int) -> t
     t0 = time.time()
     store, below = run.frozen_states, run.states_below
     reused = len(store.by_ids)
-    with run.amp():
+    # under autocast the frozen layers' weights are kept in bf16 for the pass, as autocast computes
+    # with them (the same states; rlhf.models.FrozenLinearsInBF16)
+    with run.amp(), FrozenLinearsInBF16(model if run.bf16 else None):
         cache = build_cache(model, groups, pad_id, run.cfg.score_batch_size, run.main, store, below)
     cache_time = time.time() - t0
     if run.main:

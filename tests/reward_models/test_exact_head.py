@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import reward_models.train_setup
+import rlhf.models
 from reward_models.exact_head import solve_head
 from reward_models.groups import DataReport, build_groups, encode_groups, make_batch
 from reward_models.model import build_reward_model
@@ -175,6 +177,43 @@ def test_rm_train_solves_the_head_end_to_end(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert rc == 2 and "error[bad_reward_model]" in err and HEAD_FILE in err
+
+
+def test_the_feature_pass_under_autocast_keeps_the_frozen_layers_in_bf16_and_caches_the_same(
+    tmp_path, monkeypatch
+):
+    """Under bf16 the frozen layers' weights are kept in bf16 while the features are cached (autocast
+    would cast them at every op): the head solved over them is the one an fp32 backbone under
+    autocast gives, bit for bit, and the written backbone is fp32."""
+    if not rlhf.models.bf16_hardware("cpu"):
+        pytest.skip("this CPU has no bf16 (AVX512-BF16/AMX)")
+    data = write_records(tmp_path / "r.jsonl", make_records(40, seed=0, flip=0.1))
+    argv = ["rm", "train", "--rankings", str(data), "--runs_dir", str(tmp_path / "runs"), "--model", "tiny"]
+    argv += ["--top_layers", "0", "--read_layers", "[0,1,2]", "--solver", "lbfgs", "--val_fraction", "0"]
+    argv += ["--mixed_precision", "bf16", "--tracking.mode", "disabled"]
+    cast = []
+
+    class Recording(rlhf.models.FrozenLinearsInBF16):
+        def cast(self):
+            super().cast()
+            cast.append({m.weight.dtype for m in self.layers})
+            return self
+
+    monkeypatch.setattr(reward_models.train_setup, "FrozenLinearsInBF16", Recording)
+    assert main([*argv, "--experiment", "kept"]) == 0
+    assert cast == [{torch.bfloat16}]
+
+    class CastByAutocast(rlhf.models.FrozenLinearsInBF16):  # the weights left fp32, as before
+        def cast(self):
+            return self
+
+    monkeypatch.setattr(reward_models.train_setup, "FrozenLinearsInBF16", CastByAutocast)
+    assert main([*argv, "--experiment", "cast"]) == 0
+    kept, by_autocast = (tmp_path / "runs" / e / "rm_train" / "model" for e in ("kept", "cast"))
+    for name in (HEAD_FILE, "model.safetensors"):
+        a, b = load_file(str(kept / name)), load_file(str(by_autocast / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(t.dtype == torch.float32 for t in load_file(str(kept / "model.safetensors")).values())
 
 
 @pytest.mark.parametrize(
