@@ -21,6 +21,7 @@ from reward_models.train_config import RMTrainConfig
 from rlhf.cli import main
 from rlhf.reward_model import HEAD_FILE, pad_right, response_mask, score_ids
 from rlhf.rewards import load_reward_fn
+from tests.frozen_bf16 import CastByAutocast, recording
 
 from .rm_data import make_records, write_records
 
@@ -193,19 +194,9 @@ def test_the_feature_pass_under_autocast_keeps_the_frozen_layers_in_bf16_and_cac
     argv += ["--mixed_precision", "bf16", "--tracking.mode", "disabled"]
     cast = []
 
-    class Recording(rlhf.models.FrozenLinearsInBF16):
-        def cast(self):
-            super().cast()
-            cast.append({m.weight.dtype for m in self.layers})
-            return self
-
-    monkeypatch.setattr(reward_models.train_setup, "FrozenLinearsInBF16", Recording)
+    monkeypatch.setattr(reward_models.train_setup, "FrozenLinearsInBF16", recording(cast))
     assert main([*argv, "--experiment", "kept"]) == 0
     assert cast == [{torch.bfloat16}]
-
-    class CastByAutocast(rlhf.models.FrozenLinearsInBF16):  # the weights left fp32, as before
-        def cast(self):
-            return self
 
     monkeypatch.setattr(reward_models.train_setup, "FrozenLinearsInBF16", CastByAutocast)
     assert main([*argv, "--experiment", "cast"]) == 0

@@ -16,6 +16,7 @@ import rlhf.models
 import rlhf.sft
 from rlhf.cli import main
 from rlhf.sft import SFTConfig, sft_trainer_class, split_heldout, to_trl_record
+from tests.frozen_bf16 import CastByAutocast, recording
 from tests.rlhf import ppo_helpers
 
 
@@ -150,19 +151,9 @@ def test_lora_sft_under_cpu_autocast_keeps_its_frozen_base_in_bf16_and_learns_th
     argv += ["--mixed_precision", "bf16", "--runs_dir", str(tmp_path / "runs"), "--tracking.mode", "disabled"]
     dtypes = []
 
-    class Recording(rlhf.models.FrozenLinearsInBF16):
-        def cast(self):
-            super().cast()
-            dtypes.append({m.weight.dtype for m in self.layers})
-            return self
-
-    monkeypatch.setattr(rlhf.sft, "FrozenLinearsInBF16", Recording)
+    monkeypatch.setattr(rlhf.sft, "FrozenLinearsInBF16", recording(dtypes))
     assert main([*argv, "--experiment", "kept"]) == 0
     assert dtypes == [{torch.bfloat16}]
-
-    class CastByAutocast(rlhf.models.FrozenLinearsInBF16):  # the weights left fp32, as before
-        def cast(self):
-            return self
 
     monkeypatch.setattr(rlhf.sft, "FrozenLinearsInBF16", CastByAutocast)
     assert main([*argv, "--experiment", "cast"]) == 0
