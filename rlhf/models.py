@@ -250,24 +250,17 @@ class FrozenLinearsInBF16:
     frozen reference's) is cast again at every forward: 106 M numbers read and written for SmolLM2,
     at each of a rollout's decoding steps. The op computes with the bf16 weight either way, so the
     outputs, and the gradients that flow through to an adapter, are bit for bit the same
-    (tests/rlhf/test_models.py). Layers that share their weight with an input embedding (a tied
+    (tests/rlhf/test_ppo_loop.py). Layers that share their weight with an input embedding (a tied
     output layer) stay fp32: the embedding lookup is not autocast, and a bf16 table would change
     the dtype of every hidden state. Trainable layers (adapters, heads) stay fp32.
     """
 
     def __init__(self, *modules: torch.nn.Module | None):
-        embeddings = {
-            m.weight.data_ptr()
-            for module in modules
-            if module is not None
-            for m in module.modules()
-            if isinstance(m, torch.nn.Embedding)
-        }
+        parts = [m for module in modules if module is not None for m in module.modules()]
+        embeddings = {m.weight.data_ptr() for m in parts if isinstance(m, torch.nn.Embedding)}
         self.layers = [
             m
-            for module in modules
-            if module is not None
-            for m in module.modules()
+            for m in parts
             if isinstance(m, torch.nn.Linear)
             and not m.weight.requires_grad
             and m.weight.dtype == torch.float32

@@ -568,22 +568,21 @@ def _sample_loop(
     live = None  # the batch positions of the rows still sampling, while finished ones stay in it
     workspace = SamplingWorkspace()
     steps = max_new_tokens
+
+    def of_live(x: torch.Tensor) -> torch.Tensor:
+        """``x``'s rows of the rows still sampling (all of ``x`` when every row in the batch is)."""
+        return x if live is None else x[live]
+
     for t in range(max_new_tokens):
-        live_rows = rows if live is None else rows[live]
+        live_rows = of_live(rows)
         u = uniforms[live_rows, t] if uniforms is not None else None
         tok, lp = sample_from_logits(
-            logits if live is None else logits[live],
-            temperature,
-            top_k,
-            top_p,
-            generator,
-            uniform=u,
-            workspace=workspace,
+            of_live(logits), temperature, top_k, top_p, generator, uniform=u, workspace=workspace
         )
         tokens[live_rows, t] = tok
         logprobs[live_rows, t] = lp
         if values is not None:
-            values[live_rows, t] = v if live is None else v[live]
+            values[live_rows, t] = of_live(v)
         done = tok == eos_token_id
         if bool(done.any()):
             finished[live_rows[done]] = True
