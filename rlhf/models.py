@@ -47,7 +47,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -297,6 +297,32 @@ class FrozenLinearsInBF16:
 # too short to time and too short for precision to matter.
 AUTOCAST_MIN_SPEEDUP = 1.1
 AUTOCAST_MIN_STEP_S = 0.05
+# Timed choices take each side's best of this many steps, the sides alternating, after a warm-up of
+# each: one slow moment of a shared machine cannot decide alone. A single timing each had once found
+# autocast no faster than fp32 (2.03 s against 2.04 s) on the machine where it ran 1.24× faster
+# before and after.
+TIMED_STEPS = 2
+
+
+def best_step_times(
+    sides: dict[str, Callable[[], contextlib.AbstractContextManager]],
+    step: Callable[[], None],
+    repeats: int = TIMED_STEPS,
+) -> dict[str, float]:
+    """The best time of ``step`` inside each side's context (``{name: seconds}``): one warm-up per
+    side (the first call builds the kernels for these shapes), then ``repeats`` timed steps of each,
+    the sides alternating."""
+    for enter in sides.values():
+        with enter():
+            step()
+    best = dict.fromkeys(sides, float("inf"))
+    for _ in range(repeats):
+        for name, enter in sides.items():
+            with enter():
+                t0 = time.perf_counter()
+                step()
+                best[name] = min(best[name], time.perf_counter() - t0)
+    return best
 
 
 def autocast_if_faster(
@@ -309,26 +335,74 @@ def autocast_if_faster(
 
     ``no`` and ``bf16`` are taken as said, and so is ``auto`` on a GPU with bf16 (autocast is what
     its tensor cores are for) or on hardware without bf16 (:func:`use_bf16`). On a CPU that has it,
-    ``auto`` times ``step`` (one training micro-step) once in fp32 and once under autocast, each
-    after a warm-up, and takes bf16 only when it is at least :data:`AUTOCAST_MIN_SPEEDUP` times
-    faster. Measured, not assumed: a SmolLM2 LoRA training step ran 1.27× faster under autocast on
-    a 2-core AVX512-BF16 EPYC, while a whole PPO update ran slower on a 2-core AMX Xeon
-    (docs/environment.md). Returns ``(bf16, {"fp32_s": ..., "bf16_s": ...})``, the dict empty when
-    nothing was timed. ``bf16_weights``: the frozen weights the run would keep in bf16 under
-    autocast, so kept for the autocast timing (and put back after it)."""
+    ``auto`` times ``step`` (one training micro-step) in fp32 and under autocast
+    (:func:`best_step_times`) and takes bf16 only when it is at least :data:`AUTOCAST_MIN_SPEEDUP`
+    times faster. Measured, not assumed: a SmolLM2 LoRA training step ran 1.27× faster under
+    autocast on a 2-core AVX512-BF16 EPYC, while a whole PPO update ran slower on a 2-core AMX Xeon
+    before the frozen weights were kept in bf16 (docs/environment.md). Returns ``(bf16, {"fp32_s":
+    ..., "bf16_s": ...})``, the dict empty when nothing was timed. ``bf16_weights``: the frozen
+    weights the run would keep in bf16 under autocast, so kept for the autocast timing (and put
+    back after it)."""
     bf16 = use_bf16(mixed_precision, device)
     if mixed_precision != "auto" or not bf16 or torch.device(device).type != "cpu":
         return bf16, {}
-    seconds = {}
-    for name, enabled in (("fp32_s", False), ("bf16_s", True)):
-        stored = bf16_weights if enabled and bf16_weights is not None else contextlib.nullcontext()
-        with autocast_bf16(device, enabled), stored:
-            step()  # warm-up: the first call builds the kernels for these shapes
-            t0 = time.perf_counter()
-            step()
-            seconds[name] = time.perf_counter() - t0
+
+    @contextlib.contextmanager
+    def under_autocast():
+        stored = bf16_weights if bf16_weights is not None else contextlib.nullcontext()
+        with autocast_bf16(device, True), stored:
+            yield
+
+    seconds = best_step_times({"fp32_s": contextlib.nullcontext, "bf16_s": under_autocast}, step)
     faster = seconds["fp32_s"] >= AUTOCAST_MIN_SPEEDUP * seconds["bf16_s"]
     return faster and seconds["fp32_s"] >= AUTOCAST_MIN_STEP_S, seconds
+
+
+# A measured choice of the attention a model trains through (:func:`attention_if_faster`), with the
+# same margin as autocast's, so that timing noise does not flip it from one run to the next, and the
+# same floor: a step shorter than that is too short to time and too short for the choice to matter.
+ATTENTION_MIN_SPEEDUP = AUTOCAST_MIN_SPEEDUP
+ATTENTION_MIN_STEP_S = AUTOCAST_MIN_STEP_S
+
+
+def attention_if_faster(
+    models: Sequence[torch.nn.Module], device: torch.device | str, step: Callable[[], None]
+) -> tuple[str | None, dict[str, float]]:
+    """Set ``models`` to run transformers' eager attention where a training step is clearly faster
+    through it than through SDPA; returns the implementation they are left with and the timings
+    that decided it (each model gets the same, so a policy and its reference compute alike).
+
+    PyTorch's CPU SDPA runs a flash-attention kernel whose backward is slow in bf16: in a SmolLM2
+    LoRA micro-step under autocast (8 rows × 48 response tokens) it took 5.9 ms a layer, four times
+    its fp32 backward and nine times its own forward, 24 % of the step; eager attention (two matmuls
+    and a softmax in fp32) made the step 1.26× faster on a 2-core AMX Xeon, and forwards alone ran
+    at the same speed either way (docs/environment.md). Measured, not assumed: on a CPU, ``step``
+    (one training micro-step, run by the caller under the precision it will train in) is timed
+    through each (:func:`best_step_times`), and eager is kept only when at least
+    :data:`ATTENTION_MIN_SPEEDUP` times faster and the step takes at least
+    :data:`ATTENTION_MIN_STEP_S`. Nothing is timed on a GPU, where SDPA's fused kernels are the
+    point, or for models that do not run SDPA: returns ``(None, {})`` then."""
+    configs = [getattr(m, "config", None) for m in models]
+    if torch.device(device).type != "cpu" or any(
+        getattr(c, "_attn_implementation", None) != "sdpa" for c in configs
+    ):
+        return None, {}
+
+    def through(implementation: str):
+        @contextlib.contextmanager
+        def running():
+            for model in models:
+                model.set_attn_implementation(implementation)
+            yield
+
+        return running
+
+    seconds = best_step_times({"sdpa_s": through("sdpa"), "eager_s": through("eager")}, step)
+    faster = seconds["sdpa_s"] >= ATTENTION_MIN_SPEEDUP * seconds["eager_s"]
+    chosen = "eager" if faster and seconds["sdpa_s"] >= ATTENTION_MIN_STEP_S else "sdpa"
+    for model in models:
+        model.set_attn_implementation(chosen)
+    return chosen, seconds
 
 
 def _config_without_dropout(path: str):

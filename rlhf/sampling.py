@@ -189,18 +189,26 @@ def transformers_decoding():
         _OWN_DECODING.reset(token)
 
 
+# The attention implementations the sampler replaces with its own while it decodes: SDPA, and the
+# eager attention PPO may train through (rlhf.models.attention_if_faster). Calls other than a
+# one-token decoding step (the prompt's prefill) then run SDPA, so a model samples the same either way.
+_REPLACED_WHILE_DECODING = ("sdpa", "eager")
+
+
 @contextlib.contextmanager
 def _decode_attention_for(model):
-    """Within the block, a model that runs transformers' SDPA runs :func:`_decode_attention`."""
+    """Within the block, a model that runs transformers' SDPA (or eager attention) runs
+    :func:`_decode_attention`; the model's own setting comes back afterwards."""
     config = getattr(model, "config", None)
-    if not _OWN_DECODING.get() or getattr(config, "_attn_implementation", None) != "sdpa":
+    own = getattr(config, "_attn_implementation", None)
+    if not _OWN_DECODING.get() or own not in _REPLACED_WHILE_DECODING:
         yield
         return
     config._attn_implementation = _register_decode_attention()
     try:
         yield
     finally:
-        config._attn_implementation = "sdpa"
+        config._attn_implementation = own
 
 
 def response_text(tokenizer, token_ids: list[int], finished: bool) -> str:

@@ -27,7 +27,8 @@ Deviations from the N+ reference code (all on purpose):
   gradients and Adam (the frozen base's linear weights kept in bf16, as autocast computes with
   them: :class:`rlhf.models.FrozenLinearsInBF16`); the old log-probs (and values) then come from a
   forward identical to training's, since bf16 sampling through a KV cache rounds differently (the
-  first ratio stays exactly 1);
+  first ratio stays exactly 1); on a CPU under bf16 the models then compute through eager attention
+  where a timed micro-step was faster than through SDPA (:func:`rlhf.models.attention_if_faster`);
 - with LoRA the adapter is merged into the weights while sampling (the base
   weights are restored bit-exactly afterwards, :class:`rlhf.ppo.value.merged_lora`): unmerged LoRA
   layers more than doubled rollout time on a CPU;

@@ -32,6 +32,7 @@ from rlhf.evaluate import evaluate_policy, resolve_stop_token
 from rlhf.models import (
     FrozenLinearsInBF16,
     adam_kwargs,
+    attention_if_faster,
     autocast_bf16,
     autocast_if_faster,
     disable_dropout,
@@ -241,9 +242,11 @@ def set_up(cfg: PPOConfig) -> PPORun:
     if reference is not None:
         reference.to(accelerator.device)
     frozen_bf16 = FrozenLinearsInBF16(pv, reference)
-    bf16, timings = _choose_precision(cfg, pv, tokenizer, train_prompts, accelerator, frozen_bf16)
+    micro_step = _timing_micro_step(cfg, pv, tokenizer, train_prompts, accelerator.device)
+    bf16, timings = _choose_precision(cfg, micro_step, accelerator, frozen_bf16)
     if bf16:
         frozen_bf16.cast()
+    attention, attention_timings = _choose_attention(pv, reference, micro_step, accelerator, bf16)
     stop_id = resolve_stop_token(tokenizer, cfg.stop_token)
     params = [p for p in pv.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, eps=cfg.adam_eps, **adam_kwargs(params))
@@ -304,34 +307,38 @@ def set_up(cfg: PPOConfig) -> PPORun:
             f"{timings['fp32_s']:.2f} s in fp32)"
             if timings
             else ""
+        )
+        + (
+            f"; {attention} attention (a micro-step took {attention_timings['eager_s']:.2f} s through "
+            f"eager attention, {attention_timings['sdpa_s']:.2f} s through SDPA)"
+            if attention_timings
+            else ""
         ),
         flush=True,
     )
-    # what mixed_precision resolved to, and the timings that decided it
+    # what mixed_precision and the attention resolved to, and the timings that decided them
     tracker.summary(
-        {"perf/bf16_autocast": int(bf16), **{f"perf/autocast_probe_{k}": v for k, v in timings.items()}}
+        {
+            "perf/bf16_autocast": int(bf16),
+            **{f"perf/autocast_probe_{k}": v for k, v in timings.items()},
+            **({"perf/eager_attention": int(attention == "eager")} if attention else {}),
+            **{f"perf/attention_probe_{k}": v for k, v in attention_timings.items()},
+        }
     )
     return run
 
 
-def _choose_precision(
-    cfg: PPOConfig,
-    pv: PolicyAndValue,
-    tokenizer,
-    train_prompts: list[dict],
-    accelerator: Accelerator,
-    frozen_bf16: FrozenLinearsInBF16,
-) -> tuple[bool, dict[str, float]]:
-    """``mixed_precision`` resolved on this machine (:func:`rlhf.models.autocast_if_faster`) by
-    timing one training micro-step of these very models: a forward and backward over the first
-    training prompts with responses of full length, under autocast with the frozen weights in bf16
-    as the run would keep them. Every process takes the main process's choice.
-    The models are in eval mode with dropout off, so the step draws no random numbers."""
+def _timing_micro_step(
+    cfg: PPOConfig, pv: PolicyAndValue, tokenizer, train_prompts: list[dict], device: torch.device
+) -> Callable[[], None]:
+    """One training micro-step of these very models, to time: a forward and backward over the first
+    training prompts with responses of full length. The models are in eval mode with dropout off,
+    so the step draws no random numbers."""
     queries = [p["prompt"] for p in train_prompts[: cfg.micro_batch_size]]
     query, query_mask = left_pad(
         encode_queries(tokenizer, queries, cfg.max_prompt_tokens), tokenizer.pad_token_id
     )
-    query, query_mask = query.to(accelerator.device), query_mask.to(accelerator.device)
+    query, query_mask = query.to(device), query_mask.to(device)
     response = query[:, -1:].expand(-1, cfg.response_length)  # any tokens: only the shapes are timed
     response_mask = torch.ones_like(response)
 
@@ -340,12 +347,55 @@ def _choose_precision(
         (logits.float().logsumexp(-1).mean() + values.mean()).backward()
         pv.zero_grad(set_to_none=True)
 
+    return micro_step
+
+
+def _choose_precision(
+    cfg: PPOConfig,
+    micro_step: Callable[[], None],
+    accelerator: Accelerator,
+    frozen_bf16: FrozenLinearsInBF16,
+) -> tuple[bool, dict[str, float]]:
+    """``mixed_precision`` resolved on this machine (:func:`rlhf.models.autocast_if_faster`) by
+    timing ``micro_step``, under autocast with the frozen weights in bf16 as the run would keep
+    them. Every process takes the main process's choice."""
     bf16, timings = autocast_if_faster(cfg.mixed_precision, accelerator.device, micro_step, frozen_bf16)
-    if timings and accelerator.num_processes > 1:  # only a timed choice can differ between processes
-        choice = [bf16, timings]
-        broadcast_object_list(choice)
-        bf16, timings = choice
+    if timings:  # only a timed choice can differ between processes
+        bf16, timings = _main_process_choice(accelerator, bf16, timings)
     return bf16, timings
+
+
+def _choose_attention(
+    pv: PolicyAndValue,
+    reference: torch.nn.Module | None,
+    micro_step: Callable[[], None],
+    accelerator: Accelerator,
+    bf16: bool,
+) -> tuple[str | None, dict[str, float]]:
+    """The attention every network of the run computes through (policy, critic, a frozen reference),
+    chosen by timing ``micro_step`` in the run's precision (:func:`rlhf.models.attention_if_faster`).
+    The reference runs what the policy runs, so that a policy equal to it has a KL of exactly 0.
+    Only under bf16: the slow kernel it avoids is SDPA's bf16 backward on a CPU, and in fp32 the two
+    ran level (docs/environment.md). Every process takes the main process's choice."""
+    if not bf16:
+        return None, {}
+    models = [m for m in (pv.policy, pv.critic, reference) if m is not None]
+    with autocast_bf16(accelerator.device, True):
+        attention, timings = attention_if_faster(models, accelerator.device, micro_step)
+    if timings:
+        attention, timings = _main_process_choice(accelerator, attention, timings)
+        for model in models:
+            model.set_attn_implementation(attention)
+    return attention, timings
+
+
+def _main_process_choice(accelerator: Accelerator, choice: Any, timings: dict[str, float]):
+    """``(choice, timings)`` as the main process measured them, on every process."""
+    if accelerator.num_processes > 1:
+        both = [choice, timings]
+        broadcast_object_list(both)
+        choice, timings = both
+    return choice, timings
 
 
 def _metrics_up_to(run_dir: Path, update: int | None) -> list[dict]:

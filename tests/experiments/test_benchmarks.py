@@ -321,6 +321,28 @@ def test_frozen_bf16_bench_times_three_sides_and_finds_the_same_numbers(capsys):
     assert all(r[5].strip() == "yes" for r in rows)  # the same tokens, logits and gradients
 
 
+def test_training_attention_bench_times_both_attentions_on_close_numbers(capsys):
+    from experiments.benchmarks import bench_training_attention
+    from rlhf.models import bf16_hardware
+
+    assert (
+        bench_training_attention.main(
+            ["--policy", "tiny", "--micro_batch", "2", "--tokens", "4", "--repeats", "1"]
+        )
+        == 0
+    )
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    rows = [[c.strip() for c in r] for r in rows if r[0].strip() != "call"]
+    precisions = (["bf16 autocast"] if bf16_hardware("cpu") else []) + ["fp32"]
+    assert [(r[0], r[1]) for r in rows] == [
+        (c, p) for p in precisions for c in ("training micro-step", "forward")
+    ]
+    assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
+    fp32 = {r[0]: r for r in rows if r[1] == "fp32"}
+    assert all(float(r[5]) < 1e-4 for r in fp32.values())  # the same function, rounded otherwise
+    assert float(fp32["training micro-step"][6]) < 1e-4 and fp32["forward"][6] == "—"
+
+
 def test_batch_shrink_bench_times_both_shares_and_finds_the_same_answers(capsys):
     from experiments.benchmarks import bench_batch_shrink
     from rlhf import sampling

@@ -595,3 +595,25 @@ def test_sampler_uses_the_decode_attention_and_gives_sdpa_back(tiny, monkeypatch
         assert model.config._attn_implementation == "rlhf_decode"
         raise ValueError("inside the loop")
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_a_model_set_to_eager_attention_samples_as_it_does_through_sdpa(tiny):
+    """PPO may train through eager attention (rlhf.models.attention_if_faster); the sampler decodes
+    such a model with its own attention too, and its prefill through SDPA, so the draws and log-probs
+    are the ones the SDPA model gives, and the model is left on eager attention."""
+    model, tok = tiny
+    query, qmask = _batch(tok, ["a short one", "and a longer prompt", "mid"])
+    kw = dict(
+        max_new_tokens=12, temperature=0.9, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
+    through_sdpa = sample_responses(model, query, qmask, generator=torch.Generator().manual_seed(3), **kw)
+    model.set_attn_implementation("eager")
+    try:
+        through_eager = sample_responses(
+            model, query, qmask, generator=torch.Generator().manual_seed(3), **kw
+        )
+        assert model.config._attn_implementation == "eager"
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert torch.equal(through_eager.tokens, through_sdpa.tokens)
+    assert torch.equal(through_eager.logprobs, through_sdpa.logprobs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -14,6 +15,7 @@ import torch
 from rlhf import model_cache, models
 from rlhf.errors import ConfigError, UserError
 from rlhf.models import (
+    attention_if_faster,
     autocast_if_faster,
     build_tiny_model,
     build_tiny_tokenizer,
@@ -346,9 +348,84 @@ def test_auto_takes_autocast_only_where_a_timed_step_is_clearly_faster(monkeypat
     calls: list[bool] = []
     bf16, seconds = autocast_if_faster("auto", "cpu", _step_taking(fp32_s, bf16_s, calls))
     assert bf16 is chosen
-    assert calls == [False, False, True, True]  # a warm-up and a timed step in each precision
+    # a warm-up in each precision, then two timed steps of each, alternating
+    assert calls == [False, True, False, True, False, True]
     assert seconds["fp32_s"] >= fp32_s and seconds["bf16_s"] >= bf16_s
     assert seconds["fp32_s"] < fp32_s + 0.05 and seconds["bf16_s"] < bf16_s + 0.05
+
+
+def test_best_step_times_keeps_each_sides_best_of_alternating_steps():
+    """One slow moment cannot decide: the slow first timed step of side a is beaten by its second."""
+    durations = {"a": [0.0, 0.09, 0.02], "b": [0.0, 0.03, 0.04]}  # warm-up, then two timed steps
+    order: list[str] = []
+    current: list[str] = []
+
+    def side(name):
+        @contextlib.contextmanager
+        def enter():
+            current.append(name)
+            yield
+            current.pop()
+
+        return enter
+
+    def step() -> None:
+        order.append(current[-1])
+        time.sleep(durations[current[-1]].pop(0))
+
+    best = models.best_step_times({"a": side("a"), "b": side("b")}, step, repeats=2)
+    assert order == ["a", "b", "a", "b", "a", "b"]
+    assert 0.02 <= best["a"] < 0.05 and 0.03 <= best["b"] < 0.06
+
+
+class _AttentionStandIn:
+    """What attention_if_faster reads and sets of a model: its config's implementation."""
+
+    def __init__(self, implementation: str = "sdpa"):
+        self.config = type("Config", (), {"_attn_implementation": implementation})()
+
+    def set_attn_implementation(self, implementation: str) -> None:
+        self.config._attn_implementation = implementation
+
+
+@pytest.mark.parametrize(
+    ("sdpa_s", "eager_s", "chosen"),
+    [
+        (0.12, 0.06, "eager"),  # 2× faster through eager attention (SDPA's bf16 backward on a CPU)
+        (0.06, 0.12, "sdpa"),
+        (0.10, 0.095, "sdpa"),  # within the margin: not worth a choice that timing noise could flip
+        (0.02, 0.005, "sdpa"),  # too short to time
+    ],
+)
+def test_attention_is_eager_only_where_a_timed_step_is_clearly_faster(sdpa_s, eager_s, chosen):
+    policy, reference = _AttentionStandIn(), _AttentionStandIn()
+    calls: list[str] = []
+
+    def step() -> None:  # the policy's implementation decides the time; the reference must follow it
+        calls.append(policy.config._attn_implementation)
+        assert reference.config._attn_implementation == policy.config._attn_implementation
+        time.sleep(eager_s if policy.config._attn_implementation == "eager" else sdpa_s)
+
+    attention, seconds = attention_if_faster([policy, reference], "cpu", step)
+    assert attention == chosen
+    assert calls == ["sdpa", "eager"] * 3  # a warm-up through each, then two timed steps, alternating
+    assert policy.config._attn_implementation == reference.config._attn_implementation == chosen
+    assert sdpa_s <= seconds["sdpa_s"] < sdpa_s + 0.05 and eager_s <= seconds["eager_s"] < eager_s + 0.05
+
+
+def test_attention_is_not_timed_on_a_gpu_or_for_a_model_that_does_not_run_sdpa():
+    def step() -> None:
+        raise AssertionError("nothing should be timed")
+
+    gpu = _AttentionStandIn()
+    assert attention_if_faster([gpu], "cuda", step) == (None, {})
+    assert gpu.config._attn_implementation == "sdpa"
+    flash, sdpa = _AttentionStandIn("flash_attention_2"), _AttentionStandIn()
+    assert attention_if_faster([sdpa, flash], "cpu", step) == (None, {})
+    assert (sdpa.config._attn_implementation, flash.config._attn_implementation) == (
+        "sdpa",
+        "flash_attention_2",
+    )
 
 
 def test_settings_other_than_auto_on_a_cpu_are_not_timed(monkeypatch):

@@ -387,9 +387,12 @@ def test_shared_values_from_the_sampler_equal_a_full_forward(tmp_path, lora):
     assert torch.all(ro.values[ro.mask == 0] == 0)
 
 
-def test_shared_prefix_forward_equals_the_plain_forward_and_its_gradients(tmp_path):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_shared_prefix_forward_equals_the_plain_forward_and_its_gradients(tmp_path, attention):
     """forward_query_response runs the common prompt prefix once; logits, hidden states and the
-    gradients of a loss on them equal one plain forward over the concatenated sequences."""
+    gradients of a loss on them equal one plain forward over the concatenated sequences, through
+    SDPA and through the eager attention PPO may train with (left padding and the repeated prefix
+    cache included)."""
     from rlhf.ppo.rollout import encode_queries, left_pad
     from rlhf.ppo.value import concat_query_response, forward_query_response
     from rlhf.sampling import split_common_prefix
@@ -397,6 +400,7 @@ def test_shared_prefix_forward_equals_the_plain_forward_and_its_gradients(tmp_pa
     cfg = _cfg(tmp_path)
     torch.manual_seed(0)
     policy, _, _, tok = build_models(cfg)
+    policy.set_attn_implementation(attention)
     q, qm = left_pad(encode_queries(tok, ["hi", "a much longer prompt here", "mid"], 64), tok.pad_token_id)
     assert split_common_prefix(q, qm) is not None
     r = torch.tensor([[10, 11, 12, 13], [14, 15, 2, 0], [16, 2, 0, 0]])
@@ -439,21 +443,37 @@ def test_mixed_precision_is_checked_before_any_model_loads(tmp_path, monkeypatch
     assert not (tmp_path / "runs" / "nobf16").exists()
 
 
+def _attention_timed_faster(implementation: str):
+    """A stand-in for rlhf.models.attention_if_faster whose timing always finds ``implementation``
+    faster: the tiny model's step is too short for the real one to choose eager attention."""
+
+    def choose(models, device, step):
+        for model in models:
+            model.set_attn_implementation(implementation)
+        return implementation, {"sdpa_s": 1.0, "eager_s": 1.0 if implementation == "sdpa" else 0.5}
+
+    return choose
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("lora", [False, True])
-def test_bf16_autocast_updates_with_first_ratio_one(tmp_path, lora):
+def test_bf16_autocast_updates_with_first_ratio_one(tmp_path, monkeypatch, lora, attention):
     """bf16 autocast: old log-probs come from the training forward (ratio exactly 1 on the first
-    minibatch), fp32 weights move, and the first update's KL is 0 (policy = reference)."""
+    minibatch), fp32 weights move, and the first update's KL is 0 (policy = reference), also when
+    the run computes through eager attention (the reference then does too)."""
     from rlhf.models import bf16_hardware
+    from rlhf.ppo import setup
 
     if not bf16_hardware("cpu"):
         pytest.skip("this CPU has no bf16 (AVX512-BF16/AMX)")
+    monkeypatch.setattr(setup, "attention_if_faster", _attention_timed_faster(attention))
     out = run_ppo(
         _cfg(
             tmp_path,
             mixed_precision="bf16",
             lora=lora,
             value_model="shared",
-            experiment=f"bf16{lora}",
+            experiment=f"bf16{lora}{attention}",
             batch_size=8,
             minibatch_size=4,
             micro_batch_size=2,
@@ -466,6 +486,8 @@ def test_bf16_autocast_updates_with_first_ratio_one(tmp_path, lora):
     assert m["objective/kl"] == pytest.approx(0.0, abs=1e-6)
     # held-out KL before any update: the policy is the reference, so exactly 0 in bf16 too
     assert [r for r in ms if "eval/kl" in r][0]["eval/kl"] == pytest.approx(0.0, abs=1e-6)
+    summary = json.loads(Path(out["run_dir"], "summary.json").read_text())
+    assert summary["perf/eager_attention"] == int(attention == "eager")
     w = _weights(out["policy_dir"])
     assert all(t.dtype == torch.float32 for t in w.values())
     if not lora:
