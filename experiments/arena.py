@@ -58,6 +58,7 @@ from rlhf.contracts import load_rankings
 from rlhf.datafiles import write_jsonl
 from rlhf.errors import UserError
 from rlhf.evaluate import HeldOutSampling, load_eval_prompts, resolve_stop_token, sample_one_each
+from rlhf.held_out_answers import answer_records, reusable_answers
 from rlhf.models import check_model_name, load_sampling_policy
 from rlhf.ppo.rollout import encode_queries, left_pad
 from rlhf.rankings import parse_ranking
@@ -114,8 +115,22 @@ def sample_policy_responses(
         seed=sampling.seed,
         progress=f"arena: {label}",
     )
-    lengths, finished = rollout.mask.sum(-1).tolist(), rollout.has_stop.tolist()
-    return [{"text": t, "n_tokens": int(n), "finished": bool(f)} for t, n, f in zip(texts, lengths, finished)]
+    return answer_records(rollout, texts)
+
+
+def reused_answers(
+    cfg: ArenaConfig, records: Sequence[Mapping], policies: Sequence[tuple[str, str]]
+) -> dict[str, list[dict]]:
+    """The answers of ``cfg.responses_from`` that stand for sampling these policies again
+    (:func:`rlhf.held_out_answers.reusable_answers`); each policy left out is named with the reason."""
+    if not cfg.responses_from:
+        return {}
+    reused, reasons = reusable_answers(cfg.responses_from, cfg, records, policies)
+    if reused:
+        print(f"arena: {', '.join(reused)}: the answers eval sampled ({cfg.responses_from})")
+    for reason in reasons:
+        print(f"arena: sampling again: {reason}")
+    return reused
 
 
 # ----------------------------------------------------------------------------- voters
@@ -232,6 +247,12 @@ class ArenaConfig(RunFields, HeldOutSampling):
         0.2, help="simulated voters: Bradley–Terry noise temperature on the scorer's scale (0 = noiseless)"
     )
     n_boot: int = option(1000, help="bootstrap replicates over prompts for every interval")
+    responses_from: str = option(
+        "",
+        help="an `rlhf eval` run dir (or its responses.json): a policy it sampled with these settings, "
+        "on prompts these begin, answers from there instead of being sampled again, so the arena "
+        "judges the answers eval measured (the experiment runner wires the eval stage's)",
+    )
 
     def validate(self) -> None:
         if len(self.policies) < 2:
@@ -285,7 +306,10 @@ def run_arena(cfg: ArenaConfig) -> dict[str, Any]:
                 tracker.use_artifact(path, f"{name}-policy", "model")
         out = Path(tracker.run_dir)
         prompts = [r["prompt"] for r in records]
-        sampled = {name: sample_policy_responses(path, prompts, cfg, name) for name, path in policies}
+        sampled = reused_answers(cfg, records, policies)
+        for name, path in policies:
+            if name not in sampled:
+                sampled[name] = sample_policy_responses(path, prompts, cfg, name)
         responses = [
             {
                 "prompt_id": r["prompt_id"],

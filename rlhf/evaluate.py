@@ -30,6 +30,7 @@ import torch
 from rlhf.cli import progress_bar
 from rlhf.config import ConfigError, add_config_arguments, config_from_args, option
 from rlhf.contracts import load_prompts, prompt_text
+from rlhf.held_out_answers import answer_records, write_answers
 from rlhf.models import MIXED_PRECISION, MIXED_PRECISION_HELP, load_sampling_policy, use_bf16
 from rlhf.ppo.rollout import decode_responses, encode_queries, left_pad, sample_rollout
 from rlhf.ppo.value import response_logprobs
@@ -108,7 +109,8 @@ def sample_one_each(
 ):
     """One response per query, query ``i`` from its own random stream seeded ``seed, i``: returns
     the rollout (tokens, mask, stop flags, log-probs) and the decoded responses. The responses do
-    not depend on ``batch_size``, and two policies sampled with the same seed draw the same random
+    not depend on ``batch_size`` in fp32 (up to rare rounding; with bf16 weights they do:
+    :func:`rlhf.sampling.row_uniforms`), and two policies sampled with the same seed draw the same random
     numbers per prompt, so they are compared on equal terms (common random numbers)."""
     bar = progress_bar(len(query), progress or "", "prompt", enabled=progress is not None, transient=True)
     with bar, sampling_context() if sampling_context is not None else contextlib.nullcontext():
@@ -148,13 +150,15 @@ def evaluate_policy(
     seed: int,
     sampling_context: Callable | None = None,
     progress: str | None = "eval",
+    on_answers: Callable[[list[dict]], None] | None = None,
 ) -> tuple[dict[str, float], list[list]]:
     """Sample, score and measure one response per query. Returns ``(metrics, rows)``.
 
     ``prompts`` are the prompts as in the data contracts (text or chat messages): the reward
     function gets them as they are, the gold scorer and the rows get their text. Query ``i``
     samples from its own random stream seeded ``seed, i`` (:func:`rlhf.sampling.row_uniforms`):
-    the responses do not depend on ``batch_size``, and two policies evaluated with the same seed
+    the responses do not depend on ``batch_size`` in fp32 (up to rare rounding; with bf16 weights
+    they do, :func:`rlhf.sampling.row_uniforms`), and two policies evaluated with the same seed
     draw the same random numbers per prompt.
 
     ``ref_logprobs_fn(query, query_mask, tokens, mask) -> [N, T]`` gives the reference's log-probs
@@ -163,7 +167,8 @@ def evaluate_policy(
     default the sampler's are used. ``rows`` are ``[prompt, response, score, kl, gold]`` for a sample table.
     ``sampling_context()`` wraps the sampling only (PPO passes one that merges a LoRA adapter).
     ``progress`` labels the bar that follows the sampling, None draws none. The bar clears its line
-    when done: inside PPO it sits under PPO's own bar.
+    when done: inside PPO it sits under PPO's own bar. ``on_answers`` receives the sampled answers
+    (:func:`rlhf.held_out_answers.answer_records`), for a caller that writes them.
     """
     prompt_texts = [prompt_text(p) for p in prompts]
     ro, responses = sample_one_each(
@@ -179,6 +184,8 @@ def evaluate_policy(
         sampling_context=sampling_context,
         progress=progress,
     )
+    if on_answers is not None:
+        on_answers(answer_records(ro, responses))
     finished = ro.has_stop.tolist()
     scores = torch.as_tensor(reward_fn(list(prompts), responses, finished), dtype=torch.float32).reshape(-1)
     metrics: dict[str, float] = {
@@ -280,6 +287,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     )
     ref_fn, policy_fn, baseline = None, None, None
     ref_metrics: dict[str, float] = {}
+    answers: dict[str, list[dict]] = {}  # policy path → its answers, written for `rlhf arena` to reuse
     if cfg.reference:
         reference, _, _ = load_sampling_policy(cfg.reference, cfg.mixed_precision)
         ref_metrics, ref_rows = evaluate_policy(
@@ -291,6 +299,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             reward_fn,
             gold_fn=gold_fn,
             progress="eval: reference",
+            on_answers=lambda sampled: answers.__setitem__(cfg.reference, sampled),
             **common,
         )
         baseline = torch.tensor([r[2] for r in ref_rows])
@@ -322,6 +331,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         gold_fn=gold_fn,
         baseline_scores=baseline,
         progress="eval: policy",
+        on_answers=lambda sampled: answers.__setitem__(cfg.policy, sampled),
         **common,
     )
     for k, v in ref_metrics.items():
@@ -335,8 +345,9 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     tracker.log_table("eval/samples", ["prompt", "response", "score", "kl", "gold_score"], rows, step=0)
     tracker.summary(metrics)
     tracker.finish()
+    responses = write_answers(Path(tracker.run_dir), cfg, records, answers)
     print("eval: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-    return {"run_dir": str(tracker.run_dir), **metrics}
+    return {"run_dir": str(tracker.run_dir), "responses": str(responses), **metrics}
 
 
 def add_parser(subparsers):

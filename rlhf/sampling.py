@@ -335,10 +335,14 @@ def sample_from_logits(
 def row_uniforms(row_seeds, steps: int) -> torch.Tensor:
     """``[B, steps]`` uniforms in [0, 1), row ``i`` from its own generator seeded ``row_seeds[i]``.
 
-    A row's samples then depend only on its own seed and its own logits, never on which rows share
-    its batch or how the rows are split into batches: evaluation gives the same responses at any
-    batch size, and two policies sampled with the same seeds per prompt draw the same random
-    numbers (common random numbers: their comparison has less variance).
+    A row's random numbers then depend only on its own seed, never on which rows share its batch or
+    how the rows are split into batches, and two policies sampled with the same seeds per prompt
+    draw the same random numbers (common random numbers: their comparison has less variance). Its
+    logits are another matter: the kernels round a row by the shape of its batch (padding, matrix
+    sizes). In fp32 that rarely moves a sample (the tiny model: the same responses at any batch
+    size, tested; SmolLM2: 46 of 48 identical between batches of 48 and 16), with bf16 weights it
+    moves most of them (0 of 48): other batches then sample other answers from the same
+    distribution (docs/ppo.md, "Evaluation").
     """
     return torch.stack(
         [torch.rand(steps, generator=torch.Generator().manual_seed(int(s))) for s in row_seeds]
@@ -464,7 +468,8 @@ def sample_responses(
     :func:`split_common_prefix`); same distribution, less prefill.
 
     ``row_seeds`` (one int per output row, ``B·n``): each row draws from its own random stream
-    (:func:`row_uniforms`) instead of ``generator``, so its response does not depend on the batch.
+    (:func:`row_uniforms`) instead of ``generator``, so its random numbers do not depend on the
+    batch (its rounding may: see there).
     """
     uniforms = None
     if row_seeds is not None:

@@ -68,7 +68,13 @@ def default_wiring(kind: str, latest: dict[str, str]) -> dict[str, Any]:
         # the starting policy against every trained one, judged blind; the reward model judges too
         trained = [k for k in ("ppo", "baseline", "dpo", "kto") if k in latest]
         policies = [f"{k}={ref(k, 'policy_dir')}" for k in ["sft", *trained] if k in latest]
-        wires = {"policies": policies if len(policies) >= 2 else None, "reward": ref("rm_train", "model_dir")}
+        wires = {
+            "policies": policies if len(policies) >= 2 else None,
+            "reward": ref("rm_train", "model_dir"),
+            # the answers eval sampled from the same policies, judged instead of sampled again (its
+            # run dir, not its responses file: an eval cached before it wrote one has none to offer)
+            "responses_from": ref("eval", "run_dir"),
+        }
     return {k: v for k, v in wires.items() if v is not None}
 
 

@@ -177,6 +177,55 @@ def test_policies_that_answer_alike_end_the_stage_with_the_reason(in_tmp, monkey
     assert not (in_tmp / "runs" / "alike_fit").exists()
 
 
+def test_the_arena_judges_the_answers_eval_sampled_instead_of_sampling_again(in_tmp, monkeypatch, capsys):
+    """`rlhf eval` writes its answers; an arena with the same sampling settings on the first of its
+    prompts judges those answers (nothing sampled), and samples again, saying why, wherever a
+    setting, the prompts or a policy's files differ."""
+    import experiments.arena as arena_module
+    from rlhf.held_out_answers import FILE
+
+    _other_tiny_policy(in_tmp / "runs" / "other")
+    prompts = _prompts_file(in_tmp / "prompts.jsonl", 8)
+    common = ["--prompts", str(prompts), "--split", "null", "--max_new_tokens", "8", "--batch_size", "3",
+              "--tracking.mode", "disabled"]  # fmt: skip
+    assert main(["eval", "--policy", "runs/other/policy", "--reference", "tiny", "--reward", "length:target=3",
+                 "--num_prompts", "8", "--experiment", "e", *common]) == 0  # fmt: skip
+    eval_dir = in_tmp / "runs" / "e" / "eval"
+    written = json.loads((eval_dir / FILE).read_text())
+    assert [r["prompt_id"] for r in written["rows"]] == [f"q{i}" for i in range(8)]
+
+    def arena(*extra: str) -> list[dict]:
+        run = ["arena", "run", "--policies", "[base=tiny, other=runs/other/policy]", "--gold", "length:target=3",
+               "--num_prompts", "5", "--n_boot", "20", "--responses_from", str(eval_dir), "--experiment", "a",
+               *common, *extra]  # fmt: skip
+        assert main(run) == 0
+        return [json.loads(line) for line in (in_tmp / "runs" / "a" / "arena" / "responses.jsonl").open()]
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("the arena sampled a policy eval had sampled")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(arena_module, "sample_policy_responses", no_sampling)
+        judged = arena("--batch_size", "2")  # batching decides no answer: still reused
+    by_path = {"base": "tiny", "other": str(in_tmp / "runs" / "other" / "policy")}
+    for row, eval_row in zip(judged, written["rows"][:5], strict=True):
+        assert {n: a["text"] for n, a in row["responses"].items()} == {
+            n: eval_row["responses"][p]["text"] for n, p in by_path.items()
+        }
+    assert "arena: base, other: the answers eval sampled" in capsys.readouterr().out
+
+    arena("--max_new_tokens", "6")
+    assert "arena: sampling again: " in (out := capsys.readouterr().out) and "max_new_tokens 8, not 6" in out
+    (in_tmp / "runs" / "other" / "policy" / "rlhf_policy.json").touch()  # the policy written again
+    arena()
+    out = capsys.readouterr().out
+    assert "arena: base: the answers eval sampled" in out
+    assert "sampling again: other: runs/other/policy changed since" in out
+    prompts.write_text(json.dumps({"prompt_id": "q0", "prompt": "Another prompt."}) + "\n", encoding="utf-8")
+    arena()
+    assert "does not begin with the arena's prompts" in capsys.readouterr().out
+
+
 def test_bad_arena_input_gets_one_line_before_any_work(in_tmp, capsys):
     assert main(["arena", "run", "--policies", "[tiny]"]) == 2
     assert "two or more policies" in capsys.readouterr().err

@@ -122,6 +122,17 @@ def test_default_wiring_follows_quickstart_and_explicit_refs_win():
     }
 
 
+def test_the_arena_judges_the_answers_eval_sampled():
+    exp = parse_experiment({"stages": {"sft": {}, "ppo": {"reward": "vader"}, "eval": {}, "arena": {}}})
+    plan = {n.name: {**n.wired, **n.section} for n in build_plan(exp)}
+    assert plan["arena"] == {
+        "policies": ["sft=${sft.policy_dir}", "ppo=${ppo.policy_dir}"],
+        "responses_from": "${eval.run_dir}",
+    }
+    without_eval = parse_experiment({"stages": {"sft": {}, "ppo": {"reward": "vader"}, "arena": {}}})
+    assert "responses_from" not in {n.name: n.wired for n in build_plan(without_eval)}["arena"]
+
+
 def test_dpo_takes_the_sft_policy_and_the_rankings_and_eval_judges_it():
     exp = parse_experiment(
         {"stages": {"sft": {}, "generate": {}, "simulate": {}, "dpo": {"loss": "rao_kupper"}, "eval": {}}}
