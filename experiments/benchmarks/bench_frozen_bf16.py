@@ -31,11 +31,10 @@ set_offline_defaults()
 
 import torch  # noqa: E402
 
+from experiments.benchmarks.ppo_models import ppo_models_with_an_adapter  # noqa: E402
 from rlhf.data import load_prompts  # noqa: E402
 from rlhf.models import FrozenLinearsInBF16, autocast_bf16, bf16_hardware  # noqa: E402
-from rlhf.ppo.config import PPOConfig  # noqa: E402
 from rlhf.ppo.rollout import encode_queries, left_pad, sample_rollout  # noqa: E402
-from rlhf.ppo.setup import build_models  # noqa: E402
 from rlhf.ppo.value import merged_lora  # noqa: E402
 
 SIDES = ("fp32", "autocast", "autocast, frozen bf16")
@@ -64,14 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     if not bf16_hardware("cpu"):
         print("this CPU has no bf16 (AVX512-BF16/AMX): PPO's auto stays fp32 here; nothing to compare")
         return 0
-    cfg = PPOConfig(policy=args.policy, lora=True, value_model="shared", reward="length")
-    torch.manual_seed(0)
-    policy, reference, pv, tok = build_models(cfg)
-    with torch.no_grad():  # an adapter as after some updates (a new one is zero), so the merge counts
-        for name, p in policy.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 1e-3)
-    frozen = FrozenLinearsInBF16(pv, reference)
+    cfg, policy, pv, tok, frozen = ppo_models_with_an_adapter(args.policy)
     prompts = [p["prompt"] for p in load_prompts("lab:prompts", split="train")[: args.prompts]]
     query, qmask = left_pad(encode_queries(tok, prompts, cfg.max_prompt_tokens), tok.pad_token_id)
 

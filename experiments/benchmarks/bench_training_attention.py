@@ -28,12 +28,11 @@ set_offline_defaults()
 
 import torch  # noqa: E402
 
+from experiments.benchmarks.ppo_models import ppo_models_with_an_adapter  # noqa: E402
 from rlhf.data import load_prompts  # noqa: E402
-from rlhf.models import FrozenLinearsInBF16, autocast_bf16, bf16_hardware  # noqa: E402
-from rlhf.ppo.config import PPOConfig  # noqa: E402
+from rlhf.models import autocast_bf16, bf16_hardware  # noqa: E402
 from rlhf.ppo.math import logprobs_from_logits  # noqa: E402
 from rlhf.ppo.rollout import encode_queries, left_pad  # noqa: E402
-from rlhf.ppo.setup import build_models  # noqa: E402
 
 ATTENTIONS = ("sdpa", "eager")
 
@@ -49,14 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if min(args.micro_batch, args.tokens, args.repeats) < 1:
         ap.error("--micro_batch, --tokens and --repeats must all be at least 1")
-    cfg = PPOConfig(policy=args.policy, lora=True, value_model="shared", reward="length")
-    torch.manual_seed(0)
-    policy, reference, pv, tok = build_models(cfg)
-    with torch.no_grad():  # an adapter as after some updates (a new one is zero)
-        for name, p in policy.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 1e-3)
-    frozen = FrozenLinearsInBF16(pv, reference)
+    cfg, policy, pv, tok, frozen = ppo_models_with_an_adapter(args.policy)
     prompts = [p["prompt"] for p in load_prompts("lab:prompts", split="train")[: args.micro_batch]]
     query, qmask = left_pad(encode_queries(tok, prompts, cfg.max_prompt_tokens), tok.pad_token_id)
     gen = torch.Generator().manual_seed(1)
