@@ -365,6 +365,17 @@ ATTENTION_MIN_SPEEDUP = AUTOCAST_MIN_SPEEDUP
 ATTENTION_MIN_STEP_S = AUTOCAST_MIN_STEP_S
 
 
+def set_attention(model: torch.nn.Module, implementation: str) -> None:
+    """Run ``model``'s attention through ``implementation`` (``sdpa``, ``eager``): transformers' own
+    setter where the model has one, else its config's field, as the sampler sets it (a wrapper such
+    as :class:`rlhf.adapters.VirtualTokenPolicy` shows only its base model's config)."""
+    setter = getattr(model, "set_attn_implementation", None)
+    if setter is not None:
+        setter(implementation)
+    else:
+        model.config._attn_implementation = implementation
+
+
 def attention_if_faster(
     models: Sequence[torch.nn.Module], device: torch.device | str, step: Callable[[], None]
 ) -> tuple[str | None, dict[str, float]]:
@@ -392,7 +403,7 @@ def attention_if_faster(
         @contextlib.contextmanager
         def running():
             for model in models:
-                model.set_attn_implementation(implementation)
+                set_attention(model, implementation)
             yield
 
         return running
@@ -401,7 +412,7 @@ def attention_if_faster(
     faster = seconds["sdpa_s"] >= ATTENTION_MIN_SPEEDUP * seconds["eager_s"]
     chosen = "eager" if faster and seconds["sdpa_s"] >= ATTENTION_MIN_STEP_S else "sdpa"
     for model in models:
-        model.set_attn_implementation(chosen)
+        set_attention(model, chosen)
     return chosen, seconds
 
 

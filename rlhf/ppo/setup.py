@@ -39,6 +39,7 @@ from rlhf.models import (
     load_policy,
     policy_out_dir,
     policy_to_train,
+    set_attention,
     use_bf16,
 )
 from rlhf.ppo import math as pm
@@ -391,7 +392,7 @@ def _choose_attention(
     if timings:
         attention, timings = _main_process_choice(accelerator, attention, timings)
         for model in models:
-            model.set_attn_implementation(attention)
+            set_attention(model, attention)
     return attention, timings
 
 

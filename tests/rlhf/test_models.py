@@ -413,6 +413,16 @@ def test_attention_is_eager_only_where_a_timed_step_is_clearly_faster(sdpa_s, ea
     assert sdpa_s <= seconds["sdpa_s"] < sdpa_s + 0.05 and eager_s <= seconds["eager_s"] < eager_s + 0.05
 
 
+def test_attention_is_set_through_the_config_of_a_model_without_a_setter():
+    """A wrapper such as rlhf.adapters.VirtualTokenPolicy shows its base model's config, no setter."""
+    wrapper = _AttentionStandIn()
+    bare = type("Wrapper", (), {"config": wrapper.config})()
+    attention, _ = attention_if_faster(
+        [bare], "cpu", lambda: time.sleep(0.06 if wrapper.config._attn_implementation == "sdpa" else 0.0)
+    )
+    assert attention == "eager" and wrapper.config._attn_implementation == "eager"
+
+
 def test_attention_is_not_timed_on_a_gpu_or_for_a_model_that_does_not_run_sdpa():
     def step() -> None:
         raise AssertionError("nothing should be timed")
