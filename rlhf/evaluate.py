@@ -21,7 +21,7 @@ import argparse
 import contextlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,16 @@ class HeldOutSampling:
         + MIXED_PRECISION_HELP,
         choices=MIXED_PRECISION,
     )
+
+    def answer_settings(self) -> dict[str, Any]:
+        """The settings that decide the answers: all but how many prompts and how they are batched
+        (which moves only their rounding, as any other sampling of the same policy would).
+        :mod:`rlhf.held_out_answers` reuses answers only where these are equal."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(HeldOutSampling)
+            if f.name not in ("num_prompts", "batch_size")
+        }
 
     def validate_sampling(self) -> None:
         use_bf16(self.mixed_precision)  # bf16 on hardware without it: refused before any model loads

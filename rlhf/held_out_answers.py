@@ -24,29 +24,18 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from rlhf.fsio import atomic_file
 
 FILE = "responses.json"
-# HeldOutSampling fields that do not change an answer: how many prompts, and how they are batched
-# (which changes rounding only, as any other sampling of the same policy would)
-NOT_DECIDING = ("num_prompts", "batch_size")
 
 
 def answer_records(rollout, texts: Sequence[str]) -> list[dict[str, Any]]:
     """``[{text, n_tokens, finished}]`` of a sampled rollout (``rlhf.sampling``) and its decoded texts."""
     lengths, finished = rollout.mask.sum(-1).tolist(), rollout.has_stop.tolist()
     return [{"text": t, "n_tokens": int(n), "finished": bool(f)} for t, n, f in zip(texts, lengths, finished)]
-
-
-def sampling_settings(sampling) -> dict[str, Any]:
-    """The fields of a :class:`rlhf.evaluate.HeldOutSampling` that decide the answers."""
-    from rlhf.evaluate import HeldOutSampling  # evaluate imports this module
-
-    return {f.name: getattr(sampling, f.name) for f in fields(HeldOutSampling) if f.name not in NOT_DECIDING}
 
 
 def policy_fingerprint(path: str) -> str:
@@ -69,16 +58,17 @@ def _key(path: str) -> str:
 def write_answers(
     out: Path, sampling, records: Sequence[Mapping], answers: Mapping[str, Sequence[Mapping]]
 ) -> Path:
-    """Write ``answers`` (policy path → one answer per record) to ``out / responses.json``."""
-    paths = list(answers)
+    """Write ``answers`` (policy path → one answer per record) to ``out / responses.json``;
+    ``sampling``: the :class:`rlhf.evaluate.HeldOutSampling` they were sampled with."""
+    keys = {_key(p): p for p in answers}  # each path's key once, not once per row
     doc = {
-        "sampling": sampling_settings(sampling),
-        "policies": {_key(p): policy_fingerprint(p) for p in paths},
+        "sampling": sampling.answer_settings(),
+        "policies": {key: policy_fingerprint(p) for key, p in keys.items()},
         "rows": [
             {
                 "prompt_id": rec["prompt_id"],
                 "prompt": rec["prompt"],
-                "responses": {_key(p): dict(answers[p][i]) for p in paths},
+                "responses": {key: dict(answers[p][i]) for key, p in keys.items()},
             }
             for i, rec in enumerate(records)
         ],
@@ -94,12 +84,13 @@ def reusable_answers(
 ) -> tuple[dict[str, list[dict]], list[str]]:
     """The answers in ``source`` (a ``responses.json`` or the run dir holding it) that can stand for
     sampling ``policies`` (``(name, path)``) on ``records`` with ``sampling``: ``({name: answers},
-    reasons)``, a reason for each policy (or the whole file) that must be sampled instead."""
+    reasons)``, a reason for each policy (or the whole file) that must be sampled instead.
+    ``sampling``: a :class:`rlhf.evaluate.HeldOutSampling` (the arena's config)."""
     file = Path(source) / FILE if Path(source).is_dir() else Path(source)
     if not file.is_file():
         return {}, [f"no answers to reuse at {source} ({FILE} not found)"]
     doc = json.loads(file.read_text())
-    ours = sampling_settings(sampling)
+    ours = sampling.answer_settings()
     differ = [k for k in ours if doc["sampling"].get(k) != ours[k]]
     if differ:
         k = differ[0]

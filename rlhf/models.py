@@ -292,11 +292,11 @@ class FrozenLinearsInBF16:
         return False
 
 
-# A measured choice of autocast (:func:`autocast_if_faster`): bf16 only when clearly faster, so that
-# timing noise does not flip the choice from one run to the next; a step shorter than this in fp32 is
-# too short to time and too short for precision to matter.
-AUTOCAST_MIN_SPEEDUP = 1.1
-AUTOCAST_MIN_STEP_S = 0.05
+# A timed choice (:func:`autocast_if_faster`, :func:`attention_if_faster`) takes the other side only
+# when clearly faster, so that timing noise does not flip it from one run to the next; a step shorter
+# than this on the current side is too short to time and too short for the choice to matter.
+TIMED_MIN_SPEEDUP = 1.1
+TIMED_MIN_STEP_S = 0.05
 # Timed choices take each side's best of this many steps, the sides alternating, after a warm-up of
 # each: one slow moment of a shared machine cannot decide alone. A single timing each had once found
 # autocast no faster than fp32 (2.03 s against 2.04 s) on the machine where it ran 1.24× faster
@@ -325,6 +325,12 @@ def best_step_times(
     return best
 
 
+def clearly_faster(current_s: float, other_s: float) -> bool:
+    """Is a step taking ``other_s`` clearly faster than one taking ``current_s``: by at least
+    :data:`TIMED_MIN_SPEEDUP`, with the current step at least :data:`TIMED_MIN_STEP_S` long."""
+    return current_s >= TIMED_MIN_SPEEDUP * other_s and current_s >= TIMED_MIN_STEP_S
+
+
 def autocast_if_faster(
     mixed_precision: str,
     device: torch.device | str,
@@ -336,8 +342,7 @@ def autocast_if_faster(
     ``no`` and ``bf16`` are taken as said, and so is ``auto`` on a GPU with bf16 (autocast is what
     its tensor cores are for) or on hardware without bf16 (:func:`use_bf16`). On a CPU that has it,
     ``auto`` times ``step`` (one training micro-step) in fp32 and under autocast
-    (:func:`best_step_times`) and takes bf16 only when it is at least :data:`AUTOCAST_MIN_SPEEDUP`
-    times faster. Measured, not assumed: a SmolLM2 LoRA training step ran 1.27× faster under
+    (:func:`best_step_times`) and takes bf16 only where it is :func:`clearly_faster`. Measured, not assumed: a SmolLM2 LoRA training step ran 1.27× faster under
     autocast on a 2-core AVX512-BF16 EPYC, while a whole PPO update ran slower on a 2-core AMX Xeon
     before the frozen weights were kept in bf16 (docs/environment.md). Returns ``(bf16, {"fp32_s":
     ..., "bf16_s": ...})``, the dict empty when nothing was timed. ``bf16_weights``: the frozen
@@ -354,15 +359,7 @@ def autocast_if_faster(
             yield
 
     seconds = best_step_times({"fp32_s": contextlib.nullcontext, "bf16_s": under_autocast}, step)
-    faster = seconds["fp32_s"] >= AUTOCAST_MIN_SPEEDUP * seconds["bf16_s"]
-    return faster and seconds["fp32_s"] >= AUTOCAST_MIN_STEP_S, seconds
-
-
-# A measured choice of the attention a model trains through (:func:`attention_if_faster`), with the
-# same margin as autocast's, so that timing noise does not flip it from one run to the next, and the
-# same floor: a step shorter than that is too short to time and too short for the choice to matter.
-ATTENTION_MIN_SPEEDUP = AUTOCAST_MIN_SPEEDUP
-ATTENTION_MIN_STEP_S = AUTOCAST_MIN_STEP_S
+    return clearly_faster(seconds["fp32_s"], seconds["bf16_s"]), seconds
 
 
 def set_attention(model: torch.nn.Module, implementation: str) -> None:
@@ -389,9 +386,8 @@ def attention_if_faster(
     and a softmax in fp32) made the step 1.26× faster on a 2-core AMX Xeon, and forwards alone ran
     at the same speed either way (docs/environment.md). Measured, not assumed: on a CPU, ``step``
     (one training micro-step, run by the caller under the precision it will train in) is timed
-    through each (:func:`best_step_times`), and eager is kept only when at least
-    :data:`ATTENTION_MIN_SPEEDUP` times faster and the step takes at least
-    :data:`ATTENTION_MIN_STEP_S`. Nothing is timed on a GPU, where SDPA's fused kernels are the
+    through each (:func:`best_step_times`), and eager is kept only where it is
+    :func:`clearly_faster`. Nothing is timed on a GPU, where SDPA's fused kernels are the
     point, or for models that do not run SDPA: returns ``(None, {})`` then."""
     configs = [getattr(m, "config", None) for m in models]
     if torch.device(device).type != "cpu" or any(
@@ -409,8 +405,7 @@ def attention_if_faster(
         return running
 
     seconds = best_step_times({"sdpa_s": through("sdpa"), "eager_s": through("eager")}, step)
-    faster = seconds["sdpa_s"] >= ATTENTION_MIN_SPEEDUP * seconds["eager_s"]
-    chosen = "eager" if faster and seconds["sdpa_s"] >= ATTENTION_MIN_STEP_S else "sdpa"
+    chosen = "eager" if clearly_faster(seconds["sdpa_s"], seconds["eager_s"]) else "sdpa"
     for model in models:
         set_attention(model, chosen)
     return chosen, seconds
