@@ -30,6 +30,7 @@ import warnings
 
 import huggingface_hub.utils
 
+from rlhf.allocator import keep_freed_memory
 from rlhf.distributed import is_main_launch_process, launch_rank_and_size, leave_launch, report_to_launcher
 from rlhf.offline import set_offline_defaults
 
@@ -229,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     from rlhf.errors import UserError
 
     set_offline_defaults()
+    keep_freed_memory()  # a training step's large tensors reuse freed memory (rlhf/allocator.py)
     _hide_library_progress_bars()
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
