@@ -354,3 +354,17 @@ def test_batch_shrink_bench_times_both_shares_and_finds_the_same_answers(capsys)
     assert "shrink at 0 (baseline)" in out and f"shrink at {before:g} (lab)" in out
     assert "the same answers: yes" in out
     assert sampling.SHRINK_AT == before  # the bench puts the lab's share back
+
+
+def test_allocator_bench_runs_both_sides_in_children_on_the_same_numbers(capsys):
+    from experiments.benchmarks import bench_allocator
+
+    args = ["--policy", "tiny", "--micro_batch", "2", "--tokens", "4", "--steps", "3", "--repeats", "1"]
+    assert bench_allocator.main(args) == 0
+    out = capsys.readouterr().out
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ")]
+    rows = {r[0].strip(): [c.strip() for c in r[1:]] for r in rows if r[0].strip() in bench_allocator.SIDES}
+    assert set(rows) == set(bench_allocator.SIDES)
+    assert all(float(r[0]) > 0 and int(r[1]) > 0 for r in rows.values())
+    assert rows["kept"][3] == rows["handed back"][3]  # the same log-probs and gradients either way
+    assert "kept vs handed back:" in out
