@@ -28,7 +28,19 @@ import sys
 import time
 from pathlib import Path
 
-from rlhf.allocator import ENV, keep_freed_memory
+from rlhf.offline import set_offline_defaults  # imports nothing heavy
+
+# Set before the imports below: the Hugging Face libraries read them when first imported.
+set_offline_defaults()
+
+from experiments.benchmarks.ppo_models import (  # noqa: E402
+    add_micro_step_arguments,
+    micro_step_inputs,
+    ppo_models_with_an_adapter,
+)
+from rlhf.allocator import ENV, keep_freed_memory  # noqa: E402
+from rlhf.models import autocast_bf16, bf16_hardware  # noqa: E402
+from rlhf.ppo.math import logprobs_from_logits  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 SIDES = {"kept": "1", "handed back": "0"}
@@ -37,11 +49,7 @@ WARM_UP_STEPS = 2
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--policy", default="smollm2-135m-instruct", help="alias, policy dir or Hub id")
-    ap.add_argument(
-        "--micro_batch", type=int, default=8, help="rows of the micro-step (PPO's micro_batch_size)"
-    )
-    ap.add_argument("--tokens", type=int, default=48, help="response tokens (PPO's response_length)")
+    add_micro_step_arguments(ap)
     ap.add_argument(
         "--steps", type=int, default=6, help=f"micro-steps a child runs; the first {WARM_UP_STEPS} untimed"
     )
@@ -55,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     best: dict[str, dict] = {}
     for _ in range(args.repeats):
         for side, flag in SIDES.items():
-            run = _child(argv or sys.argv[1:], flag)
+            run = _child(sys.argv[1:] if argv is None else argv, flag)
             if side not in best or run["step_s"] < best[side]["step_s"]:
                 best[side] = run
     kept, returned = best["kept"], best["handed back"]
@@ -92,23 +100,8 @@ def _child(argv: list[str], flag: str) -> dict:
 def _work(args: argparse.Namespace) -> int:
     """The child: PPO's micro-steps; prints one JSON line (best step time, checksum)."""
     keep_freed_memory()  # as `rlhf` does; it does nothing when the parent set the variable to 0
-    from rlhf.offline import set_offline_defaults
-
-    set_offline_defaults()
-    import torch
-
-    from experiments.benchmarks.ppo_models import ppo_models_with_an_adapter
-    from rlhf.data import load_prompts
-    from rlhf.models import autocast_bf16, bf16_hardware
-    from rlhf.ppo.math import logprobs_from_logits
-    from rlhf.ppo.rollout import encode_queries, left_pad
-
     cfg, _, pv, tok, frozen = ppo_models_with_an_adapter(args.policy)
-    prompts = [p["prompt"] for p in load_prompts("lab:prompts", split="train")[: args.micro_batch]]
-    query, qmask = left_pad(encode_queries(tok, prompts, cfg.max_prompt_tokens), tok.pad_token_id)
-    gen = torch.Generator().manual_seed(1)
-    response = torch.randint(100, min(20_000, len(tok)), (len(prompts), args.tokens), generator=gen)
-    rmask = torch.ones_like(response)
+    query, qmask, response, rmask = micro_step_inputs(cfg, tok, args.micro_batch, args.tokens)
     bf16 = bf16_hardware("cpu")
     best, checksum = float("inf"), 0.0
     with autocast_bf16("cpu", bf16), frozen if bf16 else contextlib.nullcontext():

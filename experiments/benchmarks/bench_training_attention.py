@@ -28,32 +28,26 @@ set_offline_defaults()
 
 import torch  # noqa: E402
 
-from experiments.benchmarks.ppo_models import ppo_models_with_an_adapter  # noqa: E402
-from rlhf.data import load_prompts  # noqa: E402
+from experiments.benchmarks.ppo_models import (  # noqa: E402
+    add_micro_step_arguments,
+    micro_step_inputs,
+    ppo_models_with_an_adapter,
+)
 from rlhf.models import autocast_bf16, bf16_hardware  # noqa: E402
 from rlhf.ppo.math import logprobs_from_logits  # noqa: E402
-from rlhf.ppo.rollout import encode_queries, left_pad  # noqa: E402
 
 ATTENTIONS = ("sdpa", "eager")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--policy", default="smollm2-135m-instruct", help="alias, policy dir or Hub id")
-    ap.add_argument(
-        "--micro_batch", type=int, default=8, help="rows of the micro-step (PPO's micro_batch_size)"
-    )
-    ap.add_argument("--tokens", type=int, default=48, help="response tokens (PPO's response_length)")
+    add_micro_step_arguments(ap)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of each side (best kept)")
     args = ap.parse_args(argv)
     if min(args.micro_batch, args.tokens, args.repeats) < 1:
         ap.error("--micro_batch, --tokens and --repeats must all be at least 1")
     cfg, policy, pv, tok, frozen = ppo_models_with_an_adapter(args.policy)
-    prompts = [p["prompt"] for p in load_prompts("lab:prompts", split="train")[: args.micro_batch]]
-    query, qmask = left_pad(encode_queries(tok, prompts, cfg.max_prompt_tokens), tok.pad_token_id)
-    gen = torch.Generator().manual_seed(1)
-    response = torch.randint(100, min(20_000, len(tok)), (len(prompts), args.tokens), generator=gen)
-    rmask = torch.ones_like(response)
+    query, qmask, response, rmask = micro_step_inputs(cfg, tok, args.micro_batch, args.tokens)
 
     def micro_step():
         logits, values = pv(query, qmask, response, rmask)
@@ -71,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     precisions = [("bf16 autocast", True)] if bf16_hardware("cpu") else []
     precisions.append(("fp32", False))
     print(
-        f"policy {args.policy}, torch threads {torch.get_num_threads()}, {len(prompts)} rows × {args.tokens} tokens"
+        f"policy {args.policy}, torch threads {torch.get_num_threads()}, {query.shape[0]} rows × {args.tokens} tokens"
     )
     print("| call | precision | SDPA (s) | eager (s) | eager vs SDPA | max log-prob diff | max grad diff |")
     print("|---|---|---|---|---|---|---|")

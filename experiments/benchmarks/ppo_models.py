@@ -1,11 +1,16 @@
-"""PPO's own models as the benchmarks of its speed-ups build them (bench_frozen_bf16, bench_training_attention)."""
+"""PPO's own models and a training micro-step's inputs, as the benchmarks of PPO's speed-ups build
+them (bench_frozen_bf16, bench_training_attention, bench_allocator)."""
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
+from rlhf.data import load_prompts
 from rlhf.models import FrozenLinearsInBF16
 from rlhf.ppo.config import PPOConfig
+from rlhf.ppo.rollout import encode_queries, left_pad
 from rlhf.ppo.setup import build_models
 
 
@@ -23,3 +28,24 @@ def ppo_models_with_an_adapter(policy: str, scale: float = 1e-3):
             if "lora_B" in name:
                 p.normal_(0, scale)
     return cfg, policy_model, pv, tokenizer, FrozenLinearsInBF16(pv, reference)
+
+
+def add_micro_step_arguments(ap: argparse.ArgumentParser) -> None:
+    """``--policy``, ``--micro_batch`` and ``--tokens``: the micro-step a benchmark times."""
+    ap.add_argument("--policy", default="smollm2-135m-instruct", help="alias, policy dir or Hub id")
+    ap.add_argument(
+        "--micro_batch", type=int, default=8, help="rows of the micro-step (PPO's micro_batch_size)"
+    )
+    ap.add_argument("--tokens", type=int, default=48, help="response tokens (PPO's response_length)")
+
+
+def micro_step_inputs(cfg: PPOConfig, tokenizer, rows: int, tokens: int):
+    """``(query, query_mask, response, response_mask)``: the first ``rows`` training prompts, left
+    padded, and ``tokens`` response tokens drawn with a fixed seed, every row of full length."""
+    prompts = [p["prompt"] for p in load_prompts("lab:prompts", split="train")[:rows]]
+    query, query_mask = left_pad(
+        encode_queries(tokenizer, prompts, cfg.max_prompt_tokens), tokenizer.pad_token_id
+    )
+    gen = torch.Generator().manual_seed(1)
+    response = torch.randint(100, min(20_000, len(tokenizer)), (len(prompts), tokens), generator=gen)
+    return query, query_mask, response, torch.ones_like(response)
