@@ -60,7 +60,7 @@ def test_tiny_loop_learns_a_learnable_gold(tmp_path):
     assert claims["eval/score_diff"]["verdict"] == "yes"
 
 
-# The SmolLM2 default run (about 11 minutes on 2 cores): `pytest -m slow tests/experiments/test_learning.py`.
+# The SmolLM2 default run (about 10 minutes on 2 cores): `pytest -m slow tests/experiments/test_learning.py`.
 # It holds the default quickstart to the figures the lab promises, on its own 160 held-out prompts.
 
 
@@ -77,7 +77,7 @@ def smollm2_quickstart(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(3600)  # about 11 minutes alone on 2 cores; the suite's 900 s is for one test
+@pytest.mark.timeout(3600)  # about 10 minutes alone on 2 cores; the suite's 900 s is for one test
 def test_smollm2_quickstart_ppo_beats_sft_on_the_gold(smollm2_quickstart):
     rm, ppo, ev = (smollm2_quickstart["stages"][s] for s in ("rm_eval", "ppo", "eval"))
     assert rm["eval/gold_pair_accuracy_ci_low"] > 0.5 and rm["eval/kendall_tau_ci_low"] > 0
@@ -91,8 +91,9 @@ def test_smollm2_quickstart_ppo_beats_sft_on_the_gold(smollm2_quickstart):
 @pytest.mark.slow
 @pytest.mark.xfail(
     strict=False,
-    reason="measured 0.705 [0.648, 0.759] against VADER (annotators 0.848): the mean of one frozen "
-    "layer carries about that much of VADER's signal (docs/reward-models.md, Limits)",
+    reason="measured 0.7197 [0.689, 0.750] against VADER at stop 38 (annotators 0.850), 0.707 with 8 "
+    "answers a prompt: frozen layers' means carry about that much of VADER's signal "
+    "(docs/reward-models.md, Limits)",
 )
 def test_smollm2_reward_model_reaches_0_72_against_the_gold(smollm2_quickstart):
     assert smollm2_quickstart["stages"]["rm_eval"]["eval/gold_pair_accuracy"] >= 0.72
