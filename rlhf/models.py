@@ -373,6 +373,21 @@ def set_attention(model: torch.nn.Module, implementation: str) -> None:
         model.config._attn_implementation = implementation
 
 
+def computing_through(
+    models: Sequence[torch.nn.Module], implementation: str
+) -> Callable[[], contextlib.AbstractContextManager]:
+    """A side of :func:`best_step_times`: inside it, ``models`` compute through ``implementation``
+    (:func:`set_attention`; left so afterwards)."""
+
+    @contextlib.contextmanager
+    def side():
+        for model in models:
+            set_attention(model, implementation)
+        yield
+
+    return side
+
+
 def attention_if_faster(
     models: Sequence[torch.nn.Module], device: torch.device | str, step: Callable[[], None]
 ) -> tuple[str | None, dict[str, float]]:
@@ -395,16 +410,9 @@ def attention_if_faster(
     ):
         return None, {}
 
-    def through(implementation: str):
-        @contextlib.contextmanager
-        def running():
-            for model in models:
-                set_attention(model, implementation)
-            yield
-
-        return running
-
-    seconds = best_step_times({"sdpa_s": through("sdpa"), "eager_s": through("eager")}, step)
+    seconds = best_step_times(
+        {"sdpa_s": computing_through(models, "sdpa"), "eager_s": computing_through(models, "eager")}, step
+    )
     chosen = "eager" if clearly_faster(seconds["sdpa_s"], seconds["eager_s"]) else "sdpa"
     for model in models:
         set_attention(model, chosen)

@@ -37,10 +37,10 @@ from experiments.benchmarks.ppo_models import (  # noqa: E402
     add_micro_step_arguments,
     micro_step_inputs,
     ppo_models_with_an_adapter,
+    training_micro_step,
 )
 from rlhf.allocator import ENV, keep_freed_memory  # noqa: E402
 from rlhf.models import autocast_bf16, bf16_hardware  # noqa: E402
-from rlhf.ppo.math import logprobs_from_logits  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 SIDES = {"kept": "1", "handed back": "0"}
@@ -107,14 +107,10 @@ def _work(args: argparse.Namespace) -> int:
     with autocast_bf16("cpu", bf16), frozen if bf16 else contextlib.nullcontext():
         for step in range(args.steps):
             t0 = time.perf_counter()
-            logits, values = pv(query, qmask, response, rmask)
-            logprobs = logprobs_from_logits(logits, response, 1.0)
-            (logprobs.mean() + values.float().mean()).backward()
-            grads = [p.grad.double().sum() for p in pv.parameters() if p.grad is not None]
-            pv.zero_grad(set_to_none=True)
+            logprobs, grads = training_micro_step(pv, query, qmask, response, rmask)
             if step >= WARM_UP_STEPS:
                 best = min(best, time.perf_counter() - t0)
-            checksum = float(logprobs.double().sum() + sum(grads))
+            checksum = float(logprobs.double().sum() + grads.double().sum())
     print(json.dumps({"step_s": best, "checksum": checksum}))
     return 0
 

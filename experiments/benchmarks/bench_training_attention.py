@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-import time
 
 from rlhf.offline import set_offline_defaults  # imports nothing heavy
 
@@ -32,8 +31,15 @@ from experiments.benchmarks.ppo_models import (  # noqa: E402
     add_micro_step_arguments,
     micro_step_inputs,
     ppo_models_with_an_adapter,
+    training_micro_step,
 )
-from rlhf.models import autocast_bf16, bf16_hardware  # noqa: E402
+from rlhf.models import (  # noqa: E402
+    autocast_bf16,
+    best_step_times,
+    bf16_hardware,
+    computing_through,
+    set_attention,
+)
 from rlhf.ppo.math import logprobs_from_logits  # noqa: E402
 
 ATTENTIONS = ("sdpa", "eager")
@@ -50,12 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     query, qmask, response, rmask = micro_step_inputs(cfg, tok, args.micro_batch, args.tokens)
 
     def micro_step():
-        logits, values = pv(query, qmask, response, rmask)
-        logprobs = logprobs_from_logits(logits, response, 1.0)
-        (logprobs.mean() + values.float().mean()).backward()
-        grads = torch.cat([p.grad.flatten() for p in pv.parameters() if p.grad is not None])
-        pv.zero_grad(set_to_none=True)
-        return logprobs.detach(), grads
+        return training_micro_step(pv, query, qmask, response, rmask)
 
     def forward():
         with torch.no_grad():
@@ -73,17 +74,14 @@ def main(argv: list[str] | None = None) -> int:
         stored = frozen if bf16 else contextlib.nullcontext()
         with autocast_bf16("cpu", bf16), stored:
             for call, fn in (("training micro-step", micro_step), ("forward", forward)):
-                best, out = dict.fromkeys(ATTENTIONS, float("inf")), {}
-                for attention in ATTENTIONS:  # warm-up: the first call builds the kernels for these shapes
-                    policy.set_attn_implementation(attention)
-                    fn()
-                for _ in range(args.repeats):
-                    for attention in ATTENTIONS:
-                        policy.set_attn_implementation(attention)
-                        t0 = time.perf_counter()
-                        out[attention] = fn()
-                        best[attention] = min(best[attention], time.perf_counter() - t0)
-                policy.set_attn_implementation("sdpa")
+                out: dict[str, tuple] = {}  # each attention's last result, to compare
+
+                def step(fn=fn, out=out):
+                    out[policy.config._attn_implementation] = fn()
+
+                sides = {attention: computing_through([policy], attention) for attention in ATTENTIONS}
+                best = best_step_times(sides, step, args.repeats)
+                set_attention(policy, "sdpa")
                 (lp_s, g_s), (lp_e, g_e) = out["sdpa"], out["eager"]
                 grad_diff = "—" if g_s is None else f"{float((g_s - g_e).abs().max()):.2e}"
                 print(

@@ -1,5 +1,5 @@
-"""PPO's own models and a training micro-step's inputs, as the benchmarks of PPO's speed-ups build
-them (bench_frozen_bf16, bench_training_attention, bench_allocator)."""
+"""PPO's own models and a training micro-step, as the benchmarks of PPO's speed-ups build them
+(bench_frozen_bf16, bench_training_attention, bench_allocator)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 from rlhf.data import load_prompts
 from rlhf.models import FrozenLinearsInBF16
 from rlhf.ppo.config import PPOConfig
+from rlhf.ppo.math import logprobs_from_logits
 from rlhf.ppo.rollout import encode_queries, left_pad
 from rlhf.ppo.setup import build_models
 
@@ -49,3 +50,15 @@ def micro_step_inputs(cfg: PPOConfig, tokenizer, rows: int, tokens: int):
     gen = torch.Generator().manual_seed(1)
     response = torch.randint(100, min(20_000, len(tokenizer)), (len(prompts), tokens), generator=gen)
     return query, query_mask, response, torch.ones_like(response)
+
+
+def training_micro_step(pv, query, query_mask, response, response_mask):
+    """One training micro-step of ``pv`` (forward, a loss of the response's log-probs and the values,
+    backward): ``(log-probs [N, T], every gradient flattened into one vector)``, the gradients then
+    cleared, so the step can run again on the same inputs."""
+    logits, values = pv(query, query_mask, response, response_mask)
+    logprobs = logprobs_from_logits(logits, response, 1.0)
+    (logprobs.mean() + values.float().mean()).backward()
+    grads = torch.cat([p.grad.flatten() for p in pv.parameters() if p.grad is not None])
+    pv.zero_grad(set_to_none=True)
+    return logprobs.detach(), grads
