@@ -4,8 +4,9 @@
   statistic of per-unit values — pair accuracies, win rates, mean score differences;
 - :func:`win_rate_ci`: the paired win rate of one policy over another (ties count ½) with its
   bootstrap interval, over prompts;
-- :func:`mean_diff_ci`: the difference of two independent means (e.g. the last quarter of a
-  learning curve minus its first quarter) with Welch's t interval.
+- :func:`mean_diff_ci`, :func:`welch_ci`: the difference of two independent means (e.g. the last
+  quarter of a learning curve's rollouts minus its first quarter's) with Welch's t interval, from
+  the values or from each side's mean, variance and size.
 
 The bootstrap resamples *prompts*, not pairs or tokens: the responses to one prompt are not
 independent of each other, so the prompt is the unit (Efron & Tibshirani 1993, ch. 13).
@@ -94,19 +95,28 @@ def win_rate_ci(
 
 
 def mean_diff_ci(after: Sequence[float], before: Sequence[float]) -> Estimate:
-    """``mean(after) - mean(before)`` of two independent samples with Welch's 95 % interval: Student's
-    t with the Welch–Satterthwaite degrees of freedom (Welch 1947). The samples are small (a quarter
-    of a learning curve's updates, three of fifteen), where the normal quantile would not do: with
-    three values a side, ``mean ± 1.96 · se`` covered the true difference in only 88 % of simulated
-    normal samples, the t interval in 96 %."""
+    """``mean(after) - mean(before)`` of two independent samples with Welch's 95 % interval
+    (:func:`welch_ci`)."""
     a, b = np.asarray(after, dtype=np.float64), np.asarray(before, dtype=np.float64)
     if a.size < 2 or b.size < 2:
         return Estimate(float("nan"), float("nan"), float("nan"), int(a.size + b.size))
-    diff = float(a.mean() - b.mean())
-    var_a, var_b = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
-    se = math.sqrt(var_a + var_b)
+    return welch_ci(a.mean(), a.var(ddof=1), a.size, b.mean(), b.var(ddof=1), b.size)
+
+
+def welch_ci(mean_a: float, var_a: float, n_a: int, mean_b: float, var_b: float, n_b: int) -> Estimate:
+    """``mean_a - mean_b`` of two independent samples, given each one's mean, sample variance
+    (``ddof=1``) and size, with Welch's 95 % interval: Student's t at the Welch–Satterthwaite
+    degrees of freedom (Welch 1947). With few values a side the normal quantile would not do: with
+    three a side, ``mean ± 1.96 · se`` covered the true difference in only 88 % of simulated normal
+    samples, the t interval in 96 %."""
+    diff = float(mean_a - mean_b)
+    n = int(n_a + n_b)
+    if n_a < 2 or n_b < 2:
+        return Estimate(float("nan"), float("nan"), float("nan"), n)
+    se_a, se_b = var_a / n_a, var_b / n_b
+    se = math.sqrt(se_a + se_b)
     if se == 0:
-        return Estimate(diff, diff, diff, int(a.size + b.size))
-    dof = (var_a + var_b) ** 2 / (var_a**2 / (a.size - 1) + var_b**2 / (b.size - 1))
+        return Estimate(diff, diff, diff, n)
+    dof = (se_a + se_b) ** 2 / (se_a**2 / (n_a - 1) + se_b**2 / (n_b - 1))
     half = float(student_t.ppf(0.975, dof)) * se
-    return Estimate(diff, diff - half, diff + half, int(a.size + b.size))
+    return Estimate(diff, diff - half, diff + half, n)

@@ -13,7 +13,7 @@ from rlhf.contracts import prompt_text
 from rlhf.ppo import math as pm
 from rlhf.ppo.rollout import UpdateBatch
 from rlhf.ppo.setup import PPORun
-from rlhf.stats import mean_diff_ci
+from rlhf.stats import mean_diff_ci, welch_ci
 
 
 def update_metrics(
@@ -29,6 +29,9 @@ def update_metrics(
         lengths = mask.sum(-1)
         local = {
             "objective/scores": batch.scores.mean(),
+            # the scores' second moment, a mean like the rest, so the batch's spread reduces
+            # across processes: it becomes objective/scores_std below
+            "objective/scores_sq": (batch.scores.double() ** 2).mean(),
             "objective/raw_scores": batch.raw_scores.mean(),
             "objective/kl": kl_sum.mean(),
             "objective/entropy": (-batch.old_logprobs * mask).sum(-1).mean(),
@@ -58,6 +61,10 @@ def update_metrics(
         vec = accelerator.reduce(vec, reduction="mean") if run.world > 1 else vec
     metrics = {k: float(v) for k, v in zip(names, vec.tolist())}
     metrics["val/num_eos_tokens"] *= run.world  # a count over the whole batch, not a mean
+    second_moment = metrics.pop("objective/scores_sq")
+    # the spread of the update's rollout scores (over the whole batch, divisor n): what
+    # score_gain's interval counts as the noise of a rollout
+    metrics["objective/scores_std"] = max(second_moment - metrics["objective/scores"] ** 2, 0.0) ** 0.5
     return metrics
 
 
@@ -106,24 +113,47 @@ def run_summary(
             }
         )
     summary.update({k: v for k, v in last_eval.items()})
-    summary.update(score_gain([h["objective/scores"] for h in history if "objective/scores" in h]))
+    summary.update(score_gain(history, run.cfg.batch_size))
     return summary
 
 
-def score_gain(scores_per_update: list[float]) -> dict[str, float]:
-    """Did the training score rise? The mean score of the last quarter of updates minus the first
-    quarter's, with Welch's 95 % t interval that treats each update's mean score as one
-    measurement (so the noise between updates, drift included, sets the width; a quarter of 15
-    updates is 3 of them, hence t, :func:`rlhf.stats.mean_diff_ci`). Needs ≥ 8 updates."""
-    q = len(scores_per_update) // 4
+def score_gain(history: list[dict], episodes_per_update: int) -> dict[str, float]:
+    """Did the training score rise? The mean score of the last quarter of the updates' rollouts
+    minus the first quarter's, with Welch's 95 % t interval (:func:`rlhf.stats.welch_ci`) that
+    counts rollouts: each quarter's mean and variance are pooled from its updates'
+    ``objective/scores`` and ``objective/scores_std`` over ``episodes_per_update`` rollouts each.
+
+    Why rollouts, not updates: without learning the policy does not change, so every rollout is an
+    independent draw of a prompt and an answer, and the interval is the noise of those draws. An
+    interval over the updates' means (three a side for 15 updates) also counts the policy's drift
+    within a quarter as noise, and with two or three degrees of freedom it is about three times as
+    wide (docs/ppo.md). A history from before ``objective/scores_std`` was logged falls back to it.
+    Needs ≥ 8 updates."""
+    scored = [h for h in history if "objective/scores" in h]
+    q = len(scored) // 4
     if q < 2:
         return {}
-    est = mean_diff_ci(scores_per_update[-q:], scores_per_update[:q])
+    first, last = scored[:q], scored[-q:]
+    if all("objective/scores_std" in h for h in first + last):
+        est = welch_ci(*_pooled(last, episodes_per_update), *_pooled(first, episodes_per_update))
+    else:
+        est = mean_diff_ci([h["objective/scores"] for h in last], [h["objective/scores"] for h in first])
     return {
         **est.as_dict("ppo/score_gain"),
-        "ppo/score_first_quarter": sum(scores_per_update[:q]) / q,
-        "ppo/score_last_quarter": sum(scores_per_update[-q:]) / q,
+        "ppo/score_first_quarter": _mean([h["objective/scores"] for h in first]),
+        "ppo/score_last_quarter": _mean([h["objective/scores"] for h in last]),
     }
+
+
+def _pooled(updates: list[dict], n: int) -> tuple[float, float, int]:
+    """Mean, sample variance and count of the rollouts of ``updates``, each ``n`` rollouts with
+    its mean and standard deviation (divisor n): the moments of the rollouts taken together."""
+    means = [h["objective/scores"] for h in updates]
+    second = [h["objective/scores_std"] ** 2 + m**2 for h, m in zip(updates, means)]
+    total = n * len(updates)
+    mean = _mean(means)
+    variance = (_mean(second) - mean**2) * total / (total - 1)
+    return mean, max(variance, 0.0), total
 
 
 def plot_curves(history: list[dict], path: Path, title: str = "PPO learning curves") -> Path | None:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from rlhf.stats import Estimate, bootstrap_ci, mean_bootstrap_ci, mean_diff_ci, win_rate_ci
+from rlhf.stats import Estimate, bootstrap_ci, mean_bootstrap_ci, mean_diff_ci, welch_ci, win_rate_ci
 
 
 def test_win_rate_counts_ties_as_half_and_brackets_its_value():
@@ -38,6 +38,13 @@ def test_mean_diff_is_welch_by_hand():
     assert (est.value, est.low, est.high) == pytest.approx((1.0, 1 - half, 1 + half))
     assert mean_diff_ci([2, 2], [1, 1]) == Estimate(1.0, 1.0, 1.0, 4)  # no spread: no width
     assert math.isnan(mean_diff_ci([1], [2]).value)
+
+
+def test_welch_from_moments_is_welch_from_values():
+    after, before = np.array([0.3, 1.9, 1.1, 0.7, 2.2]), np.array([0.1, -0.4, 0.8])
+    from_moments = welch_ci(after.mean(), after.var(ddof=1), 5, before.mean(), before.var(ddof=1), 3)
+    assert from_moments == mean_diff_ci(after, before)
+    assert math.isnan(welch_ci(1.0, 0.0, 1, 0.0, 1.0, 4).low)  # one value a side has no variance
 
 
 def test_mean_diff_interval_covers_95_percent_with_three_values_a_side():
