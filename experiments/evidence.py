@@ -64,7 +64,7 @@ def learning_evidence(stages: dict[str, dict]) -> list[dict[str, Any]]:
         _claim(
             ppo,
             "ppo/score_gain",
-            "PPO raised its training reward (last quarter of updates minus the first)",
+            "PPO raised its training reward (rollouts of the last quarter of updates minus the first)",
             0.0,
         ),
         _claim(ev, "eval/score_diff", "PPO beat SFT on the reward model (held-out score difference)", 0.0),

@@ -96,7 +96,12 @@ def print_summary(summary: dict) -> None:
         )
     if ppo.get("ppo/score_gain") is not None:
         print(f"\n  PPO, {_int(ppo.get('updates'))} updates")
-        _row("training score gain", ppo, "ppo/score_gain", "last quarter − first quarter; 0 = no learning")
+        _row(
+            "training score gain",
+            ppo,
+            "ppo/score_gain",
+            "last quarter's rollouts − the first quarter's; 0 = no learning",
+        )
     if ev:
         print(
             f"\n  held-out evaluation, {_int(ev.get('eval/prompts'))} prompts (SFT and PPO sample with the same random numbers)"

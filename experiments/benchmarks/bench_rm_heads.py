@@ -78,7 +78,7 @@ from reward_models.length_lean import (  # noqa: E402
 )
 from reward_models.train import RMTrainConfig, run_rm_train  # noqa: E402
 from rlhf.cli import progress_bar  # noqa: E402
-from rlhf.config import build_config  # noqa: E402
+from rlhf.config import build_config, parse_overrides  # noqa: E402
 from rlhf.datafiles import read_jsonl  # noqa: E402
 from rlhf.models import load_policy  # noqa: E402
 from rlhf.rankings import ALL_LABELS  # noqa: E402
@@ -131,6 +131,12 @@ def main(argv=None) -> int:
         help="also train the lab's reward model from this preset YAML on every split (the baseline row)",
     )
     ap.add_argument(
+        "--preset_overrides",
+        default="",
+        help="with --preset: semicolon-separated sets of field=value overrides (space-separated within a "
+        "set), each trained on every split as one more row, e.g. 'loss=rao_kupper;loss=plackett_luce'",
+    )
+    ap.add_argument(
         "--more_answers",
         default="",
         help="a second candidates JSONL of the same prompts: every head is also fitted with both files' "
@@ -153,6 +159,11 @@ def main(argv=None) -> int:
         or any(s < 0 for s in strengths)
     ):
         ap.error("--variants needs at least one feature set, its layers ≥ 0, and --l2 strengths ≥ 0")
+    presets = [("preset", [])] + [
+        (f"preset, {o.strip()}", o.split()) for o in args.preset_overrides.split(";") if o.strip()
+    ]
+    if len(presets) > 1 and not args.preset:
+        ap.error("--preset_overrides needs --preset, the YAML they change")
     if not all(0 < f <= 1 for f in fractions):
         ap.error(f"--train_fractions {args.train_fractions!r}: each share must be in (0, 1]")
     out = Path(args.out)
@@ -191,17 +202,18 @@ def main(argv=None) -> int:
                 tag = source + ("" if fractions == [1.0] else f", {fraction:g} of the training prompts")
                 train_pairs = strict_pairs(train_recs, pool_rows)
                 train_rows = sorted({i for pair in train_pairs for i in pair})
-                if args.preset:
+                for p, (name, overrides) in enumerate(presets if args.preset else []):
                     scores = preset_scores(
                         args,
                         all_cands,
                         train_recs,
                         held_recs,
-                        out / (f"split{s}_{fraction:g}" + ("_more" if source else "")),
+                        out / (f"split{s}_{fraction:g}_preset{p}" + ("_more" if source else "")),
                         seed,
+                        overrides,
                     )
-                    results.setdefault("preset" + tag, []).append(accuracy(scores, held_pairs))
-                    leans.setdefault("preset" + tag, []).append(
+                    results.setdefault(name + tag, []).append(accuracy(scores, held_pairs))
+                    leans.setdefault(name + tag, []).append(
                         length_leans(scores[held_rows], held_gold, held_lengths)
                     )
                 for v in variants:
@@ -479,11 +491,19 @@ def accuracy(scores: torch.Tensor, pairs: list[tuple[int, int]]) -> float:
 
 
 def preset_scores(
-    args, cands: list[dict], train_recs: list[dict], held_recs: list[dict], out: Path, seed: int
+    args,
+    cands: list[dict],
+    train_recs: list[dict],
+    held_recs: list[dict],
+    out: Path,
+    seed: int,
+    overrides: list[str],
 ) -> torch.Tensor:
-    """The lab's reward model from ``args.preset`` trained on ``train_recs`` (its own validation
-    slice taken from them, ``held_recs`` its held-out rankings), scoring every candidate."""
+    """The lab's reward model from ``args.preset`` with ``overrides`` (``field=value``) trained on
+    ``train_recs`` (its own validation slice taken from them, ``held_recs`` its held-out rankings),
+    scoring every candidate."""
     settings = {
+        **parse_overrides(overrides),
         "rankings": str(write_jsonl(out / "train.jsonl", train_recs)),
         "eval_rankings": str(write_jsonl(out / "held.jsonl", held_recs)),
         "model": args.model,

@@ -204,11 +204,12 @@ def test_heads_benchmark_runs_variants_and_the_preset_over_splits(in_tmp, capsys
 
     rc = bench_rm_heads.main(
         [*DATA, "--per_prompt", "3", "--variants", "2;0,1,2", "--l2", "1", "--splits", "2"]
-        + ["--preset", str(TINY_RM), "--out", "heads"]
+        + ["--preset", str(TINY_RM), "--preset_overrides", "loss=rao_kupper", "--out", "heads"]
     )
     assert rc == 0
     acc = json.loads((in_tmp / "heads" / "results.json").read_text())["accuracy"]
-    assert list(acc) == ["preset", "layers 2, λ 1", "layers 0,1,2, λ 1"]
+    assert list(acc) == ["preset", "preset, loss=rao_kupper", "layers 2, λ 1", "layers 0,1,2, λ 1"]
+    assert acc["preset"] != acc["preset, loss=rao_kupper"]  # another loss trained another model
     rc = bench_rm_heads.main(
         [*DATA, "--variants", "2", "--l2", "1", "--splits", "2", "--train_fractions", "0.5,1"]
     )
