@@ -26,6 +26,8 @@ commands are changed to offer it:
 
 ``--preset CONFIG`` also trains the lab's own reward model (``rlhf rm train``) on every split and
 scores it on the same pairs: the first row, the one every variant is paired with.
+``--preset_overrides`` adds rows of the same preset with fields changed (``loss=rao_kupper``), each
+trained on the same rankings: how a change to the preset does over splits, not on one draw.
 
     .venv/bin/python -m experiments.benchmarks.bench_rm_heads --candidates runs/quickstart/generate/candidates.jsonl --scorer vader --preset experiments/configs/rm_smollm2.yaml
     .venv/bin/python -m experiments.benchmarks.bench_rm_heads --candidates FILE --variants "8;0,2,4,6,8" --l2 1,10
