@@ -161,11 +161,11 @@ def main(argv=None) -> int:
         or any(s < 0 for s in strengths)
     ):
         ap.error("--variants needs at least one feature set, its layers ≥ 0, and --l2 strengths ≥ 0")
-    presets = [("preset", [])] + [
-        (f"preset, {o.strip()}", o.split()) for o in args.preset_overrides.split(";") if o.strip()
-    ]
-    if len(presets) > 1 and not args.preset:
+    if args.preset_overrides.strip() and not args.preset:
         ap.error("--preset_overrides needs --preset, the YAML they change")
+    # the lab's reward models trained on every split: the preset, then one per set of overrides
+    presets = [("preset", [])] if args.preset else []
+    presets += [(f"preset, {o.strip()}", o.split()) for o in args.preset_overrides.split(";") if o.strip()]
     if not all(0 < f <= 1 for f in fractions):
         ap.error(f"--train_fractions {args.train_fractions!r}: each share must be in (0, 1]")
     out = Path(args.out)
@@ -204,7 +204,7 @@ def main(argv=None) -> int:
                 tag = source + ("" if fractions == [1.0] else f", {fraction:g} of the training prompts")
                 train_pairs = strict_pairs(train_recs, pool_rows)
                 train_rows = sorted({i for pair in train_pairs for i in pair})
-                for p, (name, overrides) in enumerate(presets if args.preset else []):
+                for p, (name, overrides) in enumerate(presets):
                     scores = preset_scores(
                         args,
                         all_cands,

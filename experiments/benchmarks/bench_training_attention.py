@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import sys
 
 from rlhf.offline import set_offline_defaults  # imports nothing heavy
@@ -55,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, policy, pv, tok, frozen = ppo_models_with_an_adapter(args.policy)
     query, qmask, response, rmask = micro_step_inputs(cfg, tok, args.micro_batch, args.tokens)
 
-    def micro_step():
-        return training_micro_step(pv, query, qmask, response, rmask)
+    micro_step = functools.partial(training_micro_step, pv, query, qmask, response, rmask)
 
     def forward():
         with torch.no_grad():

@@ -134,14 +134,15 @@ def score_gain(history: list[dict], episodes_per_update: int) -> dict[str, float
     if q < 2:
         return {}
     first, last = scored[:q], scored[-q:]
+    first_means, last_means = ([h["objective/scores"] for h in quarter] for quarter in (first, last))
     if all("objective/scores_std" in h for h in first + last):
         est = welch_ci(*_pooled(last, episodes_per_update), *_pooled(first, episodes_per_update))
     else:
-        est = mean_diff_ci([h["objective/scores"] for h in last], [h["objective/scores"] for h in first])
+        est = mean_diff_ci(last_means, first_means)
     return {
         **est.as_dict("ppo/score_gain"),
-        "ppo/score_first_quarter": _mean([h["objective/scores"] for h in first]),
-        "ppo/score_last_quarter": _mean([h["objective/scores"] for h in last]),
+        "ppo/score_first_quarter": _mean(first_means),
+        "ppo/score_last_quarter": _mean(last_means),
     }
 
 
