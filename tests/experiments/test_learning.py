@@ -92,8 +92,9 @@ def test_smollm2_quickstart_ppo_beats_sft_on_the_gold(smollm2_quickstart):
 @pytest.mark.xfail(
     strict=False,
     reason="measured 0.7246 [0.694, 0.754] against VADER at stop 39 with Rao-Kupper (0.7197 with grouped "
-    "BT), 0.715-0.717 on average over five splits of the same answers: frozen layers' means carry about "
-    "that much of VADER's signal, so a draw of the answers lands either side (docs/reward-models.md)",
+    "BT), 0.715-0.717 on average over five splits of the same answers, 0.687 on another draw (seed=1, stop "
+    "40): frozen layers' means carry about that much of VADER's signal, so a draw of the answers lands "
+    "either side (docs/reward-models.md)",
 )
 def test_smollm2_reward_model_reaches_0_72_against_the_gold(smollm2_quickstart):
     assert smollm2_quickstart["stages"]["rm_eval"]["eval/gold_pair_accuracy"] >= 0.72
