@@ -105,7 +105,8 @@ def test_smollm2_reward_model_reaches_0_72_against_the_gold(smollm2_quickstart):
     strict=False,
     reason="measured 0.210 against the gold's 0.124 at stop 39, and -0.005 [-0.088, 0.082] beyond what the "
     "reward's agreement with the gold explains: the best predictor at that agreement correlates with length "
-    "more than the gold by 1 / corr(reward, gold), and discounting length cost 0.016 accuracy "
+    "more than the gold by 1 / corr(reward, gold); a discount down to the gold's level would cost about "
+    "0.001 accuracy, but the annotators' own lean, the rule that does not read the gold, asks for 0.006 "
     "(docs/reward-models.md, 'Why an imperfect reward correlates with length more than the gold')",
 )
 def test_smollm2_reward_leans_on_length_no_more_than_the_gold(smollm2_quickstart):
