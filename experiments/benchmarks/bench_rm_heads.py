@@ -34,6 +34,19 @@ trained on the same rankings: how a change to the preset does over splits, not o
     .venv/bin/python -m experiments.benchmarks.bench_rm_heads --candidates FILE --variants "8;0,2,4,6,8" --l2 10 --train_fractions 0.25,0.5,0.75,1
     .venv/bin/python -m experiments.benchmarks.bench_rm_heads --candidates FILE --variants "0,2,4,6,8;0,2,4,6,8+max:0,2,4,6,8;0,2,4,6,8+words;0,2,4,6,8+length" --l2 10
 
+``--rbf GAMMA:LAMBDA,...`` adds nonlinear heads on the first variant's features: Bradley–Terry with a
+Gaussian kernel, ``exp(−‖z − z'‖² / (γ · median))`` (the median squared distance between training
+candidates), fitted over the training candidates by the representer theorem with the penalty
+``λ · aᵀKa``. ``--length_discount`` (with ``--per_prompt 2``: two annotators rank every prompt) adds,
+for every linear head, the same head with its length lean discounted without the gold: the two
+annotators' agreement is the labels' reliability, Spearman's correction for attenuation turns the
+head's out-of-fold agreement with the labels into an estimate ρ of its agreement with what the
+annotators follow, and a straight line in the token count is subtracted until the head's length
+correlation over the training answers is ``ρ`` times what it was, the best predictor's relation
+``corr(r, L) = corr(g, L) / corr(r, g)`` run backwards (docs/reward-models.md).
+
+    .venv/bin/python -m experiments.benchmarks.bench_rm_heads --candidates FILE --variants "0,2,4,6,8" --l2 1,10 --rbf 2:1e-4,4:1e-4 --per_prompt 2 --length_discount
+
 ``--train_fractions`` fits every head on nested shares of each split's training prompts against the
 same held-out pairs: how accuracy grows with the number of prompts ranked. ``--more_answers FILE``
 (more answers to the same prompts, e.g. ``rlhf generate --seed 1``) also fits every head with both
@@ -144,6 +157,18 @@ def main(argv=None) -> int:
         help="a second candidates JSONL of the same prompts: every head is also fitted with both files' "
         "answers ranked together, judged on the same held-out pairs of the first file's answers",
     )
+    ap.add_argument(
+        "--rbf",
+        default="",
+        help="comma-separated GAMMA:LAMBDA pairs: Gaussian-kernel heads on the first variant's features, "
+        "bandwidth γ × the median squared distance, penalty λ·aᵀKa (e.g. 2:1e-4,4:1e-4)",
+    )
+    ap.add_argument(
+        "--length_discount",
+        action="store_true",
+        help="also every linear head with its length lean discounted by the attenuation-corrected "
+        "agreement with the annotators (needs --per_prompt 2 or more)",
+    )
     ap.add_argument("--out", default="runs/bench_rm_heads")
     args = ap.parse_args(argv)
     try:
@@ -161,6 +186,14 @@ def main(argv=None) -> int:
         or any(s < 0 for s in strengths)
     ):
         ap.error("--variants needs at least one feature set, its layers ≥ 0, and --l2 strengths ≥ 0")
+    try:
+        kernels = [tuple(float(v) for v in pair.split(":")) for pair in args.rbf.split(",") if pair.strip()]
+    except ValueError:
+        kernels = [()]
+    if any(len(k) != 2 or min(k) <= 0 for k in kernels):
+        ap.error(f"--rbf {args.rbf!r}: comma-separated GAMMA:LAMBDA pairs, both > 0, e.g. 2:1e-4")
+    if args.length_discount and (args.per_prompt or args.annotators) < 2:
+        ap.error("--length_discount needs two annotators a prompt: --per_prompt 2 (and --annotators ≥ 2)")
     if args.preset_overrides.strip() and not args.preset:
         ap.error("--preset_overrides needs --preset, the YAML they change")
     # the lab's reward models trained on every split: the preset, then one per set of overrides
@@ -203,7 +236,6 @@ def main(argv=None) -> int:
                 train_recs = first_prompts(pool, fraction, seed)
                 tag = source + ("" if fractions == [1.0] else f", {fraction:g} of the training prompts")
                 train_pairs = strict_pairs(train_recs, pool_rows)
-                train_rows = sorted({i for pair in train_pairs for i in pair})
                 for p, (name, overrides) in enumerate(presets):
                     scores = preset_scores(
                         args,
@@ -218,16 +250,15 @@ def main(argv=None) -> int:
                     leans.setdefault(name + tag, []).append(
                         length_leans(scores[held_rows], held_gold, held_lengths)
                     )
-                for v in variants:
-                    x, free = variant_matrix(feats, v)
-                    penalised = sum(b.penalised for b in v)
-                    for lam in strengths:
-                        w = fit_ridge_bt(x, train_rows, train_pairs, lam / max(penalised, 1), free)
-                        scores = standardise(x, train_rows) @ w
-                        results.setdefault(_name(v, lam) + tag, []).append(accuracy(scores, held_pairs))
-                        leans.setdefault(_name(v, lam) + tag, []).append(
-                            length_leans(scores[held_rows], held_gold, held_lengths)
-                        )
+                heads = fit_heads(
+                    args, feats, variants, strengths, kernels, train_recs, pool_rows, train_pairs, seed
+                )
+                for name, scores in heads:
+                    name += tag
+                    results.setdefault(name, []).append(accuracy(scores, held_pairs))
+                    leans.setdefault(name, []).append(
+                        length_leans(scores[held_rows], held_gold, held_lengths)
+                    )
         print(
             f"split {s}: {len({r['prompt_id'] for r in all_train})} training prompts, "
             f"{len(held_pairs)} held-out gold pairs; "
@@ -268,8 +299,41 @@ def parse_variant(text: str) -> list[Block]:
     return blocks
 
 
+def fit_heads(args, feats, variants, strengths, kernels, train_recs, rows, train_pairs, seed):
+    """Every head the options ask for, fitted on one split's training rankings: (row name, every
+    candidate's score). Each variant at each λ; with ``--length_discount`` each of those discounted;
+    with ``--rbf`` the kernel heads on the first variant's features."""
+    train_rows = sorted({i for pair in train_pairs for i in pair})
+    heads = []
+    for v in variants:
+        x, free = variant_matrix(feats, v)
+        penalised = sum(b.penalised for b in v)
+        for lam in strengths:
+            l2 = lam / max(penalised, 1)
+            scores = standardise(x, train_rows) @ fit_ridge_bt(x, train_rows, train_pairs, l2, free)
+            heads.append((_name(v, lam), scores))
+            if args.length_discount:
+                rho = attenuation_corrected_agreement(
+                    out_of_fold_scores(x, train_recs, rows, l2, free, seed), train_recs, rows
+                )
+                lengths = feats[Block("length")][:, 0].double()
+                discounted = length_discounted(scores.double(), lengths, train_rows, rho)
+                heads.append((_name(v, lam) + ", length discounted", discounted))
+    if kernels:
+        z = standardise(variant_matrix(feats, variants[0])[0].double(), train_rows)
+        for gamma, lam in kernels:
+            scores = fit_rbf_bt(z, train_rows, train_pairs, gamma, lam)
+            heads.append((f"RBF kernel on {_features_name(variants[0])}, γ {gamma:g}, λ {lam:g}", scores))
+    return heads
+
+
 def _name(blocks: list[Block], lam: float) -> str:
-    """``layers 0,2 + max 0,2 + words, λ 10``: each kind once, its layers together, in order."""
+    """``layers 0,2 + max 8,4 + words, λ 10``: the features' name and the penalty."""
+    return f"{_features_name(blocks)}, λ {lam:g}"
+
+
+def _features_name(blocks: list[Block]) -> str:
+    """``layers 0,2 + max 0,2 + words``: each kind once, its layers together, in order."""
     layers: dict[str, list[str]] = {}
     for b in blocks:
         layers.setdefault(b.kind, []).extend([] if b.layer < 0 else [str(b.layer)])
@@ -277,7 +341,7 @@ def _name(blocks: list[Block], lam: float) -> str:
         ("layers" if kind == "mean" else kind) + (" " + ",".join(ls) if ls else "")
         for kind, ls in layers.items()
     ]
-    return f"{' + '.join(parts)}, λ {lam:g}"
+    return " + ".join(parts)
 
 
 def variant_matrix(feats: dict[Block, torch.Tensor], blocks: list[Block]) -> tuple[torch.Tensor, int]:
@@ -467,6 +531,109 @@ def fit_ridge_bt(
 
     opt.step(objective)
     return w.detach().to(x.dtype)
+
+
+def fit_rbf_bt(
+    z: torch.Tensor, train_rows: list[int], pairs: list[tuple[int, int]], gamma: float, lam: float
+):
+    """Every candidate's score under the Bradley–Terry head with a Gaussian kernel over the standardised
+    features ``z``: ``f = K a`` over the training candidates, ``a`` minimising mean softplus(−(f_better −
+    f_worse)) + λ · aᵀKa (convex; the representer theorem puts the minimum in that span)."""
+    train = z[train_rows]
+    position = {row: i for i, row in enumerate(train_rows)}
+    idx = torch.tensor([(position[a], position[b]) for a, b in pairs])
+    d2 = torch.cdist(train, train).pow(2)
+    width = gamma * d2.median()
+    kernel = torch.exp(-d2 / width)
+    a = torch.zeros(len(train_rows), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([a], max_iter=500, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
+
+    def objective():
+        opt.zero_grad()
+        f = kernel @ a
+        loss = nn.functional.softplus(-(f[idx[:, 0]] - f[idx[:, 1]])).mean() + lam * (a @ f)
+        loss.backward()
+        return loss
+
+    opt.step(objective)
+    return torch.exp(-torch.cdist(z, train).pow(2) / width) @ a.detach()
+
+
+def pair_labels(records: list[dict], rows: dict) -> dict[tuple[int, int], list[int]]:
+    """Every unordered pair of a prompt's answers (rows, lower first) → each ranking's label on it:
+    +1 the first above, −1 below, 0 a tie."""
+    labels: dict[tuple[int, int], list[int]] = {}
+    for r in records:
+        tier = {label: t for t, members in enumerate(r["tiers"]) for label in members}
+        ordered = sorted(tier, key=lambda label: rows[(r["prompt_id"], label)])
+        for i, a in enumerate(ordered):
+            for b in ordered[i + 1 :]:
+                key = (rows[(r["prompt_id"], a)], rows[(r["prompt_id"], b)])
+                labels.setdefault(key, []).append((tier[b] > tier[a]) - (tier[b] < tier[a]))
+    return labels
+
+
+def out_of_fold_scores(
+    x: torch.Tensor, records: list[dict], rows: dict, l2: float, free: int, seed: int, folds: int = 5
+) -> torch.Tensor:
+    """Each training candidate scored by the linear head fitted without its prompt's fold."""
+    prompts = sorted({r["prompt_id"] for r in records})
+    rng = random.Random(seed)
+    fold = {p: rng.randrange(folds) for p in prompts}
+    scores = torch.zeros(len(x), dtype=torch.float64)
+    for f in range(folds):
+        fit_recs = [r for r in records if fold[r["prompt_id"]] != f]
+        pairs = strict_pairs(fit_recs, rows)
+        fit_rows = sorted({i for pair in pairs for i in pair})
+        w = fit_ridge_bt(x, fit_rows, pairs, l2, free)
+        own = sorted(
+            {
+                rows[(r["prompt_id"], label)]
+                for r in records
+                if fold[r["prompt_id"]] == f
+                for label in r["gold"]
+            }
+        )
+        scores[own] = standardise(x.double(), fit_rows)[own] @ w.double()
+    return scores
+
+
+def attenuation_corrected_agreement(scores: torch.Tensor, records: list[dict], rows: dict) -> float:
+    """ρ: the correlation of the score differences with what the annotators follow, estimated without
+    the gold. The labels' correlation with the score differences over every (pair, ranking), divided by
+    the square root of their reliability, the correlation of two rankings' labels on the same pair
+    (Spearman's correction for attenuation: two labels of one pair are independent given it)."""
+    labels = pair_labels(records, rows)
+    shared = torch.tensor([v[:2] for v in labels.values() if len(v) >= 2], dtype=torch.float64)
+    reliability = float(torch.corrcoef(shared.T)[0, 1]) if len(shared) > 1 else float("nan")
+    if not reliability > 0:
+        raise ValueError(
+            f"two rankings of one pair agree with correlation {reliability}: nothing to correct by"
+        )
+    diffs = torch.tensor([float(scores[a] - scores[b]) for (a, b), v in labels.items() for _ in v])
+    said = torch.tensor([float(y) for v in labels.values() for y in v])
+    agreement = float(torch.corrcoef(torch.stack([diffs, said]))[0, 1])
+    return agreement / math.sqrt(reliability)
+
+
+def length_discounted(scores: torch.Tensor, lengths: torch.Tensor, train_rows: list[int], rho: float):
+    """``scores − β · (lengths − their training mean)``, β ≥ 0 the least with which the training
+    candidates' correlation of score and length falls to ``rho`` times its own (none when it is not
+    positive): the best predictor at agreement ρ correlates with length 1/ρ times as much as the gold."""
+    r, length = scores[train_rows], lengths[train_rows]
+    centred = lengths - length.mean()
+
+    def corr(beta: float) -> float:
+        return float(torch.corrcoef(torch.stack([r - beta * centred[train_rows], length]))[0, 1])
+
+    if corr(0.0) <= 0:
+        return scores
+    target = corr(0.0) * min(max(rho, 0.0), 1.0)
+    low, high = 0.0, 2 * float(((r - r.mean()) * (length - length.mean())).mean() / length.var())
+    for _ in range(60):  # corr(β) falls with β: bisect for the target
+        mid = (low + high) / 2
+        low, high = (mid, high) if corr(mid) > target else (low, mid)
+    return scores - high * centred
 
 
 def held_answers(records: list[dict], rows: dict) -> tuple[list[int], torch.Tensor]:

@@ -199,6 +199,59 @@ def test_heads_benchmark_leaves_the_free_column_unpenalised():
     assert abs(float(free[0])) < 0.1 * float(free[1]) and float(free[1]) > 5 * float(shrunk[0])
 
 
+def test_heads_benchmark_labels_pairs_and_corrects_agreement_for_attenuation_by_hand():
+    from experiments.benchmarks import bench_rm_heads as bh
+
+    cands = [{"prompt_id": "p", "candidates": [{"label": c} for c in "ABC"]}]
+    rows = bh.pair_index(cands)
+    first = {"prompt_id": "p", "tiers": [["B"], ["A", "C"]]}
+    second = {"prompt_id": "p", "tiers": [["B"], ["C"], ["A"]]}
+    # pairs (A, B), (A, C), (B, C): +1 the first above, −1 below, 0 tied
+    assert bh.pair_labels([first, second], rows) == {(0, 1): [-1, -1], (0, 2): [0, -1], (1, 2): [1, 1]}
+    # the two rankings' labels (−1, 0, 1) and (−1, −1, 1) correlate at √3/2, the reliability; the
+    # score differences A−B, A−C, B−C = −1, 1, 2, each once a ranking, against the labels −1, −1, 0,
+    # −1, 1, 1 correlate at 0.84370, so ρ = 0.84370 / √(√3/2)
+    rho = bh.attenuation_corrected_agreement(torch.tensor([1.0, 2.0, 0.0]), [first, second], rows)
+    assert rho == pytest.approx(0.8436958338752908 / math.sqrt(math.sqrt(3) / 2))
+    with pytest.raises(ValueError, match="nothing to correct by"):  # one ranking a prompt: no overlap
+        bh.attenuation_corrected_agreement(torch.tensor([1.0, 2.0, 0.0]), [first], rows)
+
+
+def test_heads_benchmark_length_discount_scales_the_training_correlation_by_rho():
+    from experiments.benchmarks import bench_rm_heads as bh
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(5, 50, (40,), generator=g).double()
+    scores = 0.05 * lengths + torch.randn(40, generator=g, dtype=torch.float64)
+    train = list(range(30))
+
+    def corr(s, rows):
+        return float(torch.corrcoef(torch.stack([s[rows], lengths[rows]]))[0, 1])
+
+    discounted = bh.length_discounted(scores, lengths, train, rho=0.5)
+    assert corr(discounted, train) == pytest.approx(0.5 * corr(scores, train), abs=1e-6)
+    # a straight line in the length is all it takes away: the held-out rows move by the same line
+    line = scores - discounted
+    assert torch.allclose(
+        line, line[0] + (lengths - lengths[0]) * (line[1] - line[0]) / (lengths[1] - lengths[0])
+    )
+    assert torch.equal(bh.length_discounted(-scores, lengths, train, rho=0.5), -scores)  # no length reward
+    assert torch.allclose(bh.length_discounted(scores, lengths, train, rho=1.0), scores)
+
+
+def test_heads_benchmark_kernel_head_learns_what_a_straight_line_cannot():
+    from experiments.benchmarks import bench_rm_heads as bh
+
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(80, 2, generator=g, dtype=torch.float64)
+    true = -(z[:, 0] ** 2)  # answers near the middle are better: no linear head can say so
+    pairs = [(i, j) if true[i] > true[j] else (j, i) for i in range(60) for j in range(i + 1, 60)]
+    held = [(i, j) if true[i] > true[j] else (j, i) for i in range(60, 80) for j in range(i + 1, 80)]
+    kernel = bh.fit_rbf_bt(z, list(range(60)), pairs, gamma=1.0, lam=1e-4)
+    linear = bh.standardise(z, list(range(60))) @ bh.fit_ridge_bt(z, list(range(60)), pairs, l2=1e-3)
+    assert bh.accuracy(kernel, held) > 0.9 > 0.7 > bh.accuracy(linear, held)
+
+
 def test_heads_benchmark_runs_variants_and_the_preset_over_splits(in_tmp, capsys):
     from experiments.benchmarks import bench_rm_heads
 
@@ -231,6 +284,18 @@ def test_heads_benchmark_runs_variants_and_the_preset_over_splits(in_tmp, capsys
     assert list(res["accuracy"]) == list(res["length_corr_excess"]) == list(res["length_corr_beyond"])
     assert list(res["accuracy"]) == ["layers 2, λ 1", "layers 2 + max 1 + words + length, λ 1"]
     assert all(-2.0 <= e <= 2.0 for v in res["length_corr_excess"].values() for e in v)
+    rc = bench_rm_heads.main(
+        [*DATA, "--per_prompt", "2", "--variants", "2", "--l2", "1", "--splits", "2"]
+        + ["--rbf", "2:1e-3", "--length_discount"]
+    )
+    assert rc == 0
+    res = json.loads((Path("runs/bench_rm_heads") / "results.json").read_text())
+    assert list(res["accuracy"]) == [
+        "layers 2, λ 1",
+        "layers 2, λ 1, length discounted",
+        "RBF kernel on layers 2, γ 2, λ 0.001",
+    ]
+    assert all(len(v) == 2 and all(0.0 <= a <= 1.0 for a in v) for v in res["accuracy"].values())
 
 
 def test_heads_benchmark_more_answers_label_on_and_refuse_other_prompts():
