@@ -22,6 +22,11 @@ column rather than by whatever in the features also tracks length, so the reward
 only as far as the features carry it beyond a straight line in the token count (the idea of
 length-disentangled reward heads, Chen et al. 2024, ODIN, arXiv 2402.07319).
 
+With ``length_discount: attenuation`` the solved head then has the length its features carry
+discounted until its length correlation over the training answers is ρ times its own, ρ its
+agreement with what the annotators follow, estimated from prompts ranked twice with the
+cross-validation's out-of-fold scores (:mod:`reward_models.length_discount`).
+
 λ is ``l2``, or with ``l2_search`` the candidate with the least held-out loss in a
 ``cv_folds``-fold cross-validation over the training prompts (folds by a hash of the prompt id; each
 fold's model standardised and solved on the other folds alone). The held-out prompts never enter
@@ -43,7 +48,14 @@ import torch
 
 from reward_models import losses as L
 from reward_models.groups import Group, make_batch, ranking_grid
+from reward_models.length_discount import (
+    LengthDiscount,
+    attenuation_corrected_agreement,
+    discount_for_correlation,
+    length_direction,
+)
 from reward_models.train_config import RMTrainConfig
+from rlhf.errors import UserError
 
 MAX_ITERATIONS = 500
 
@@ -59,6 +71,7 @@ class HeadSolution:
     seconds: float
     converged: bool
     cv_loss: dict[float, float] = field(default_factory=dict)
+    length_discount: LengthDiscount | None = None
 
 
 @dataclass
@@ -79,9 +92,10 @@ class _Shard:
     def __init__(self, groups: list[Group], pad_id: int, cache: dict, length_control: bool = False):
         self.batch = make_batch(groups, pad_id, cache) if groups else None
         self.x = self.batch.features.double() if self.batch is not None else None
+        tokens = [len(ids) - start for g in groups for ids, start in zip(g.ids, g.starts)]
+        self.tokens = torch.tensor(tokens, dtype=torch.float64)  # each response's, in the rows' order
         if self.x is not None and length_control:  # the response's token count, a last column
-            tokens = [len(ids) - start for g in groups for ids, start in zip(g.ids, g.starts)]
-            self.x = torch.cat([self.x, torch.tensor(tokens, dtype=torch.float64)[:, None]], dim=1)
+            self.x = torch.cat([self.x, self.tokens[:, None]], dim=1)
 
     def loss_sum(self, cfg: RMTrainConfig, fit_w, fit_tie, mean, std) -> tuple[torch.Tensor, float]:
         """The loss times the rankings it used (sums over processes then give the mean), and that count."""
@@ -107,13 +121,21 @@ def solve_head(
     place, choosing λ by cross-validation when ``cfg.l2_search`` names candidates (module
     docstring). ``cache`` holds every sequence's features (``model.caches_features``)."""
     t0 = time.time()
-    cv_loss = {}
-    if cfg.l2_search:
-        cv_loss = _cross_validated_losses(cfg, model, groups, pad_id, cache, accelerator)
-        l2 = min(cv_loss, key=cv_loss.get)
-    else:
-        l2 = cfg.l2
-    fit = _fit(cfg, model, _Shard(groups, pad_id, cache, cfg.length_control), accelerator, l2)
+    discounting = cfg.length_discount == "attenuation"
+    if discounting and accelerator is not None and accelerator.num_processes > 1:
+        raise UserError(
+            "length_discount: attenuation runs in one process (it needs every prompt's rankings at once); "
+            "train without accelerate launch, or with length_discount: none",
+            code="config",
+        )
+    candidates = list(cfg.l2_search) or ([cfg.l2] if discounting else [])
+    cv_loss, out_of_fold = _cross_validated_losses(cfg, model, groups, pad_id, cache, accelerator, candidates)
+    l2 = min(cv_loss, key=cv_loss.get) if cfg.l2_search else cfg.l2
+    shard = _Shard(groups, pad_id, cache, cfg.length_control)
+    fit = _fit(cfg, model, shard, accelerator, l2)
+    discount = None
+    if discounting:
+        discount = _discount_length(fit, shard, groups, out_of_fold[l2])
     learn_tie = model.tie_param is not None and model.tie_param.requires_grad
     width = model.head.weight.shape[1]  # a length column, if any, is the last one: it is dropped here
     with torch.no_grad():
@@ -123,34 +145,69 @@ def solve_head(
         if learn_tie:
             model.tie_param.copy_(fit.tie.to(model.tie_param.dtype))
     return HeadSolution(
-        l2, fit.iterations, fit.objective, time.time() - t0, fit.iterations < MAX_ITERATIONS, cv_loss
+        l2,
+        fit.iterations,
+        fit.objective,
+        time.time() - t0,
+        fit.iterations < MAX_ITERATIONS,
+        cv_loss if cfg.l2_search else {},
+        discount,
     )
 
 
-def _cross_validated_losses(cfg, model, groups, pad_id, cache, accelerator) -> dict[float, float]:
-    """For each λ of ``cfg.l2_search``, the mean loss over every training ranking of the model solved
-    without its fold (each fold's shards built once, for every λ)."""
+def _discount_length(fit: _Fit, shard: _Shard, groups: list[Group], out_of_fold: dict[int, torch.Tensor]):
+    """Subtract from ``fit.w`` (in place) the length its features carry, by the ρ the out-of-fold
+    scores and the twice-ranked prompts give (module docstring); UserError without such prompts."""
+    try:
+        rho, reliability, agreement, shared = attenuation_corrected_agreement(
+            [g.rankings for g in groups], [out_of_fold[id(g)] for g in groups]
+        )
+    except ValueError as e:
+        raise UserError(
+            f"length_discount: attenuation: {e} (rlhf simulate --per_prompt 2, or two annotators on some "
+            "prompts)",
+            code="config",
+        ) from None
+    z = (shard.x - fit.mean) / fit.std
+    v = length_direction(z, shard.tokens)
+    beta, before, after = discount_for_correlation(z @ fit.w, shard.tokens, z @ v, rho)
+    fit.w -= beta * v
+    return LengthDiscount(reliability, agreement, rho, before, after, beta, shared)
+
+
+def _cross_validated_losses(
+    cfg, model, groups, pad_id, cache, accelerator, candidates: list[float]
+) -> tuple[dict[float, float], dict[float, dict[int, torch.Tensor]]]:
+    """For each λ of ``candidates``: the mean loss over every training ranking of the model solved
+    without its fold, and every candidate's score under that model (by ``id`` of its group: the
+    out-of-fold scores). Each fold's shards are built once, for every λ."""
     fold = {g.prompt_id: _fold(cfg.seed, g.prompt_id, cfg.cv_folds) for g in groups}
+    held_groups = [[g for g in groups if fold[g.prompt_id] == f] for f in range(cfg.cv_folds)]
     splits = [
         (
             _Shard([g for g in groups if fold[g.prompt_id] != f], pad_id, cache, cfg.length_control),
-            _Shard([g for g in groups if fold[g.prompt_id] == f], pad_id, cache, cfg.length_control),
+            _Shard(held_groups[f], pad_id, cache, cfg.length_control),
         )
         for f in range(cfg.cv_folds)
     ]
-    losses = {}
-    for l2 in cfg.l2_search:
+    losses, scores = {}, {}
+    for l2 in candidates:
         total, used = torch.zeros((), dtype=torch.float64), 0.0
-        for train, held in splits:
+        scores[l2] = {}
+        for (train, held), members in zip(splits, held_groups):
             fit = _fit(cfg, model, train, accelerator, l2)
             with torch.no_grad():  # held out as the model will score: without the length column
                 w = fit.w.clone()
                 w[model.head.weight.shape[1] :] = 0
                 loss, n = held.loss_sum(cfg, w, fit.tie, fit.mean, fit.std)
+                if held.x is not None:
+                    flat = ((held.x - fit.mean) / fit.std) @ w
+                    for g, part in zip(members, flat.split([g.k for g in members])):
+                        scores[l2][id(g)] = part
             total, used = total + loss, used + n
         total = _sum(torch.stack([total, torch.tensor(used, dtype=torch.float64)]), accelerator)
         losses[l2] = float(total[0] / total[1].clamp(min=1.0))
-    return losses
+    return losses, scores
 
 
 def _fold(seed: int, prompt_id: str, folds: int) -> int:

@@ -329,11 +329,20 @@ def exact_solve(run: Run, trainee: Trainee, data: RMData) -> Progress:
     progress.stop_reason = f"solved exactly by L-BFGS in {solution.iterations} iterations{chosen}" + (
         "" if solution.converged else f" (the limit of {MAX_ITERATIONS}: not converged)"
     )
+    discount = solution.length_discount
+    if discount is not None:
+        progress.stop_reason += (
+            f"; length discounted: ρ {discount.rho:.3f} (agreement {discount.agreement:.3f} with the labels, "
+            f"their reliability {discount.reliability:.3f} on {discount.shared_pairs} pairs ranked twice), "
+            f"length corr. on the training answers {discount.corr_before:.3f} → {discount.corr_after:.3f}"
+        )
     if data.val:
         _validate(run, trainee, progress)
     if run.main:
         logs = {"train/objective": solution.objective, "train/l2": solution.l2, **progress.last_eval}
         logs.update({f"train/cv_loss_l2_{lam:g}": loss for lam, loss in solution.cv_loss.items()})
+        if discount is not None:
+            logs.update({f"train/length_discount_{k}": v for k, v in vars(discount).items()})
         logs.update({f"train/tie_{k}": v for k, v in tie_values(run.cfg.loss, trainee.raw_tie).items()})
         run.tracker.log(logs, step=progress.step)
     return progress

@@ -115,6 +115,13 @@ class RMTrainConfig(RunFields, LoraFields):
         "head and drop it after, so the length preference the rankings show is not learned by the "
         "features that track length (reward_models/exact_head.py)",
     )
+    length_discount: str = option(
+        "none",
+        help="solver lbfgs: attenuation = discount the length the features carry until the reward's length "
+        "correlation over the training answers is ρ times its own, ρ its agreement with what the annotators "
+        "follow, estimated from prompts ranked twice (reward_models/length_discount.py); none = off",
+        choices=("none", "attenuation"),
+    )
     cv_folds: int = option(5, help="solver lbfgs with l2_search: folds of training prompts (≥ 2)")
     cache_hidden: bool = option(
         True, help="trainable=top: compute the frozen layers once and reuse them every epoch"
@@ -256,6 +263,11 @@ class RMTrainConfig(RunFields, LoraFields):
             raise ConfigError(f"l2 and l2_search must be ≥ 0, got {self.l2} and {self.l2_search}")
         if self.cv_folds < 2:
             raise ConfigError(f"cv_folds must be ≥ 2, got {self.cv_folds}")
+        if self.length_discount != "none" and (self.solver != "lbfgs" or self.length_control):
+            raise ConfigError(
+                f"length_discount: {self.length_discount} discounts the head the exact solver fits: it needs "
+                "solver: lbfgs, and not length_control (which drops length from the head another way)"
+            )
         if self.solver != "lbfgs":
             return
         if not read or self.trainable != "top" or self.top_layers or not self.cache_hidden:

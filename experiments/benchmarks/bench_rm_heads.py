@@ -85,6 +85,10 @@ from experiments.benchmarks.bench_rm_vs_trl import (  # noqa: E402
     split,
     write_jsonl,
 )
+from reward_models.length_discount import (  # noqa: E402
+    attenuation_corrected_agreement,
+    discount_for_correlation,
+)
 from reward_models.length_lean import (  # noqa: E402
     gold_length_corr,
     joint_moments_by_prompt,
@@ -313,7 +317,7 @@ def fit_heads(args, feats, variants, strengths, kernels, train_recs, rows, train
             scores = standardise(x, train_rows) @ fit_ridge_bt(x, train_rows, train_pairs, l2, free)
             heads.append((_name(v, lam), scores))
             if args.length_discount:
-                rho = attenuation_corrected_agreement(
+                rho = rho_from_records(
                     out_of_fold_scores(x, train_recs, rows, l2, free, seed), train_recs, rows
                 )
                 lengths = feats[Block("length")][:, 0].double()
@@ -559,20 +563,6 @@ def fit_rbf_bt(
     return torch.exp(-torch.cdist(z, train).pow(2) / width) @ a.detach()
 
 
-def pair_labels(records: list[dict], rows: dict) -> dict[tuple[int, int], list[int]]:
-    """Every unordered pair of a prompt's answers (rows, lower first) → each ranking's label on it:
-    +1 the first above, −1 below, 0 a tie."""
-    labels: dict[tuple[int, int], list[int]] = {}
-    for r in records:
-        tier = {label: t for t, members in enumerate(r["tiers"]) for label in members}
-        ordered = sorted(tier, key=lambda label: rows[(r["prompt_id"], label)])
-        for i, a in enumerate(ordered):
-            for b in ordered[i + 1 :]:
-                key = (rows[(r["prompt_id"], a)], rows[(r["prompt_id"], b)])
-                labels.setdefault(key, []).append((tier[b] > tier[a]) - (tier[b] < tier[a]))
-    return labels
-
-
 def out_of_fold_scores(
     x: torch.Tensor, records: list[dict], rows: dict, l2: float, free: int, seed: int, folds: int = 5
 ) -> torch.Tensor:
@@ -598,42 +588,28 @@ def out_of_fold_scores(
     return scores
 
 
-def attenuation_corrected_agreement(scores: torch.Tensor, records: list[dict], rows: dict) -> float:
-    """ρ: the correlation of the score differences with what the annotators follow, estimated without
-    the gold. The labels' correlation with the score differences over every (pair, ranking), divided by
-    the square root of their reliability, the correlation of two rankings' labels on the same pair
-    (Spearman's correction for attenuation: two labels of one pair are independent given it)."""
-    labels = pair_labels(records, rows)
-    shared = torch.tensor([v[:2] for v in labels.values() if len(v) >= 2], dtype=torch.float64)
-    reliability = float(torch.corrcoef(shared.T)[0, 1]) if len(shared) > 1 else float("nan")
-    if not reliability > 0:
-        raise ValueError(
-            f"two rankings of one pair agree with correlation {reliability}: nothing to correct by"
-        )
-    diffs = torch.tensor([float(scores[a] - scores[b]) for (a, b), v in labels.items() for _ in v])
-    said = torch.tensor([float(y) for v in labels.values() for y in v])
-    agreement = float(torch.corrcoef(torch.stack([diffs, said]))[0, 1])
-    return agreement / math.sqrt(reliability)
+def rho_from_records(scores: torch.Tensor, records: list[dict], rows: dict) -> float:
+    """ρ from every prompt's rankings and its candidates' (out-of-fold) scores, as ``length_discount:
+    attenuation`` estimates it (:func:`reward_models.length_discount.attenuation_corrected_agreement`)."""
+    by_prompt: dict[str, list[dict]] = {}
+    for r in records:
+        by_prompt.setdefault(r["prompt_id"], []).append(r)
+    rankings, prompt_scores = [], []
+    for pid, recs in by_prompt.items():
+        ranked = {label for r in recs for members in r["tiers"] for label in members}
+        labels = sorted(ranked, key=lambda label: rows[(pid, label)])
+        tiers = [{label: t for t, members in enumerate(r["tiers"]) for label in members} for r in recs]
+        rankings.append([[t.get(label, -1) for label in labels] for t in tiers])
+        prompt_scores.append(scores[[rows[(pid, label)] for label in labels]])
+    return attenuation_corrected_agreement(rankings, prompt_scores)[0]
 
 
 def length_discounted(scores: torch.Tensor, lengths: torch.Tensor, train_rows: list[int], rho: float):
-    """``scores − β · (lengths − their training mean)``, β ≥ 0 the least with which the training
-    candidates' correlation of score and length falls to ``rho`` times its own (none when it is not
-    positive): the best predictor at agreement ρ correlates with length 1/ρ times as much as the gold."""
-    r, length = scores[train_rows], lengths[train_rows]
-    centred = lengths - length.mean()
-
-    def corr(beta: float) -> float:
-        return float(torch.corrcoef(torch.stack([r - beta * centred[train_rows], length]))[0, 1])
-
-    if corr(0.0) <= 0:
-        return scores
-    target = corr(0.0) * min(max(rho, 0.0), 1.0)
-    low, high = 0.0, 2 * float(((r - r.mean()) * (length - length.mean())).mean() / length.var())
-    for _ in range(60):  # corr(β) falls with β: bisect for the target
-        mid = (low + high) / 2
-        low, high = (mid, high) if corr(mid) > target else (low, mid)
-    return scores - high * centred
+    """``scores − β · (lengths − their training mean)``, β as ``length_discount: attenuation`` finds it
+    (:func:`reward_models.length_discount.discount_for_correlation`) but along the token count itself."""
+    centred = lengths - lengths[train_rows].mean()
+    beta = discount_for_correlation(scores[train_rows], lengths[train_rows], centred[train_rows], rho)[0]
+    return scores - beta * centred
 
 
 def held_answers(records: list[dict], rows: dict) -> tuple[list[int], torch.Tensor]:

@@ -199,22 +199,21 @@ def test_heads_benchmark_leaves_the_free_column_unpenalised():
     assert abs(float(free[0])) < 0.1 * float(free[1]) and float(free[1]) > 5 * float(shrunk[0])
 
 
-def test_heads_benchmark_labels_pairs_and_corrects_agreement_for_attenuation_by_hand():
+def test_heads_benchmark_reads_rho_off_the_rankings_by_hand():
     from experiments.benchmarks import bench_rm_heads as bh
 
     cands = [{"prompt_id": "p", "candidates": [{"label": c} for c in "ABC"]}]
     rows = bh.pair_index(cands)
     first = {"prompt_id": "p", "tiers": [["B"], ["A", "C"]]}
     second = {"prompt_id": "p", "tiers": [["B"], ["C"], ["A"]]}
-    # pairs (A, B), (A, C), (B, C): +1 the first above, −1 below, 0 tied
-    assert bh.pair_labels([first, second], rows) == {(0, 1): [-1, -1], (0, 2): [0, -1], (1, 2): [1, 1]}
+    # pairs (A, B), (A, C), (B, C), +1 the first above, −1 below, 0 tied: (−1, −1), (0, −1), (1, 1)
     # the two rankings' labels (−1, 0, 1) and (−1, −1, 1) correlate at √3/2, the reliability; the
     # score differences A−B, A−C, B−C = −1, 1, 2, each once a ranking, against the labels −1, −1, 0,
     # −1, 1, 1 correlate at 0.84370, so ρ = 0.84370 / √(√3/2)
-    rho = bh.attenuation_corrected_agreement(torch.tensor([1.0, 2.0, 0.0]), [first, second], rows)
+    rho = bh.rho_from_records(torch.tensor([1.0, 2.0, 0.0]), [first, second], rows)
     assert rho == pytest.approx(0.8436958338752908 / math.sqrt(math.sqrt(3) / 2))
-    with pytest.raises(ValueError, match="nothing to correct by"):  # one ranking a prompt: no overlap
-        bh.attenuation_corrected_agreement(torch.tensor([1.0, 2.0, 0.0]), [first], rows)
+    with pytest.raises(ValueError, match="ranked twice"):  # one ranking a prompt: no overlap
+        bh.rho_from_records(torch.tensor([1.0, 2.0, 0.0]), [first], rows)
 
 
 def test_heads_benchmark_length_discount_scales_the_training_correlation_by_rho():
