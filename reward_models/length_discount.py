@@ -39,7 +39,9 @@ from dataclasses import dataclass
 import torch
 
 BISECTION_STEPS = 60
-LENGTH_RIDGE = 1e-3  # the fit of the token count on the standardised features: a touch of ridge
+LENGTH_RIDGE = (
+    0.1  # the ridge fit of the token count on the standardised features (per feature, mean-squared scale)
+)
 
 
 @dataclass
