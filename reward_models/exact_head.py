@@ -170,8 +170,7 @@ def _discount_length(fit: _Fit, shard: _Shard, groups: list[Group], out_of_fold:
         ) from None
     z = (shard.x - fit.mean) / fit.std
     v = length_direction(z, shard.tokens)
-    # β is found on the out-of-fold scores: how the head scores answers it did not fit, as it will
-    # score PPO's (the fit's own scores lean on length differently, and the discount would not carry)
+    # β is set on the out-of-fold scores: the head's scores of answers it did not fit, as PPO's will be
     scores = torch.cat([out_of_fold[id(g)] for g in groups])
     beta, before, after = discount_for_correlation(scores, shard.tokens, z @ v, rho)
     fit.w -= beta * v

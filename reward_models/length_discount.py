@@ -22,8 +22,8 @@ known.
 
 The discount subtracts ``β`` times the length the features carry (a ridge fit of the token count
 on the standardised features, so it folds into the linear head and the saved model is scored as
-before), β the least with which the training candidates' ``corr(r, L)`` falls to ``ρ`` times its
-own. Nothing is discounted when the reward does not correlate positively with length: the concern
+before), β the least with which ``corr(r, L)`` over the training answers' out-of-fold scores falls
+to ``ρ`` times its own. Nothing is discounted when the reward does not correlate positively with length: the concern
 is a reward that pays for length.
 
 Measured (``experiments/benchmarks/bench_rm_heads.py --length_discount``, docs/reward-models.md):

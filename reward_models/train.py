@@ -334,7 +334,8 @@ def exact_solve(run: Run, trainee: Trainee, data: RMData) -> Progress:
         progress.stop_reason += (
             f"; length discounted: ρ {discount.rho:.3f} (agreement {discount.agreement:.3f} with the labels, "
             f"their reliability {discount.reliability:.3f} on {discount.shared_pairs} pairs ranked twice), "
-            f"length corr. on the training answers {discount.corr_before:.3f} → {discount.corr_after:.3f}"
+            f"length corr. of the training answers' out-of-fold scores {discount.corr_before:.3f} → "
+            f"{discount.corr_after:.3f}"
         )
     if data.val:
         _validate(run, trainee, progress)
