@@ -94,6 +94,8 @@ class _Shard:
         self.x = self.batch.features.double() if self.batch is not None else None
         tokens = [len(ids) - start for g in groups for ids, start in zip(g.ids, g.starts)]
         self.tokens = torch.tensor(tokens, dtype=torch.float64)  # each response's, in the rows' order
+        # and its length in words, the length `rlhf rm eval` reports the reward's lean against
+        self.words = torch.tensor([len(t.split()) for g in groups for t in g.texts], dtype=torch.float64)
         if self.x is not None and length_control:  # the response's token count, a last column
             self.x = torch.cat([self.x, self.tokens[:, None]], dim=1)
 
@@ -169,10 +171,10 @@ def _discount_length(fit: _Fit, shard: _Shard, groups: list[Group], out_of_fold:
             code="config",
         ) from None
     z = (shard.x - fit.mean) / fit.std
-    v = length_direction(z, shard.tokens)
+    v = length_direction(z, shard.words)
     # β is set on the out-of-fold scores: the head's scores of answers it did not fit, as PPO's will be
     scores = torch.cat([out_of_fold[id(g)] for g in groups])
-    beta, before, after = discount_for_correlation(scores, shard.tokens, z @ v, rho)
+    beta, before, after = discount_for_correlation(scores, shard.words, z @ v, rho)
     fit.w -= beta * v
     return LengthDiscount(reliability, agreement, rho, before, after, beta, shared)
 

@@ -20,9 +20,9 @@ known.
    given what the annotators follow, so their correlation is the share of the labels' variance that
    is signal, and ``ρ = agreement / √reliability``.
 
-The discount subtracts ``β`` times the length the features carry (a ridge fit of the token count
-on the standardised features, so it folds into the linear head and the saved model is scored as
-before), β the least with which ``corr(r, L)`` over the training answers' out-of-fold scores falls
+The discount subtracts ``β`` times the length the features carry (a ridge fit of the response's
+length in words, the length ``rlhf rm eval`` reports the lean against, on the standardised
+features, so it folds into the linear head and the saved model is scored as before), β the least with which ``corr(r, L)`` over the training answers' out-of-fold scores falls
 to ``ρ`` times its own. Nothing is discounted when the reward does not correlate positively with length: the concern
 is a reward that pays for length.
 
@@ -40,14 +40,14 @@ import torch
 
 BISECTION_STEPS = 60
 LENGTH_RIDGE = (
-    0.1  # the ridge fit of the token count on the standardised features (per feature, mean-squared scale)
+    0.1  # the ridge fit of the length on the standardised features (per feature, mean-squared scale)
 )
 
 
 @dataclass
 class LengthDiscount:
     """What the discount found: the labels' reliability, the reward's agreement with them, ρ, and the
-    training candidates' length correlation before and after (β per token of predicted length)."""
+    training answers' length correlation before and after (β per word of predicted length)."""
 
     reliability: float
     agreement: float
@@ -115,7 +115,7 @@ def discount_for_correlation(
 
 
 def length_direction(z: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """``v``: ``z @ v`` is the ridge fit of the (centred) token count on the standardised features
+    """``v``: ``z @ v`` is the ridge fit of the (centred) length on the standardised features
     ``z [N, F]``: the length as the features carry it, which a linear head can subtract."""
     centred = lengths - lengths.mean()
     gram = z.T @ z / len(z) + LENGTH_RIDGE * torch.eye(z.shape[1], dtype=z.dtype)
