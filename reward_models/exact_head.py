@@ -92,12 +92,9 @@ class _Shard:
     def __init__(self, groups: list[Group], pad_id: int, cache: dict, length_control: bool = False):
         self.batch = make_batch(groups, pad_id, cache) if groups else None
         self.x = self.batch.features.double() if self.batch is not None else None
-        tokens = [len(ids) - start for g in groups for ids, start in zip(g.ids, g.starts)]
-        self.tokens = torch.tensor(tokens, dtype=torch.float64)  # each response's, in the rows' order
-        # and its length in words, the length `rlhf rm eval` reports the reward's lean against
-        self.words = torch.tensor([len(t.split()) for g in groups for t in g.texts], dtype=torch.float64)
         if self.x is not None and length_control:  # the response's token count, a last column
-            self.x = torch.cat([self.x, self.tokens[:, None]], dim=1)
+            tokens = [len(ids) - start for g in groups for ids, start in zip(g.ids, g.starts)]
+            self.x = torch.cat([self.x, torch.tensor(tokens, dtype=torch.float64)[:, None]], dim=1)
 
     def loss_sum(self, cfg: RMTrainConfig, fit_w, fit_tie, mean, std) -> tuple[torch.Tensor, float]:
         """The loss times the rankings it used (sums over processes then give the mean), and that count."""
@@ -160,9 +157,10 @@ def solve_head(
 def _discount_length(fit: _Fit, shard: _Shard, groups: list[Group], out_of_fold: dict[int, torch.Tensor]):
     """Subtract from ``fit.w`` (in place) the length its features carry, by the ρ the out-of-fold
     scores and the twice-ranked prompts give (module docstring); UserError without such prompts."""
+    scores = [out_of_fold[id(g)] for g in groups]
     try:
         rho, reliability, agreement, shared = attenuation_corrected_agreement(
-            [g.rankings for g in groups], [out_of_fold[id(g)] for g in groups]
+            [g.rankings for g in groups], scores
         )
     except ValueError as e:
         raise UserError(
@@ -170,11 +168,13 @@ def _discount_length(fit: _Fit, shard: _Shard, groups: list[Group], out_of_fold:
             "prompts)",
             code="config",
         ) from None
+    # the length in words, the length `rlhf rm eval` reports the reward's lean against, in the
+    # shard's row order (group by group, candidate by candidate)
+    words = torch.tensor([len(t.split()) for g in groups for t in g.texts], dtype=torch.float64)
     z = (shard.x - fit.mean) / fit.std
-    v = length_direction(z, shard.words)
+    v = length_direction(z, words)
     # β is set on the out-of-fold scores: the head's scores of answers it did not fit, as PPO's will be
-    scores = torch.cat([out_of_fold[id(g)] for g in groups])
-    beta, before, after = discount_for_correlation(scores, shard.words, z @ v, rho)
+    beta, before, after = discount_for_correlation(torch.cat(scores), words, z @ v, rho)
     fit.w -= beta * v
     return LengthDiscount(reliability, agreement, rho, before, after, beta, shared)
 

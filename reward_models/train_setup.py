@@ -141,8 +141,7 @@ def read_data(cfg: RMTrainConfig, split_seed: int) -> RMData:
             + ")",
             code="no_data",
         )
-    twice = sum(len(g.rankings) >= 2 for g in train_groups)
-    if cfg.length_discount == "attenuation" and twice == 0:
+    if cfg.length_discount == "attenuation" and not any(len(g.rankings) >= 2 for g in train_groups):
         raise UserError(
             f"{cfg.rankings}: length_discount=attenuation needs prompts ranked twice (two annotators, e.g. "
             f"rlhf simulate --per_prompt 2) and none of the {len(train_groups)} training prompts is",

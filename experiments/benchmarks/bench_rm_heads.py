@@ -308,6 +308,7 @@ def fit_heads(args, feats, variants, strengths, kernels, train_recs, rows, train
     candidate's score). Each variant at each λ; with ``--length_discount`` each of those discounted;
     with ``--rbf`` the kernel heads on the first variant's features."""
     train_rows = sorted({i for pair in train_pairs for i in pair})
+    lengths = feats[Block("length")][:, 0].double()
     heads = []
     for v in variants:
         x, free = variant_matrix(feats, v)
@@ -320,7 +321,6 @@ def fit_heads(args, feats, variants, strengths, kernels, train_recs, rows, train
                 rho = rho_from_records(
                     out_of_fold_scores(x, train_recs, rows, l2, free, seed), train_recs, rows
                 )
-                lengths = feats[Block("length")][:, 0].double()
                 discounted = length_discounted(scores.double(), lengths, train_rows, rho)
                 heads.append((_name(v, lam) + ", length discounted", discounted))
     if kernels:
